@@ -1,0 +1,31 @@
+# The two commands a newcomer runs on a fresh machine:
+#   make demo   installs what it needs, then runs examples/quickstart.yaml on embedded defaults
+#   make test   installs what it needs, then runs every test that can run on a 2-core CPU machine
+# Both are idempotent: a second run reuses .venv and only reinstalls when pyproject.toml changed.
+
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint install install-test clean
+
+demo: install
+	$(BIN)/kubeforge run examples/quickstart.yaml
+
+test: install-test
+	$(BIN)/ruff check platform operators jobs tests benchmarks
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -m "not gpu and not cluster" --timeout=1200 -ra $(PYTEST_ARGS)
+
+lint: install-test
+	$(BIN)/ruff check platform operators jobs tests benchmarks
+	$(BIN)/mypy
+
+install:
+	bash infra/local/install.sh core
+
+install-test:
+	bash infra/local/install.sh test
+
+clean:
+	rm -rf $(VENV) .kubeforge .pytest_cache .mypy_cache .ruff_cache

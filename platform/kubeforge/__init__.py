@@ -1,0 +1,3 @@
+"""KubeForge: the whole life of a language model from one declarative manifest."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,45 @@
+"""Errors users see. Each one renders as lines that name the field, file or step at fault."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class KubeForgeError(Exception):
+    """Base of every error caused by the user's input or environment rather than by a bug.
+
+    The CLI prints these as one line per problem and exits non-zero, without a traceback.
+    """
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a manifest: where (a dotted field path or a file) and what."""
+
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}" if self.where else self.message
+
+
+class SpecError(KubeForgeError):
+    """The manifest is invalid. Exit code 2, like a usage error."""
+
+    exit_code = 2
+
+    def __init__(self, problems: Sequence[Problem], source: str | None = None) -> None:
+        self.problems = list(problems)
+        self.source = source
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class StageError(KubeForgeError):
+    """A stage could not do its work because of its input (an empty corpus, a bad line, too few CPUs)."""
+
+    def __init__(self, stage: str, message: str) -> None:
+        self.stage = stage
+        super().__init__(f"stage {stage}: {message}")

@@ -1,0 +1,281 @@
+"""The local executor: runs a pipeline's stages in order on a Ray runtime.
+
+Each stage's output is addressed by a hash of its manifest section and its inputs, so an
+unchanged stage is skipped on a rerun, and an interrupted one resumes in the folder it left
+behind (pretraining picks up its last checkpoint there). The same `run_stage` serves
+`kubeforge run` and the Ray job entrypoints in jobs/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubeforge import metrics
+from kubeforge.context import Reporter, StageContext, StageOutput
+from kubeforge.errors import KubeForgeError, StageError
+from kubeforge.spec import ModelPipeline
+from kubeforge.tracking import TAG_PREFIX, code_version, end_stage_run, resolve_tracking_uri, start_stage_run
+from kubeforge.workdir import RunRecord, StageRecord, Workdir, now
+
+MLFLOW_RUN_FILE = ".mlflow_run_id"
+META_KEY = "_kubeforge"
+
+
+@dataclass(frozen=True)
+class StageDef:
+    name: str
+    module: str
+    """Module with `run(section, context) -> dict`, imported only when the stage runs."""
+    deps: tuple[str, ...]
+    section: Callable[[ModelPipeline], Any]
+
+
+STAGES: dict[str, StageDef] = {
+    "data": StageDef("data", "kubeforge.data.stage", (), lambda p: p.spec.data),
+    "pretrain": StageDef("pretrain", "kubeforge.train.stage", ("data",), lambda p: p.spec.pretrain),
+}
+
+
+@dataclass
+class RunOptions:
+    workdir: Workdir
+    base_dir: Path
+    """The manifest's directory, against which relative source paths resolve."""
+    manifest: str = "-"
+    tracking_uri: str | None = None
+    ray_address: str | None = None
+    num_cpus: int | None = None
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    name: str
+    key: str
+    deps: tuple[str, ...] = field(default=())
+
+
+def spec_hash(pipeline: ModelPipeline) -> str:
+    blob = json.dumps(pipeline.spec.model_dump(mode="json"), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def plan(pipeline: ModelPipeline, base_dir: Path) -> list[PlannedStage]:
+    """Stages in execution order with their cache keys."""
+    from kubeforge.data import source_fingerprint
+    from kubeforge.workdir import stage_key
+
+    keys: dict[str, str] = {}
+    planned = []
+    for name in pipeline.stage_names():
+        definition = STAGES[name]
+        section = definition.section(pipeline).model_dump(mode="json")
+        extra = source_fingerprint(pipeline.spec.data, base_dir) if name == "data" else None
+        keys[name] = stage_key(name, section, {dep: keys[dep] for dep in definition.deps}, extra)
+        planned.append(PlannedStage(name, keys[name], definition.deps))
+    return planned
+
+
+def ensure_ray(address: str | None, num_cpus: int | None) -> None:
+    """Connect to the Ray cluster at `address`/RAY_ADDRESS, or start a local one for this run."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    common: dict[str, Any] = {"logging_level": logging.WARNING, "configure_logging": True}
+    if address:
+        ray.init(address=address, **common)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **common)
+
+
+def finished_output(pipeline: ModelPipeline, stage: PlannedStage, workdir: Workdir) -> StageOutput | None:
+    result = workdir.finished_result(pipeline.metadata.name, stage.name, stage.key)
+    if result is None:
+        return None
+    meta = result.get(META_KEY, {})
+    return StageOutput(
+        name=stage.name,
+        key=stage.key,
+        directory=workdir.stage_dir(pipeline.metadata.name, stage.name, stage.key),
+        result=result,
+        mlflow_run_id=meta.get("mlflow_run_id"),
+    )
+
+
+def run_pipeline(pipeline: ModelPipeline, options: RunOptions, reporter: Reporter) -> RunRecord:
+    """Run every stage the manifest asks for; returns the run's record (also saved in the workdir)."""
+    workdir = options.workdir
+    tracking_uri = resolve_tracking_uri(options.tracking_uri, workdir)
+    planned = plan(pipeline, options.base_dir)
+    record = workdir.new_run(pipeline.metadata.name, options.manifest, tracking_uri)
+    record.stages = [StageRecord(name=s.name, key=s.key) for s in planned]
+    workdir.save_run(record)
+    name = pipeline.metadata.name
+    for stage in planned:
+        metrics.STAGE_STATE.labels(name, stage.name).state("pending")
+    try:
+        outputs: dict[str, StageOutput] = {}
+        for stage in planned:
+            stage_record = record.stage(stage.name)
+            done = finished_output(pipeline, stage, workdir)
+            if done is not None:
+                outputs[stage.name] = done
+                stage_record.state = "skipped"
+                stage_record.mlflow_run_id = done.mlflow_run_id
+                metrics.STAGE_STATE.labels(name, stage.name).state("skipped")
+                reporter.log(f"stage {stage.name}: unchanged since a finished run, reusing {done.directory}")
+                workdir.save_run(record)
+                continue
+            ensure_ray(options.ray_address, options.num_cpus)
+            outputs[stage.name] = execute_stage(
+                pipeline, stage, {d: outputs[d] for d in stage.deps}, options, tracking_uri, reporter, record
+            )
+        record.state = "succeeded"
+    except KeyboardInterrupt:
+        record.state = "interrupted"
+        raise
+    except BaseException:
+        record.state = "failed"
+        raise
+    finally:
+        record.finished = now()
+        workdir.save_run(record)
+    return record
+
+
+def run_stage(pipeline: ModelPipeline, stage_name: str, options: RunOptions, reporter: Reporter) -> StageOutput:
+    """Run one stage whose upstream stages have already finished (the Ray job entrypoints use this)."""
+    planned = {s.name: s for s in plan(pipeline, options.base_dir)}
+    if stage_name not in planned:
+        raise KubeForgeError(f"the manifest has no '{stage_name}' stage (it has: {', '.join(planned)})")
+    stage = planned[stage_name]
+    inputs = {}
+    for dep in stage.deps:
+        found = finished_output(pipeline, planned[dep], options.workdir)
+        if found is None:
+            raise KubeForgeError(
+                f"stage {stage_name} needs the '{dep}' stage of this manifest to have finished in "
+                f"{options.workdir.root}; run it first"
+            )
+        inputs[dep] = found
+    done = finished_output(pipeline, stage, options.workdir)
+    if done is not None:
+        return done
+    tracking_uri = resolve_tracking_uri(options.tracking_uri, options.workdir)
+    record = options.workdir.new_run(pipeline.metadata.name, options.manifest, tracking_uri)
+    record.stages = [StageRecord(name=stage.name, key=stage.key)]
+    ensure_ray(options.ray_address, options.num_cpus)
+    try:
+        output = execute_stage(pipeline, stage, inputs, options, tracking_uri, reporter, record)
+        record.state = "succeeded"
+        return output
+    except BaseException:
+        record.state = "failed"
+        raise
+    finally:
+        record.finished = now()
+        options.workdir.save_run(record)
+
+
+def execute_stage(
+    pipeline: ModelPipeline,
+    stage: PlannedStage,
+    inputs: dict[str, StageOutput],
+    options: RunOptions,
+    tracking_uri: str,
+    reporter: Reporter,
+    record: RunRecord,
+) -> StageOutput:
+    workdir = options.workdir
+    name = pipeline.metadata.name
+    stage_record = record.stage(stage.name)
+    out_dir = workdir.begin_stage(name, stage.name, stage.key)
+    resume_file = out_dir / MLFLOW_RUN_FILE
+    resume_run_id = resume_file.read_text().strip() if resume_file.is_file() else None
+    if resume_run_id:
+        reporter.log(f"stage {stage.name}: resuming an interrupted run in {out_dir}")
+
+    tags = {
+        f"{TAG_PREFIX}pipeline": name,
+        f"{TAG_PREFIX}stage": stage.name,
+        f"{TAG_PREFIX}stage_key": stage.key,
+        f"{TAG_PREFIX}spec_hash": spec_hash(pipeline),
+        f"{TAG_PREFIX}run": record.run_id,
+        f"{TAG_PREFIX}code_version": code_version(),
+        **{f"{TAG_PREFIX}upstream.{dep}": out.mlflow_run_id for dep, out in inputs.items() if out.mlflow_run_id},
+        **{
+            f"{TAG_PREFIX}dataset_hash": out.result["dataset_hash"]
+            for out in inputs.values()
+            if "dataset_hash" in out.result
+        },
+    }
+    tracker = start_stage_run(tracking_uri, workdir, name, stage.name, tags, resume_run_id)
+    resume_file.write_text(tracker.run_id)
+
+    stage_record.state = "running"
+    stage_record.started = now()
+    stage_record.mlflow_run_id = tracker.run_id
+    workdir.save_run(record)
+    metrics.STAGE_STATE.labels(name, stage.name).state("running")
+
+    module = importlib.import_module(STAGES[stage.name].module)
+    context = StageContext(
+        pipeline=pipeline,
+        stage=stage.name,
+        out_dir=out_dir,
+        base_dir=options.base_dir,
+        tracker=tracker,
+        reporter=reporter,
+        inputs=inputs,
+    )
+    started = time.monotonic()
+    try:
+        result = module.run(STAGES[stage.name].section(pipeline), context)
+    except BaseException as exc:
+        stage_record.state = "failed"
+        stage_record.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        metrics.STAGE_STATE.labels(name, stage.name).state("failed")
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        end_stage_run(tracker, "KILLED" if interrupted else "FAILED")
+        if isinstance(exc, KubeForgeError):
+            # The input was at fault: nothing of this attempt is worth resuming from.
+            workdir.discard_stage(name, stage.name, stage.key)
+        raise
+    finally:
+        duration = time.monotonic() - started
+        metrics.STAGE_DURATION.labels(name, stage.name).set(duration)
+        stage_record.finished = now()
+        workdir.save_run(record)
+
+    if not isinstance(result, dict):
+        raise StageError(stage.name, f"returned {type(result).__name__}, expected a JSON-serialisable dict")
+    result = {
+        **result,
+        META_KEY: {
+            "stage": stage.name,
+            "key": stage.key,
+            "mlflow_run_id": tracker.run_id,
+            "finished": now(),
+            "duration_seconds": round(duration, 3),
+        },
+    }
+    final_dir = workdir.finish_stage(name, stage.name, stage.key, result)
+    if "dataset_hash" in result:
+        tracker.set_tags({f"{TAG_PREFIX}dataset_hash": result["dataset_hash"]})
+    tracker.log_metrics({"stage_duration_seconds": duration})
+    end_stage_run(tracker, "FINISHED")
+    stage_record.state = "succeeded"
+    workdir.save_run(record)
+    metrics.STAGE_STATE.labels(name, stage.name).state("succeeded")
+    reporter.log(f"stage {stage.name}: done in {duration:.1f}s -> {final_dir}")
+    return StageOutput(stage.name, stage.key, final_dir, result, tracker.run_id)

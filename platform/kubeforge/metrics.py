@@ -1,0 +1,86 @@
+"""Prometheus metrics of the runner and its stages, served while `kubeforge run` works.
+
+One registry of our own (not the client's global one) so that the metrics a process exports are
+exactly these, whatever else the libraries we import register.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Enum, Gauge, start_http_server
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+STAGE_STATES = ["pending", "running", "succeeded", "skipped", "failed"]
+
+STAGE_STATE = Enum(
+    "kubeforge_stage_state",
+    "State of a pipeline stage in this run.",
+    ["pipeline", "stage"],
+    states=STAGE_STATES,
+    registry=REGISTRY,
+)
+STAGE_DURATION = Gauge(
+    "kubeforge_stage_duration_seconds",
+    "Wall-clock seconds the stage took (set when it ends).",
+    ["pipeline", "stage"],
+    registry=REGISTRY,
+)
+DATA_DOCUMENTS = Gauge(
+    "kubeforge_data_documents",
+    "Documents entering (in) and leaving (out) each data step.",
+    ["pipeline", "step", "direction"],
+    registry=REGISTRY,
+)
+DATA_CHARACTERS = Gauge(
+    "kubeforge_data_characters",
+    "Characters entering (in) and leaving (out) each data step.",
+    ["pipeline", "step", "direction"],
+    registry=REGISTRY,
+)
+TRAIN_STEP = Gauge(
+    "kubeforge_train_step",
+    "Last optimizer step reported by the training workers.",
+    ["pipeline", "stage"],
+    registry=REGISTRY,
+)
+TRAIN_LOSS = Gauge(
+    "kubeforge_train_loss",
+    "Loss on the training micro-batches or the validation split.",
+    ["pipeline", "stage", "split"],
+    registry=REGISTRY,
+)
+TRAIN_PERPLEXITY = Gauge(
+    "kubeforge_train_perplexity",
+    "exp(loss) on the validation split.",
+    ["pipeline", "stage", "split"],
+    registry=REGISTRY,
+)
+TRAIN_TOKENS_PER_SECOND = Gauge(
+    "kubeforge_train_tokens_per_second",
+    "Training throughput of each worker.",
+    ["pipeline", "stage", "worker"],
+    registry=REGISTRY,
+)
+TRAIN_TOKENS = Gauge(
+    "kubeforge_train_tokens",
+    "Tokens processed so far, all workers together.",
+    ["pipeline", "stage"],
+    registry=REGISTRY,
+)
+TRAIN_LEARNING_RATE = Gauge(
+    "kubeforge_train_learning_rate",
+    "Current learning rate.",
+    ["pipeline", "stage"],
+    registry=REGISTRY,
+)
+TRAIN_MFU = Gauge(
+    "kubeforge_train_mfu",
+    "Model FLOPs utilisation estimate (GPU only).",
+    ["pipeline", "stage", "worker"],
+    registry=REGISTRY,
+)
+
+
+def serve(port: int, addr: str = "127.0.0.1") -> None:
+    """Expose REGISTRY on http://addr:port/metrics from a daemon thread."""
+    start_http_server(port, addr=addr, registry=REGISTRY)

@@ -1,0 +1,165 @@
+"""`spec.data`: where documents come from and how they become token shards."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from kubeforge.spec.base import StrictModel, Toggle
+
+# Directories of the standard library that are tests or vendored tooling, not library code:
+# they are full of deliberately odd inputs that teach a language model nothing useful.
+STDLIB_DEFAULT_EXCLUDE = (
+    "test/*",
+    "*/test/*",
+    "*/tests/*",
+    "idlelib/idle_test/*",
+    "lib2to3/tests/*",
+    "site-packages/*",
+)
+
+
+class StdlibSource(StrictModel):
+    """The running interpreter's standard-library `.py` files: the built-in demo corpus."""
+
+    type: Literal["python-stdlib"]
+    exclude: tuple[str, ...] = STDLIB_DEFAULT_EXCLUDE
+    """Glob patterns, relative to the standard-library directory, of files to leave out."""
+    max_files: Annotated[int, Field(gt=0)] | None = None
+    """Read at most this many files (sorted by path) — for quick experiments."""
+
+
+class FilesSource(StrictModel):
+    """Local files or globs of `.txt`, `.jsonl` or `.parquet`."""
+
+    type: Literal["files"]
+    paths: Annotated[tuple[str, ...], Field(min_length=1)]
+    """Files or glob patterns; relative paths are resolved against the manifest's directory."""
+    format: Literal["auto", "txt", "jsonl", "parquet"] = "auto"
+    """`auto` picks the reader from each file's extension."""
+    text_field: Annotated[str, Field(min_length=1)] = "text"
+    """Field holding the document text in `.jsonl` records and `.parquet` columns."""
+
+
+Source = Annotated[StdlibSource | FilesSource, Field(discriminator="type")]
+
+# Discriminator values appear in pydantic's error locations; the error formatter drops them so
+# that paths read `spec.data.sources[0].paths`, not `spec.data.sources[0].files.paths`.
+SOURCE_TAGS = ("python-stdlib", "files")
+
+
+class NormalizeStep(Toggle):
+    """Unicode and whitespace normalisation."""
+
+    unicode_form: Literal["NFC", "NFKC", "NFD", "NFKD"] = "NFC"
+    strip_trailing_whitespace: bool = True
+    max_consecutive_blank_lines: Annotated[int, Field(ge=0)] | None = 2
+    """Collapse longer runs of blank lines to this many; null keeps them."""
+
+
+class ExactDedupStep(Toggle):
+    """Drop documents whose normalised text is byte-identical to an earlier one."""
+
+
+class FuzzyDedupStep(Toggle):
+    """MinHash LSH near-duplicate removal: one document of each cluster is kept."""
+
+    threshold: Annotated[float, Field(gt=0, le=1)] = 0.7
+    """Estimated Jaccard similarity of shingle sets at or above which two documents are duplicates."""
+    num_perm: Annotated[int, Field(ge=16, le=1024)] = 128
+    """Number of MinHash permutations (signature length)."""
+    shingle_size: Annotated[int, Field(ge=1, le=32)] = 5
+    """Length, in words, of the shingles hashed into the signature."""
+    seed: int = 1
+
+
+class QualityStep(Toggle):
+    """Heuristic quality filters in the style of Gopher and C4; null switches a rule off."""
+
+    min_chars: Annotated[int, Field(ge=0)] | None = 200
+    max_chars: Annotated[int, Field(gt=0)] | None = 500_000
+    max_symbol_ratio: Annotated[float, Field(gt=0, le=1)] | None = 0.5
+    """Largest share of characters that are neither letters, digits nor whitespace."""
+    max_digit_ratio: Annotated[float, Field(gt=0, le=1)] | None = 0.3
+    min_alpha_word_fraction: Annotated[float, Field(ge=0, le=1)] | None = 0.4
+    """Smallest share of words that contain at least one letter."""
+    max_duplicate_line_fraction: Annotated[float, Field(gt=0, le=1)] | None = 0.5
+    """Largest share of non-blank lines that repeat an earlier line of the same document."""
+    max_top_ngram_fraction: dict[Annotated[int, Field(ge=2, le=10)], Annotated[float, Field(gt=0, le=1)]] = Field(
+        default_factory=lambda: {2: 0.25, 3: 0.2, 4: 0.18}
+    )
+    """For each n, the largest share of word characters covered by the most frequent word n-gram."""
+    max_duplicate_ngram_fraction: dict[Annotated[int, Field(ge=2, le=20)], Annotated[float, Field(gt=0, le=1)]] = Field(
+        default_factory=lambda: {5: 0.6, 10: 0.5}
+    )
+    """For each n, the largest share of word characters inside word n-grams seen earlier in the document."""
+
+
+class PerplexityStep(StrictModel):
+    """Drop documents a reference character n-gram model finds unlikely.
+
+    The reference model is a character n-gram language model with interpolated Kneser-Ney
+    smoothing, trained when the stage runs on `reference` (by default the standard library).
+    """
+
+    enabled: bool = False
+    reference: Annotated[tuple[Source, ...], Field(min_length=1)] = (StdlibSource(type="python-stdlib"),)
+    order: Annotated[int, Field(ge=2, le=8)] = 4
+    max_perplexity: Annotated[float, Field(gt=1)] = 12.0
+    """Documents whose per-character perplexity under the reference model exceeds this are removed."""
+    max_reference_chars: Annotated[int, Field(gt=0)] = 2_000_000
+    """Train the reference model on at most this many characters (it is rebuilt on every run)."""
+
+
+class RedactStep(Toggle):
+    """Replace personal data and secrets with typed placeholders such as `<EMAIL>`."""
+
+    emails: bool = True
+    ip_addresses: bool = True
+    phone_numbers: bool = True
+    secrets: bool = True
+    """Key-like strings: AWS access keys, private-key blocks, GitHub/Slack tokens, `api_key = "..."`."""
+
+
+class TokenizerSpec(StrictModel):
+    """Tokenizer trained on the cleaned corpus with Hugging Face `tokenizers`."""
+
+    type: Literal["bpe", "unigram"] = "bpe"
+    """`bpe`: byte-level BPE (GPT-2 style). `unigram`: SentencePiece-style unigram with Metaspace."""
+    vocab_size: Annotated[int, Field(ge=300, le=262_144)] = 4096
+    min_frequency: Annotated[int, Field(ge=1)] = 2
+
+
+class PackingSpec(StrictModel):
+    """Tokenise, split by document and pack into fixed-length sequences."""
+
+    seq_len: Annotated[int, Field(ge=8, le=131_072)] = 256
+    validation_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    test_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    sequences_per_shard: Annotated[int, Field(gt=0)] = 2048
+    seed: int = 0
+    """Seeds the document-level split, so a document stays in the same split across reruns."""
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self) -> PackingSpec:
+        if self.validation_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                "validation_fraction + test_fraction must be < 1 "
+                f"(got {self.validation_fraction} + {self.test_fraction})"
+            )
+        return self
+
+
+class DataSpec(StrictModel):
+    """The data stage: read, clean, deduplicate, filter, redact, tokenise and pack."""
+
+    sources: Annotated[tuple[Source, ...], Field(min_length=1)]
+    normalize: NormalizeStep = NormalizeStep()
+    exact_dedup: ExactDedupStep = ExactDedupStep()
+    fuzzy_dedup: FuzzyDedupStep = FuzzyDedupStep()
+    quality: QualityStep = QualityStep()
+    perplexity: PerplexityStep = PerplexityStep()
+    redact: RedactStep = RedactStep()
+    tokenizer: TokenizerSpec = TokenizerSpec()
+    packing: PackingSpec = PackingSpec()

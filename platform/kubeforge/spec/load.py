@@ -1,0 +1,222 @@
+"""Reading a manifest from disk and turning pydantic's errors into one line per problem."""
+
+from __future__ import annotations
+
+import difflib
+import glob
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from kubeforge.errors import Problem, SpecError
+from kubeforge.spec.data import SOURCE_TAGS, FilesSource
+from kubeforge.spec.pipeline import DNS1123_LABEL, ModelPipeline
+
+_TAGS = set(SOURCE_TAGS)
+
+
+def load_manifest(path: str | Path, check_files: bool = True) -> ModelPipeline:
+    """Parse and validate a manifest file; raises `SpecError` listing every problem found.
+
+    With `check_files`, every local source path must match at least one file (relative paths
+    are resolved against the manifest's directory, as `kubectl` users expect of sibling files).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError([Problem(str(path), f"cannot read manifest ({exc.strerror})")]) from None
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        reason = getattr(exc, "problem", None) or str(exc)
+        raise SpecError([Problem(where, f"not valid YAML ({reason})")]) from None
+    pipeline = parse_manifest(document, source=str(path))
+    if check_files:
+        check_source_files(pipeline, path.parent)
+    return pipeline
+
+
+def parse_manifest(document: Any, source: str = "manifest") -> ModelPipeline:
+    if not isinstance(document, dict):
+        raise SpecError(
+            [
+                Problem(
+                    source,
+                    f"must be a mapping with apiVersion, kind, metadata and spec (got {type(document).__name__})",
+                )
+            ]
+        )
+    try:
+        return ModelPipeline.model_validate(document)
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(exc, ModelPipeline), source=source) from None
+
+
+def resolve_source_paths(source: FilesSource, base_dir: Path) -> list[Path]:
+    """Files matched by a `files` source, sorted, in the order the data stage reads them."""
+    matched: set[Path] = set()
+    for pattern in source.paths:
+        matched.update(_matches(pattern, base_dir))
+    return sorted(matched)
+
+
+def _matches(pattern: str, base_dir: Path) -> list[Path]:
+    full = pattern if Path(pattern).is_absolute() else str(base_dir / pattern)
+    return [Path(p) for p in glob.glob(full, recursive=True) if Path(p).is_file()]
+
+
+def check_source_files(pipeline: ModelPipeline, base_dir: Path) -> None:
+    problems: list[Problem] = []
+    for index, source in enumerate(pipeline.spec.data.sources):
+        if not isinstance(source, FilesSource):
+            continue
+        for j, pattern in enumerate(source.paths):
+            if not _matches(pattern, base_dir):
+                problems.append(
+                    Problem(
+                        f"spec.data.sources[{index}].paths[{j}]",
+                        f"no file matches '{pattern}' (looked in {base_dir.resolve()})",
+                    )
+                )
+    if problems:
+        raise SpecError(problems)
+
+
+# --- error formatting -------------------------------------------------------------------------
+
+_CONSTRAINTS = {
+    "greater_than": "must be > {gt}",
+    "greater_than_equal": "must be >= {ge}",
+    "less_than": "must be < {lt}",
+    "less_than_equal": "must be <= {le}",
+    "too_short": "must have at least {min_length} item(s)",
+    "too_long": "must have at most {max_length} item(s)",
+    "string_too_short": "must be at least {min_length} character(s) long",
+    "string_too_long": "must be at most {max_length} characters long",
+    "string_pattern_mismatch": "must match {pattern}",
+    "int_parsing": "must be an integer",
+    "int_type": "must be an integer",
+    "int_from_float": "must be a whole number",
+    "float_parsing": "must be a number",
+    "float_type": "must be a number",
+    "bool_parsing": "must be true or false",
+    "bool_type": "must be true or false",
+    "string_type": "must be a string",
+    "dict_type": "must be a mapping",
+    "model_type": "must be a mapping",
+    "model_attributes_type": "must be a mapping",
+    "list_type": "must be a list",
+    "tuple_type": "must be a list",
+    "missing": "required field is missing",
+}
+
+
+def format_validation_error(exc: ValidationError, model: type[BaseModel]) -> list[Problem]:
+    errors = exc.errors()
+    problems = []
+    for error in errors:
+        loc = _clean_location(error["loc"])
+        kind = error["type"]
+        ctx = {k: _plain_number(v) for k, v in (error.get("ctx") or {}).items()}
+        if kind == "too_short" and any(_inside(other["loc"], error["loc"]) for other in errors):
+            continue  # pydantic counts only the valid items; the invalid item has its own error
+        if kind == "extra_forbidden":
+            message = "unknown field" + _suggestion(model, loc)
+        elif kind == "literal_error":
+            message = f"must be one of {ctx.get('expected')} (got {error['input']!r})"
+        elif kind == "union_tag_invalid":
+            message = f"unknown type {ctx.get('tag')!r}; must be one of {ctx.get('expected_tags')}"
+        elif kind == "union_tag_not_found":
+            message = f"needs a '{ctx.get('discriminator', 'type').strip(chr(39))}' field"
+        elif kind == "value_error":
+            loc, message = _split_cross_field(loc, str(ctx.get("error", error["msg"])))
+        elif kind == "string_pattern_mismatch" and ctx.get("pattern") == DNS1123_LABEL:
+            message = (
+                "must be a DNS-1123 label: lowercase letters, digits and '-', starting and ending "
+                f"with a letter or digit (got {_show(error['input'])})"
+            )
+        elif kind in _CONSTRAINTS:
+            message = _CONSTRAINTS[kind].format(**ctx)
+            if kind != "missing":
+                message += f" (got {_show(error['input'])})"
+        else:
+            message = f"{error['msg'][0].lower()}{error['msg'][1:]} (got {_show(error['input'])})"
+        problems.append(Problem(_dotted(loc), message))
+    return problems
+
+
+def _inside(loc: tuple[int | str, ...], parent: tuple[int | str, ...]) -> bool:
+    return len(loc) > len(parent) and loc[: len(parent)] == parent
+
+
+def _plain_number(value: Any) -> Any:
+    """0.0 -> 0 in messages: the bound of a float field reads as the user wrote it."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _clean_location(loc: Iterable[int | str]) -> list[int | str]:
+    cleaned: list[int | str] = []
+    for part in loc:
+        # Discriminated unions put the tag into the path right after the list index.
+        if isinstance(part, str) and part in _TAGS and cleaned and isinstance(cleaned[-1], int):
+            continue
+        # dict keys validated by a constrained key type show up as '[key]'; keep them readable.
+        if isinstance(part, str) and part.endswith("[key]"):
+            part = part[: -len("[key]")]
+        cleaned.append(part)
+    return cleaned
+
+
+def _split_cross_field(loc: list[int | str], message: str) -> tuple[list[int | str], str]:
+    """A model validator that names a field as `a.b: ...` reports under spec.a.b, not under its model."""
+    head, sep, rest = message.partition(": ")
+    if sep and " " not in head and "." in head:
+        prefix = loc[: loc.index("spec") + 1] if "spec" in loc else []
+        return [*prefix, *head.split(".")], rest
+    return loc, message
+
+
+def _dotted(loc: list[int | str]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _suggestion(model: type[BaseModel], loc: list[int | str]) -> str:
+    """'did you mean' for a misspelled field, by walking the model tree to the parent of `loc`."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return ""
+        current = _model_of(fields[part].annotation)
+        if current is None:
+            return ""
+    fields = getattr(current, "model_fields", {})
+    close = difflib.get_close_matches(str(loc[-1]), list(fields), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation such as `X | None` or `tuple[X, ...]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None

@@ -1,0 +1,40 @@
+"""Shared fixtures and the rules for the markers that need hardware or a cluster."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    has_cuda = _has_cuda()
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if "cluster" in item.keywords and not os.environ.get("KUBECONFIG"):
+            item.add_marker(pytest.mark.skip(reason="needs a Kubernetes cluster (set KUBECONFIG)"))
+
+
+def _has_cuda() -> bool:
+    # Checked without importing torch when no NVIDIA driver is present: torch costs seconds to load.
+    if not Path("/proc/driver/nvidia").exists() and not os.environ.get("CUDA_VISIBLE_DEVICES"):
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray runtime for the integration tests of a session (starting Ray costs seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()

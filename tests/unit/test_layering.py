@@ -1,0 +1,69 @@
+"""Layering rules of ARCHITECTURE.md, checked on the import statements themselves."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parents[2]
+CORE = REPO / "platform" / "kubeforge"
+HEAVY = {"torch", "ray", "vllm", "transformers", "tokenizers", "mlflow", "pandas", "matplotlib", "pyarrow", "numpy"}
+# Modules on the path of `kubeforge --help` and `kubeforge validate`.
+LIGHT_MODULES = [
+    "kubeforge.cli",
+    "kubeforge.spec",
+    "kubeforge.errors",
+    "kubeforge.workdir",
+    "kubeforge.data",
+    "kubeforge.train",
+]
+
+
+def top_level_imports(path: Path, module_level_only: bool) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    nodes = tree.body if module_level_only else list(ast.walk(tree))
+    names: set[str] = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_core_library_imports_neither_operators_nor_jobs_nor_kubernetes() -> None:
+    offenders = {}
+    for path in CORE.rglob("*.py"):
+        bad = top_level_imports(path, module_level_only=False) & {
+            "kubeforge_operator",
+            "operators",
+            "jobs",
+            "kopf",
+            "kubernetes",
+        }
+        if bad:
+            offenders[str(path.relative_to(REPO))] = sorted(bad)
+    assert offenders == {}
+
+
+def test_the_layering_check_catches_a_forbidden_import(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text("def f():\n    from kubeforge_operator import handlers\n")
+    assert "kubeforge_operator" in top_level_imports(sample, module_level_only=False)
+
+
+def test_cli_and_spec_do_not_import_heavy_libraries() -> None:
+    code = (
+        "import sys\n"
+        f"import {', '.join(LIGHT_MODULES)}\n"
+        f"heavy = sorted(m for m in {sorted(HEAVY)!r} if m in sys.modules)\n"
+        "print(','.join(heavy))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""
