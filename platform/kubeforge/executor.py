@@ -90,6 +90,8 @@ def ensure_ray(address: str | None, num_cpus: int | None) -> None:
 
     if ray.is_initialized():
         return
+    # Runs are often offline (laptops, air-gapped clusters): do not try to phone home.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = address or os.environ.get("RAY_ADDRESS")
     common: dict[str, Any] = {"logging_level": logging.WARNING, "configure_logging": True}
     if address:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -90,10 +91,11 @@ def mlflow_server(postgres_uri: str, tmp_path_factory: pytest.TempPathFactory) -
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
+        start_new_session=True,  # its uvicorn workers are stopped with it, as one process group
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if server.poll() is not None:
                 pytest.fail(f"mlflow server exited: {Path(log.name).read_text()[-2000:]}")
@@ -103,11 +105,15 @@ def mlflow_server(postgres_uri: str, tmp_path_factory: pytest.TempPathFactory) -
             except requests.ConnectionError:
                 time.sleep(1)
         else:
-            pytest.fail("mlflow server did not answer /health within 120 s")
+            pytest.fail("mlflow server did not answer /health within 300 s")
         yield url
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
         log.close()
 
 
@@ -125,9 +131,9 @@ def test_stage_runs_params_dataset_and_artifacts_land_in_the_server(
     assert experiment is not None
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.run_id == record.stage("data").mlflow_run_id
-    assert run.data.params["tokenizer.vocab_size"] == "512"
+    assert run.data.params["data.tokenizer.vocab_size"] == "512"
     assert run.data.tags["kubeforge.pipeline"] == "server-mode"
     (dataset_input,) = run.inputs.dataset_inputs
     assert dataset_input.dataset.digest == run.data.tags["kubeforge.dataset_hash"][: len(dataset_input.dataset.digest)]
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert "card.json" in artifacts
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "data")}
+    assert {"data/card.json", "data/funnel.png", "data/tokenizer"} <= artifacts

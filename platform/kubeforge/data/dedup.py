@@ -1,0 +1,242 @@
+"""Exact and near-duplicate (MinHash LSH) removal.
+
+Near-duplicates, in four steps:
+
+1. *Shingles*: a document's lower-cased `\\w+` words, taken `shingle_size` at a time. Each word
+   gets a 64-bit hash (blake2b), each shingle a polynomial combination of its words' hashes put
+   through the splitmix64 finaliser, kept as 32 bits.
+2. *Signature*: `num_perm` universal hash functions `h_i(x) = (a_i x + b_i) mod (2^61 - 1)`, with
+   `a_i, b_i < 2^32` drawn from `seed`, so `a_i x + b_i` never overflows 64 bits; the signature is
+   each function's minimum over the shingle set (lower 32 bits). Two signatures agree in a given
+   position with probability equal to the Jaccard similarity of the shingle sets.
+3. *LSH*: the signature is cut into `b` bands of `r` rows. `(b, r)` minimise the sum of the false
+   positive and false negative probability mass around `threshold`, as datasketch does; documents
+   sharing a band are candidates.
+4. *Verification and clustering*: a candidate pair is a duplicate when the share of agreeing
+   signature positions (the Jaccard estimate) is at least `threshold`. Pairs are joined with
+   union-find; each cluster keeps its first document in corpus order.
+
+A bucket of `k` documents yields `2k` candidate pairs (everyone against the bucket's first member,
+plus neighbours), not `k^2`: a real cluster shares many bands, so what one bucket misses another
+usually links, and the cost stays linear when many documents share one bucket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+
+_MERSENNE = np.uint64((1 << 61) - 1)
+_LOW32 = np.uint64(0xFFFFFFFF)
+_WORD = re.compile(r"\w+")
+_MULTIPLIER = np.uint64(0x100000001B3)
+# Bounds the (num_perm x shingles) intermediate to about 32 MB for very long documents.
+_CHUNK_ELEMENTS = 4_000_000
+
+
+# ----------------------------------------------------------------------------------------------
+# exact
+
+
+def exact_duplicates(texts: Sequence[str]) -> tuple[np.ndarray, list[int | None]]:
+    """Keep mask and, for each dropped text, the index of the earlier identical one."""
+    first: dict[bytes, int] = {}
+    keep = np.ones(len(texts), dtype=bool)
+    original: list[int | None] = [None] * len(texts)
+    for index, text in enumerate(texts):
+        digest = hashlib.sha256(text.encode("utf-8")).digest()
+        if digest in first:
+            keep[index] = False
+            original[index] = first[digest]
+        else:
+            first[digest] = index
+    return keep, original
+
+
+# ----------------------------------------------------------------------------------------------
+# signatures
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: spreads the polynomial's structure over all 64 bits."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+@lru_cache(maxsize=1 << 18)
+def _word_hash(word: str) -> int:
+    return int.from_bytes(hashlib.blake2b(word.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def shingle_hashes(text: str, shingle_size: int) -> np.ndarray:
+    """Distinct 32-bit shingle hashes (uint64 array); a text shorter than one shingle is one shingle."""
+    words = _WORD.findall(text.lower())
+    if not words:
+        return np.empty(0, dtype=np.uint64)
+    hashes = np.fromiter((_word_hash(w) for w in words), dtype=np.uint64, count=len(words))
+    width = min(shingle_size, len(hashes))
+    count = len(hashes) - width + 1
+    with np.errstate(over="ignore"):
+        combined = hashes[:count].copy()
+        for offset in range(1, width):
+            combined = combined * _MULTIPLIER ^ hashes[offset : offset + count]
+        return np.unique(_mix64(combined) >> np.uint64(32))
+
+
+def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    a = rng.integers(1, 1 << 32, size=num_perm, dtype=np.uint64)
+    b = rng.integers(0, 1 << 32, size=num_perm, dtype=np.uint64)
+    return a, b
+
+
+def minhash(shingles: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """MinHash signature (uint32, length num_perm) of a set of 32-bit shingle hashes."""
+    signature = np.full(len(a), 0xFFFFFFFF, dtype=np.uint64)
+    step = max(1, _CHUNK_ELEMENTS // len(a))
+    for start in range(0, len(shingles), step):
+        chunk = shingles[start : start + step]
+        values = (a[:, None] * chunk[None, :] + b[:, None]) % _MERSENNE & _LOW32
+        np.minimum(signature, values.min(axis=1), out=signature)
+    return signature.astype(np.uint32)
+
+
+def signatures(texts: Sequence[str], shingle_size: int, num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(signatures of shape (n, num_perm), whether each text had any word at all)."""
+    a, b = permutations(num_perm, seed)
+    out = np.full((len(texts), num_perm), 0xFFFFFFFF, dtype=np.uint32)
+    has_words = np.zeros(len(texts), dtype=bool)
+    for row, text in enumerate(texts):
+        shingles = shingle_hashes(text, shingle_size)
+        if len(shingles):
+            out[row] = minhash(shingles, a, b)
+            has_words[row] = True
+    return out, has_words
+
+
+# ----------------------------------------------------------------------------------------------
+# LSH parameters
+
+
+def optimal_bands(threshold: float, num_perm: int, grid: int = 1001) -> tuple[int, int]:
+    """(bands, rows) with bands*rows <= num_perm minimising false positive + false negative mass."""
+    pairs = np.array([(b, r) for b in range(1, num_perm + 1) for r in range(1, num_perm // b + 1)], dtype=float)
+    bands, rows = pairs[:, :1], pairs[:, 1:]
+    below = np.linspace(0.0, threshold, grid)[None, :]
+    above = np.linspace(threshold, 1.0, grid)[None, :]
+    false_positive = np.trapezoid(1 - (1 - below**rows) ** bands, below, axis=1)
+    false_negative = np.trapezoid((1 - above**rows) ** bands, above, axis=1)
+    error = 0.5 * false_positive + 0.5 * false_negative
+    best = int(np.argmin(error))
+    return int(pairs[best, 0]), int(pairs[best, 1])
+
+
+# ----------------------------------------------------------------------------------------------
+# clustering
+
+
+class _UnionFind:
+    def __init__(self, n: int) -> None:
+        self.parent = np.arange(n)
+
+    def find(self, x: int) -> int:
+        root = x
+        while self.parent[root] != root:
+            root = int(self.parent[root])
+        while self.parent[x] != root:
+            self.parent[x], x = root, int(self.parent[x])
+        return root
+
+    def union(self, x: int, y: int) -> None:
+        rx, ry = self.find(x), self.find(y)
+        # The smaller index becomes the root, so a cluster's root is its first document.
+        if rx < ry:
+            self.parent[ry] = rx
+        elif ry < rx:
+            self.parent[rx] = ry
+
+
+@dataclass
+class NearDuplicates:
+    bands: int
+    rows: int
+    keep: np.ndarray
+    """True for documents that survive."""
+    kept_of: list[int | None]
+    """For each removed document, the index of its cluster's surviving document."""
+    similarity: list[float | None]
+    """For each removed document, its estimated Jaccard similarity to that survivor."""
+    clusters: list[list[int]] = field(default_factory=list)
+    """Clusters of two or more documents, each sorted, in order of their first member."""
+    candidate_pairs: int = 0
+    verified_pairs: int = 0
+
+
+def _band_buckets(band: np.ndarray) -> np.ndarray:
+    """Bucket id of each row of a (n, r) uint32 band."""
+    as_bytes = np.ascontiguousarray(band).view(np.dtype((np.void, band.dtype.itemsize * band.shape[1])))
+    _, inverse = np.unique(as_bytes.ravel(), return_inverse=True)
+    return np.asarray(inverse).ravel()
+
+
+def candidate_pairs(sigs: np.ndarray, active: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """Unique (i, j), i < j, pairs of active documents that share at least one band."""
+    index = np.flatnonzero(active)
+    found: list[np.ndarray] = []
+    for band in range(bands):
+        bucket = _band_buckets(sigs[index, band * rows : (band + 1) * rows])
+        order = np.argsort(bucket, kind="stable")
+        sorted_bucket = bucket[order]
+        members = index[order]
+        starts = np.flatnonzero(np.r_[True, sorted_bucket[1:] != sorted_bucket[:-1]])
+        first = np.repeat(members[starts], np.diff(np.r_[starts, len(members)]))
+        same_as_previous = np.r_[False, sorted_bucket[1:] == sorted_bucket[:-1]]
+        # Members are in ascending document order within a bucket (stable sort of ascending index).
+        found.append(np.stack([first[same_as_previous], members[same_as_previous]], axis=1))
+        found.append(np.stack([members[:-1][same_as_previous[1:]], members[1:][same_as_previous[1:]]], axis=1))
+    if not found:
+        return np.empty((0, 2), dtype=np.int64)
+    pairs = np.concatenate(found)
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    return np.unique(pairs, axis=0) if len(pairs) else np.empty((0, 2), dtype=np.int64)
+
+
+def near_duplicates(sigs: np.ndarray, active: np.ndarray, threshold: float) -> NearDuplicates:
+    """Cluster documents by MinHash LSH; `active` is False for documents without any shingle."""
+    n, num_perm = sigs.shape
+    bands, rows = optimal_bands(threshold, num_perm)
+    pairs = candidate_pairs(sigs, active, bands, rows) if n else np.empty((0, 2), dtype=np.int64)
+    estimates = np.empty(0)
+    if len(pairs):
+        estimates = np.concatenate([
+            (sigs[pairs[s : s + 4096, 0]] == sigs[pairs[s : s + 4096, 1]]).mean(axis=1)
+            for s in range(0, len(pairs), 4096)
+        ])
+    # A tiny tolerance: with num_perm agreements the estimate is k/num_perm, and a threshold such
+    # as 0.7 is not exactly representable.
+    verified = pairs[estimates >= threshold - 1e-9] if len(pairs) else pairs
+    forest = _UnionFind(n)
+    for i, j in verified:
+        forest.union(int(i), int(j))
+    roots = np.array([forest.find(i) for i in range(n)], dtype=np.int64)
+    keep = roots == np.arange(n)
+    kept_of: list[int | None] = [None if keep[i] else int(roots[i]) for i in range(n)]
+    similarity: list[float | None] = [
+        None if keep[i] else float((sigs[i] == sigs[roots[i]]).mean()) for i in range(n)
+    ]
+    members: dict[int, list[int]] = {}
+    for i in np.flatnonzero(~keep):
+        members.setdefault(int(roots[i]), [int(roots[i])]).append(int(i))
+    clusters = [sorted(m) for _, m in sorted(members.items())]
+    return NearDuplicates(
+        bands=bands, rows=rows, keep=keep, kept_of=kept_of, similarity=similarity, clusters=clusters,
+        candidate_pairs=len(pairs), verified_pairs=len(verified),
+    )

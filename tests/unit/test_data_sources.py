@@ -1,0 +1,111 @@
+"""Reading documents: txt, jsonl with a custom field, parquet, the standard library, and the errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from kubeforge.data.sources import read_documents, source_fingerprint, stdlib_files
+from kubeforge.errors import KubeForgeError
+from kubeforge.spec.data import DataSpec, FilesSource, StdlibSource
+
+pytestmark = pytest.mark.unit
+
+
+def files(*paths: str, **options: str) -> FilesSource:
+    return FilesSource(type="files", paths=paths, **options)  # type: ignore[arg-type]
+
+
+def test_txt_one_document_per_file(tmp_path: Path) -> None:
+    (tmp_path / "b.txt").write_text("second")
+    (tmp_path / "a.txt").write_text("first")
+    docs = read_documents([files("*.txt")], tmp_path)
+    assert [d["text"] for d in docs] == ["first", "second"]
+    assert docs[0]["source"] == str(tmp_path / "a.txt")
+
+
+def test_jsonl_custom_text_field(tmp_path: Path) -> None:
+    lines = [json.dumps({"body": "one", "n": 1}), "", json.dumps({"body": "two"})]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    docs = read_documents([files("d.jsonl", text_field="body")], tmp_path)
+    assert [d["text"] for d in docs] == ["one", "two"]
+    assert [d["id"] for d in docs] == [f"{tmp_path / 'd.jsonl'}:1", f"{tmp_path / 'd.jsonl'}:3"]
+
+
+def test_parquet_column(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"content": ["alpha", "beta"], "other": [1, 2]}), tmp_path / "d.parquet")
+    docs = read_documents([files("d.parquet", text_field="content")], tmp_path)
+    assert [d["text"] for d in docs] == ["alpha", "beta"]
+
+
+def test_explicit_format_overrides_extension(tmp_path: Path) -> None:
+    (tmp_path / "records.data").write_text(json.dumps({"text": "hello"}) + "\n")
+    assert [d["text"] for d in read_documents([files("records.data", format="jsonl")], tmp_path)] == ["hello"]
+    assert read_documents([files("records.data", format="txt")], tmp_path)[0]["text"].startswith("{")
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"text": "fine"}) + "\n{not json\n")
+    with pytest.raises(KubeForgeError, match=rf"^{path}:2: not valid JSON \("):
+        read_documents([files("bad.jsonl")], tmp_path)
+
+
+def test_missing_text_field_names_file_line_and_field(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(KubeForgeError, match=rf"^{path}:2: no field 'text' in the record \(fields: body\)"):
+        read_documents([files("d.jsonl")], tmp_path)
+
+
+def test_non_string_field_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": 5}) + "\n")
+    with pytest.raises(KubeForgeError, match=r"d.jsonl:1: field 'text' must be a string \(got int\)"):
+        read_documents([files("d.jsonl")], tmp_path)
+
+
+def test_parquet_missing_column_names_file_and_field(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "d.parquet")
+    with pytest.raises(KubeForgeError, match=r"d.parquet: no column 'text' \(columns: body\)"):
+        read_documents([files("d.parquet")], tmp_path)
+
+
+def test_vanished_file_is_a_clear_error(tmp_path: Path) -> None:
+    from kubeforge.data import sources
+
+    path = tmp_path / "gone.txt"
+    with pytest.raises(KubeForgeError, match=r"gone\.txt: file vanished"):
+        sources._read_text(path)
+
+
+def test_stdlib_excludes_tests_and_honours_max_files() -> None:
+    everything = stdlib_files(StdlibSource(type="python-stdlib"))
+    names = [rel for rel, _ in everything]
+    assert "encodings/cp437.py" in names and "email/__init__.py" in names
+    assert not any(rel.startswith("test/") or "/tests/" in rel for rel in names)
+    assert names == sorted(names)
+    assert [rel for rel, _ in stdlib_files(StdlibSource(type="python-stdlib", max_files=5))] == names[:5]
+    docs = read_documents([StdlibSource(type="python-stdlib", max_files=3)], Path("."))
+    assert [d["id"] for d in docs] == [f"stdlib/{rel}" for rel in names[:3]]
+
+
+def test_same_file_from_two_sources_is_read_once(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("x")
+    assert len(read_documents([files("a.txt"), files("*.txt")], tmp_path)) == 1
+
+
+def test_fingerprint_follows_file_changes(tmp_path: Path) -> None:
+    path = tmp_path / "a.txt"
+    path.write_text("one")
+    spec = DataSpec(sources=(files("a.txt"),))
+    before = source_fingerprint(spec, tmp_path)
+    assert source_fingerprint(spec, tmp_path) == before
+    path.write_text("longer text")
+    assert source_fingerprint(spec, tmp_path) != before
+    stdlib = DataSpec(sources=(StdlibSource(type="python-stdlib", max_files=10),))
+    assert source_fingerprint(stdlib, tmp_path) == source_fingerprint(stdlib, Path(sys.prefix))

@@ -1,0 +1,123 @@
+"""Tokenizer training and round trip, document-level splits and packing into shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kubeforge.data.packing import assign_splits, pack, pack_splits, split_position
+from kubeforge.data.perplexity import train
+from kubeforge.data.tokenizer import special_token_ids, train_tokenizer
+from kubeforge.spec.data import PackingSpec, TokenizerSpec
+
+pytestmark = pytest.mark.unit
+
+CORPUS = [
+    f"def handler_{i}(request):\n    \"\"\"Handle request number {i}.\"\"\"\n    return request.reply({i}, 'ok')\n"
+    for i in range(200)
+]
+
+
+def test_bpe_tokenizer_round_trip_and_autotokenizer(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    trained = train_tokenizer(CORPUS, TokenizerSpec(type="bpe", vocab_size=400, min_frequency=2), tmp_path / "tok")
+    loaded = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    text = "def handler_7(request):\n\treturn  'ünïcode ok' \n"
+    ids = loaded(text, add_special_tokens=False)["input_ids"]
+    assert loaded.decode(ids) == text
+    assert len(loaded) == len(trained) <= 400
+    assert loaded.eos_token == loaded.bos_token == "<|endoftext|>"
+    assert (loaded.pad_token, loaded.mask_token, loaded.unk_token) == ("<|pad|>", "<|mask|>", "<|unk|>")
+    assert special_token_ids(loaded) == {"bos_id": 0, "eos_id": 0, "pad_id": 1, "mask_id": 2, "unk_id": 3}
+
+
+def test_bpe_min_frequency_limits_merges(tmp_path: Path) -> None:
+    loose = train_tokenizer(CORPUS, TokenizerSpec(vocab_size=2000, min_frequency=1), tmp_path / "a")
+    strict = train_tokenizer(CORPUS, TokenizerSpec(vocab_size=2000, min_frequency=150), tmp_path / "b")
+    assert len(strict) < len(loose)
+
+
+def test_unigram_tokenizer_round_trip(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    train_tokenizer(CORPUS, TokenizerSpec(type="unigram", vocab_size=300, min_frequency=1), tmp_path / "tok")
+    loaded = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    text = "return request.reply(7, 'ok')\n    return handler_3\n"
+    assert loaded.decode(loaded(text, add_special_tokens=False)["input_ids"]) == text
+    # No byte fallback in a unigram model: a character never seen in training is <|unk|>.
+    assert 3 in loaded("a\tb", add_special_tokens=False)["input_ids"]
+    assert loaded.convert_tokens_to_ids("<|unk|>") == 3
+
+
+def test_unigram_min_frequency_drops_rare_words() -> None:
+    from kubeforge.data.tokenizer import _unigram_corpus
+
+    texts = ["common word rare1", "common word", "common rare2 word"]
+    assert list(_unigram_corpus(texts, 2)) == ["common word", "common word", "common word"]
+    assert list(_unigram_corpus(texts, 4)) == ["", "", ""]
+    assert list(_unigram_corpus(texts, 1)) == texts
+
+
+def test_splits_are_by_document_stable_and_seeded() -> None:
+    ids = [f"doc-{i}" for i in range(2000)]
+    spec = PackingSpec(validation_fraction=0.1, test_fraction=0.2, seed=3)
+    splits = assign_splits(ids, spec)
+    share = {name: splits.count(name) / len(ids) for name in ("train", "validation", "test")}
+    assert share["validation"] == pytest.approx(0.1, abs=0.03)
+    assert share["test"] == pytest.approx(0.2, abs=0.03)
+    # A document's split does not depend on the other documents.
+    assert assign_splits(ids[::7], spec) == splits[::7]
+    assert assign_splits(ids, PackingSpec(validation_fraction=0.1, test_fraction=0.2, seed=4)) != splits
+    assert 0 <= split_position("x", 0) < 1
+
+
+def test_tiny_corpus_still_fills_requested_splits() -> None:
+    splits = assign_splits(["a", "b", "c"], PackingSpec(validation_fraction=0.01, test_fraction=0.01))
+    assert sorted(splits) == ["test", "train", "validation"]
+    assert assign_splits(["a", "b", "c"], PackingSpec(validation_fraction=0.0, test_fraction=0.0)) == ["train"] * 3
+
+
+def test_pack_joins_with_eos_and_pads_last_row() -> None:
+    rows, real = pack([[5, 6, 7], [8, 9]], eos_id=0, pad_id=1, seq_len=4)
+    assert rows.dtype == np.int32
+    assert rows.tolist() == [[5, 6, 7, 0], [8, 9, 0, 1]]
+    assert real == 7
+
+
+def test_pack_splits_writes_shards_without_sharing_documents(tmp_path: Path) -> None:
+    tokenizer = train_tokenizer(CORPUS, TokenizerSpec(vocab_size=400), tmp_path / "tok")
+    ids = special_token_ids(tokenizer)
+    spec = PackingSpec(seq_len=16, sequences_per_shard=50, validation_fraction=0.2, test_fraction=0.2, seed=1)
+    splits = assign_splits([f"d{i}" for i in range(len(CORPUS))], spec)
+    result = pack_splits(CORPUS, splits, tokenizer, ids, spec, tmp_path)
+    decoded: dict[str, str] = {}
+    for split in ("train", "validation", "test"):
+        arrays = [np.load(tmp_path / p) for p in result["shards"][split]]
+        assert all(a.dtype == np.int32 and a.shape[1] == 16 and a.shape[0] <= 50 for a in arrays)
+        assert sum(len(a) for a in arrays) == result["num_sequences"][split]
+        assert len(arrays) == -(-result["num_sequences"][split] // 50)
+        tokens = np.concatenate(arrays).ravel()
+        assert int((tokens != ids["pad_id"]).sum()) == result["num_tokens"][split]
+        assert int((tokens == ids["eos_id"]).sum()) == result["num_documents"][split] == splits.count(split)
+        decoded[split] = tokenizer.decode(tokens[tokens != ids["pad_id"]].tolist())
+    for i, text in enumerate(CORPUS):
+        homes = [split for split in decoded if text in decoded[split]]
+        assert homes == [splits[i]], f"document {i} found in {homes}"
+
+
+def test_kneser_ney_is_a_distribution_and_ranks_text() -> None:
+    model = train(CORPUS, order=3, max_chars=5000)
+    alphabet = set("".join(CORPUS)) | {"\u0416"}
+    assert sum(model.char_probability("re", c) for c in alphabet) == pytest.approx(1.0, abs=1e-9)
+    in_domain = model.perplexity("def handler_3(request):\n    return request.reply(3, 'ok')\n")
+    out_of_domain = model.perplexity("Жизнь прекрасна, qzx vvk!")
+    assert 1 < in_domain < 5 < out_of_domain
+    assert model.perplexity("") == 1.0
+
+
+def test_reference_model_respects_max_chars() -> None:
+    small = train(CORPUS, order=2, max_chars=10)
+    assert sum(small.counts[1].values()) == 10
