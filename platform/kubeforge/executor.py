@@ -207,7 +207,11 @@ def execute_stage(
     if resume_run_id:
         reporter.log(f"stage {stage.name}: resuming an interrupted run in {out_dir}")
 
+    metadata = pipeline.metadata
     tags = {
+        **({f"{TAG_PREFIX}namespace": metadata.namespace} if metadata.namespace else {}),
+        **{f"{TAG_PREFIX}label.{k}": v for k, v in metadata.labels.items()},
+        **{f"{TAG_PREFIX}annotation.{k}": v for k, v in metadata.annotations.items()},
         f"{TAG_PREFIX}pipeline": name,
         f"{TAG_PREFIX}stage": stage.name,
         f"{TAG_PREFIX}stage_key": stage.key,

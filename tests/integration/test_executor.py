@@ -27,7 +27,9 @@ def stage_dirs(tmp_path: Path, pipeline: str) -> list[str]:
 
 
 def test_rerun_skips_the_finished_stage_and_a_change_reruns_it(ray_local, tmp_path: Path) -> None:
-    pipeline = parse_manifest(small_manifest("cache"))
+    doc = small_manifest("cache")
+    doc["metadata"].update(namespace="ml", labels={"team": "nlp"}, annotations={"owner": "alice@example.com"})
+    pipeline = parse_manifest(doc)
     first = run_pipeline(pipeline, options(tmp_path), LineReporter())
     data = first.stage("data")
     assert (first.state, data.state) == ("succeeded", "succeeded")
@@ -40,6 +42,9 @@ def test_rerun_skips_the_finished_stage_and_a_change_reruns_it(ray_local, tmp_pa
     assert len(run.data.tags["kubeforge.dataset_hash"]) >= 16
     assert run.data.tags["kubeforge.code_version"].startswith("0.1.0")
     assert run.inputs.dataset_inputs, "the corpus is logged as an MLflow dataset"
+    assert run.data.tags["kubeforge.namespace"] == "ml"
+    assert run.data.tags["kubeforge.label.team"] == "nlp"
+    assert run.data.tags["kubeforge.annotation.owner"] == "alice@example.com"
     assert client.get_experiment(run.info.experiment_id).name == "cache"
 
     second = run_pipeline(pipeline, options(tmp_path), LineReporter())

@@ -134,7 +134,7 @@ def test_header_fields_are_checked() -> None:
     doc = manifest(apiVersion="kubeforge.io/v2", **{"metadata.name": "Not_A_Name"})
     lines = problems(doc)
     assert "apiVersion: must be one of 'kubeforge.io/v1alpha1' (got 'kubeforge.io/v2')" in lines
-    assert any(line.startswith("metadata.name: must match") for line in lines)
+    assert any(line.startswith("metadata.name: must be a DNS-1123 label") for line in lines)
 
 
 def test_missing_required_section() -> None:

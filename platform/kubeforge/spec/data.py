@@ -53,7 +53,9 @@ class NormalizeStep(Toggle):
     """Unicode and whitespace normalisation."""
 
     unicode_form: Literal["NFC", "NFKC", "NFD", "NFKD"] = "NFC"
+    """Unicode normalisation form applied to every document."""
     strip_trailing_whitespace: bool = True
+    """Remove spaces and tabs at line ends (line endings always become `\\n`)."""
     max_consecutive_blank_lines: Annotated[int, Field(ge=0)] | None = 2
     """Collapse longer runs of blank lines to this many; null keeps them."""
 
@@ -72,16 +74,20 @@ class FuzzyDedupStep(Toggle):
     shingle_size: Annotated[int, Field(ge=1, le=32)] = 5
     """Length, in words, of the shingles hashed into the signature."""
     seed: int = 1
+    """Seed of the MinHash permutations."""
 
 
 class QualityStep(Toggle):
     """Heuristic quality filters in the style of Gopher and C4; null switches a rule off."""
 
     min_chars: Annotated[int, Field(ge=0)] | None = 200
+    """Shortest document kept, in characters."""
     max_chars: Annotated[int, Field(gt=0)] | None = 500_000
+    """Longest document kept, in characters."""
     max_symbol_ratio: Annotated[float, Field(gt=0, le=1)] | None = 0.5
     """Largest share of characters that are neither letters, digits nor whitespace."""
     max_digit_ratio: Annotated[float, Field(gt=0, le=1)] | None = 0.3
+    """Largest share of characters that are digits."""
     min_alpha_word_fraction: Annotated[float, Field(ge=0, le=1)] | None = 0.4
     """Smallest share of words that contain at least one letter."""
     max_duplicate_line_fraction: Annotated[float, Field(gt=0, le=1)] | None = 0.5
@@ -104,8 +110,11 @@ class PerplexityStep(StrictModel):
     """
 
     enabled: bool = False
+    """Off by default: the reference model is rebuilt on every run and scoring is pure Python."""
     reference: Annotated[tuple[Source, ...], Field(min_length=1)] = (StdlibSource(type="python-stdlib"),)
+    """Text the reference model learns what good documents look like from."""
     order: Annotated[int, Field(ge=2, le=8)] = 4
+    """Character n-gram order of the reference model."""
     max_perplexity: Annotated[float, Field(gt=1)] = 12.0
     """Documents whose per-character perplexity under the reference model exceeds this are removed."""
     max_reference_chars: Annotated[int, Field(gt=0)] = 2_000_000
@@ -128,16 +137,22 @@ class TokenizerSpec(StrictModel):
     type: Literal["bpe", "unigram"] = "bpe"
     """`bpe`: byte-level BPE (GPT-2 style). `unigram`: SentencePiece-style unigram with Metaspace."""
     vocab_size: Annotated[int, Field(ge=300, le=262_144)] = 4096
+    """Largest vocabulary, special tokens included."""
     min_frequency: Annotated[int, Field(ge=1)] = 2
+    """BPE: fewest occurrences of a merge; unigram: words rarer than this are left out of training."""
 
 
 class PackingSpec(StrictModel):
     """Tokenise, split by document and pack into fixed-length sequences."""
 
     seq_len: Annotated[int, Field(ge=8, le=131_072)] = 256
+    """Tokens per packed sequence; at most the model's max_position_embeddings."""
     validation_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    """Share of documents (not tokens) held out for validation."""
     test_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    """Share of documents held out for testing."""
     sequences_per_shard: Annotated[int, Field(gt=0)] = 2048
+    """Rows per `.npy` shard file."""
     seed: int = 0
     """Seeds the document-level split, so a document stays in the same split across reruns."""
 

@@ -19,9 +19,13 @@ DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 class Metadata(StrictModel):
     name: Annotated[str, Field(min_length=1, max_length=63, pattern=DNS1123_LABEL)]
+    """Pipeline name: the MLflow experiment and registered model are named after it."""
     namespace: Annotated[str, Field(max_length=63, pattern=DNS1123_LABEL)] | None = None
+    """Kubernetes namespace of the resource; `kubeforge run` records it as the MLflow tag `kubeforge.namespace`."""
     labels: dict[str, str] = Field(default_factory=dict)
+    """Kubernetes labels; recorded on every stage's MLflow run as `kubeforge.label.<key>`."""
     annotations: dict[str, str] = Field(default_factory=dict)
+    """Kubernetes annotations; recorded on every stage's MLflow run as `kubeforge.annotation.<key>`."""
 
 
 class PipelineSpec(StrictModel):
