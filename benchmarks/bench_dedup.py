@@ -69,8 +69,10 @@ def build_corpus(planted: int, edit: float, seed: int) -> tuple[list[str], list[
     texts = [normalize_text(d["text"], NormalizeStep()) for d in docs]
     ids = [d["id"] for d in docs]
     # Exact copies are the exact-dedup step's job; both tools would remove them trivially.
-    seen: set[str] = set()
-    unique = [i for i, t in enumerate(texts) if not (t in seen or seen.add(t))]
+    first_index: dict[str, int] = {}
+    for i, t in enumerate(texts):
+        first_index.setdefault(t, i)
+    unique = sorted(first_index.values())
     ids, texts = [ids[i] for i in unique], [texts[i] for i in unique]
     rng = random.Random(seed)
     eligible = [i for i, t in enumerate(texts) if "encodings/" not in ids[i] and len(t.split()) >= 300]
@@ -122,33 +124,37 @@ def run_datatrove(texts: list[str]) -> tuple[set[int], float]:
     documents = [Document(text=t, id=str(i)) for i, t in enumerate(texts)]
     kept: list[int] = []
 
-    def collect(data, rank: int = 0, world_size: int = 1):  # type: ignore[no-untyped-def]
+    def collect(data, rank: int = 0, world_size: int = 1):
         for document in data:
             kept.append(int(document.id))
             yield document
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        logs = {"logging_dir": None, "skip_completed": False}
+
+        def logs(step: str) -> dict[str, object]:
+            # datatrove writes its logs to ./logs/<timestamp> unless told otherwise.
+            return {"logging_dir": str(root / "logs" / step), "skip_completed": False}
+
         start = time.perf_counter()
         LocalPipelineExecutor(
             pipeline=[documents, MinhashDedupSignature(output_folder=str(root / "sigs"), config=config,
                                                        language=RegexWords())],
-            tasks=1, workers=1, **logs,
+            tasks=1, workers=1, **logs("signatures"),
         ).run()
         LocalPipelineExecutor(
             pipeline=[MinhashDedupBuckets(input_folder=str(root / "sigs"), output_folder=str(root / "buckets"),
                                           config=config)],
-            tasks=config.num_buckets, workers=1, **logs,
+            tasks=config.num_buckets, workers=1, **logs("buckets"),
         ).run()
         LocalPipelineExecutor(
             pipeline=[MinhashDedupCluster(input_folder=str(root / "buckets"), output_folder=str(root / "remove"),
                                           config=config)],
-            tasks=1, workers=1, **logs,
+            tasks=1, workers=1, **logs("clusters"),
         ).run()
         LocalPipelineExecutor(
             pipeline=[documents, MinhashDedupFilter(input_folder=str(root / "remove")), collect],
-            tasks=1, workers=1, **logs,
+            tasks=1, workers=1, **logs("filter"),
         ).run()
         elapsed = time.perf_counter() - start
     return set(range(len(texts))) - set(kept), elapsed

