@@ -6,7 +6,7 @@ cluster; on Kubernetes the operator mounts a shared volume and sets these for a 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/data.py --manifest examples/quickstart.yaml --workdir /tmp/kubeforge
 
-The last line printed is JSON: {"stage": ..., "directory": ..., "mlflow_run_id": ...}.
+The last line it prints on stdout is JSON: {"stage": ..., "directory": ..., "mlflow_run_id": ...}.
 """
 
 import sys

@@ -7,7 +7,7 @@ cluster; on Kubernetes the operator mounts a shared volume and sets these for a 
         python jobs/pretrain.py --manifest examples/quickstart.yaml --workdir /tmp/kubeforge
 
 The data stage of the same manifest must have finished in that work directory first.
-The last line printed is JSON: {"stage": ..., "directory": ..., "mlflow_run_id": ...}.
+The last line it prints on stdout is JSON: {"stage": ..., "directory": ..., "mlflow_run_id": ...}.
 """
 
 import sys

@@ -38,8 +38,13 @@ class SpecError(KubeForgeError):
 
 
 class StageError(KubeForgeError):
-    """A stage could not do its work because of its input (an empty corpus, a bad line, too few CPUs)."""
+    """A stage could not do its work because of its input (an empty corpus, a bad line, too few CPUs).
 
-    def __init__(self, stage: str, message: str) -> None:
+    With `resumable`, the fault lay outside the input (workers kept dying): the stage's partial output,
+    checkpoints included, is kept so that a rerun resumes from it instead of starting over.
+    """
+
+    def __init__(self, stage: str, message: str, *, resumable: bool = False) -> None:
         self.stage = stage
+        self.resumable = resumable
         super().__init__(f"stage {stage}: {message}")

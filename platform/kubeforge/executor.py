@@ -253,7 +253,7 @@ def execute_stage(
         metrics.STAGE_STATE.labels(name, stage.name).state("failed")
         interrupted = isinstance(exc, KeyboardInterrupt)
         end_stage_run(tracker, "KILLED" if interrupted else "FAILED")
-        if isinstance(exc, KubeForgeError):
+        if isinstance(exc, KubeForgeError) and not getattr(exc, "resumable", False):
             # The input was at fault: nothing of this attempt is worth resuming from.
             workdir.discard_stage(name, stage.name, stage.key)
         raise

@@ -71,7 +71,14 @@ def test_an_emptying_filter_fails_cleanly(ray_local, tmp_path: Path) -> None:
     assert MlflowClient(record.tracking_uri).get_run(record.stage("data").mlflow_run_id).info.status == "FAILED"
 
 
-def test_a_crashed_stage_resumes_in_its_folder_and_mlflow_run(ray_local, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    "failure",
+    [RuntimeError("worker node lost"), StageError("data", "worker node lost", resumable=True)],
+    ids=["crash", "resumable-stage-error"],
+)
+def test_a_failed_stage_resumes_in_its_folder_and_mlflow_run(
+    ray_local, tmp_path: Path, monkeypatch, failure: Exception
+) -> None:
     import kubeforge.data.stage as data_stage
 
     real_run = data_stage.run
@@ -82,12 +89,12 @@ def test_a_crashed_stage_resumes_in_its_folder_and_mlflow_run(ray_local, tmp_pat
         seen.append(marker.exists())
         if not marker.exists():
             marker.write_text("x")
-            raise RuntimeError("worker node lost")
+            raise failure
         return real_run(spec, ctx)
 
     monkeypatch.setattr(data_stage, "run", crash_once)
     pipeline = parse_manifest(small_manifest("resume"))
-    with pytest.raises(RuntimeError, match="worker node lost"):
+    with pytest.raises(type(failure), match="worker node lost"):
         run_pipeline(pipeline, options(tmp_path), LineReporter())
     (partial,) = stage_dirs(tmp_path, "resume")
     assert partial.endswith(".partial")

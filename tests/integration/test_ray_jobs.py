@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -10,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 import yaml
 
 from tests.helpers import TINY_PRETRAIN, free_port, small_manifest
@@ -21,30 +24,40 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A separate head node, as `ray start --head` on a cluster would run it.
+
+    It runs with --block in a process group of its own and is stopped by killing that group:
+    `ray stop` would also stop every other Ray runtime of this user, the test session's included.
+    """
     ray = str(Path(sys.executable).with_name("ray"))
     gcs_port, dashboard_port = free_port(), free_port()
     temp_dir = tmp_path_factory.mktemp("ray-head")
-    subprocess.run(
-        [
-            ray,
-            "start",
-            "--head",
-            f"--port={gcs_port}",
-            "--num-cpus=2",
-            "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard_port}",
-            f"--temp-dir={temp_dir}",
-            "--disable-usage-stats",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=180,
+    head = subprocess.Popen(
+        [ray, "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=2", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dir}",
+         "--disable-usage-stats"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        # Ray turns token auth on by itself when ~/.ray/auth_token exists; pin it off so that the
+        # head and this test's JobSubmissionClient agree on every machine.
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
     )
+    address = f"http://127.0.0.1:{dashboard_port}"
     try:
-        yield f"http://127.0.0.1:{dashboard_port}"
+        deadline = time.monotonic() + 180
+        while True:
+            assert head.poll() is None, "ray start --head exited"
+            assert time.monotonic() < deadline, "the Ray dashboard did not come up within 180 s"
+            try:
+                if requests.get(f"{address}/api/version", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(1)
+        yield address
     finally:
-        subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
+        # A throwaway head: SIGKILL to the group takes GCS, raylet, dashboard and workers down at once
+        # (`ray start --block` answers SIGTERM only after a long grace period).
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
 
 
 def submit_and_wait(address: str, entrypoint: str) -> str:
@@ -65,6 +78,14 @@ def submit_and_wait(address: str, entrypoint: str) -> str:
     return logs
 
 
+def result_line(logs: str) -> dict:
+    """The entrypoint's JSON result: its last stdout line (Ray may log more lines after it)."""
+    for line in reversed(logs.splitlines()):
+        if line.startswith('{"stage"'):
+            return dict(json.loads(line))
+    raise AssertionError(f"no result line in the job's logs:\n{logs[-3000:]}")
+
+
 def test_data_then_pretrain_jobs_run_the_stage_functions(ray_head: str, tmp_path: Path) -> None:
     manifest = tmp_path / "pipeline.yaml"
     manifest.write_text(yaml.safe_dump(small_manifest("jobs", pretrain=TINY_PRETRAIN)))
@@ -72,12 +93,12 @@ def test_data_then_pretrain_jobs_run_the_stage_functions(ray_head: str, tmp_path
     common = f"--manifest {manifest} --workdir {workdir}"
 
     logs = submit_and_wait(ray_head, f"{sys.executable} jobs/data.py {common}")
-    data = json.loads(logs.strip().splitlines()[-1])
+    data = result_line(logs)
     assert data["stage"] == "data"
     assert (Path(data["directory"]) / "tokenizer" / "tokenizer.json").is_file()
 
     logs = submit_and_wait(ray_head, f"{sys.executable} jobs/pretrain.py {common}")
-    pretrain = json.loads(logs.strip().splitlines()[-1])
+    pretrain = result_line(logs)
     result = json.loads((Path(pretrain["directory"]) / "result.json").read_text())
     assert result["final_step"] == 12
     assert (Path(pretrain["directory"]) / result["model_dir"] / "config.json").is_file()

@@ -164,7 +164,10 @@ def run(spec: PretrainSpec, ctx: StageContext) -> dict[str, Any]:
                     fit = trainer.fit()
                 except ray.train.TrainingFailedError as exc:
                     raise StageError(
-                        STAGE, f"training failed after spec.pretrain.max_failures={spec.max_failures} retries: {exc}"
+                        STAGE,
+                        f"training failed after spec.pretrain.max_failures={spec.max_failures} retries: {exc}; "
+                        "rerun to resume from the last checkpoint",
+                        resumable=True,
                     ) from exc
     finally:
         ray.kill(hub)
