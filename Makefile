@@ -15,7 +15,7 @@ demo: install
 test: install-test
 	$(BIN)/ruff check platform operators jobs tests benchmarks
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -m "not gpu and not cluster" --timeout=1200 -ra $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --timeout=1200 -ra $(PYTEST_ARGS)
 
 lint: install-test
 	$(BIN)/ruff check platform operators jobs tests benchmarks

@@ -30,11 +30,14 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     `ray stop` would also stop every other Ray runtime of this user, the test session's included.
     """
     ray = str(Path(sys.executable).with_name("ray"))
-    gcs_port, dashboard_port = free_port(), free_port()
+    gcs_port, dashboard_port, agent_port = free_port(), free_port(), free_port()
     temp_dir = tmp_path_factory.mktemp("ray-head")
     head = subprocess.Popen(
         [ray, "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=2", "--include-dashboard=true",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dir}",
+         # The agent's default port (52365) is taken when another Ray runtime runs on this machine,
+         # such as the test session's own: the head would then never accept a job.
+         f"--dashboard-agent-listen-port={agent_port}",
          "--disable-usage-stats"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         # Ray turns token auth on by itself when ~/.ray/auth_token exists; pin it off so that the
@@ -64,11 +67,21 @@ def submit_and_wait(address: str, entrypoint: str) -> str:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(address)
-    job_id = client.submit_job(
-        entrypoint=entrypoint,
-        # The repository travels as the job's working directory, as in the entrypoints' docstrings.
-        runtime_env={"working_dir": str(REPO), "excludes": [".venv", ".kubeforge", ".git", "*.egg-info"]},
-    )
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            job_id = client.submit_job(
+                entrypoint=entrypoint,
+                # The repository travels as the job's working directory, as in the entrypoints' docstrings.
+                runtime_env={"working_dir": str(REPO), "excludes": [".venv", ".kubeforge", ".git", "*.egg-info"]},
+            )
+            break
+        except RuntimeError as exc:
+            # A fresh head accepts jobs only once its node's dashboard agent has registered, which
+            # takes a while on a loaded machine; Ray says "No available agent ... try again later".
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
     deadline = time.monotonic() + 600
     while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
         assert time.monotonic() < deadline, "job did not finish in 10 minutes"
