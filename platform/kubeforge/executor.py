@@ -93,6 +93,11 @@ def ensure_ray(address: str | None, num_cpus: int | None) -> None:
     # Runs are often offline (laptops, air-gapped clusters): do not try to phone home.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = address or os.environ.get("RAY_ADDRESS")
+    if address and num_cpus:
+        raise KubeForgeError(
+            f"--num-cpus sizes a local Ray runtime, but this run joins the cluster at {address} "
+            "(--ray-address or RAY_ADDRESS); drop one of them"
+        )
     common: dict[str, Any] = {"logging_level": logging.WARNING, "configure_logging": True}
     if address:
         ray.init(address=address, **common)

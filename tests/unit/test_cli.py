@@ -82,3 +82,13 @@ def test_status_of_an_empty_workdir(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["status", "--workdir", str(tmp_path)])
     assert result.exit_code == 0
     assert "no runs" in result.output
+
+
+def test_num_cpus_with_a_cluster_address_is_refused(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main,
+        ["run", str(EXAMPLES / "quickstart.yaml"), "--workdir", str(tmp_path), "--no-metrics",
+         "--num-cpus", "2", "--ray-address", "127.0.0.1:6379"],
+    )
+    assert result.exit_code == 1
+    assert "--num-cpus sizes a local Ray runtime, but this run joins the cluster at 127.0.0.1:6379" in result.output
