@@ -10,6 +10,10 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 
+# The session-wide tiny language model (data + pretrain) that the fine-tuning, tuning and evaluation
+# tests share: building it once instead of per module keeps the suite within its time budget.
+pytest_plugins = ["tests.stage_fixtures"]
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     has_cuda = _has_cuda()

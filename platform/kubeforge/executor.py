@@ -35,13 +35,16 @@ class StageDef:
     name: str
     module: str
     """Module with `run(section, context) -> dict`, imported only when the stage runs."""
-    deps: tuple[str, ...]
     section: Callable[[ModelPipeline], Any]
 
 
+# Which stages a manifest has, their order and their inputs: ModelPipeline.stage_names/stage_deps.
 STAGES: dict[str, StageDef] = {
-    "data": StageDef("data", "kubeforge.data.stage", (), lambda p: p.spec.data),
-    "pretrain": StageDef("pretrain", "kubeforge.train.stage", ("data",), lambda p: p.spec.pretrain),
+    "data": StageDef("data", "kubeforge.data.stage", lambda p: p.spec.data),
+    "pretrain": StageDef("pretrain", "kubeforge.train.stage", lambda p: p.spec.pretrain),
+    "tune": StageDef("tune", "kubeforge.tune.stage", lambda p: p.spec.tune),
+    "finetune": StageDef("finetune", "kubeforge.finetune.stage", lambda p: p.spec.finetune),
+    "evaluate": StageDef("evaluate", "kubeforge.evaluate.stage", lambda p: p.spec.evaluate),
 }
 
 
@@ -77,10 +80,11 @@ def plan(pipeline: ModelPipeline, base_dir: Path) -> list[PlannedStage]:
     planned = []
     for name in pipeline.stage_names():
         definition = STAGES[name]
+        deps = pipeline.stage_deps(name)
         section = definition.section(pipeline).model_dump(mode="json")
         extra = source_fingerprint(pipeline.spec.data, base_dir) if name == "data" else None
-        keys[name] = stage_key(name, section, {dep: keys[dep] for dep in definition.deps}, extra)
-        planned.append(PlannedStage(name, keys[name], definition.deps))
+        keys[name] = stage_key(name, section, {dep: keys[dep] for dep in deps}, extra)
+        planned.append(PlannedStage(name, keys[name], deps))
     return planned
 
 
@@ -88,16 +92,17 @@ def ensure_ray(address: str | None, num_cpus: int | None) -> None:
     """Connect to the Ray cluster at `address`/RAY_ADDRESS, or start a local one for this run."""
     import ray
 
-    if ray.is_initialized():
-        return
-    # Runs are often offline (laptops, air-gapped clusters): do not try to phone home.
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Checked before anything else so a conflicting pair is refused even when Ray is already up.
     address = address or os.environ.get("RAY_ADDRESS")
     if address and num_cpus:
         raise KubeForgeError(
             f"--num-cpus sizes a local Ray runtime, but this run joins the cluster at {address} "
             "(--ray-address or RAY_ADDRESS); drop one of them"
         )
+    if ray.is_initialized():
+        return
+    # Runs are often offline (laptops, air-gapped clusters): do not try to phone home.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     common: dict[str, Any] = {"logging_level": logging.WARNING, "configure_logging": True}
     if address:
         ray.init(address=address, **common)
@@ -194,6 +199,18 @@ def run_stage(pipeline: ModelPipeline, stage_name: str, options: RunOptions, rep
         options.workdir.save_run(record)
 
 
+def stage_section(pipeline: ModelPipeline, stage: str, inputs: dict[str, StageOutput], reporter: Reporter) -> Any:
+    """The stage's manifest section, with the tune stage's best configuration applied when it asks for it."""
+    from kubeforge.spec.tune import apply_overrides
+
+    section = STAGES[stage].section(pipeline)
+    if getattr(section, "hyperparameters_from", None) != "tune":
+        return section
+    best = inputs["tune"].result["best_config"]
+    reporter.log(f"stage {stage}: using the tune stage's best configuration {best}")
+    return apply_overrides(section, best)
+
+
 def execute_stage(
     pipeline: ModelPipeline,
     stage: PlannedStage,
@@ -251,7 +268,7 @@ def execute_stage(
     )
     started = time.monotonic()
     try:
-        result = module.run(STAGES[stage.name].section(pipeline), context)
+        result = module.run(stage_section(pipeline, stage.name, inputs, reporter), context)
     except BaseException as exc:
         stage_record.state = "failed"
         stage_record.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -1,9 +1,12 @@
 """The manifest models (pydantic): the one source of truth for CLI, executor, jobs and CRDs."""
 
 from kubeforge.spec.data import DataSpec, FilesSource, StdlibSource
+from kubeforge.spec.evaluate import EvaluateSpec
+from kubeforge.spec.finetune import FinetuneSpec
 from kubeforge.spec.load import load_manifest, parse_manifest, resolve_source_paths
 from kubeforge.spec.pipeline import API_VERSION, ModelPipeline
 from kubeforge.spec.pretrain import PretrainSpec
+from kubeforge.spec.tune import TuneSpec
 
 
 def json_schema() -> dict:
@@ -14,10 +17,13 @@ def json_schema() -> dict:
 __all__ = [
     "API_VERSION",
     "DataSpec",
+    "EvaluateSpec",
     "FilesSource",
+    "FinetuneSpec",
     "ModelPipeline",
     "PretrainSpec",
     "StdlibSource",
+    "TuneSpec",
     "json_schema",
     "load_manifest",
     "parse_manifest",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import glob
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -174,11 +175,11 @@ def _clean_location(loc: Iterable[int | str]) -> list[int | str]:
 
 
 def _split_cross_field(loc: list[int | str], message: str) -> tuple[list[int | str], str]:
-    """A model validator that names a field as `a.b: ...` reports under spec.a.b, not under its model."""
+    """A model validator that starts its message with a field path (`a.b: ...`, relative to the model it
+    validates) reports under that field, not under the model: the user learns which field to change."""
     head, sep, rest = message.partition(": ")
-    if sep and " " not in head and "." in head:
-        prefix = loc[: loc.index("spec") + 1] if "spec" in loc else []
-        return [*prefix, *head.split(".")], rest
+    if sep and re.fullmatch(r"[A-Za-z_][\w.]*", head):
+        return [*loc, *head.split(".")], rest
     return loc, message
 
 

@@ -8,7 +8,10 @@ from pydantic import Field, model_validator
 
 from kubeforge.spec.base import StrictModel
 from kubeforge.spec.data import DataSpec
+from kubeforge.spec.evaluate import EvaluateSpec
+from kubeforge.spec.finetune import FinetuneSpec
 from kubeforge.spec.pretrain import PretrainSpec
+from kubeforge.spec.tune import REPORTED_METRICS, TuneSpec, field_paths
 
 API_VERSION = "kubeforge.io/v1alpha1"
 
@@ -31,17 +34,68 @@ class Metadata(StrictModel):
 class PipelineSpec(StrictModel):
     data: DataSpec
     pretrain: PretrainSpec | None = None
+    tune: TuneSpec | None = None
+    finetune: FinetuneSpec | None = None
+    evaluate: EvaluateSpec | None = None
 
+    # Checks that span sections are raised from here (not from the sections) because the limit lives
+    # in another section; each message starts with the path of the field to change, which the error
+    # formatter turns into the reported location.
     @model_validator(mode="after")
     def _sequences_fit_the_model(self) -> PipelineSpec:
         if self.pretrain is not None:
             seq_len = self.data.packing.seq_len
             limit = self.pretrain.model.max_position_embeddings
             if seq_len > limit:
-                # Raised from here (not from DataSpec) because the limit lives in another section;
-                # the formatter turns the path prefix into the field the user must change.
                 raise ValueError(
                     f"data.packing.seq_len: must be <= pretrain.model.max_position_embeddings ({limit}) (got {seq_len})"
+                )
+            finetune = self.finetune
+            if finetune is not None and finetune.base_model is None and finetune.max_length > limit:
+                raise ValueError(
+                    f"finetune.max_length: must be <= pretrain.model.max_position_embeddings ({limit}) "
+                    f"(got {finetune.max_length})"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _stages_have_their_inputs(self) -> PipelineSpec:
+        if self.finetune is not None and self.finetune.base_model is None and self.pretrain is None:
+            raise ValueError("finetune.base_model: set a model folder, or add a pretrain section to train one")
+        if self.evaluate is not None and self.pretrain is None and self.finetune is None:
+            raise ValueError("evaluate: needs a model to score; add a pretrain or finetune section")
+        return self
+
+    @model_validator(mode="after")
+    def _search_fits_its_target(self) -> PipelineSpec:
+        for name in ("pretrain", "finetune"):
+            section = getattr(self, name)
+            if section is not None and section.hyperparameters_from == "tune":
+                if self.tune is None:
+                    raise ValueError(f"{name}.hyperparameters_from: there is no tune section to take them from")
+                if self.tune.target != name:
+                    raise ValueError(
+                        f"{name}.hyperparameters_from: the tune section searches '{self.tune.target}', not '{name}'"
+                    )
+        tune = self.tune
+        if tune is None:
+            return self
+        target = getattr(self, tune.target)
+        if target is None:
+            raise ValueError(f"tune.target: the manifest has no {tune.target} section to search over")
+        settable = field_paths(type(target))
+        for path in tune.search_space:
+            if path not in settable:
+                raise ValueError(
+                    f"tune.search_space.{path}: not a setting of spec.{tune.target} "
+                    f"(settable: {', '.join(settable)})"
+                )
+        key = tune.target if tune.target == "pretrain" else f"finetune:{target.objective}"
+        for metric in tune.metrics:
+            if metric not in REPORTED_METRICS[key]:
+                raise ValueError(
+                    f"tune.metric: no stage reports '{metric}'; {key.replace(':', ' with objective ')} reports "
+                    f"{', '.join(REPORTED_METRICS[key])}"
                 )
         return self
 
@@ -56,7 +110,35 @@ class ModelPipeline(StrictModel):
 
     def stage_names(self) -> list[str]:
         """Stages this manifest asks for, in execution order."""
+        spec = self.spec
         names = ["data"]
-        if self.spec.pretrain is not None:
+        if spec.tune is not None and spec.tune.target == "pretrain":
+            names.append("tune")
+        if spec.pretrain is not None:
             names.append("pretrain")
+        if spec.tune is not None and spec.tune.target == "finetune":
+            names.append("tune")
+        for name in ("finetune", "evaluate"):
+            if getattr(spec, name) is not None:
+                names.append(name)
         return names
+
+    def stage_deps(self, name: str) -> tuple[str, ...]:
+        """The stages whose outputs `name` reads; all of them come earlier in `stage_names()`."""
+        spec = self.spec
+        present = set(self.stage_names())
+        wanted: tuple[str, ...]
+        if name == "data":
+            return ()
+        if name == "pretrain":
+            wanted = ("data", "tune") if spec.pretrain and spec.pretrain.hyperparameters_from else ("data",)
+        elif name == "tune":
+            wanted = ("data",) if spec.tune and spec.tune.target == "pretrain" else ("data", "pretrain")
+        elif name == "finetune":
+            wanted = ("data", "pretrain", "tune") if spec.finetune and spec.finetune.hyperparameters_from else (
+                "data", "pretrain")
+        elif name == "evaluate":
+            wanted = ("data", "pretrain", "finetune")
+        else:
+            raise KeyError(name)
+        return tuple(d for d in wanted if d in present)

@@ -89,6 +89,8 @@ class MLMSettings(StrictModel):
 class PretrainSpec(StrictModel):
     """The pretraining stage: Ray Train `TorchTrainer` over the packed shards of the data stage."""
 
+    hyperparameters_from: Literal["tune"] | None = None
+    """Take the best configuration of the `tune` stage (which must target `pretrain`) over these settings."""
     objective: Literal["causal", "mlm"] = "causal"
     """`causal`: Llama architecture, next-token prediction. `mlm`: BERT, masked language modelling."""
     model: ModelArchitecture = ModelArchitecture()

@@ -11,9 +11,8 @@ import contextlib
 import json
 import math
 import random
-import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import torch
 from kubeforge.spec.pretrain import PretrainSpec
 from kubeforge.train.model import build_model, count_parameters
 from kubeforge.train.schedule import build_scheduler
+from kubeforge.train.session import RayTrainSession, Session, TuneSession, checkpoint_dir
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -386,22 +386,19 @@ def train_step(
     return sum(losses) / len(losses)
 
 
-@contextlib.contextmanager
-def _checkpoint_dir() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="kubeforge-ckpt-") as tmp:
-        yield Path(tmp)
+def make_session(config: Mapping[str, Any], use_gpu: bool) -> Session:
+    """`config["session"] == "tune"` inside a Tune trial (kubeforge.tune); a Ray Train worker otherwise."""
+    if config.get("session") == "tune":
+        return TuneSession(use_gpu)
+    return RayTrainSession(config.get("hub"))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point; `config` is built by `kubeforge.train.stage`."""
-    import ray.train
-    import ray.train.torch
-
+    """Ray Train worker (or Tune trial) entry point; `config` is built by `kubeforge.train.stage`."""
     spec = PretrainSpec.model_validate(config["spec"])
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    hub = config["hub"]
-    device = ray.train.torch.get_device()
+    session = make_session(config, spec.resources.use_gpu)
+    rank, world_size = session.rank, session.world_size
+    device = session.device
     bf16 = resolve_bf16(spec.train.precision, device)
     special_tokens: dict[str, int | None] = config["special_tokens"]
     vocab_size: int = config["vocab_size"]
@@ -413,25 +410,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # Non-reentrant checkpointing works with DDP's hooks and with inputs that need no grad.
         hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     hf_model.config.use_cache = False
-    model = ray.train.torch.prepare_model(hf_model, parallel_strategy=spec.strategy)
+    model = session.prepare_model(hf_model, spec.strategy)
     optimizer = build_optimizer(model, spec)
     scheduler = build_scheduler(optimizer, spec.train)
 
     start_step, resumed_from, tokens_seen = 0, 0, 0
     initial: dict[str, float] = {}
-    checkpoint = ray.train.get_checkpoint()
     restored: dict[str, Any] | None = None
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            restored = load_state(Path(directory), model, optimizer, scheduler, rank)
-    elif config.get("fallback_checkpoint"):
+    with session.restored_checkpoint() as directory:
+        if directory is not None:
+            restored = load_state(directory, model, optimizer, scheduler, rank)
+    if restored is None and config.get("fallback_checkpoint"):
         restored = load_state(Path(config["fallback_checkpoint"]), model, optimizer, scheduler, rank)
     if restored is not None:
         start_step = resumed_from = int(restored["step"])
         tokens_seen = int(restored.get("tokens_seen", 0))
         initial = {k: float(restored[k]) for k in ("initial_val_loss", "initial_val_perplexity") if k in restored}
         if rank == 0:
-            hub.push.remote({"event": "restored", "step": start_step})
+            session.push({"event": "restored", "step": start_step})
 
     train_shards = TokenShards(config["train_files"])
     sampler = RankSampler(len(train_shards), rank, world_size, spec.train.seed)
@@ -447,8 +443,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     eval_seed = spec.train.seed + 7919 * (rank + 1)
 
     def push_eval(step: int, loss: float, perplexity: float) -> None:
+        evaluation = {"step": step, "val_loss": loss, "val_perplexity": perplexity}
         if rank == 0:
-            hub.push.remote({"event": "eval", "step": step, "val_loss": loss, "val_perplexity": perplexity})
+            session.push({"event": "eval", **evaluation})
+        session.report_eval(evaluation)
 
     if not initial:
         loss, perplexity = evaluate(model, val_batches, batcher, device, bf16, eval_seed)
@@ -481,7 +479,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         }
         if peak is not None:
             message["mfu"] = 6 * num_parameters * tokens_per_second / peak
-        hub.push.remote(message)
+        session.push(message)
 
         final = step == spec.train.max_steps
         if step % spec.eval.every_steps == 0 or final:
@@ -490,12 +488,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             push_eval(step, loss, perplexity)
         if step % spec.checkpoint.every_steps == 0 and not final:
             extra = {"tokens_seen": tokens_seen, **initial}
-            with _checkpoint_dir() as directory:
+            with checkpoint_dir() as directory:
                 save_state(directory, model, optimizer, scheduler, step, rank, extra)
-                ray.train.report(
+                session.report(
                     {"step": step, "train_loss": train_loss, "resumed_from_step": resumed_from},
-                    checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
-                    checkpoint_dir_name=f"checkpoint_{step:08d}",
+                    directory,
+                    f"checkpoint_{step:08d}",
                 )
 
     if last_eval is None:
@@ -512,16 +510,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "num_parameters": num_parameters, **initial,
     }
     extra = {"tokens_seen": tokens_seen, **initial}
-    with _checkpoint_dir() as directory:
+    with checkpoint_dir() as directory:
         save_state(directory, model, optimizer, scheduler, step, rank, extra)
         if rank == 0:
             _save_pretrained(spec, config, directory / MODEL_SUBDIR, model)
         # A unique name: a rerun of a finished run reports its final checkpoint once more.
-        ray.train.report(
-            metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
-            checkpoint_dir_name=f"checkpoint_{step:08d}_final_{time.strftime('%Y%m%d-%H%M%S')}",
-        )
+        session.report(metrics, directory, f"checkpoint_{step:08d}_final_{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def _save_pretrained(spec: PretrainSpec, config: Mapping[str, Any], target: Path, model: torch.nn.Module) -> None:
