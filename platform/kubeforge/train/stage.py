@@ -89,14 +89,11 @@ def _repair_snapshot(experiment_dir: Path, log: Any) -> None:
         snapshot.unlink()
 
 
-def run(spec: PretrainSpec, ctx: StageContext) -> dict[str, Any]:
-    import ray
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+def loop_config(spec: PretrainSpec, ctx: StageContext) -> dict[str, Any]:
+    """What `train_loop_per_worker` needs besides the session: the spec and the data stage's shards.
 
-    from kubeforge.train.hub import HubPoller, ProgressHub
-    from kubeforge.train.loop import MODEL_SUBDIR, train_loop_per_worker
-
+    The tune stage builds its trials' configs with this too (with a trial's spec and no checkpoint).
+    """
     if "data" not in ctx.inputs:
         raise StageError(STAGE, "needs the output of the data stage (spec.data)")
     data = ctx.inputs["data"]
@@ -114,6 +111,27 @@ def run(spec: PretrainSpec, ctx: StageContext) -> dict[str, Any]:
             f"spec.pretrain.model.max_position_embeddings: {spec.model.max_position_embeddings} is shorter than "
             f"the data stage's sequences ({seq_len} tokens)",
         )
+    return {
+        "spec": spec.model_dump(mode="json"),
+        "train_files": [str(f.resolve()) for f in train_files],
+        "validation_files": [str(f.resolve()) for f in validation_files],
+        "vocab_size": int(result["vocab_size"]),
+        "special_tokens": dict(result["special_tokens"]),
+    }
+
+
+def run(spec: PretrainSpec, ctx: StageContext) -> dict[str, Any]:
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from kubeforge.train.hub import HubPoller, ProgressHub
+    from kubeforge.train.loop import MODEL_SUBDIR, train_loop_per_worker
+
+    config = loop_config(spec, ctx)
+    data = ctx.inputs["data"]
+    result = data.result
+    seq_len = int(result["seq_len"])
 
     if not ray.is_initialized():
         # The executors normally start or join Ray; a direct call of the stage gets a local runtime.
@@ -129,15 +147,7 @@ def run(spec: PretrainSpec, ctx: StageContext) -> dict[str, Any]:
 
     ctx.tracker.log_params(spec.model_dump(mode="json"))
     hub = ProgressHub.remote()  # type: ignore[attr-defined]
-    config = {
-        "spec": spec.model_dump(mode="json"),
-        "train_files": [str(f.resolve()) for f in train_files],
-        "validation_files": [str(f.resolve()) for f in validation_files],
-        "vocab_size": int(result["vocab_size"]),
-        "special_tokens": dict(result["special_tokens"]),
-        "fallback_checkpoint": str(fallback[0]) if fallback else None,
-        "hub": hub,
-    }
+    config |= {"fallback_checkpoint": str(fallback[0]) if fallback else None, "hub": hub}
     res = spec.resources
     trainer = TorchTrainer(
         train_loop_per_worker,
