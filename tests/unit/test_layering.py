@@ -13,7 +13,10 @@ pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[2]
 CORE = REPO / "platform" / "kubeforge"
-HEAVY = {"torch", "ray", "vllm", "transformers", "tokenizers", "mlflow", "pandas", "matplotlib", "pyarrow", "numpy"}
+HEAVY = {
+    "torch", "ray", "vllm", "transformers", "tokenizers", "mlflow", "pandas", "matplotlib", "pyarrow", "numpy",
+    "peft", "optuna", "sacrebleu", "rouge_score",
+}
 # Modules on the path of `kubeforge --help` and `kubeforge validate`.
 LIGHT_MODULES = [
     "kubeforge.cli",
@@ -22,6 +25,9 @@ LIGHT_MODULES = [
     "kubeforge.workdir",
     "kubeforge.data",
     "kubeforge.train",
+    "kubeforge.tune",
+    "kubeforge.finetune",
+    "kubeforge.evaluate",
 ]
 
 
