@@ -36,6 +36,11 @@ class SpecError(KubeForgeError):
         self.source = source
         super().__init__("\n".join(str(p) for p in self.problems))
 
+    def __reduce__(self) -> tuple:
+        # Ray copies and pickles errors raised in workers and trials; the default rebuilds an
+        # exception from `args`, which do not match this constructor.
+        return (type(self), (self.problems, self.source))
+
 
 class StageError(KubeForgeError):
     """A stage could not do its work because of its input (an empty corpus, a bad line, too few CPUs).
@@ -46,5 +51,13 @@ class StageError(KubeForgeError):
 
     def __init__(self, stage: str, message: str, *, resumable: bool = False) -> None:
         self.stage = stage
+        self.message = message
         self.resumable = resumable
         super().__init__(f"stage {stage}: {message}")
+
+    def __reduce__(self) -> tuple:
+        return (_rebuild_stage_error, (self.stage, self.message, self.resumable))
+
+
+def _rebuild_stage_error(stage: str, message: str, resumable: bool) -> StageError:
+    return StageError(stage, message, resumable=resumable)

@@ -81,6 +81,27 @@ TRAIN_MFU = Gauge(
 )
 
 
+TUNE_TRIALS = Gauge(
+    "kubeforge_tune_trials",
+    "Trials of the hyper-parameter search by state (running, completed, early_stopped, failed).",
+    ["pipeline", "state"],
+    registry=REGISTRY,
+)
+TUNE_BEST_METRIC = Gauge(
+    "kubeforge_tune_best_metric",
+    "Best value of the searched metric among the trials that ran their full length so far.",
+    ["pipeline", "metric"],
+    registry=REGISTRY,
+)
+EVAL_METRIC = Gauge(
+    "kubeforge_eval_metric",
+    "Evaluation metric of a scored model (candidate, base or champion): perplexity, exact_match, bleu, "
+    "rouge_l, parse_rate, doctest_pass_rate.",
+    ["pipeline", "model", "metric"],
+    registry=REGISTRY,
+)
+
+
 def serve(port: int, addr: str = "127.0.0.1") -> None:
     """Expose REGISTRY on http://addr:port/metrics from a daemon thread."""
     start_http_server(port, addr=addr, registry=REGISTRY)

@@ -21,7 +21,6 @@ from kubeforge.context import StageContext, StageOutput
 from kubeforge.errors import StageError
 from kubeforge.progress import LineReporter
 from kubeforge.spec import parse_manifest
-from kubeforge.spec.data import DataSpec
 from kubeforge.spec.pretrain import PretrainSpec
 from kubeforge.tracking import Tracker, start_stage_run
 from kubeforge.workdir import Workdir
@@ -29,8 +28,7 @@ from kubeforge.workdir import Workdir
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-SEQ_LEN = 64
-# hidden 128 with 2 heads gives head_dim 64, which vLLM's CPU attention supports.
+# The spec of the killed-worker, killed-driver and MLM runs below (on the session's data stage).
 TINY_LLAMA: dict[str, Any] = {
     "model": {"hidden_size": 128, "num_layers": 2, "num_heads": 2, "max_position_embeddings": 128},
     "train": {"max_steps": 80, "batch_size": 8, "lr": 3e-3, "warmup_steps": 8},
@@ -41,18 +39,9 @@ TINY_LLAMA: dict[str, Any] = {
 
 
 @pytest.fixture(scope="module")
-def data_output(ray_local, tmp_path_factory: pytest.TempPathFactory) -> StageOutput:
-    """The real data stage over 80 standard-library files: a 512-token BPE and 64-token sequences."""
-    from kubeforge.data.stage import run as run_data
-
-    root = tmp_path_factory.mktemp("data")
-    ctx = _context(root, None, out_dir=root / "data", stage="data")
-    spec = DataSpec.model_validate({
-        "sources": [{"type": "python-stdlib", "max_files": 80}], "tokenizer": {"vocab_size": 512},
-        "packing": {"seq_len": SEQ_LEN},
-    })
-    result = run_data(spec, ctx)
-    return StageOutput(name="data", key="fixture", directory=ctx.out_dir, result=result, mlflow_run_id=None)
+def data_output(tiny_lm) -> StageOutput:
+    """The session's data stage (60 standard-library files, a 512-token BPE, 128-token sequences)."""
+    return tiny_lm.data
 
 
 def _context(
@@ -86,23 +75,18 @@ def _spec(**overrides: Any) -> PretrainSpec:
 
 
 @pytest.fixture(scope="module")
-def causal_run(ray_local, data_output: StageOutput, tmp_path_factory: pytest.TempPathFactory):
-    from kubeforge.train.stage import run
-
-    root = tmp_path_factory.mktemp("causal")
-    ctx = _context(root, data_output)
-    started = time.monotonic()
-    result = run(_spec(), ctx)
-    return ctx, result, time.monotonic() - started
+def causal_run(tiny_lm):
+    """The session's pretraining run (2 workers, 60 steps), shared with the fine-tuning tests."""
+    return tiny_lm.pretrain.directory, tiny_lm.pretrain.result, tiny_lm.pretrain.mlflow_run_id, tiny_lm.tracking_uri
 
 
 def test_two_workers_learn_and_write_a_loadable_model(causal_run) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    ctx, result, seconds = causal_run
-    print(f"causal run: {seconds:.1f}s, {json.dumps(result)}")
-    assert result["final_step"] == 80
+    out_dir, result, run_id, tracking_uri = causal_run
+    print(f"causal run: {json.dumps(result)}")
+    assert result["final_step"] == 60
     assert result["resumed_from_step"] == 0
     # Uniform guessing over 512 tokens is perplexity ~512; the model must get far below it and
     # clearly below where it started.
@@ -112,7 +96,7 @@ def test_two_workers_learn_and_write_a_loadable_model(causal_run) -> None:
     assert result["tokens_per_second"] > 0
     assert result["model_dir"] == "model"
 
-    model_dir = ctx.out_dir / result["model_dir"]
+    model_dir = out_dir / result["model_dir"]
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json"):
         assert (model_dir / name).is_file(), name
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
@@ -124,19 +108,19 @@ def test_two_workers_learn_and_write_a_loadable_model(causal_run) -> None:
         out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
     assert out.shape[1] == prompt["input_ids"].shape[1] + 8
 
-    client = MlflowClient(ctx.tracker.tracking_uri)
-    run = client.get_run(ctx.tracker.run_id)
-    assert run.data.params["train.max_steps"] == "80"
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    assert run.data.params["train.max_steps"] == "60"
     assert run.data.params["model.hidden_size"] == "128"
-    train_loss = client.get_metric_history(ctx.tracker.run_id, "train_loss")
-    assert sorted(m.step for m in train_loss) == list(range(1, 81))
-    val = {m.step: m.value for m in client.get_metric_history(ctx.tracker.run_id, "val_loss")}
-    assert sorted(val) == [0, 40, 80]
-    assert val[80] == pytest.approx(result["val_loss"])
-    assert {m.step for m in client.get_metric_history(ctx.tracker.run_id, "lr")} == set(range(1, 81))
-    assert client.get_metric_history(ctx.tracker.run_id, "tokens_per_second")
-    assert client.get_metric_history(ctx.tracker.run_id, "val_perplexity")
-    artifacts = {a.path for a in client.list_artifacts(ctx.tracker.run_id, "model")}
+    train_loss = client.get_metric_history(run_id, "train_loss")
+    assert sorted(m.step for m in train_loss) == list(range(1, 61))
+    val = {m.step: m.value for m in client.get_metric_history(run_id, "val_loss")}
+    assert sorted(val) == [0, 30, 60]
+    assert val[60] == pytest.approx(result["val_loss"])
+    assert {m.step for m in client.get_metric_history(run_id, "lr")} == set(range(1, 61))
+    assert client.get_metric_history(run_id, "tokens_per_second")
+    assert client.get_metric_history(run_id, "val_perplexity")
+    artifacts = {a.path for a in client.list_artifacts(run_id, "model")}
     assert "model/model.safetensors" in artifacts
 
 
@@ -172,7 +156,10 @@ def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(
     from kubeforge.train.stage import run
 
     ctx = _context(tmp_path, data_output)
-    spec = _spec(train={"max_steps": 40}, checkpoint={"every_steps": 10}, eval={"every_steps": 40}, max_failures=2)
+    spec = _spec(
+        train={"max_steps": 40, "batch_size": 4}, checkpoint={"every_steps": 10}, eval={"every_steps": 40},
+        max_failures=2,
+    )
     killed: list[int] = []
 
     def kill_one_worker() -> None:
@@ -217,7 +204,8 @@ def test_a_rerun_after_the_driver_was_killed_resumes_from_the_last_checkpoint(
     ctx = _context(tmp_path, data_output)
     # One worker: the point here is the driver's death, and fewer processes start faster on 2 cores.
     spec = _spec(
-        train={"max_steps": 30}, checkpoint={"every_steps": 10}, eval={"every_steps": 30}, resources={"workers": 1}
+        train={"max_steps": 30, "batch_size": 4}, checkpoint={"every_steps": 10}, eval={"every_steps": 30},
+        resources={"workers": 1},
     )
     arguments = tmp_path / "child.json"
     arguments.write_text(json.dumps({
@@ -254,7 +242,7 @@ def test_more_workers_than_cpus_fail_at_once_naming_the_field(
     started = time.monotonic()
     with pytest.raises(StageError, match=r"resources\.workers: 4 workers x 1 CPU need 4 CPUs but the Ray cluster has 2"):
         run(_spec(resources={"workers": 4}), ctx)
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 60  # refused up front, not after waiting for a placement group
     assert not (ctx.out_dir / "model").exists()
 
 
@@ -267,7 +255,7 @@ def test_mlm_objective_trains_bert_with_activation_checkpointing(ray_local, data
     spec = _spec(
         objective="mlm", mlm={"mask_probability": 0.2}, resources={"workers": 1},
         # Activation checkpointing recomputes the forward pass in backward: training must still converge.
-        train={"max_steps": 40, "warmup_steps": 4, "lr": 5e-3, "activation_checkpointing": True},
+        train={"max_steps": 40, "batch_size": 4, "warmup_steps": 4, "lr": 5e-3, "activation_checkpointing": True},
         eval={"every_steps": 40}, checkpoint={"every_steps": 40},
     )
     result = run(spec, ctx)
@@ -297,10 +285,10 @@ print("RESULT" + json.dumps({"text": out[0].outputs[0].text, "tokens": len(out[0
 
 @pytest.mark.slow
 def test_vllm_serves_the_causal_model(causal_run) -> None:
-    ctx, result, _ = causal_run
+    out_dir, result, _, _ = causal_run
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     proc = subprocess.run(
-        [sys.executable, "-c", VLLM_SCRIPT, str(ctx.out_dir / result["model_dir"])],
+        [sys.executable, "-c", VLLM_SCRIPT, str(out_dir / result["model_dir"])],
         capture_output=True, text=True, timeout=300, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]

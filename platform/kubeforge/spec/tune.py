@@ -35,6 +35,9 @@ class Dimension(StrictModel):
                 raise ValueError("a choice takes values, not low/high")
             if not self.values or len({repr(v) for v in self.values}) < 2:
                 raise ValueError(f"a choice needs at least two different values (got {self.values})")
+            # Optuna stores categorical choices as plain scalars (its journal and database storages too).
+            if not all(v is None or isinstance(v, bool | int | float | str) for v in self.values):
+                raise ValueError(f"choice values must be numbers, strings, booleans or null (got {self.values})")
             return self
         if self.values is not None:
             raise ValueError(f"a {self.type} dimension takes low and high, not values")

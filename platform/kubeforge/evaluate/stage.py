@@ -1,0 +1,518 @@
+"""`run(spec, ctx)`: score the candidate model against its base and the registered champion.
+
+* **candidate**: the fine-tuning stage's model (`kubeforge.finetune.load.load_for_inference`) when the
+  pipeline fine-tunes, else the pretraining stage's model;
+* **base**: the model the fine-tuning started from (`base_model_dir` of its result), with
+  `spec.compare_base` and a fine-tuning stage;
+* **champion**: the version behind the alias `champion` of the registered MLflow model
+  `spec.champion` (the pipeline's name by default). Its `source` is downloaded with
+  `mlflow.artifacts.download_artifacts` (a `runs:/`, `models:/`, `file://` or remote artifact URI, or a
+  local folder) into the stage folder (and removed once scored). It must hold a Hugging Face model
+  folder (`config.json` and weights; the tokenizer in the same folder or in another one under the
+  source), which is what the pretraining and fine-tuning stages log. No registered model or no alias
+  means no champion: logged, not an error.
+
+Every model is loaded, scored and released in turn (one in memory at a time):
+
+* perplexity over the first `perplexity_batches` batches of the data stage's `test` shards
+  (`validation` when the test split is empty), token-weighted with padding ignored, by the same
+  `Batcher` and `evaluate` the pretraining stage reports its validation perplexity with. Only for a
+  model whose tokenizer maps every token of the data stage's tokenizer to the same id; another
+  tokenizer makes the shards meaningless to it, so it is compared on generation only;
+* generation metrics on the first `max_examples` records of the fine-tuning task's test split, with
+  greedy decoding (see `kubeforge.evaluate.generation`), plus parse and doctest pass rates for the
+  built-in `python-docstrings` task (see `kubeforge.evaluate.doctests`). Without a fine-tuning stage
+  there is no task and so perplexity only.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubeforge.context import StageContext, StageOutput
+from kubeforge.errors import StageError
+from kubeforge.evaluate.compare import METRICS, comparison_rows, write_plots, write_table
+from kubeforge.evaluate.doctests import DoctestCase, network_isolation, run_doctests
+from kubeforge.evaluate.generation import body_parses, generate_texts, parse_rate, text_metrics
+from kubeforge.spec.evaluate import EvaluateSpec
+from kubeforge.spec.pretrain import PretrainSpec
+
+STAGE = "evaluate"
+CHAMPION_ALIAS = "champion"
+_EVAL_SEED = 1234  # MLM masks of the perplexity batches: the same targets for every model
+
+
+@dataclass
+class ModelSource:
+    """A model to score: its role in the comparison, where it comes from, and how to load it."""
+
+    name: str
+    """candidate | base | champion"""
+    location: str
+    load: Callable[[], tuple[Any, Any]]
+    """() -> (model, tokenizer)"""
+
+
+@dataclass
+class Task:
+    kind: str
+    """instruction | preference"""
+    name: str
+    records: list[dict[str, Any]]
+
+    @property
+    def is_code(self) -> bool:
+        """The built-in python-docstrings task: the answers are function bodies that can be run."""
+        return bool(self.records) and all("entry_point" in r for r in self.records)
+
+
+def _hf_loader(model_dir: Path, objective: str, tokenizer_dir: Path | None = None) -> Callable[[], tuple[Any, Any]]:
+    def load() -> tuple[Any, Any]:
+        from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+        auto = AutoModelForMaskedLM if objective == "mlm" else AutoModelForCausalLM
+        return auto.from_pretrained(str(model_dir)), AutoTokenizer.from_pretrained(str(tokenizer_dir or model_dir))
+
+    return load
+
+
+# ---------------------------------------------------------------------------------------------
+# what to score
+
+
+def _finetune_sources(spec: EvaluateSpec, finetune: StageOutput) -> list[ModelSource]:
+    result = finetune.result
+    # The merged model when there is one; prefix tuning leaves only the adapter (on the base model).
+    key = "model_dir" if result.get("model_dir") else "adapter_dir"
+    if not result.get(key):
+        raise StageError(
+            STAGE, f"the finetune stage's result in {finetune.directory} names no model_dir or adapter_dir"
+        )
+    if not (finetune.directory / result[key]).is_dir():
+        raise StageError(
+            STAGE,
+            f"the finetune stage's model folder {finetune.directory / result[key]} does not exist; "
+            "rerun the finetune stage",
+        )
+
+    def load_candidate() -> tuple[Any, Any]:
+        from kubeforge.finetune.load import load_for_inference
+
+        return load_for_inference(finetune.directory, result, device="cpu")
+
+    location = finetune.directory / result[key]
+    sources = [ModelSource("candidate", str(location), load_candidate)]
+    if spec.compare_base:
+        base = result.get("base_model_dir")
+        if not base or not Path(base).is_dir():
+            raise StageError(
+                STAGE,
+                f"the finetune stage's base model folder {base!r} does not exist; restore it, or set "
+                "spec.evaluate.compare_base: false",
+            )
+        sources.append(ModelSource("base", str(base), _hf_loader(Path(base), "causal")))
+    return sources
+
+
+def _find_model_folder(root: Path) -> tuple[Path, Path] | None:
+    """(model folder, tokenizer folder) of a downloaded Hugging Face model, the shallowest ones."""
+
+    def depth(p: Path) -> int:
+        return len(p.relative_to(root).parts)
+
+    weights = ("*.safetensors", "pytorch_model*.bin")
+    models = sorted(
+        (c.parent for c in root.rglob("config.json") if any(any(c.parent.glob(w)) for w in weights)), key=depth
+    )
+    if not models:
+        return None
+    model_dir = models[0]
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (model_dir / name).is_file():
+            return model_dir, model_dir
+    tokenizers = sorted({c.parent for n in ("tokenizer.json", "tokenizer_config.json") for c in root.rglob(n)},
+                        key=depth)
+    return (model_dir, tokenizers[0]) if tokenizers else None
+
+
+def _champion_source(spec: EvaluateSpec, ctx: StageContext, objective: str) -> tuple[ModelSource, str] | None:
+    """The registered champion, downloaded into the stage folder, or None when there is none yet."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    name = spec.champion or ctx.pipeline_name
+    try:
+        version = ctx.tracker.client.get_model_version_by_alias(name, CHAMPION_ALIAS)
+    except MlflowException as exc:
+        # MLflow answers RESOURCE_DOES_NOT_EXIST for a missing model, INVALID_PARAMETER_VALUE for a missing alias.
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            ctx.reporter.log(f"{STAGE}: no champion to compare with (registered model '{name}': {exc.message})")
+            return None
+        raise StageError(STAGE, f"could not read registered model '{name}' from MLflow: {exc.message}") from exc
+    target = ctx.out_dir / "champion" / f"v{version.version}"
+    if target.exists():
+        shutil.rmtree(target)  # left by an interrupted attempt: download afresh
+    target.mkdir(parents=True)
+    try:
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=version.source, dst_path=str(target), tracking_uri=ctx.tracker.tracking_uri
+            )
+        )
+    except (MlflowException, OSError) as exc:
+        raise StageError(
+            STAGE, f"could not download champion '{name}' version {version.version} from {version.source}: {exc}"
+        ) from exc
+    found = _find_model_folder(local if local.is_dir() else target)
+    if found is None:
+        raise StageError(
+            STAGE,
+            f"champion '{name}' version {version.version} ({version.source}) holds no Hugging Face model folder "
+            "(config.json, weights and a tokenizer); register a model folder, or set spec.evaluate.champion",
+        )
+    model_dir, tokenizer_dir = found
+    ctx.reporter.log(f"{STAGE}: champion is '{name}' version {version.version} ({version.source})")
+    loader = _hf_loader(model_dir, objective, tokenizer_dir)
+    source = ModelSource("champion", f"models:/{name}@{CHAMPION_ALIAS}", loader)
+    return source, str(version.version)
+
+
+def _task(ctx: StageContext, finetune: StageOutput | None, spec: EvaluateSpec) -> Task | None:
+    if finetune is None:
+        return None
+    from kubeforge.finetune.tasks import read_split
+
+    result = finetune.result
+    task_dir = finetune.directory / str(result.get("task_dir") or "task")
+    records = read_split(task_dir, "test")
+    section = ctx.pipeline.spec.finetune
+    if not records:
+        fraction = f" (now {section.task.test_fraction})" if section is not None else ""
+        raise StageError(
+            STAGE,
+            f"the fine-tuning task's test split ({task_dir / 'test.jsonl'}) is empty; raise "
+            f"spec.finetune.task.test_fraction{fraction} so that some examples are held out",
+        )
+    kind = "preference" if result.get("objective") == "dpo" else "instruction"
+    name = "unknown"
+    if section is not None:
+        name = section.task.builtin or section.task.path or name
+    return Task(kind, str(name), records[: spec.max_examples])
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring
+
+
+def _reference(record: dict[str, Any]) -> str:
+    return str(record["chosen"] if "chosen" in record else record["output"])
+
+
+def _function_header(record: dict[str, Any]) -> str:
+    """Signature and docstring the generated body continues: `input`, or a preference record's prompt
+    after the instruction (the built-in task's prompt is the instruction, a blank line, the header)."""
+    if record.get("input"):
+        return str(record["input"])
+    return str(record.get("prompt", "")).split("\n\n", 1)[-1]
+
+
+def _doctest_case(record: dict[str, Any], body: str) -> DoctestCase:
+    return DoctestCase(
+        source=_function_header(record) + body,
+        entry_point=str(record["entry_point"]),
+        module=record.get("module"),
+        qualname=record.get("qualname"),
+    )
+
+
+def _shares_vocabulary(model: Any, tokenizer: Any, data_vocab: dict[str, int]) -> bool:
+    """Every token of the data stage's tokenizer has the same id here, and the model has room for it."""
+    vocab = tokenizer.get_vocab()
+    if any(vocab.get(token) != index for token, index in data_vocab.items()):
+        return False
+    return int(model.get_input_embeddings().num_embeddings) >= max(data_vocab.values()) + 1
+
+
+def _perplexity_batches(data: StageOutput, spec: EvaluateSpec, log: Callable[[str], None]) -> tuple[list[Any], str]:
+    from kubeforge.train.loop import TokenShards, validation_batches
+
+    shards_by_split = data.result.get("shards", {})
+    for split in ("test", "validation"):
+        files = [data.directory / p for p in shards_by_split.get(split, [])]
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise StageError(STAGE, f"the data stage's {split} shard {missing[0]} does not exist; rerun the data stage")
+        shards = TokenShards(files)
+        if len(shards):
+            if split != "test":
+                log(f"{STAGE}: the data stage's test split is empty; perplexity is measured on '{split}'")
+            return validation_batches(shards, 0, 1, spec.batch_size, spec.perplexity_batches), split
+    log(f"{STAGE}: the data stage has no test or validation sequences; no perplexity")
+    return [], ""
+
+
+@dataclass
+class Scored:
+    metrics: dict[str, float | None]
+    prompts: list[str]
+    generations: list[str]
+    parses: list[bool]
+    doctest_passed: list[bool | None]
+
+
+def _score(
+    source: ModelSource,
+    spec: EvaluateSpec,
+    ctx: StageContext,
+    *,
+    device: str,
+    objective: str,
+    batches: list[Any],
+    data: StageOutput,
+    data_vocab: dict[str, int],
+    task: Task | None,
+    reference_passes: list[bool | None],
+) -> Scored:
+    import torch
+
+    from kubeforge.train.loop import Batcher, evaluate
+
+    log = ctx.reporter.log
+    model, tokenizer = source.load()
+    model.to(device)
+    model.eval()
+    metrics: dict[str, float | None] = dict.fromkeys(METRICS)
+    metrics["loss"] = None
+    scored = Scored(metrics, [], [], [], [])
+    examples = len(task.records) if task is not None and objective == "causal" else 0
+    with ctx.reporter.task(f"{STAGE}: {source.name}", total=len(batches) + examples) as bar:
+        if batches and _shares_vocabulary(model, tokenizer, data_vocab):
+            pretrain = ctx.pipeline.spec.pretrain
+            # The pretraining spec carries the MLM masking settings; without one the defaults serve.
+            if pretrain is not None and pretrain.objective == objective:
+                batcher_spec = pretrain
+            else:
+                batcher_spec = PretrainSpec.model_validate({"objective": objective})
+            batcher = Batcher(batcher_spec, int(data.result["vocab_size"]), dict(data.result["special_tokens"]))
+            loss, perplexity = evaluate(model, batches, batcher, torch.device(device), False, _EVAL_SEED)
+            model.eval()  # `evaluate` leaves the model in training mode for the training loop
+            metrics["loss"], metrics["perplexity"] = loss, perplexity
+        elif batches:
+            log(f"{STAGE}: {source.name} ({source.location}) has another tokenizer than the data stage; "
+                "it is compared on generation only")
+        bar.update(len(batches))
+        if examples and task is not None:
+            from kubeforge.finetune.tasks import prompt_text
+
+            scored.prompts = [prompt_text(record, tokenizer) for record in task.records]
+            max_new, max_prompt = _generation_budget(model, spec.max_new_tokens, source.name, log)
+            done = [len(batches)]
+
+            def advance(count: int) -> None:
+                done[0] += count
+                bar.update(done[0])
+
+            scored.generations = generate_texts(
+                model, tokenizer, scored.prompts, max_new_tokens=max_new, batch_size=spec.batch_size, device=device,
+                max_prompt_tokens=max_prompt, on_batch=advance,
+            )
+            metrics.update(text_metrics(scored.generations, [_reference(r) for r in task.records]))
+            if task.is_code:
+                headers = [_function_header(r) for r in task.records]
+                metrics["parse_rate"] = parse_rate(headers, scored.generations)
+                scored.parses = [body_parses(h, g) for h, g in zip(headers, scored.generations, strict=True)]
+                scored.doctest_passed, metrics["doctest_pass_rate"] = _doctest_pass(
+                    task, scored.generations, reference_passes, spec
+                )
+    del model
+    gc.collect()
+    return scored
+
+
+def _generation_budget(
+    model: Any, max_new_tokens: int, name: str, log: Callable[[str], None]
+) -> tuple[int, int | None]:
+    """(new tokens, prompt tokens) that fit the model's context: prompt plus answer must fit it."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not limit:
+        return max_new_tokens, None
+    limit = int(limit)
+    if max_new_tokens > limit // 2:
+        log(f"{STAGE}: {name} has a context of {limit} tokens; generating at most {limit // 2} new tokens "
+            f"instead of spec.evaluate.max_new_tokens={max_new_tokens}")
+        max_new_tokens = limit // 2
+    return max_new_tokens, limit - max_new_tokens
+
+
+def _reference_doctests(task: Task | None, spec: EvaluateSpec) -> list[bool | None]:
+    """Per record: does its reference function pass its own doctests (None: it has none to run)?
+
+    Only those that do count towards `doctest_pass_rate`: a reference that fails in this sandbox (it
+    needs files, the network, a method's class context) says nothing about the generated one.
+    """
+    if task is None or not task.is_code:
+        return []
+    eligible = [i for i, r in enumerate(task.records) if r.get("has_doctests")]
+    outcomes = run_doctests([_doctest_case(task.records[i], _reference(task.records[i])) for i in eligible],
+                            spec.doctest_timeout_s)
+    passes: list[bool | None] = [None] * len(task.records)
+    for index, outcome in zip(eligible, outcomes, strict=True):
+        passes[index] = outcome.passed
+    return passes
+
+
+def _doctest_pass(
+    task: Task, generations: list[str], reference_passes: list[bool | None], spec: EvaluateSpec
+) -> tuple[list[bool | None], float | None]:
+    eligible = [i for i, passed in enumerate(reference_passes) if passed]
+    results: list[bool | None] = [None] * len(task.records)
+    if not eligible:
+        return results, None
+    outcomes = run_doctests([_doctest_case(task.records[i], generations[i]) for i in eligible], spec.doctest_timeout_s)
+    for index, outcome in zip(eligible, outcomes, strict=True):
+        results[index] = outcome.passed
+    return results, sum(o.passed for o in outcomes) / len(outcomes)
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+
+
+def _data_vocabulary(data: StageOutput) -> dict[str, int]:
+    from transformers import AutoTokenizer
+
+    tokenizer_dir = data.directory / str(data.result.get("tokenizer_dir", "tokenizer"))
+    if not tokenizer_dir.is_dir():
+        raise StageError(STAGE, f"the data stage's tokenizer {tokenizer_dir} does not exist; rerun the data stage")
+    return dict(AutoTokenizer.from_pretrained(str(tokenizer_dir)).get_vocab())
+
+
+def _device(spec: EvaluateSpec) -> str:
+    if not spec.use_gpu:
+        return "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        raise StageError(STAGE, "spec.evaluate.use_gpu: no CUDA device is visible; set use_gpu: false")
+    return "cuda"
+
+
+def run(spec: EvaluateSpec, ctx: StageContext) -> dict[str, Any]:
+    from kubeforge import metrics as prometheus
+
+    data = ctx.inputs.get("data")
+    if data is None:
+        raise StageError(STAGE, "needs the output of the data stage (spec.data)")
+    finetune = ctx.inputs.get("finetune")
+    pretrain = ctx.inputs.get("pretrain")
+    device = _device(spec)
+
+    sources: list[ModelSource]
+    if finetune is not None:
+        objective = "causal"
+        sources = _finetune_sources(spec, finetune)
+    elif pretrain is not None:
+        objective = str(pretrain.result.get("objective", "causal"))
+        model_dir = pretrain.directory / str(pretrain.result["model_dir"])
+        if not model_dir.is_dir():
+            raise StageError(STAGE, f"the pretrain stage's model folder {model_dir} does not exist; rerun pretrain")
+        sources = [ModelSource("candidate", str(model_dir), _hf_loader(model_dir, objective))]
+    else:
+        raise StageError(STAGE, "needs a model to score: the output of the pretrain or finetune stage")
+    champion = _champion_source(spec, ctx, objective)
+    champion_version = None
+    if champion is not None:
+        sources.append(champion[0])
+        champion_version = champion[1]
+
+    task = _task(ctx, finetune, spec)
+    if task is not None and objective != "causal":
+        ctx.reporter.log(f"{STAGE}: a {objective} model does not generate; generation metrics are skipped")
+    batches, split = _perplexity_batches(data, spec, ctx.reporter.log)
+    data_vocab = _data_vocabulary(data)
+    if task is not None and task.is_code:
+        ctx.reporter.log(f"{STAGE}: doctests run in a subprocess; network isolation: {network_isolation()}")
+    reference_passes = _reference_doctests(task, spec)
+
+    ctx.tracker.log_params({
+        **spec.model_dump(mode="json"),
+        "task": task.name if task else None,
+        "perplexity_split": split or None,
+        "models": {s.name: s.location for s in sources},
+    })
+    scores: dict[str, dict[str, float | None]] = {}
+    candidate: Scored | None = None
+    for source in sources:
+        scored = _score(
+            source, spec, ctx, device=device, objective=objective, batches=batches, data=data,
+            data_vocab=data_vocab, task=task, reference_passes=reference_passes,
+        )
+        scores[source.name] = scored.metrics
+        if source.name == "candidate":
+            candidate = scored
+        if source.name == "champion":
+            # Only scored here: the stage's output need not carry a copy of another model.
+            shutil.rmtree(ctx.out_dir / "champion", ignore_errors=True)
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in scored.metrics.items() if v is not None)
+        ctx.reporter.log(f"{STAGE}: {source.name}: {shown or 'no metrics'}")
+
+    out = ctx.out_dir
+    rows = comparison_rows(scores)
+    write_table(rows, out / "comparison.csv", out / "comparison.md")
+    plots = write_plots(scores, out / "plots")
+    samples_path = out / "samples.jsonl"
+    with samples_path.open("w", encoding="utf-8") as handle:
+        if task is not None and candidate is not None and candidate.generations:
+            for i, record in enumerate(task.records):
+                sample: dict[str, Any] = {
+                    "id": record.get("id"), "prompt": candidate.prompts[i], "reference": _reference(record),
+                    "generation": candidate.generations[i],
+                    "exact_match": candidate.generations[i].strip() == _reference(record).strip(),
+                }
+                if task.is_code:
+                    sample["parses"] = candidate.parses[i]
+                    sample["reference_passes_doctests"] = reference_passes[i]
+                    sample["doctests_pass"] = candidate.doctest_passed[i]
+                handle.write(json.dumps(sample) + "\n")
+
+    for path in (out / "comparison.csv", out / "comparison.md", samples_path):
+        ctx.tracker.log_artifact(path)
+    if plots:
+        ctx.tracker.log_artifact(out / "plots", "plots")
+    logged: dict[str, float] = {}
+    for model, values in scores.items():
+        for metric, value in values.items():
+            if value is not None:
+                logged[f"eval.{model}.{metric}"] = value
+                if model == "candidate":
+                    logged[f"eval.{metric}"] = value
+                prometheus.EVAL_METRIC.labels(ctx.pipeline_name, model, metric).set(value)
+    ctx.tracker.log_metrics(logged)
+    ctx.tracker.set_tags({
+        "kubeforge.evaluate.champion_version": champion_version or "none",
+        "kubeforge.evaluate.task": task.name if task else "none",
+    })
+
+    result: dict[str, Any] = {
+        "candidate": scores["candidate"],
+        "base": scores.get("base"),
+        "champion": scores.get("champion"),
+        "champion_version": champion_version,
+        "models": {s.name: s.location for s in sources},
+        "comparison": "comparison.csv",
+        "comparison_md": "comparison.md",
+        "plots": [str(p.relative_to(out)) for p in plots],
+        "samples": "samples.jsonl",
+        "task": {"kind": task.kind, "name": task.name} if task else None,
+        "num_examples": len(task.records) if task else 0,
+        "perplexity_split": split or None,
+        "doctest_isolation": network_isolation() if task is not None and task.is_code else None,
+    }
+    ctx.tracker.log_dict(result, "evaluation.json")
+    return result
