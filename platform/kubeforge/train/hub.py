@@ -98,7 +98,7 @@ class HubPoller:
                 self._on_eval(message)
             elif event == "restored":
                 self.restored_steps.append(int(message["step"]))
-                self.log(f"pretrain: resumed from the checkpoint of step {message['step']}")
+                self.log(f"{self.labels['stage']}: resumed from the checkpoint of step {message['step']}")
                 self.tracker.log_metrics({"resumed_from_step": message["step"]}, step=message["step"])
         for step in sorted(self._pending):
             if flush or len(self._pending[step]) >= self.workers:
@@ -125,9 +125,14 @@ class HubPoller:
         self.tracker.log_metrics(logged, step=step)
 
     def _on_eval(self, message: dict[str, Any]) -> None:
-        step, loss, perplexity = int(message["step"]), message["val_loss"], message["val_perplexity"]
+        """`val_loss` always; `val_perplexity` from language-modelling objectives, other metrics (DPO's
+        reward accuracy and margin) go to MLflow as they come."""
+        step = int(message["step"])
+        values = {k: float(v) for k, v in message.items() if k not in ("event", "step")}
+        loss, perplexity = values["val_loss"], values.get("val_perplexity", math.nan)
         self.evaluations[step] = (loss, perplexity)
         if math.isfinite(loss):
             metrics.TRAIN_LOSS.labels(split="validation", **self.labels).set(loss)
-            metrics.TRAIN_PERPLEXITY.labels(split="validation", **self.labels).set(perplexity)
-        self.tracker.log_metrics({"val_loss": loss, "val_perplexity": perplexity}, step=step)
+            if math.isfinite(perplexity):
+                metrics.TRAIN_PERPLEXITY.labels(split="validation", **self.labels).set(perplexity)
+        self.tracker.log_metrics(values, step=step)

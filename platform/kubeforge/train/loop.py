@@ -12,14 +12,14 @@ import json
 import math
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from kubeforge.spec.pretrain import PretrainSpec
+from kubeforge.spec.pretrain import PretrainSpec, TrainSettings
 from kubeforge.train.model import build_model, count_parameters
 from kubeforge.train.schedule import build_scheduler
 from kubeforge.train.session import RayTrainSession, Session, TuneSession, checkpoint_dir
@@ -246,11 +246,18 @@ def save_state(
     step: int,
     rank: int,
     extra: Mapping[str, Any],
+    trainable_only: bool = False,
 ) -> None:
     """Write what resuming needs. Rank 0 writes the (replicated) model, optimizer and scheduler state;
     every rank writes its own RNG state, since dropout and MLM masking draw different numbers per rank.
-    Ray Train merges the workers' directories into one checkpoint."""
+    Ray Train merges the workers' directories into one checkpoint.
+
+    `trainable_only` keeps just the parameters that train (adapters): the frozen base weights are
+    reloaded from the base model on resume, so checkpoints stay the adapter's size."""
     model_state, optim_state = full_state(model, optimizer)
+    if trainable_only:
+        trainable = {name for name, p in unwrap(model).named_parameters() if p.requires_grad}
+        model_state = {k: v for k, v in model_state.items() if k in trainable}
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(_rng_state(), directory / f"rng_rank{rank}.pt")
     if rank == 0:
@@ -268,6 +275,7 @@ def load_state(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     rank: int,
+    trainable_only: bool = False,
 ) -> dict[str, Any]:
     """Restore what `save_state` wrote; returns the saved step and extras."""
     state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
@@ -282,7 +290,11 @@ def load_state(
         set_model_state_dict(model, state["model"], options=options)
         set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
     else:
-        unwrap(model).load_state_dict(state["model"])
+        # With trainable_only the frozen weights are missing from the state on purpose; a key the
+        # model does not have is still an error.
+        unexpected = unwrap(model).load_state_dict(state["model"], strict=not trainable_only).unexpected_keys
+        if unexpected:
+            raise RuntimeError(f"checkpoint {directory} holds parameters the model lacks: {unexpected[:5]}")
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng_file = directory / f"rng_rank{rank}.pt"
@@ -301,15 +313,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_optimizer(model: torch.nn.Module, spec: PretrainSpec) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, spec: PretrainSpec | TrainSettings) -> torch.optim.AdamW:
     """AdamW without weight decay on biases, norms and embeddings' 1-d parameters (standard practice:
-    decaying them towards zero only hurts)."""
+    decaying them towards zero only hurts). Frozen parameters (a PEFT model's base) are left out."""
+    train = spec if isinstance(spec, TrainSettings) else spec.train
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": spec.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=spec.train.lr,
-        betas=spec.train.betas,
+        [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=train.lr,
+        betas=train.betas,
     )
 
 
@@ -357,11 +370,13 @@ def train_step(
     grad_clip: float | None,
     bf16: bool,
     device: torch.device,
+    compute_loss: Callable[[torch.nn.Module, Mapping[str, Any]], torch.Tensor] | None = None,
 ) -> float:
     """One optimizer step over gradient-accumulated micro-batches; returns this rank's mean loss.
 
     Under DDP the gradient all-reduce is skipped (no_sync) on every micro-batch but the last: the
     gradients accumulate locally and are averaged across ranks once per optimizer step.
+    `compute_loss(model, batch)` replaces the model's own loss (fine-tuning's DPO and distillation).
     """
     losses = []
     for index, batch in enumerate(micro_batches):
@@ -370,11 +385,14 @@ def train_step(
         sync_context = contextlib.nullcontext() if last or no_sync is None else no_sync()
         with sync_context:
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-                out = model(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
-                )
-            (out.loss / len(micro_batches)).backward()
-        losses.append(float(out.loss.detach()))
+                if compute_loss is None:
+                    loss = model(
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+                    ).loss
+                else:
+                    loss = compute_loss(model, batch)
+            (loss / len(micro_batches)).backward()
+        losses.append(float(loss.detach()))
     if grad_clip is not None:
         if _is_fsdp(model):
             model.clip_grad_norm_(grad_clip)  # type: ignore[operator]
@@ -386,10 +404,53 @@ def train_step(
     return sum(losses) / len(losses)
 
 
+def restore(
+    session: Session,
+    config: Mapping[str, Any],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    trainable_only: bool = False,
+) -> dict[str, Any] | None:
+    """Load the checkpoint Ray (or Tune) offers, else the stage's on-disk fallback; None for a fresh
+    start. Tells the driver (rank 0's "restored" message) which step the run resumes from."""
+    restored: dict[str, Any] | None = None
+    with session.restored_checkpoint() as directory:
+        if directory is not None:
+            restored = load_state(directory, model, optimizer, scheduler, session.rank, trainable_only)
+    if restored is None and config.get("fallback_checkpoint"):
+        restored = load_state(
+            Path(config["fallback_checkpoint"]), model, optimizer, scheduler, session.rank, trainable_only
+        )
+    if restored is not None and session.rank == 0:
+        session.push({"event": "restored", "step": int(restored["step"])})
+    return restored
+
+
+def report_checkpoint(
+    session: Session,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    step: int,
+    extra: Mapping[str, Any],
+    metrics: dict[str, Any],
+    trainable_only: bool = False,
+) -> None:
+    """Save the state to a scratch folder and hand it to Ray as the checkpoint of `step`."""
+    with checkpoint_dir() as directory:
+        save_state(directory, model, optimizer, scheduler, step, session.rank, extra, trainable_only)
+        session.report(metrics, directory, f"checkpoint_{step:08d}")
+
+
 def make_session(config: Mapping[str, Any], use_gpu: bool) -> Session:
-    """`config["session"] == "tune"` inside a Tune trial (kubeforge.tune); a Ray Train worker otherwise."""
-    if config.get("session") == "tune":
+    """`config["session"] == "tune"` inside a Tune trial (kubeforge.tune); a Ray Train worker otherwise.
+    A `Session` object in `config["session"]` is used as it is (the benchmarks run the loops without Ray)."""
+    session = config.get("session")
+    if session == "tune":
         return TuneSession(use_gpu)
+    if session is not None and not isinstance(session, str):
+        return session
     return RayTrainSession(config.get("hub"))
 
 
@@ -416,18 +477,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     start_step, resumed_from, tokens_seen = 0, 0, 0
     initial: dict[str, float] = {}
-    restored: dict[str, Any] | None = None
-    with session.restored_checkpoint() as directory:
-        if directory is not None:
-            restored = load_state(directory, model, optimizer, scheduler, rank)
-    if restored is None and config.get("fallback_checkpoint"):
-        restored = load_state(Path(config["fallback_checkpoint"]), model, optimizer, scheduler, rank)
+    restored = restore(session, config, model, optimizer, scheduler)
     if restored is not None:
         start_step = resumed_from = int(restored["step"])
         tokens_seen = int(restored.get("tokens_seen", 0))
         initial = {k: float(restored[k]) for k in ("initial_val_loss", "initial_val_perplexity") if k in restored}
-        if rank == 0:
-            session.push({"event": "restored", "step": start_step})
 
     train_shards = TokenShards(config["train_files"])
     sampler = RankSampler(len(train_shards), rank, world_size, spec.train.seed)
@@ -487,14 +541,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             last_eval = (step, loss, perplexity)
             push_eval(step, loss, perplexity)
         if step % spec.checkpoint.every_steps == 0 and not final:
-            extra = {"tokens_seen": tokens_seen, **initial}
-            with checkpoint_dir() as directory:
-                save_state(directory, model, optimizer, scheduler, step, rank, extra)
-                session.report(
-                    {"step": step, "train_loss": train_loss, "resumed_from_step": resumed_from},
-                    directory,
-                    f"checkpoint_{step:08d}",
-                )
+            report_checkpoint(
+                session, model, optimizer, scheduler, step, {"tokens_seen": tokens_seen, **initial},
+                {"step": step, "train_loss": train_loss, "resumed_from_step": resumed_from},
+            )
 
     if last_eval is None:
         # Nothing left to train (a rerun after the last checkpoint was the final one): score it anyway.

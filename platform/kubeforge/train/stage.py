@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,10 @@ import numpy as np
 
 from kubeforge.context import StageContext
 from kubeforge.errors import StageError
+from kubeforge.spec.finetune import FinetuneSpec
 from kubeforge.spec.pretrain import PretrainSpec
 
 STAGE = "pretrain"
-RUN_NAME = "pretrain"
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 
 
@@ -41,23 +42,24 @@ def _shard_files(data_dir: Path, result: dict[str, Any], split: str) -> list[Pat
     return files
 
 
-def check_resources(spec: PretrainSpec, cluster: dict[str, float]) -> None:
-    """Fail at once when the Ray cluster can never hold the workers: Ray would wait for them forever."""
+def check_resources(spec: PretrainSpec | FinetuneSpec, cluster: dict[str, float], stage: str = STAGE) -> None:
+    """Fail at once when the Ray cluster can never hold the workers: Ray would wait for them forever.
+    `stage` names the spec section (the fine-tuning stage checks its workers with this too)."""
     res = spec.resources
     cpus_needed = res.workers * res.cpus_per_worker
     cpus = cluster.get("CPU", 0.0)
     if cpus_needed > cpus:
         raise StageError(
-            STAGE,
-            f"spec.pretrain.resources.workers: {res.workers} workers x {res.cpus_per_worker:g} CPU need "
+            stage,
+            f"spec.{stage}.resources.workers: {res.workers} workers x {res.cpus_per_worker:g} CPU need "
             f"{cpus_needed:g} CPUs but the Ray cluster has {cpus:g}; lower resources.workers or "
             "resources.cpus_per_worker, or add nodes",
         )
     gpus = cluster.get("GPU", 0.0)
     if res.use_gpu and res.workers > gpus:
         raise StageError(
-            STAGE,
-            f"spec.pretrain.resources.workers: {res.workers} workers with use_gpu need {res.workers} GPUs "
+            stage,
+            f"spec.{stage}.resources.workers: {res.workers} workers with use_gpu need {res.workers} GPUs "
             f"but the Ray cluster has {gpus:g}",
         )
 
@@ -85,7 +87,7 @@ def _repair_snapshot(experiment_dir: Path, log: Any) -> None:
     try:
         json.loads(snapshot.read_text())
     except ValueError:
-        log(f"pretrain: {snapshot} is unreadable (interrupted while written); resuming from the files on disk")
+        log(f"{snapshot} is unreadable (interrupted while written); resuming from the files on disk")
         snapshot.unlink()
 
 
@@ -120,12 +122,80 @@ def loop_config(spec: PretrainSpec, ctx: StageContext) -> dict[str, Any]:
     }
 
 
-def run(spec: PretrainSpec, ctx: StageContext) -> dict[str, Any]:
+def fit_with_progress(
+    train_loop: Callable[[dict[str, Any]], None],
+    config: dict[str, Any],
+    spec: PretrainSpec | FinetuneSpec,
+    ctx: StageContext,
+    stage: str,
+    description: str,
+) -> tuple[Any, Any]:
+    """Run `train_loop` on `spec.resources.workers` Ray Train workers and return Ray's result (which
+    has a final checkpoint) and the `HubPoller` that followed the run.
+
+    Shared by the pretraining and fine-tuning stages: the run lives at `<out_dir>/ray/<stage>`, so a
+    rerun resumes what an earlier attempt left (see the module docstring); the workers' progress
+    messages feed the progress bar, MLflow and the Prometheus gauges (label `stage`).
+    """
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from kubeforge.train.hub import HubPoller, ProgressHub
+
+    storage = (ctx.out_dir / "ray").resolve()
+    experiment_dir = storage / stage
+    _repair_snapshot(experiment_dir, ctx.reporter.log)
+    fallback = latest_checkpoint(experiment_dir)
+    if fallback is not None:
+        ctx.reporter.log(f"{stage}: found the checkpoint of step {fallback[1]} from an earlier attempt")
+
+    ctx.tracker.log_params(spec.model_dump(mode="json"))
+    hub = ProgressHub.remote()  # type: ignore[attr-defined]
+    config = {**config, "fallback_checkpoint": str(fallback[0]) if fallback else None, "hub": hub}
+    res = spec.resources
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=res.workers, use_gpu=res.use_gpu, resources_per_worker={"CPU": res.cpus_per_worker}
+        ),
+        run_config=ray.train.RunConfig(
+            name=stage,
+            storage_path=str(storage),
+            failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.checkpoint.keep),
+        ),
+    )
+    try:
+        with ctx.reporter.task(description, total=spec.train.max_steps) as task:
+            poller = HubPoller(
+                hub, ctx.tracker, task, ctx.pipeline_name, ctx.stage, spec.train.max_steps, res.workers,
+                ctx.reporter.log,
+            )
+            with poller:
+                try:
+                    fit = trainer.fit()
+                except ray.train.TrainingFailedError as exc:
+                    raise StageError(
+                        stage,
+                        f"training failed after spec.{stage}.max_failures={spec.max_failures} retries: {exc}; "
+                        "rerun to resume from the last checkpoint",
+                        resumable=True,
+                    ) from exc
+    finally:
+        ray.kill(hub)
+    if poller.error is not None:
+        raise poller.error
+    if fit.checkpoint is None:
+        raise StageError(stage, "training ended without a final checkpoint")
+    return fit, poller
+
+
+def run(spec: PretrainSpec, ctx: StageContext) -> dict[str, Any]:
+    import ray
+
     from kubeforge.train.loop import MODEL_SUBDIR, train_loop_per_worker
 
     config = loop_config(spec, ctx)
@@ -137,54 +207,8 @@ def run(spec: PretrainSpec, ctx: StageContext) -> dict[str, Any]:
         # The executors normally start or join Ray; a direct call of the stage gets a local runtime.
         ray.init()
     check_resources(spec, ray.cluster_resources())
-
-    storage = (ctx.out_dir / "ray").resolve()
-    experiment_dir = storage / RUN_NAME
-    _repair_snapshot(experiment_dir, ctx.reporter.log)
-    fallback = latest_checkpoint(experiment_dir)
-    if fallback is not None:
-        ctx.reporter.log(f"pretrain: found the checkpoint of step {fallback[1]} from an earlier attempt")
-
-    ctx.tracker.log_params(spec.model_dump(mode="json"))
-    hub = ProgressHub.remote()  # type: ignore[attr-defined]
-    config |= {"fallback_checkpoint": str(fallback[0]) if fallback else None, "hub": hub}
     res = spec.resources
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=config,
-        torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=res.workers, use_gpu=res.use_gpu, resources_per_worker={"CPU": res.cpus_per_worker}
-        ),
-        run_config=ray.train.RunConfig(
-            name=RUN_NAME,
-            storage_path=str(storage),
-            failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.checkpoint.keep),
-        ),
-    )
-    try:
-        with ctx.reporter.task(f"{STAGE}: training", total=spec.train.max_steps) as task:
-            poller = HubPoller(
-                hub, ctx.tracker, task, ctx.pipeline_name, ctx.stage, spec.train.max_steps, res.workers,
-                ctx.reporter.log,
-            )
-            with poller:
-                try:
-                    fit = trainer.fit()
-                except ray.train.TrainingFailedError as exc:
-                    raise StageError(
-                        STAGE,
-                        f"training failed after spec.pretrain.max_failures={spec.max_failures} retries: {exc}; "
-                        "rerun to resume from the last checkpoint",
-                        resumable=True,
-                    ) from exc
-    finally:
-        ray.kill(hub)
-    if poller.error is not None:
-        raise poller.error
-    if fit.checkpoint is None:
-        raise StageError(STAGE, "training ended without a final checkpoint")
+    fit, poller = fit_with_progress(train_loop_per_worker, config, spec, ctx, STAGE, f"{STAGE}: training")
 
     model_dir = ctx.out_dir / "model"
     if model_dir.exists():

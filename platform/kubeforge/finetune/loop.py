@@ -1,0 +1,402 @@
+"""The fine-tuning loop every Ray Train worker (or a Tune trial) runs.
+
+It has the shape of the pretraining loop and reuses its pieces (`kubeforge.train.loop`): a `Session`,
+DDP through `session.prepare_model`, gradient accumulation, warmup + cosine schedule, clipping,
+`RankSampler` batches addressed by position, checkpoints with `save_state`/`load_state`, and the same
+progress messages to the hub. What differs is the data (encoded task examples, padded per batch) and
+the loss, which depends on the objective:
+
+* `sft`: cross-entropy on the response tokens (labels are -100 on the prompt);
+* `dpo`: DPO on summed response log-probabilities against the reference model;
+* `distill`: KL to the frozen teacher's softened logits plus cross-entropy, for the student.
+
+Replay: each row of a micro-batch is, with probability `replay_fraction`, replaced by a row of the
+pretraining corpus that is scored as plain language modelling (for `distill` with the distillation
+loss, the teacher knows that text too; for `dpo` as a cross-entropy term added to the DPO loss).
+The draw depends only on the seed, the micro-batch number and the rank, so a resumed run sees
+exactly the batches the interrupted one would have.
+
+Validation: `kubeforge.finetune.stage` holds out part of the task's *training* split (10%, at least
+one batch) for the evaluations during training; the test split is left for the evaluate stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kubeforge.finetune import losses
+from kubeforge.finetune.methods import Models, build_models, save_merged
+from kubeforge.spec.finetune import FinetuneSpec
+from kubeforge.spec.tune import REPORTED_METRICS
+from kubeforge.train.loop import (
+    RankSampler,
+    _all_reduce_sum,
+    build_optimizer,
+    make_session,
+    report_checkpoint,
+    resolve_bf16,
+    restore,
+    save_state,
+    seed_everything,
+    train_step,
+    unwrap,
+)
+from kubeforge.train.schedule import build_scheduler
+from kubeforge.train.session import Session, checkpoint_dir
+
+ADAPTER_SUBDIR = "adapter"
+MERGED_SUBDIR = "merged"
+# Separates the replay draws' random stream from every other use of the training seed.
+_REPLAY_STREAM = 0x5EED
+
+
+class LocalSession:
+    """The loop in this process without Ray (the benchmark and some tests): rank 0 of 1, no resume.
+
+    It keeps what the loop reports; `keep_checkpoints` copies every reported checkpoint folder there
+    (the final one holds the outputs)."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, device: str = "cpu", keep_checkpoints: Path | None = None) -> None:
+        self.device = torch.device(device)
+        self.keep_checkpoints = keep_checkpoints
+        self.evaluations: list[dict[str, Any]] = []
+        self.final: dict[str, Any] = {}
+        self.last_checkpoint: Path | None = None
+
+    def prepare_model(self, model: torch.nn.Module, strategy: str) -> torch.nn.Module:
+        return model.to(self.device)
+
+    @contextlib.contextmanager
+    def restored_checkpoint(self) -> Iterator[Path | None]:
+        yield None
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, name: str | None = None) -> None:
+        self.final = dict(metrics)
+        if checkpoint_dir is not None and self.keep_checkpoints is not None:
+            self.last_checkpoint = self.keep_checkpoints / (name or "checkpoint")
+            shutil.copytree(checkpoint_dir, self.last_checkpoint, dirs_exist_ok=True)
+
+    def report_eval(self, metrics: dict[str, Any]) -> None:
+        self.evaluations.append(dict(metrics))
+
+    def push(self, message: dict[str, Any]) -> None:
+        pass
+
+
+def eval_metric_names(objective: str) -> tuple[str, ...]:
+    """What every evaluation reports besides `step`: the names the tune spec lets a search optimise."""
+    return REPORTED_METRICS[f"finetune:{objective}"]
+
+
+def replay_choices(seed: int, micro_batch: int, rank: int, size: int, fraction: float, pool: int) -> list[int | None]:
+    """Per row of a micro-batch: the replay row that takes its place, or None for a task example."""
+    if fraction <= 0 or pool == 0:
+        return [None] * size
+    rng = np.random.default_rng([seed, _REPLAY_STREAM, micro_batch, rank])
+    draws, picks = rng.random(size), rng.integers(pool, size=size)
+    return [int(pick) if draw < fraction else None for draw, pick in zip(draws, picks, strict=True)]
+
+
+def pad_batch(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, device: torch.device) -> dict[str, Any]:
+    """Right-padded input ids, attention mask and labels (-100 on the padding) of (ids, labels) rows."""
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), losses.IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, row_labels) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        labels[i, : len(ids)] = torch.tensor(row_labels, dtype=torch.long)
+        attention_mask[i, : len(ids)] = 1
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": attention_mask.to(device),
+        "labels": labels.to(device),
+        "tokens": int(attention_mask.sum()),
+    }
+
+
+class Collator:
+    """Task examples (and replay rows) to padded model inputs.
+
+    For `dpo` the chosen sides, then the rejected sides, then any replay rows form one batch: one
+    forward pass per micro-batch, which is what DDP expects before a backward pass.
+    """
+
+    def __init__(
+        self, spec: FinetuneSpec, pad_id: int, replay_pool: np.ndarray | None, rank: int
+    ) -> None:
+        self.objective = spec.objective
+        self.pad_id = pad_id
+        self.max_length = spec.max_length
+        self.replay_fraction = spec.replay_fraction
+        self.replay_pool = replay_pool if replay_pool is not None else np.empty((0, 0), dtype=np.int64)
+        self.seed = spec.train.seed
+        self.rank = rank
+
+    def __call__(
+        self, examples: Sequence[Mapping[str, list[int]]], device: torch.device, micro_batch: int | None = None
+    ) -> dict[str, Any]:
+        """`micro_batch` numbers a training micro-batch (which decides its replay rows); None for validation."""
+        choices: list[int | None] = [None] * len(examples)
+        if micro_batch is not None:
+            choices = replay_choices(
+                self.seed, micro_batch, self.rank, len(examples), self.replay_fraction, len(self.replay_pool)
+            )
+        replay = []
+        for choice in choices:
+            if choice is not None:
+                ids = [int(t) for t in self.replay_pool[choice][: self.max_length]]
+                replay.append((ids, ids))
+        kept = [example for example, choice in zip(examples, choices, strict=True) if choice is None]
+        if self.objective == "dpo":
+            rows = [(e["chosen_input_ids"], e["chosen_labels"]) for e in kept]
+            rows += [(e["rejected_input_ids"], e["rejected_labels"]) for e in kept]
+        else:
+            rows = [(e["input_ids"], e["labels"]) for e in kept]
+        batch = pad_batch(rows + replay, self.pad_id, device)
+        batch["pairs"] = len(kept) if self.objective == "dpo" else 0
+        return batch
+
+
+class Objective:
+    """The training loss and the evaluation of one objective, over a policy model that may be DDP-wrapped."""
+
+    def __init__(self, spec: FinetuneSpec, models: Models, device: torch.device, bf16: bool) -> None:
+        self.spec = spec
+        self.models = models
+        self.device = device
+        self.bf16 = bf16
+
+    def _logits(self, model: torch.nn.Module, batch: Mapping[str, Any], rows: slice = slice(None)) -> torch.Tensor:
+        return model(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows]).logits
+
+    def _reference_logits(self, model: torch.nn.Module, batch: Mapping[str, Any], rows: slice) -> torch.Tensor:
+        """The model before fine-tuning: the frozen copy (full) or this model with its adapters off."""
+        with torch.no_grad():
+            if self.models.reference is not None:
+                return self._logits(self.models.reference, batch, rows)
+            inner: Any = unwrap(model)
+            with inner.disable_adapter():
+                return self._logits(inner, batch, rows)
+
+    def _dpo(self, model: torch.nn.Module, batch: Mapping[str, Any], logits: torch.Tensor) -> losses.DPOTerms:
+        pairs = batch["pairs"]
+        sides = slice(0, 2 * pairs)
+        labels = batch["labels"][sides]
+        policy = losses.sequence_logprobs(logits[sides], labels)
+        reference = losses.sequence_logprobs(self._reference_logits(model, batch, sides), labels)
+        beta = self.spec.dpo_settings.beta
+        return losses.dpo_terms(policy[:pairs], policy[pairs:], reference[:pairs], reference[pairs:], beta)
+
+    def loss(self, model: torch.nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+        logits = self._logits(model, batch)
+        labels = batch["labels"]
+        if self.spec.objective == "sft":
+            return losses.lm_loss(logits, labels)
+        if self.spec.objective == "distill":
+            assert self.models.teacher is not None and self.spec.distill is not None
+            with torch.no_grad():
+                teacher = self._logits(self.models.teacher, batch)
+            return losses.distill_loss(
+                logits, teacher, labels, self.spec.distill.temperature, self.spec.distill.alpha
+            )
+        pairs = batch["pairs"]
+        loss = self._dpo(model, batch, logits).loss if pairs else logits.sum() * 0.0
+        if len(labels) > 2 * pairs:  # replay rows
+            loss = loss + losses.lm_loss(logits[2 * pairs :], labels[2 * pairs :])
+        return loss
+
+    def evaluate(self, model: torch.nn.Module, batches: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+        """The evaluation metrics, averaged over every worker's validation examples (tokens for the
+        cross-entropy, pairs for DPO)."""
+        model.eval()
+        sums = [0.0, 0.0, 0.0, 0.0]
+        with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            for batch in batches:
+                logits = self._logits(model, batch)
+                if self.spec.objective == "dpo":
+                    terms = self._dpo(model, batch, logits)
+                    sums[0] += float(terms.losses.sum())
+                    sums[1] += float(terms.correct.sum())
+                    sums[2] += float(terms.margins.sum())
+                    sums[3] += batch["pairs"]
+                else:
+                    total, tokens = losses.lm_loss_sum(logits, batch["labels"])
+                    sums[0] += float(total)
+                    sums[3] += tokens
+        model.train()
+        loss_sum, correct, margin_sum, count = _all_reduce_sum(sums, self.device)
+        if not count:
+            return dict.fromkeys(eval_metric_names(self.spec.objective), math.nan)
+        loss = loss_sum / count
+        if self.spec.objective == "dpo":
+            return {"val_loss": loss, "reward_accuracy": correct / count, "reward_margin": margin_sum / count}
+        return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+
+
+def validation_batches(
+    examples: Sequence[Mapping[str, list[int]]], collator: Collator, device: torch.device,
+    rank: int, world_size: int, batch_size: int, max_batches: int,
+) -> list[dict[str, Any]]:
+    """This rank's fixed validation batches: a strided share of the held-out examples, no replay."""
+    mine = list(examples[rank::world_size])[: batch_size * max_batches]
+    return [collator(mine[i : i + batch_size], device) for i in range(0, len(mine), batch_size)]
+
+
+def save_outputs(spec: FinetuneSpec, models: Models, policy: torch.nn.Module, config: Mapping[str, Any],
+                 directory: Path) -> None:
+    """Rank 0: `adapter/` (PEFT methods) and `merged/` (a plain model folder; not for prefix tuning,
+    whose prefixes are extra attention inputs and cannot be folded into weights), each with the
+    tokenizer and the chat template the examples were formatted with."""
+    from transformers import AutoTokenizer
+
+    from kubeforge.finetune.tasks import CHAT_TEMPLATE
+
+    tokenizer = AutoTokenizer.from_pretrained(config["base_model_dir"])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    base_model = Path(config["base_model_dir"])
+    policy_config: Any = policy.config
+    policy_config.use_cache = True  # off during training (no generation); on for whoever loads the output
+    if models.is_peft:
+        adapter = directory / ADAPTER_SUBDIR
+        policy.save_pretrained(str(adapter))  # type: ignore[operator]
+        tokenizer.save_pretrained(str(adapter))
+        if spec.method == "prefix":
+            return
+        save_merged(spec, policy, base_model, adapter, directory / MERGED_SUBDIR)
+    else:
+        policy.save_pretrained(str(directory / MERGED_SUBDIR), safe_serialization=True)  # type: ignore[operator]
+    tokenizer.save_pretrained(str(directory / MERGED_SUBDIR))
+
+
+def _step_batches(
+    examples: Sequence[Mapping[str, list[int]]], sampler: RankSampler, collator: Collator, device: torch.device,
+    step: int, accum: int, batch_size: int,
+) -> list[dict[str, Any]]:
+    batches = []
+    for a in range(accum):
+        micro_batch = step * accum + a
+        rows = [examples[i] for i in sampler.batch(micro_batch, batch_size)]
+        batches.append(collator(rows, device, micro_batch))
+    return batches
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker (or Tune trial) entry point; `config` comes from `kubeforge.finetune.stage.loop_config`."""
+    spec = FinetuneSpec.model_validate(config["spec"])
+    session: Session = make_session(config, spec.resources.use_gpu)
+    rank, world_size, device = session.rank, session.world_size, session.device
+    bf16 = resolve_bf16(spec.train.precision, device)
+    seed_everything(spec.train.seed + rank)
+    student_path = config.get("student_path")
+    models = build_models(
+        spec, Path(config["base_model_dir"]), Path(student_path) if student_path else None, device
+    )
+    policy = models.policy
+    policy_config: Any = policy.config
+    policy_config.use_cache = False
+    if spec.train.activation_checkpointing and spec.method != "qlora":  # qlora turns it on itself
+        policy.gradient_checkpointing_enable(  # type: ignore[operator]
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    model = session.prepare_model(policy, "ddp")
+    optimizer = build_optimizer(model, spec.train)
+    scheduler = build_scheduler(optimizer, spec.train)
+    objective = Objective(spec, models, device, bf16)
+    # PEFT checkpoints hold the adapters only: the frozen base is reloaded from the base model folder.
+    trainable_only = models.is_peft
+
+    start_step, resumed_from, tokens_seen = 0, 0, 0
+    initial: dict[str, float] = {}
+    restored = restore(session, config, model, optimizer, scheduler, trainable_only)
+    if restored is not None:
+        start_step = resumed_from = int(restored["step"])
+        tokens_seen = int(restored.get("tokens_seen", 0))
+        initial = {k: float(v) for k, v in restored.items() if k.startswith("initial_")}
+
+    replay_pool = np.asarray(config["replay_rows"], dtype=np.int64) if config.get("replay_rows") is not None else None
+    collator = Collator(spec, int(config["pad_id"]), replay_pool, rank)
+    train_examples: list[dict[str, list[int]]] = config["train_examples"]
+    sampler = RankSampler(len(train_examples), rank, world_size, spec.train.seed)
+    val_batches = validation_batches(
+        config["validation_examples"], collator, device, rank, world_size, spec.train.batch_size,
+        spec.eval.max_batches,
+    )
+    accum = spec.train.grad_accum_steps
+
+    def push_eval(step: int, evaluation: dict[str, float]) -> None:
+        message = {"step": step, **evaluation}
+        if rank == 0:
+            session.push({"event": "eval", **message})
+        session.report_eval(message)
+
+    if not initial:
+        evaluation = objective.evaluate(model, val_batches)
+        initial = {f"initial_{k}": v for k, v in evaluation.items()}
+        push_eval(start_step, evaluation)
+
+    last_eval: dict[str, float] | None = None
+    train_seconds, train_tokens = 0.0, 0
+    step = start_step
+    train_loss = math.nan
+    while step < spec.train.max_steps:
+        started = time.perf_counter()
+        micro_batches = _step_batches(
+            train_examples, sampler, collator, device, step, accum, spec.train.batch_size
+        )
+        lr = scheduler.get_last_lr()[0]
+        local_loss = train_step(
+            model, optimizer, scheduler, micro_batches, spec.train.grad_clip, bf16, device, objective.loss
+        )
+        step_tokens = sum(b["tokens"] for b in micro_batches)
+        loss_sum, all_tokens = _all_reduce_sum([local_loss, step_tokens], device)
+        train_loss = loss_sum / world_size
+        elapsed = time.perf_counter() - started
+        step += 1
+        train_seconds += elapsed
+        train_tokens += step_tokens
+        tokens_seen += int(all_tokens)
+        session.push({
+            "event": "step", "rank": rank, "step": step, "train_loss": train_loss, "lr": lr,
+            "tokens_per_second": step_tokens / elapsed, "tokens": tokens_seen,
+        })
+
+        final = step == spec.train.max_steps
+        if step % spec.eval.every_steps == 0 or final:
+            last_eval = objective.evaluate(model, val_batches)
+            push_eval(step, last_eval)
+        if step % spec.checkpoint.every_steps == 0 and not final:
+            report_checkpoint(
+                session, model, optimizer, scheduler, step, {"tokens_seen": tokens_seen, **initial},
+                {"step": step, "train_loss": train_loss, "resumed_from_step": resumed_from}, trainable_only,
+            )
+
+    if last_eval is None:
+        # Nothing left to train (a rerun after the last checkpoint was the final one): score it anyway.
+        last_eval = objective.evaluate(model, val_batches)
+    own_rate = train_tokens / train_seconds if train_seconds else 0.0
+    total_rate = _all_reduce_sum([own_rate], device)[0]
+    metrics = {
+        "step": step, "train_loss": train_loss, **last_eval, "tokens_per_second": total_rate,
+        "tokens_seen": tokens_seen, "resumed_from_step": resumed_from,
+        "trainable_parameters": models.trainable_parameters, "total_parameters": models.total_parameters, **initial,
+    }
+    extra = {"tokens_seen": tokens_seen, **initial}
+    with checkpoint_dir() as directory:
+        save_state(directory, model, optimizer, scheduler, step, rank, extra, trainable_only)
+        if rank == 0 and config.get("save_outputs", True):
+            save_outputs(spec, models, unwrap(model), config, directory)
+        # A unique name: a rerun of a finished run reports its final checkpoint once more.
+        session.report(metrics, directory, f"checkpoint_{step:08d}_final_{time.strftime('%Y%m%d-%H%M%S')}")
