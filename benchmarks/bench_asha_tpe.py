@@ -40,22 +40,6 @@ SPACE = {
 }
 
 
-class _Quiet:
-    """A reporter that keeps the benchmark's output to its results."""
-
-    def log(self, message: str) -> None:
-        del message
-
-    def task(self, description: str, total: float | None = None) -> Any:
-        import contextlib
-
-        class _Task:
-            def update(self, completed: float, total: float | None = None, description: str | None = None) -> None:
-                del completed, total, description
-
-        return contextlib.nullcontext(_Task())
-
-
 def _manifest(steps: int, tune: dict[str, Any] | None) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "data": {"sources": [{"type": "python-stdlib", "max_files": 80}], "tokenizer": {"vocab_size": 512},
@@ -76,6 +60,7 @@ def _manifest(steps: int, tune: dict[str, Any] | None) -> dict[str, Any]:
 
 def _context(root: Path, stage: str, manifest: dict[str, Any], inputs: dict[str, Any]) -> Any:
     from kubeforge.context import StageContext
+    from kubeforge.progress import QuietReporter
     from kubeforge.spec import parse_manifest
     from kubeforge.tracking import start_stage_run
     from kubeforge.workdir import Workdir
@@ -86,7 +71,7 @@ def _context(root: Path, stage: str, manifest: dict[str, Any], inputs: dict[str,
     out = root / f"{stage}.partial"
     out.mkdir(parents=True)
     return StageContext(pipeline=parse_manifest(manifest), stage=stage, out_dir=out, base_dir=root, tracker=tracker,
-                        reporter=_Quiet(), inputs=inputs)
+                        reporter=QuietReporter(), inputs=inputs)
 
 
 def prepare_data(root: Path, steps: int) -> Any:

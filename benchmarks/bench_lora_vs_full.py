@@ -3,7 +3,7 @@
 Same base model, same task examples, same batches, same number of optimizer steps, measured side by
 side in one run, each method in a fresh child process (so that one's memory cannot hide in the
 other's peak). No Ray: the fine-tuning loop (`kubeforge.finetune.loop.train_loop_per_worker`) runs
-in-process with its `LocalSession`.
+in-process with `kubeforge.train.session.LocalSession`.
 
 * base: a randomly initialised Llama (default hidden 512, 4 layers: about 14M parameters) saved with a
   BPE tokenizer trained on standard-library files; its weights do not matter for speed or memory;
@@ -78,11 +78,12 @@ def measure(root: str, method: str, steps: int, threads: int) -> dict[str, Any]:
     import torch
 
     from kubeforge.context import StageContext
-    from kubeforge.finetune.loop import LocalSession, train_loop_per_worker
+    from kubeforge.finetune.loop import train_loop_per_worker
     from kubeforge.finetune.stage import loop_config
     from kubeforge.progress import LineReporter
     from kubeforge.spec import parse_manifest
     from kubeforge.spec.finetune import FinetuneSpec
+    from kubeforge.train.session import LocalSession
 
     torch.set_num_threads(threads)
     section = _section(method, steps)

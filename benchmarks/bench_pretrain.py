@@ -44,24 +44,9 @@ def _spec(steps: int, workers: int, cpus: float) -> Any:
     })
 
 
-class _Quiet:
-    """A reporter that keeps the benchmark's output to its results."""
-
-    def log(self, message: str) -> None:
-        del message
-
-    def task(self, description: str, total: float | None = None) -> Any:
-        import contextlib
-
-        class _Task:
-            def update(self, completed: float, total: float | None = None, description: str | None = None) -> None:
-                del completed, total, description
-
-        return contextlib.nullcontext(_Task())
-
-
 def _context(root: Path, stage: str, inputs: dict[str, Any]) -> Any:
     from kubeforge.context import StageContext
+    from kubeforge.progress import QuietReporter
     from kubeforge.spec import parse_manifest
     from kubeforge.tracking import start_stage_run
     from kubeforge.workdir import Workdir
@@ -76,7 +61,7 @@ def _context(root: Path, stage: str, inputs: dict[str, Any]) -> Any:
     out = root / f"{stage}.partial"
     out.mkdir(parents=True)
     return StageContext(pipeline=pipeline, stage=stage, out_dir=out, base_dir=root, tracker=tracker,
-                        reporter=_Quiet(), inputs=inputs)
+                        reporter=QuietReporter(), inputs=inputs)
 
 
 def prepare_data(root: Path) -> Any:

@@ -95,3 +95,19 @@ class LineReporter:
 
     def log(self, message: str) -> None:
         print(message, file=self.stream, flush=True)
+
+
+class _SilentTask:
+    def update(self, completed: float, total: float | None = None, description: str | None = None) -> None:
+        del completed, total, description
+
+
+class QuietReporter:
+    """No progress and no log lines: for benchmarks, whose output should be their results only."""
+
+    @contextmanager
+    def task(self, description: str, total: float | None = None) -> Iterator[_SilentTask]:
+        yield _SilentTask()
+
+    def log(self, message: str) -> None:
+        del message

@@ -59,8 +59,9 @@ def _run(tiny_lm, section: dict[str, Any], name: str) -> tuple[Any, dict[str, An
 def _local(tiny_lm, section: dict[str, Any], name: str, keep: Path) -> tuple[Any, dict[str, Any]]:
     """The loop in this process with its LocalSession (no Ray Train start-up: seconds instead of ~20 s);
     the final checkpoint, with the outputs, is copied under `keep`."""
-    from kubeforge.finetune.loop import LocalSession, train_loop_per_worker
+    from kubeforge.finetune.loop import train_loop_per_worker
     from kubeforge.finetune.stage import loop_config
+    from kubeforge.train.session import LocalSession
 
     config = loop_config(FinetuneSpec.model_validate(section), tiny_lm.context("finetune", section, name))
     session = LocalSession(keep_checkpoints=keep)
@@ -299,7 +300,7 @@ def test_a_student_with_another_tokenizer_fails_naming_student_path(tiny_lm, tmp
 
 @pytest.mark.slow
 def test_vllm_serves_the_merged_lora_model(lora_runs) -> None:
-    from tests.integration.test_pretrain import VLLM_SCRIPT
+    from tests.helpers import VLLM_SCRIPT
 
     _, (ctx, result, _), _ = lora_runs
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}

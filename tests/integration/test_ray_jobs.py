@@ -101,7 +101,8 @@ def result_line(logs: str) -> dict:
 
 def test_data_then_pretrain_jobs_run_the_stage_functions(ray_head: str, tmp_path: Path) -> None:
     manifest = tmp_path / "pipeline.yaml"
-    manifest.write_text(yaml.safe_dump(small_manifest("jobs", pretrain=TINY_PRETRAIN)))
+    # One worker: this test is about the job entrypoints, and every worker costs a torch import.
+    manifest.write_text(yaml.safe_dump(small_manifest("jobs", pretrain={**TINY_PRETRAIN, "resources": {"workers": 1}})))
     workdir = tmp_path / "work"
     common = f"--manifest {manifest} --workdir {workdir}"
 

@@ -22,11 +22,9 @@ one batch) for the evaluations during training; the test split is left for the e
 
 from __future__ import annotations
 
-import contextlib
 import math
-import shutil
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,42 +55,6 @@ ADAPTER_SUBDIR = "adapter"
 MERGED_SUBDIR = "merged"
 # Separates the replay draws' random stream from every other use of the training seed.
 _REPLAY_STREAM = 0x5EED
-
-
-class LocalSession:
-    """The loop in this process without Ray (the benchmark and some tests): rank 0 of 1, no resume.
-
-    It keeps what the loop reports; `keep_checkpoints` copies every reported checkpoint folder there
-    (the final one holds the outputs)."""
-
-    rank = 0
-    world_size = 1
-
-    def __init__(self, device: str = "cpu", keep_checkpoints: Path | None = None) -> None:
-        self.device = torch.device(device)
-        self.keep_checkpoints = keep_checkpoints
-        self.evaluations: list[dict[str, Any]] = []
-        self.final: dict[str, Any] = {}
-        self.last_checkpoint: Path | None = None
-
-    def prepare_model(self, model: torch.nn.Module, strategy: str) -> torch.nn.Module:
-        return model.to(self.device)
-
-    @contextlib.contextmanager
-    def restored_checkpoint(self) -> Iterator[Path | None]:
-        yield None
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, name: str | None = None) -> None:
-        self.final = dict(metrics)
-        if checkpoint_dir is not None and self.keep_checkpoints is not None:
-            self.last_checkpoint = self.keep_checkpoints / (name or "checkpoint")
-            shutil.copytree(checkpoint_dir, self.last_checkpoint, dirs_exist_ok=True)
-
-    def report_eval(self, metrics: dict[str, Any]) -> None:
-        self.evaluations.append(dict(metrics))
-
-    def push(self, message: dict[str, Any]) -> None:
-        pass
 
 
 def eval_metric_names(objective: str) -> tuple[str, ...]:

@@ -9,6 +9,7 @@ can stop a poor trial early.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,8 +25,7 @@ class Session(Protocol):
 
     def prepare_model(self, model: torch.nn.Module, strategy: str) -> torch.nn.Module: ...
 
-    @contextlib.contextmanager
-    def restored_checkpoint(self) -> Iterator[Path | None]:
+    def restored_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
         """The checkpoint to resume from (a folder), or None for a fresh start."""
         ...
 
@@ -58,16 +58,10 @@ class RayTrainSession:
 
         return ray.train.torch.prepare_model(model, parallel_strategy=strategy)
 
-    @contextlib.contextmanager
-    def restored_checkpoint(self) -> Iterator[Path | None]:
+    def restored_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            yield None
-            return
-        with checkpoint.as_directory() as directory:
-            yield Path(directory)
+        return _as_directory(ray.train.get_checkpoint())
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, name: str | None = None) -> None:
         import ray.train
@@ -96,16 +90,10 @@ class TuneSession:
     def prepare_model(self, model: torch.nn.Module, strategy: str) -> torch.nn.Module:
         return model.to(self.device)
 
-    @contextlib.contextmanager
-    def restored_checkpoint(self) -> Iterator[Path | None]:
+    def restored_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
         from ray import tune
 
-        checkpoint = tune.get_checkpoint()
-        if checkpoint is None:
-            yield None
-            return
-        with checkpoint.as_directory() as directory:
-            yield Path(directory)
+        return _as_directory(tune.get_checkpoint())
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, name: str | None = None) -> None:
         from ray import tune
@@ -123,8 +111,53 @@ class TuneSession:
         pass  # the tune stage follows trials through Tune's own results
 
 
+class LocalSession:
+    """The loop in this process without Ray (the benchmark and some tests): rank 0 of 1, no resume.
+
+    It keeps what the loop reports; `keep_checkpoints` copies every reported checkpoint folder there
+    (the final one holds the outputs)."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, device: str = "cpu", keep_checkpoints: Path | None = None) -> None:
+        self.device = torch.device(device)
+        self.keep_checkpoints = keep_checkpoints
+        self.evaluations: list[dict[str, Any]] = []
+        self.final: dict[str, Any] = {}
+        self.last_checkpoint: Path | None = None
+
+    def prepare_model(self, model: torch.nn.Module, strategy: str) -> torch.nn.Module:
+        return model.to(self.device)
+
+    def restored_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
+        return contextlib.nullcontext()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, name: str | None = None) -> None:
+        self.final = dict(metrics)
+        if checkpoint_dir is not None and self.keep_checkpoints is not None:
+            self.last_checkpoint = self.keep_checkpoints / (name or "checkpoint")
+            shutil.copytree(checkpoint_dir, self.last_checkpoint, dirs_exist_ok=True)
+
+    def report_eval(self, metrics: dict[str, Any]) -> None:
+        self.evaluations.append(dict(metrics))
+
+    def push(self, message: dict[str, Any]) -> None:
+        pass
+
+
 @contextlib.contextmanager
 def checkpoint_dir() -> Iterator[Path]:
     """A scratch folder for one checkpoint; Ray copies it into the run's storage on report."""
     with tempfile.TemporaryDirectory(prefix="kubeforge-ckpt-") as tmp:
         yield Path(tmp)
+
+
+@contextlib.contextmanager
+def _as_directory(checkpoint: Any) -> Iterator[Path | None]:
+    """A Ray (Train or Tune) checkpoint as a local folder while the context lasts; None for no checkpoint."""
+    if checkpoint is None:
+        yield None
+        return
+    with checkpoint.as_directory() as directory:
+        yield Path(directory)
