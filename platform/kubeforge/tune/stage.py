@@ -18,14 +18,13 @@ records every evaluation in the order the driver received it (the benchmark read
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from ray import tune
 from kubeforge import metrics as prom
 from kubeforge.context import ProgressTask, Reporter, StageContext
 from kubeforge.errors import KubeForgeError, StageError
+from kubeforge.progress import QuietReporter
 from kubeforge.spec.tune import TuneSpec, apply_overrides
 from kubeforge.tracking import TAG_PREFIX, Tracker
 from kubeforge.tune import search
@@ -122,25 +122,9 @@ def _loop_config(target: str, section: BaseModel, ctx: StageContext) -> dict[str
     return config
 
 
-class _Silent:
-    """The reporter of a trial's context: trials show their progress through Tune, not a progress bar."""
-
-    @contextlib.contextmanager
-    def task(self, description: str, total: float | None = None) -> Iterator[ProgressTask]:
-        yield _NoTask()
-
-    def log(self, message: str) -> None:
-        pass
-
-
-class _NoTask:
-    def update(self, completed: float, total: float | None = None, description: str | None = None) -> None:
-        pass
-
-
 def _trial_context(ctx: StageContext) -> StageContext:
     """`ctx` as trials get it: picklable, with no MLflow run (the driver logs for the trials)."""
-    return dataclasses.replace(ctx, tracker=None, reporter=_Silent())  # type: ignore[arg-type]
+    return dataclasses.replace(ctx, tracker=None, reporter=QuietReporter())  # type: ignore[arg-type]
 
 
 # --- the driver's view of the trials: MLflow nested runs, Prometheus, progress -----------------------
