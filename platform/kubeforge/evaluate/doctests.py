@@ -54,7 +54,7 @@ try:
         if limit is not None:
             resource.setrlimit(limit, (value, value))
 except (ImportError, ValueError, OSError):
-    pass
+    pass  # no such limits on this platform (or above the hard limit): the per-case timeouts still apply
 
 # Results go to a private copy of stdout; whatever the functions print goes nowhere.
 report = os.fdopen(os.dup(1), "w", buffering=1)

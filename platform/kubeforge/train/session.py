@@ -143,7 +143,7 @@ class LocalSession:
         self.evaluations.append(dict(metrics))
 
     def push(self, message: dict[str, Any]) -> None:
-        pass
+        pass  # no driver to show progress to: callers read `evaluations` and `final`
 
 
 @contextlib.contextmanager
