@@ -4,10 +4,11 @@
 # Both are idempotent: a second run reuses .venv and only reinstalls when pyproject.toml changed.
 
 VENV ?= .venv
+VENV_QUANTIZE ?= .venv-quantize
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint install install-test clean
+.PHONY: demo test lint install install-test install-quantize clean
 
 demo: install
 	$(BIN)/kubeforge run examples/quickstart.yaml
@@ -27,5 +28,9 @@ install:
 install-test:
 	bash infra/local/install.sh test
 
+# Only the quantize stage's environment (llm-compressor); install and install-test build it too.
+install-quantize:
+	bash infra/local/install.sh quantize
+
 clean:
-	rm -rf $(VENV) .kubeforge .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_QUANTIZE) .kubeforge .pytest_cache .mypy_cache .ruff_cache

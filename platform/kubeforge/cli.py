@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.console import Console
@@ -23,6 +23,9 @@ from rich.table import Table
 from kubeforge import __version__
 from kubeforge.errors import KubeForgeError, SpecError
 from kubeforge.workdir import DEFAULT_WORKDIR, Workdir
+
+if TYPE_CHECKING:
+    from kubeforge.registry.client import Registry
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -209,6 +212,219 @@ def print_stages(record: Any) -> None:
             escape(stage.error or ""),
         )
     out.print(table)
+
+
+# -- models ------------------------------------------------------------------------------------
+
+tracking_uri_option = click.option(
+    "--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow tracking server (default: SQLite in the workdir)."
+)
+reason_option = click.option("--reason", required=True, help="Why, for the audit trail (required).")
+user_option = click.option(
+    "--user", help="Who acts, for the audit trail (default: $KUBEFORGE_USER, else the login name)."
+)
+output_option = click.option("--output", "-o", type=click.Choice(["table", "json"]), default="table", show_default=True)
+
+
+def open_registry(workdir: Path, tracking_uri: str | None) -> Registry:
+    """The registry behind --tracking-uri, resolved as `kubeforge run` resolves it."""
+    from kubeforge.registry.client import Registry, RegistryError
+    from kubeforge.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri, Workdir(workdir))
+    db = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
+    # MLflow would quietly create an empty database (and the work directory) for a mistyped path,
+    # and then report "no registered model": name the missing file instead.
+    if db and db != ":memory:" and not Path(db).exists():
+        raise RegistryError(f"no MLflow store at {db}: run a pipeline first, or pass --tracking-uri / --workdir")
+    return Registry(uri)
+
+
+def print_wide(table: Table) -> None:
+    """Print a table whole when stdout is a pipe or file: rich would squeeze it into 80 columns and
+    cut versions, aliases and dates short with an ellipsis, which scripts and logs cannot use."""
+    from rich.measure import Measurement
+
+    if out.is_terminal:
+        out.print(table)
+        return
+    # Console.print clamps `width` to the console's own width, so a console of the table's width does it.
+    width = max(out.width, Measurement.get(out, out.options.update_width(100_000), table).maximum)
+    Console(file=out.file, width=width, highlight=False, soft_wrap=True).print(table)
+
+
+def short_time(iso: str) -> str:
+    """`2026-11-22T12:32:46+00:00` -> `2026-11-22 12:32` (tables say UTC in the header)."""
+    return iso.replace("T", " ")[:16]
+
+
+@main.group()
+def models() -> None:
+    """Registered models: versions, the champion and challenger aliases, approvals, audit trail."""
+
+
+@models.command("list")
+@click.argument("model", required=False)
+@workdir_option
+@tracking_uri_option
+@output_option
+@friendly_errors
+def models_list(model: str | None, workdir: Path, tracking_uri: str | None, output: str) -> None:
+    """Registered models and their aliases; with MODEL, that model's versions, newest first."""
+    registry = open_registry(workdir, tracking_uri)
+    if model is None:
+        summaries = registry.models()
+        if output == "json":
+            out.print_json(data=[asdict(m) for m in summaries])
+            return
+        if not summaries:
+            out.print(f"no registered models in {escape(registry.tracking_uri)}")
+            return
+        table = Table(show_edge=False, pad_edge=False, box=None)
+        for column in ("model", "champion", "challenger", "latest", "updated (UTC)"):
+            table.add_column(column)
+        for m in summaries:
+            table.add_row(
+                escape(m.name),
+                m.aliases.get("champion", "-"),
+                m.aliases.get("challenger", "-"),
+                m.latest_version or "-",
+                short_time(m.updated),
+            )
+        print_wide(table)
+        return
+    versions = registry.versions(model)
+    if output == "json":
+        out.print_json(data=[asdict(v) for v in versions])
+        return
+    if not versions:
+        out.print(f"model '{escape(model)}' has no versions")
+        return
+    table = Table(show_edge=False, pad_edge=False, box=None)
+    for column in ("version", "aliases", "role", "method", "quantization", "gates", "approval", "created (UTC)", "run"):
+        table.add_column(column)
+    for v in versions:
+        table.add_row(
+            v.version,
+            ",".join(v.aliases) or "-",
+            escape(v.role or "-"),
+            escape(v.method or "-"),
+            escape(v.quantization or "-"),
+            escape(v.gates or "-"),
+            escape(v.approval or "-"),
+            short_time(v.created),
+            (v.run_id or "-")[:8],
+        )
+    print_wide(table)
+
+
+@models.command("show")
+@click.argument("model")
+@click.argument("version")
+@workdir_option
+@tracking_uri_option
+@output_option
+@friendly_errors
+def models_show(model: str, version: str, workdir: Path, tracking_uri: str | None, output: str) -> None:
+    """One version (VERSION is a number or an alias like @champion): source, lineage, audit records."""
+    registry = open_registry(workdir, tracking_uri)
+    info = registry.version(model, version)
+    records = [r for r in registry.audit(model) if r.touches(info.version)]
+    if output == "json":
+        out.print_json(data={**asdict(info), "audit": [asdict(r) for r in records]})
+        return
+    out.print(f"[bold]{escape(info.model)}[/] version {info.version}  aliases: {', '.join(info.aliases) or '-'}")
+    out.print(f"source:  {escape(info.source)}")
+    out.print(f"run:     {info.run_id or '-'}")
+    out.print(f"created: {info.created}")
+    for key, value in sorted(info.tags.items()):
+        out.print(f"  {escape(key)} = {escape(value)}")
+    if not records:
+        out.print("audit: no alias moves or approvals of this version")
+        return
+    table = Table(show_edge=False, pad_edge=False, box=None, title="audit", title_justify="left")
+    for column in ("time (UTC)", "user", "action", "alias", "from", "to", "reason"):
+        table.add_column(column)
+    for r in records:
+        table.add_row(
+            short_time(r.time),
+            escape(r.user),
+            r.action,
+            r.alias or "-",
+            r.from_version or "-",
+            r.to_version or "-",
+            escape(r.reason),
+        )
+    print_wide(table)
+
+
+@models.command("promote")
+@click.argument("model")
+@click.argument("version")
+@click.option(
+    "--alias",
+    type=click.Choice(["champion", "challenger"]),
+    default="champion",
+    show_default=True,
+    help="The alias VERSION gets.",
+)
+@reason_option
+@click.option("--force", is_flag=True, help="Promote even when its gates failed or approval is missing.")
+@user_option
+@workdir_option
+@tracking_uri_option
+@friendly_errors
+def models_promote(
+    model: str,
+    version: str,
+    alias: str,
+    reason: str,
+    force: bool,
+    user: str | None,
+    workdir: Path,
+    tracking_uri: str | None,
+) -> None:
+    """Point ALIAS (default champion) at VERSION (a number or @challenger), with an audit record."""
+    from kubeforge.registry.client import current_user
+
+    registry = open_registry(workdir, tracking_uri)
+    record = registry.promote(model, version, alias=alias, reason=reason, user=user or current_user(), force=force)
+    out.print(escape(record.summary()))
+
+
+@models.command("rollback")
+@click.argument("model")
+@reason_option
+@user_option
+@workdir_option
+@tracking_uri_option
+@friendly_errors
+def models_rollback(model: str, reason: str, user: str | None, workdir: Path, tracking_uri: str | None) -> None:
+    """Give champion back to the version that held it before the current one."""
+    from kubeforge.registry.client import current_user
+
+    registry = open_registry(workdir, tracking_uri)
+    record = registry.rollback(model, reason=reason, user=user or current_user())
+    out.print(escape(record.summary()))
+
+
+@models.command("approve")
+@click.argument("model")
+@click.argument("version")
+@reason_option
+@user_option
+@workdir_option
+@tracking_uri_option
+@friendly_errors
+def models_approve(
+    model: str, version: str, reason: str, user: str | None, workdir: Path, tracking_uri: str | None
+) -> None:
+    """Sign off VERSION, which a pipeline's promotion stage is waiting on."""
+    from kubeforge.registry.client import current_user
+
+    registry = open_registry(workdir, tracking_uri)
+    record = registry.approve(model, version, reason=reason, user=user or current_user())
+    out.print(escape(record.summary()))
 
 
 if __name__ == "__main__":

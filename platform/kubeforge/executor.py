@@ -45,6 +45,8 @@ STAGES: dict[str, StageDef] = {
     "tune": StageDef("tune", "kubeforge.tune.stage", lambda p: p.spec.tune),
     "finetune": StageDef("finetune", "kubeforge.finetune.stage", lambda p: p.spec.finetune),
     "evaluate": StageDef("evaluate", "kubeforge.evaluate.stage", lambda p: p.spec.evaluate),
+    "quantize": StageDef("quantize", "kubeforge.quantize.stage", lambda p: p.spec.quantize),
+    "promote": StageDef("promote", "kubeforge.registry.stage", lambda p: p.spec.promotion),
 }
 
 
@@ -211,6 +213,31 @@ def stage_section(pipeline: ModelPipeline, stage: str, inputs: dict[str, StageOu
     return apply_overrides(section, best)
 
 
+def _register_model(
+    pipeline: ModelPipeline,
+    stage: str,
+    result: dict[str, Any],
+    run_id: str,
+    run_tags: dict[str, str],
+    inputs: dict[str, StageOutput],
+    tracking_uri: str,
+) -> dict[str, str] | None:
+    """Every model a pipeline produces becomes a version of its registered model, before the stage
+    counts as finished: a stage interrupted here reruns and registers (once) on resume."""
+    from mlflow.exceptions import MlflowException
+
+    from kubeforge.registry.lineage import MODEL_ROLES, register_stage_model
+
+    if stage not in MODEL_ROLES:
+        return None
+    try:
+        return register_stage_model(tracking_uri, pipeline.metadata.name, stage, result, run_id, run_tags, inputs)
+    except MlflowException as exc:
+        raise StageError(
+            stage, f"could not register the model in MLflow ({tracking_uri}): {exc.message}", resumable=True
+        ) from exc
+
+
 def execute_stage(
     pipeline: ModelPipeline,
     stage: PlannedStage,
@@ -287,6 +314,10 @@ def execute_stage(
 
     if not isinstance(result, dict):
         raise StageError(stage.name, f"returned {type(result).__name__}, expected a JSON-serialisable dict")
+    registered = _register_model(pipeline, stage.name, result, tracker.run_id, tags, inputs, tracking_uri)
+    if registered is not None:
+        result["registered"] = registered
+        reporter.log(f"stage {stage.name}: registered as model '{registered['model']}' version {registered['version']}")
     result = {
         **result,
         META_KEY: {

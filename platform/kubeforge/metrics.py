@@ -100,6 +100,25 @@ EVAL_METRIC = Gauge(
     ["pipeline", "model", "metric"],
     registry=REGISTRY,
 )
+QUANTIZE_METRIC = Gauge(
+    "kubeforge_quantize_metric",
+    "The quantize stage's measurements: perplexity_before, perplexity_after, perplexity_increase, size_ratio, "
+    "check_tokens_per_second.",
+    ["pipeline", "scheme", "metric"],
+    registry=REGISTRY,
+)
+PROMOTION_GATE = Gauge(
+    "kubeforge_promotion_gate_passed",
+    "1 when the candidate passed the promotion gate on this metric, 0 when it failed.",
+    ["pipeline", "metric"],
+    registry=REGISTRY,
+)
+PROMOTION_AWAITING_APPROVAL = Gauge(
+    "kubeforge_promotion_awaiting_approval",
+    "1 while the pipeline waits for `kubeforge models approve` on this registered model version.",
+    ["pipeline", "version"],
+    registry=REGISTRY,
+)
 
 
 def serve(port: int, addr: str = "127.0.0.1") -> None:

@@ -3,7 +3,8 @@
 One run of the whole lifecycle carries three checks, because each run of it costs minutes on two
 cores: the run is killed mid-pretraining (taking its local Ray runtime down, as a node failure or an
 OOM-killed pod would) and resumes from the last checkpoint in the same MLflow run; a real Prometheus
-scrapes it while it works; and a rerun of the finished pipeline skips every stage.
+scrapes it while it works; and a rerun of the finished pipeline skips every stage. The registry
+part checks the lineage of the three versions it registers and the `kubeforge models` commands.
 """
 
 from __future__ import annotations
@@ -119,7 +120,8 @@ def test_quickstart_killed_resumes_is_scraped_learns_and_a_rerun_skips_everythin
     resumed = runs(workdir)[-1]
     assert resumed["state"] == "succeeded"
     assert [(s["name"], s["state"]) for s in resumed["stages"]] == [
-        ("data", "skipped"), ("pretrain", "succeeded"), ("finetune", "succeeded"), ("evaluate", "succeeded")
+        ("data", "skipped"), ("pretrain", "succeeded"), ("finetune", "succeeded"), ("evaluate", "succeeded"),
+        ("quantize", "succeeded"), ("promote", "succeeded"),
     ]
     assert all(s["mlflow_run_id"] for s in resumed["stages"])
     assert resumed["stages"][1]["mlflow_run_id"] == killed["stages"][1]["mlflow_run_id"], "the MLflow run is resumed"
@@ -157,6 +159,36 @@ def test_quickstart_killed_resumes_is_scraped_learns_and_a_rerun_skips_everythin
     assert candidate["rouge_l"] > base["rouge_l"], evaluation
     assert (evaluate_dir / evaluation["comparison"]).is_file()
 
+    (quantize_dir,) = stages.glob("quantize-*")
+    quantized = json.loads((quantize_dir / "result.json").read_text())
+    assert quantized["scheme"] == "w8a8-int8" and quantized["format"] == "compressed-tensors"
+    assert quantized["perplexity_increase"] <= 0.03 and quantized["size_ratio"] < 0.5, quantized
+    assert quantized["check"]["engine"] == "vllm" and quantized["check"]["generated_tokens"] > 0, quantized["check"]
+
+    (promote_dir,) = stages.glob("promote-*")
+    promoted = json.loads((promote_dir / "result.json").read_text())
+    assert promoted["gates_verdict"] == "passed" and promoted["version"] == quantized["registered"]["version"]
+    from kubeforge.registry.client import Registry
+
+    registry = Registry(f"sqlite:///{workdir}/mlflow.db")
+    versions = {v.version: v for v in registry.versions("quickstart")}
+    roles = {v.tags["kubeforge.role"]: v for v in versions.values()}
+    assert set(roles) == {"base", "finetuned", "quantized"}, versions
+    assert roles["quantized"].tags["kubeforge.parent_version"] == roles["finetuned"].version
+    assert roles["finetuned"].tags["kubeforge.parent_version"] == roles["base"].version
+    assert roles["quantized"].tags["kubeforge.quantization"] == "w8a8-int8"
+    assert roles["finetuned"].tags["kubeforge.method"] == "sft-lora"
+    assert roles["base"].tags["kubeforge.dataset_hash"] == roles["quantized"].tags["kubeforge.dataset_hash"]
+    assert roles["quantized"].aliases == ("challenger",)
+
+    champion = roles["quantized"].version
+    promote = kubeforge("models", "promote", "quickstart", champion, "--reason", "first champion", "--workdir", workdir)
+    assert promote.returncode == 0, promote.stderr
+    listed = kubeforge("models", "list", "quickstart", "--workdir", workdir)
+    assert listed.returncode == 0 and "champion" in listed.stdout, listed.stdout
+    rollback = kubeforge("models", "rollback", "quickstart", "--reason", "test", "--workdir", workdir)
+    assert rollback.returncode != 0 and "no previous champion" in rollback.stderr, rollback.stderr
+
     window = "[30m]"
     steps = query(url, f'max_over_time(kubeforge_train_step{{pipeline="quickstart"}}{window})')
     assert steps == {"pipeline=quickstart,stage=pretrain": 300, "pipeline=quickstart,stage=finetune": 120}
@@ -167,8 +199,11 @@ def test_quickstart_killed_resumes_is_scraped_learns_and_a_rerun_skips_everythin
     scored = query(url, f'max_over_time(kubeforge_eval_metric{{metric="rouge_l"}}{window})')
     assert scored["metric=rouge_l,model=candidate,pipeline=quickstart"] == pytest.approx(candidate["rouge_l"])
     states = query(url, f'max_over_time(kubeforge_stage_state{{kubeforge_stage_state="succeeded"}}{window})')
-    assert {k.split("stage=")[1] for k, v in states.items() if v == 1} == {"pretrain", "finetune", "evaluate"}
+    assert {k.split("stage=")[1] for k, v in states.items() if v == 1} == {
+        "pretrain", "finetune", "evaluate", "quantize", "promote"}
+    gates = query(url, f'max_over_time(kubeforge_promotion_gate_passed{{pipeline="quickstart"}}{window})')
+    assert len(gates) == 3 and set(gates.values()) == {1}, gates
 
     third = kubeforge("run", "examples/quickstart.yaml", "--workdir", workdir, "--no-metrics")
     assert third.returncode == 0, third.stderr[-4000:]
-    assert [s["state"] for s in runs(workdir)[-1]["stages"]] == ["skipped"] * 4
+    assert [s["state"] for s in runs(workdir)[-1]["stages"]] == ["skipped"] * 6

@@ -25,7 +25,7 @@ def write(tmp_path: Path, doc: dict) -> Path:
 def test_validate_accepts_the_quickstart() -> None:
     result = CliRunner().invoke(main, ["validate", str(EXAMPLES / "quickstart.yaml")])
     assert result.exit_code == 0, result.output
-    assert "valid ModelPipeline 'quickstart' (stages: data, pretrain, finetune, evaluate)" in result.output
+    assert "valid ModelPipeline 'quickstart' (stages: data, pretrain, finetune, evaluate, quantize, promote)" in result.output
 
 
 def test_validate_prints_one_line_per_problem_and_exits_2(tmp_path: Path) -> None:

@@ -14,9 +14,10 @@ SPECIAL = {"eos_id": 0, "pad_id": 1, "mask_id": 2, "unk_id": 3}
 
 def test_intermediate_size_defaults() -> None:
     assert default_intermediate_size("mlm", 128) == 512
-    # 8/3 x 128 = 341.3, rounded up to a multiple of 8.
-    assert default_intermediate_size("causal", 128) == 344
+    # 8/3 x 128 = 341.3, rounded up to a multiple of 32.
+    assert default_intermediate_size("causal", 128) == 352
     assert default_intermediate_size("causal", 96) == 256
+    assert default_intermediate_size("causal", 64) == 192
 
 
 def test_causal_builds_llama_with_the_spec_sizes() -> None:
@@ -29,14 +30,14 @@ def test_causal_builds_llama_with_the_spec_sizes() -> None:
     assert type(model).__name__ == "LlamaForCausalLM"
     assert (config.vocab_size, config.hidden_size, config.num_hidden_layers) == (300, 64, 3)
     assert (config.num_attention_heads, config.num_key_value_heads) == (4, 2)
-    assert config.intermediate_size == 176
+    assert config.intermediate_size == 192
     assert config.max_position_embeddings == 96
     assert config.attention_dropout == 0.1
     assert (config.eos_token_id, config.pad_token_id) == (0, 1)
     # Tied: the output projection is the input embedding matrix, counted once.
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     embedding = 300 * 64
-    per_layer = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 176 + 2 * 64  # q,o + k,v (2 kv heads of 16) + mlp + norms
+    per_layer = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 192 + 2 * 64  # q,o + k,v (2 kv heads of 16) + mlp + norms
     assert count_parameters(model) == embedding + 3 * per_layer + 64
 
 

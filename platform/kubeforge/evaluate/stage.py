@@ -9,8 +9,10 @@
   `mlflow.artifacts.download_artifacts` (a `runs:/`, `models:/`, `file://` or remote artifact URI, or a
   local folder) into the stage folder (and removed once scored). It must hold a Hugging Face model
   folder (`config.json` and weights; the tokenizer in the same folder or in another one under the
-  source), which is what the pretraining and fine-tuning stages log. No registered model or no alias
-  means no champion: logged, not an error.
+  source), which is what the pretraining and fine-tuning stages log. A quantized champion is scored
+  through the version it was quantized from (its `kubeforge.parent_version` tag), because the
+  candidate here is unquantized too. No registered model or no alias means no champion: logged,
+  not an error.
 
 Every model is loaded, scored and released in turn (one in memory at a time):
 
@@ -155,6 +157,13 @@ def _champion_source(spec: EvaluateSpec, ctx: StageContext, objective: str) -> t
             ctx.reporter.log(f"{STAGE}: no champion to compare with (registered model '{name}': {exc.message})")
             return None
         raise StageError(STAGE, f"could not read registered model '{name}' from MLflow: {exc.message}") from exc
+    parent = version.tags.get("kubeforge.parent_version")
+    if version.tags.get("kubeforge.role") == "quantized" and parent:
+        # The candidate scored here is unquantized (the quantize stage gates its own loss), so the
+        # like-for-like comparison is with the model the champion was quantized from.
+        ctx.reporter.log(f"{STAGE}: champion '{name}' version {version.version} is quantized; scoring the "
+                         f"version it was quantized from ({parent})")
+        version = ctx.tracker.client.get_model_version(name, parent)
     target = ctx.out_dir / "champion" / f"v{version.version}"
     if target.exists():
         shutil.rmtree(target)  # left by an interrupted attempt: download afresh

@@ -6,6 +6,8 @@ from kubeforge.spec.finetune import FinetuneSpec
 from kubeforge.spec.load import load_manifest, parse_manifest, resolve_source_paths
 from kubeforge.spec.pipeline import API_VERSION, ModelPipeline
 from kubeforge.spec.pretrain import PretrainSpec
+from kubeforge.spec.promotion import PromotionSpec
+from kubeforge.spec.quantize import QuantizeSpec
 from kubeforge.spec.tune import TuneSpec
 
 
@@ -22,6 +24,8 @@ __all__ = [
     "FinetuneSpec",
     "ModelPipeline",
     "PretrainSpec",
+    "PromotionSpec",
+    "QuantizeSpec",
     "StdlibSource",
     "TuneSpec",
     "json_schema",

@@ -10,7 +10,9 @@ from kubeforge.spec.base import StrictModel
 from kubeforge.spec.data import DataSpec
 from kubeforge.spec.evaluate import EvaluateSpec
 from kubeforge.spec.finetune import FinetuneSpec
-from kubeforge.spec.pretrain import PretrainSpec
+from kubeforge.spec.pretrain import ModelArchitecture, PretrainSpec
+from kubeforge.spec.promotion import STAGE_METRICS, PromotionSpec
+from kubeforge.spec.quantize import SERVING_ENGINE, SUPPORTED_ARCHITECTURES, QuantizeSpec
 from kubeforge.spec.tune import REPORTED_METRICS, TuneSpec, field_paths
 
 API_VERSION = "kubeforge.io/v1alpha1"
@@ -37,6 +39,8 @@ class PipelineSpec(StrictModel):
     tune: TuneSpec | None = None
     finetune: FinetuneSpec | None = None
     evaluate: EvaluateSpec | None = None
+    quantize: QuantizeSpec | None = None
+    promotion: PromotionSpec | None = None
 
     # Checks that span sections are raised from here (not from the sections) because the limit lives
     # in another section; each message starts with the path of the field to change, which the error
@@ -62,8 +66,57 @@ class PipelineSpec(StrictModel):
     def _stages_have_their_inputs(self) -> PipelineSpec:
         if self.finetune is not None and self.finetune.base_model is None and self.pretrain is None:
             raise ValueError("finetune.base_model: set a model folder, or add a pretrain section to train one")
-        if self.evaluate is not None and self.pretrain is None and self.finetune is None:
-            raise ValueError("evaluate: needs a model to score; add a pretrain or finetune section")
+        for name, verb in (("evaluate", "score"), ("quantize", "quantize"), ("promotion", "register")):
+            if getattr(self, name) is not None and self.pretrain is None and self.finetune is None:
+                raise ValueError(f"{name}: needs a model to {verb}; add a pretrain or finetune section")
+        return self
+
+    @model_validator(mode="after")
+    def _quantizer_supports_the_model(self) -> PipelineSpec:
+        quantize = self.quantize
+        if quantize is None:
+            return self
+        if self.finetune is not None and self.finetune.method == "prefix":
+            raise ValueError(
+                f"quantize.scheme: {quantize.scheme} needs one set of merged weights, but method 'prefix' keeps "
+                "its prefix apart from the base model; fine-tune with lora or full"
+            )
+        final = self.final_model()
+        if final is None:
+            return self  # a model folder named in the manifest: checked when the stage reads its config
+        architecture, shape, where = final
+        supported = SUPPORTED_ARCHITECTURES[quantize.scheme]
+        if architecture not in supported:
+            raise ValueError(f"quantize.scheme: {quantize.scheme} does not support {architecture} "
+                             f"(supported: {', '.join(supported)})")
+        width = shape.intermediate_size
+        if SERVING_ENGINE[quantize.scheme] == "vllm" and width is not None and width % 16:
+            raise ValueError(
+                f"{where}.intermediate_size: vLLM's quantized kernels need a multiple of 16 to serve "
+                f"quantize.scheme {quantize.scheme} (got {width}); leave it null for a default that fits"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _gates_name_produced_metrics(self) -> PipelineSpec:
+        if self.promotion is None:
+            return self
+        for i, gate in enumerate(self.promotion.gates):
+            if gate.stage not in STAGE_METRICS:
+                raise ValueError(
+                    f"promotion.gates.{i}.metric: no stage '{gate.stage}' reports metrics for gates "
+                    f"(stages: {', '.join(STAGE_METRICS)})"
+                )
+            if getattr(self, gate.stage) is None:
+                raise ValueError(
+                    f"promotion.gates.{i}.metric: '{gate.metric}' comes from the {gate.stage} stage, which this "
+                    f"manifest does not have; add a {gate.stage} section or drop the gate"
+                )
+            if gate.name not in STAGE_METRICS[gate.stage]:
+                raise ValueError(
+                    f"promotion.gates.{i}.metric: the {gate.stage} stage does not produce '{gate.name}' "
+                    f"(it produces: {', '.join(STAGE_METRICS[gate.stage])})"
+                )
         return self
 
     @model_validator(mode="after")
@@ -99,6 +152,18 @@ class PipelineSpec(StrictModel):
                 )
         return self
 
+    def final_model(self) -> tuple[str, ModelArchitecture, str] | None:
+        """The `transformers` class, sizes and manifest path of the pipeline's final model when the
+        manifest decides them; None when it comes from a model folder read at run time."""
+        finetune, pretrain = self.finetune, self.pretrain
+        if finetune is not None and finetune.distill is not None:
+            student = finetune.distill.student
+            return None if student is None else ("LlamaForCausalLM", student, "finetune.distill.student")
+        if (finetune is not None and finetune.base_model is not None) or pretrain is None:
+            return None
+        architecture = "BertForMaskedLM" if pretrain.objective == "mlm" else "LlamaForCausalLM"
+        return architecture, pretrain.model, "pretrain.model"
+
 
 class ModelPipeline(StrictModel):
     """A pipeline manifest: `kubectl apply` and `kubeforge run` take the same file."""
@@ -118,9 +183,11 @@ class ModelPipeline(StrictModel):
             names.append("pretrain")
         if spec.tune is not None and spec.tune.target == "finetune":
             names.append("tune")
-        for name in ("finetune", "evaluate"):
+        for name in ("finetune", "evaluate", "quantize"):
             if getattr(spec, name) is not None:
                 names.append(name)
+        if spec.promotion is not None:
+            names.append("promote")
         return names
 
     def stage_deps(self, name: str) -> tuple[str, ...]:
@@ -137,8 +204,11 @@ class ModelPipeline(StrictModel):
         elif name == "finetune":
             wanted = ("data", "pretrain", "tune") if spec.finetune and spec.finetune.hyperparameters_from else (
                 "data", "pretrain")
-        elif name == "evaluate":
+        elif name in ("evaluate", "quantize"):
             wanted = ("data", "pretrain", "finetune")
+        elif name == "promote":
+            # Its gates read any earlier stage's metrics, and it registers the last model.
+            wanted = ("data", "pretrain", "finetune", "evaluate", "quantize")
         else:
             raise KeyError(name)
         return tuple(d for d in wanted if d in present)
