@@ -8,8 +8,8 @@ cluster; on Kubernetes the operator mounts a shared volume and sets these for a 
 
 The data stage and the stage whose model it quantizes (finetune, else pretrain) must have finished
 in that work directory first. llm-compressor schemes run in the quantize environment: on a laptop
-`.venv-quantize` (built by `bash infra/local/install.sh quantize`), in a cluster the quantize image
-(infra/images/Dockerfile.quantize), or the interpreter named by KUBEFORGE_PYTHON_QUANTIZE.
+`.venv-quantize` (built by `bash infra/local/install.sh quantize`), in a cluster `/opt/venv-quantize`
+of the quantize image (infra/images/Dockerfile.quantize), or the interpreter KUBEFORGE_PYTHON_QUANTIZE names.
 The last line it prints on stdout is JSON: {"stage": ..., "directory": ..., "mlflow_run_id": ...}.
 """
 

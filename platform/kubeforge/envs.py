@@ -11,8 +11,7 @@ Where the environment's interpreter comes from (`python_for`), first match wins:
    no executable file that is an error, not a reason to look elsewhere: a typo must not silently
    pick a different interpreter.
 2. The current interpreter, when it can import the environment's marker module (`llmcompressor`):
-   inside the quantize image, or a process already started in the quantize environment. The
-   function then runs in-process.
+   a process already started in the quantize environment. The function then runs in-process.
 3. `<checkout>/.venv-quantize/bin/python`, which `bash infra/local/install.sh quantize` (and the
    core, test and bench profiles) build.
 
@@ -30,7 +29,8 @@ Before the first task, the interpreter is probed in a subprocess (Python and Ray
 kubeforge and the marker importable): given an interpreter that cannot start a worker, Ray 2.60
 retries forever instead of failing the task. The path is a path on this machine, so this suits a
 Ray runtime whose nodes share this machine's files (`kubeforge run`'s local one); on a cluster the
-stage runs in the environment's own image, where `python_for` returns None.
+quantize image sets `KUBEFORGE_PYTHON_QUANTIZE=/opt/venv-quantize/bin/python`, a path that exists
+on every pod of that image.
 
 Ray must already be initialised (`kubeforge run` and the job entrypoints do it before any stage):
 this module does not start a runtime of its own, because one started here would outlive the call

@@ -162,7 +162,8 @@ def test_quickstart_killed_resumes_is_scraped_learns_and_a_rerun_skips_everythin
     (quantize_dir,) = stages.glob("quantize-*")
     quantized = json.loads((quantize_dir / "result.json").read_text())
     assert quantized["scheme"] == "w8a8-int8" and quantized["format"] == "compressed-tensors"
-    assert quantized["perplexity_increase"] <= 0.03 and quantized["size_ratio"] < 0.5, quantized
+    # The tied embedding (4096 x 128) stays fp32 and is over half of this small model, hence not 0.25.
+    assert quantized["perplexity_increase"] <= 0.03 and quantized["size_ratio"] < 0.75, quantized
     assert quantized["check"]["engine"] == "vllm" and quantized["check"]["generated_tokens"] > 0, quantized["check"]
 
     (promote_dir,) = stages.glob("promote-*")

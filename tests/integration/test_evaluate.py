@@ -126,14 +126,21 @@ def test_a_finetuned_candidate_is_compared_with_its_base_and_the_champion(tiny_l
     version = client.create_model_version(
         champion_name, f"runs:/{tiny_lm.pretrain.mlflow_run_id}/model", run_id=tiny_lm.pretrain.mlflow_run_id
     )
-    client.set_registered_model_alias(champion_name, "champion", version.version)
+    # Production serves a quantized child of that version; its source holds no Hugging Face folder, so
+    # scoring it instead of its parent would fail the stage.
+    quantized = client.create_model_version(
+        champion_name, f"runs:/{tiny_lm.data.mlflow_run_id}/no-model-here", run_id=tiny_lm.data.mlflow_run_id,
+        tags={"kubeforge.role": "quantized", "kubeforge.parent_version": str(version.version)},
+    )
+    client.set_registered_model_alias(champion_name, "champion", quantized.version)
 
     finetune = fake_finetune(tiny_lm, "compare", RECORDS)
     ctx = finetune_context(tiny_lm, "evaluate-compare", {**SECTION, "champion": champion_name}, finetune)
     result = run_stage(ctx)
 
     assert result["task"] == {"kind": "instruction", "name": "python-docstrings"}
-    assert result["num_examples"] == 4 and result["champion_version"] == str(version.version)
+    assert result["num_examples"] == 4 and result["champion_version"] == str(quantized.version)
+    assert result["champion_scored_version"] == str(version.version)
     candidate, base, champion = result["candidate"], result["base"], result["champion"]
     for scores in (candidate, base, champion):
         assert math.isfinite(scores["perplexity"])

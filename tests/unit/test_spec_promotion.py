@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from kubeforge.errors import SpecError
 from kubeforge.registry.gates import evaluate_gates, report
 from kubeforge.spec import parse_manifest
 from kubeforge.spec.promotion import Gate
+from tests.unit.test_spec_stages import problems
 
 pytestmark = pytest.mark.unit
 
@@ -42,12 +42,6 @@ def doc(**changes: Any) -> dict[str, Any]:
         else:
             node[leaf] = value
     return out
-
-
-def problems(manifest: dict[str, Any]) -> list[str]:
-    with pytest.raises(SpecError) as info:
-        parse_manifest(manifest)
-    return [str(p) for p in info.value.problems]
 
 
 def test_quantize_and_promote_run_last_and_read_what_they_need() -> None:

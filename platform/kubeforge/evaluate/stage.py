@@ -143,8 +143,11 @@ def _find_model_folder(root: Path) -> tuple[Path, Path] | None:
     return (model_dir, tokenizers[0]) if tokenizers else None
 
 
-def _champion_source(spec: EvaluateSpec, ctx: StageContext, objective: str) -> tuple[ModelSource, str] | None:
-    """The registered champion, downloaded into the stage folder, or None when there is none yet."""
+def _champion_source(
+    spec: EvaluateSpec, ctx: StageContext, objective: str
+) -> tuple[ModelSource, str, str] | None:
+    """The registered champion, downloaded into the stage folder, with the version behind the alias
+    and the version scored; None when there is no champion yet."""
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
@@ -157,6 +160,7 @@ def _champion_source(spec: EvaluateSpec, ctx: StageContext, objective: str) -> t
             ctx.reporter.log(f"{STAGE}: no champion to compare with (registered model '{name}': {exc.message})")
             return None
         raise StageError(STAGE, f"could not read registered model '{name}' from MLflow: {exc.message}") from exc
+    alias_version = str(version.version)
     parent = version.tags.get("kubeforge.parent_version")
     if version.tags.get("kubeforge.role") == "quantized" and parent:
         # The candidate scored here is unquantized (the quantize stage gates its own loss), so the
@@ -188,8 +192,8 @@ def _champion_source(spec: EvaluateSpec, ctx: StageContext, objective: str) -> t
     model_dir, tokenizer_dir = found
     ctx.reporter.log(f"{STAGE}: champion is '{name}' version {version.version} ({version.source})")
     loader = _hf_loader(model_dir, objective, tokenizer_dir)
-    source = ModelSource("champion", f"models:/{name}@{CHAMPION_ALIAS}", loader)
-    return source, str(version.version)
+    source = ModelSource("champion", f"models:/{name}/{version.version}", loader)
+    return source, alias_version, str(version.version)
 
 
 def _task(ctx: StageContext, finetune: StageOutput | None, spec: EvaluateSpec) -> Task | None:
@@ -435,10 +439,10 @@ def run(spec: EvaluateSpec, ctx: StageContext) -> dict[str, Any]:
     else:
         raise StageError(STAGE, "needs a model to score: the output of the pretrain or finetune stage")
     champion = _champion_source(spec, ctx, objective)
-    champion_version = None
+    champion_version = champion_scored = None
     if champion is not None:
         sources.append(champion[0])
-        champion_version = champion[1]
+        champion_version, champion_scored = champion[1], champion[2]
 
     task = _task(ctx, finetune, spec)
     if task is not None and objective != "causal":
@@ -513,6 +517,7 @@ def run(spec: EvaluateSpec, ctx: StageContext) -> dict[str, Any]:
         "base": scores.get("base"),
         "champion": scores.get("champion"),
         "champion_version": champion_version,
+        "champion_scored_version": champion_scored,
         "models": {s.name: s.location for s in sources},
         "comparison": "comparison.csv",
         "comparison_md": "comparison.md",
