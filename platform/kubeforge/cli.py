@@ -89,12 +89,17 @@ def main() -> None:
 @click.option("--no-check-files", is_flag=True, help="Do not require local source files to exist.")
 @friendly_errors
 def validate(manifest: Path, no_check_files: bool) -> None:
-    """Check MANIFEST and print one line per problem (exit 2 when invalid)."""
-    from kubeforge.spec import load_manifest
+    """Check MANIFEST (a ModelPipeline or a ModelDeployment) and print one line per problem (exit 2 when invalid)."""
+    from kubeforge.spec import ModelPipeline, load_any
 
-    pipeline = load_manifest(manifest, check_files=not no_check_files)
-    stages = ", ".join(pipeline.stage_names())
-    out.print(f"{manifest}: valid {pipeline.kind} '{pipeline.metadata.name}' (stages: {stages})")
+    document = load_any(manifest, check_files=not no_check_files)
+    if isinstance(document, ModelPipeline):
+        detail = "stages: " + ", ".join(document.stage_names())
+    else:
+        rollout = document.spec.rollout
+        detail = f"serves {document.spec.model}" + (
+            f", {rollout.strategy} rollout of {rollout.candidate}" if rollout is not None else "")
+    out.print(f"{manifest}: valid {document.kind} '{document.metadata.name}' ({detail})")
 
 
 @main.command()

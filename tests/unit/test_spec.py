@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from kubeforge.errors import SpecError
-from kubeforge.spec import json_schema, load_manifest, parse_manifest
+from kubeforge.spec import json_schema, load_any, load_manifest, parse_manifest
 
 pytestmark = pytest.mark.unit
 
@@ -45,9 +45,12 @@ def problems(doc: dict[str, Any]) -> list[str]:
 def test_every_example_manifest_validates() -> None:
     found = sorted(EXAMPLES.glob("*.yaml"))
     assert found, "examples/ has no manifests"
+    kinds = set()
     for path in found:
-        pipeline = load_manifest(path)
-        assert pipeline.metadata.name
+        document = load_any(path)
+        assert document.metadata.name
+        kinds.add(document.kind)
+    assert kinds == {"ModelPipeline", "ModelDeployment"}
 
 
 def test_defaults_fill_a_minimal_manifest() -> None:

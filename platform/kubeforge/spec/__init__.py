@@ -1,9 +1,17 @@
 """The manifest models (pydantic): the one source of truth for CLI, executor, jobs and CRDs."""
 
 from kubeforge.spec.data import DataSpec, FilesSource, StdlibSource
+from kubeforge.spec.deployment import ModelDeployment
 from kubeforge.spec.evaluate import EvaluateSpec
 from kubeforge.spec.finetune import FinetuneSpec
-from kubeforge.spec.load import load_manifest, parse_manifest, resolve_source_paths
+from kubeforge.spec.load import (
+    load_any,
+    load_deployment,
+    load_manifest,
+    parse_deployment,
+    parse_manifest,
+    resolve_source_paths,
+)
 from kubeforge.spec.pipeline import API_VERSION, ModelPipeline
 from kubeforge.spec.pretrain import PretrainSpec
 from kubeforge.spec.promotion import PromotionSpec
@@ -22,6 +30,7 @@ __all__ = [
     "EvaluateSpec",
     "FilesSource",
     "FinetuneSpec",
+    "ModelDeployment",
     "ModelPipeline",
     "PretrainSpec",
     "PromotionSpec",
@@ -29,7 +38,10 @@ __all__ = [
     "StdlibSource",
     "TuneSpec",
     "json_schema",
+    "load_any",
+    "load_deployment",
     "load_manifest",
+    "parse_deployment",
     "parse_manifest",
     "resolve_source_paths",
 ]

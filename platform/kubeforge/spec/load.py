@@ -7,13 +7,14 @@ import glob
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
 from kubeforge.errors import Problem, SpecError
 from kubeforge.spec.data import SOURCE_TAGS, FilesSource
+from kubeforge.spec.deployment import ROLLOUT_STRATEGIES, ModelDeployment
 from kubeforge.spec.pipeline import DNS1123_LABEL, ModelPipeline
 
 _TAGS = set(SOURCE_TAGS)
@@ -26,24 +27,56 @@ def load_manifest(path: str | Path, check_files: bool = True) -> ModelPipeline:
     are resolved against the manifest's directory, as `kubectl` users expect of sibling files).
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SpecError([Problem(str(path), f"cannot read manifest ({exc.strerror})")]) from None
-    try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        reason = getattr(exc, "problem", None) or str(exc)
-        raise SpecError([Problem(where, f"not valid YAML ({reason})")]) from None
+    pipeline = parse_manifest(read_document(path), source=str(path))
+    if check_files:
+        check_source_files(pipeline, path.parent)
+    return pipeline
+
+
+def load_deployment(path: str | Path) -> ModelDeployment:
+    """Parse and validate a `ModelDeployment` manifest file (`kubeforge serve`)."""
+    path = Path(path)
+    return parse_deployment(read_document(path), source=str(path))
+
+
+def load_any(path: str | Path, check_files: bool = True) -> ModelPipeline | ModelDeployment:
+    """Either kind, by the document's `kind` (`kubeforge validate`)."""
+    path = Path(path)
+    document = read_document(path)
+    if isinstance(document, dict) and document.get("kind") == "ModelDeployment":
+        return parse_deployment(document, source=str(path))
     pipeline = parse_manifest(document, source=str(path))
     if check_files:
         check_source_files(pipeline, path.parent)
     return pipeline
 
 
+def read_document(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError([Problem(str(path), f"cannot read manifest ({exc.strerror})")]) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        reason = getattr(exc, "problem", None) or str(exc)
+        raise SpecError([Problem(where, f"not valid YAML ({reason})")]) from None
+
+
 def parse_manifest(document: Any, source: str = "manifest") -> ModelPipeline:
+    return _parse(ModelPipeline, document, source)
+
+
+def parse_deployment(document: Any, source: str = "manifest") -> ModelDeployment:
+    return _parse(ModelDeployment, document, source)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _parse(model: type[M], document: Any, source: str) -> M:
     if not isinstance(document, dict):
         raise SpecError(
             [
@@ -54,9 +87,9 @@ def parse_manifest(document: Any, source: str = "manifest") -> ModelPipeline:
             ]
         )
     try:
-        return ModelPipeline.model_validate(document)
+        return model.model_validate(document)
     except ValidationError as exc:
-        raise SpecError(format_validation_error(exc, ModelPipeline), source=source) from None
+        raise SpecError(format_validation_error(exc, model), source=source) from None
 
 
 def resolve_source_paths(source: FilesSource, base_dir: Path) -> list[Path]:
@@ -166,6 +199,8 @@ def _clean_location(loc: Iterable[int | str]) -> list[int | str]:
     for part in loc:
         # Discriminated unions put the tag into the path right after the list index.
         if isinstance(part, str) and part in _TAGS and cleaned and isinstance(cleaned[-1], int):
+            continue
+        if isinstance(part, str) and part in ROLLOUT_STRATEGIES and cleaned and cleaned[-1] == "rollout":
             continue
         # dict keys validated by a constrained key type show up as '[key]'; keep them readable.
         if isinstance(part, str) and part.endswith("[key]"):

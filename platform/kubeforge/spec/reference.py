@@ -12,20 +12,20 @@ from typing import Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from kubeforge.spec.deployment import ModelDeployment
 from kubeforge.spec.pipeline import ModelPipeline
 
 
 def render() -> str:
     lines = [
-        "# ModelPipeline manifest reference",
+        "# Manifest reference",
         "",
         "Generated from `kubeforge.spec` by `python -m kubeforge.spec.reference > docs/manifest.md`;",
         "a test fails when this file and the models disagree. Unknown fields are errors.",
-        "",
-        "| field | type | default | meaning |",
-        "|---|---|---|---|",
     ]
-    _rows(ModelPipeline, "", lines)
+    for model in (ModelPipeline, ModelDeployment):
+        lines += ["", f"## {model.__name__}", "", "| field | type | default | meaning |", "|---|---|---|---|"]
+        _rows(model, "", lines)
     return "\n".join(lines) + "\n"
 
 
@@ -48,7 +48,12 @@ def _submodels(annotation: Any) -> list[tuple[type[BaseModel], str]]:
     if origin in (tuple, list):
         return [(m, "[]" + s) for m, s in _submodels(args[0])]
     if origin in (Union, types.UnionType):
-        members = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        # `Annotated[A | B, Field(discriminator=...)] | None` nests a union inside the optional one.
+        flat = []
+        for arg in args:
+            inner = get_args(arg)[0] if hasattr(arg, "__metadata__") else arg
+            flat += list(get_args(inner)) if get_origin(inner) in (Union, types.UnionType) else [inner]
+        members = [a for a in flat if isinstance(a, type) and issubclass(a, BaseModel)]
         if len(members) > 1:
             return [(m, f"({_tag(m)})") for m in members]
         return [(m, "") for m in members]
@@ -58,9 +63,10 @@ def _submodels(annotation: Any) -> list[tuple[type[BaseModel], str]]:
 
 
 def _tag(model: type[BaseModel]) -> str:
-    field = model.model_fields.get("type")
-    if field is not None and get_origin(field.annotation) is Literal:
-        return str(get_args(field.annotation)[0])
+    for discriminator in ("type", "strategy"):
+        field = model.model_fields.get(discriminator)
+        if field is not None and get_origin(field.annotation) is Literal:
+            return str(get_args(field.annotation)[0])
     return model.__name__
 
 

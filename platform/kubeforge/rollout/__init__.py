@@ -1,0 +1,11 @@
+"""Canary and A/B rollout of a served model: what to query, how to judge it, and what to do next.
+
+* `kubeforge.rollout.decision`: the pure decision logic (no I/O, no clock: time is passed in), shared by
+  `kubeforge serve`/`kubeforge rollout` on a laptop and the Kubernetes operator;
+* `kubeforge.rollout.stats`: the A/B statistical comparisons (two-proportion test, Mann-Whitney U on
+  Prometheus histogram buckets);
+* `kubeforge.rollout.queries`: the serving metric names and the PromQL that feeds both.
+
+Nothing here imports numpy or scipy at module level (scipy is imported by the one test that needs it), so
+importing the package stays as light as the spec.
+"""

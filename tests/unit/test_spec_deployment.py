@@ -1,0 +1,83 @@
+"""The ModelDeployment manifest: what it accepts, and the errors that name the field to fix."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from kubeforge.errors import SpecError
+from kubeforge.spec import parse_deployment
+from kubeforge.spec.deployment import parse_model_uri
+
+pytestmark = pytest.mark.unit
+
+BASE: dict[str, Any] = {
+    "apiVersion": "kubeforge.io/v1alpha1",
+    "kind": "ModelDeployment",
+    "metadata": {"name": "demo"},
+    "spec": {
+        "model": "models:/demo@champion",
+        "rollout": {
+            "strategy": "canary",
+            "candidate": "models:/demo@challenger",
+            "steps": [{"weight": 10, "pause_s": 30}, {"weight": 50}],
+            "analysis": {"prometheus": "http://127.0.0.1:9090", "max_p95_latency_s": 1.5},
+        },
+    },
+}
+
+
+def problems(spec: dict[str, Any]) -> list[str]:
+    doc = copy.deepcopy(BASE)
+    doc["spec"] = spec
+    with pytest.raises(SpecError) as info:
+        parse_deployment(doc)
+    return [str(p) for p in info.value.problems]
+
+
+def test_defaults_and_model_uris() -> None:
+    deployment = parse_deployment(BASE)
+    spec = deployment.spec
+    assert (spec.engine.name, spec.replicas, spec.port, spec.auth) == ("vllm", 1, 8000, None)
+    assert spec.rollout is not None and spec.rollout.strategy == "canary"
+    assert spec.rollout.analysis.max_error_rate == 0.01  # the default check stays on
+    assert parse_model_uri("models:/demo@champion") == ("demo", "@champion")
+    assert parse_model_uri("models:/demo/12") == ("demo", "12")
+
+
+def test_a_model_that_is_not_a_registry_uri_is_named() -> None:
+    found = problems({**BASE["spec"], "model": "/tmp/model"})
+    assert len(found) == 1 and found[0].startswith("spec.model: must match ")
+
+
+def test_rollout_errors_point_inside_the_strategy() -> None:
+    rollout = copy.deepcopy(BASE["spec"]["rollout"])
+    rollout["steps"] = [{"weight": 50}, {"weight": 20}]
+    assert problems({**BASE["spec"], "rollout": rollout}) == [
+        "spec.rollout.steps: weights must not decrease (got [50, 20])"
+    ]
+    rollout["steps"] = [{"weight": 150}]
+    assert problems({**BASE["spec"], "rollout": rollout}) == ["spec.rollout.steps[0].weight: must be <= 100 (got 150)"]
+    same = {**BASE["spec"]["rollout"], "candidate": "models:/demo@champion"}
+    assert problems({**BASE["spec"], "rollout": same}) == [
+        "spec.rollout.candidate: is the model already served (models:/demo@champion); name the new version"
+    ]
+    unknown = {**BASE["spec"]["rollout"], "strategy": "bluegreen"}
+    (found,) = problems({**BASE["spec"], "rollout": unknown})
+    assert found.startswith("spec.rollout: unknown type 'bluegreen'")
+
+
+def test_analysis_and_ab_settings_are_checked() -> None:
+    rollout = copy.deepcopy(BASE["spec"]["rollout"])
+    rollout["analysis"] = {"prometheus": "http://p:9090", "max_error_rate": None}
+    assert problems({**BASE["spec"], "rollout": rollout}) == [
+        "spec.rollout.analysis: an analysis needs at least one threshold or check"
+    ]
+    ab = {"strategy": "ab", "candidate": "models:/demo/4", "prometheus": "http://p:9090", "weight": 100}
+    assert problems({**BASE["spec"], "rollout": ab}) == ["spec.rollout.weight: must be < 100 (got 100)"]
+    both = {**BASE["spec"], "replicas": 2, "autoscaling": {"max_replicas": 3}}
+    assert problems(both) == ["spec.replicas: fixed replicas and autoscaling exclude each other; drop one"]
+    auth = {**BASE["spec"], "auth": {"token_env": "A", "token_file": "/t"}}
+    assert problems(auth) == ["spec.auth: set exactly one of token_env and token_file"]
