@@ -2,6 +2,50 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def running_prometheus(tmp_path: Path, target_port: int) -> Iterator[str]:
+    """Debian's Prometheus scraping 127.0.0.1:<target_port> every second; yields its URL once ready."""
+    import shutil
+    import subprocess
+    import time
+
+    import pytest
+    import requests
+    import yaml
+
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.fail("prometheus missing: `make test` installs Debian's prometheus package")
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s"},
+        "scrape_configs": [{"job_name": "kubeforge", "static_configs": [{"targets": [f"127.0.0.1:{target_port}"]}]}],
+    }))
+    server = subprocess.Popen(
+        [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/-/ready", timeout=2).ok:
+                break
+        except requests.ConnectionError:
+            time.sleep(0.5)
+    try:
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
 
 def free_port() -> int:
     import socket

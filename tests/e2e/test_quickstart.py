@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,9 +20,8 @@ from pathlib import Path
 
 import pytest
 import requests
-import yaml
 
-from tests.helpers import free_port
+from tests.helpers import free_port, running_prometheus
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -38,33 +36,9 @@ def kubeforge(*args: str, timeout: int = 1200) -> subprocess.CompletedProcess[st
 @pytest.fixture
 def prometheus(tmp_path: Path) -> Iterator[tuple[str, int]]:
     """Debian's Prometheus scraping 127.0.0.1:<port> every second; yields (its URL, that port)."""
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.fail("prometheus missing: `make test` installs Debian's prometheus package")
-    target_port, port = free_port(), free_port()
-    config = tmp_path / "prometheus.yml"
-    config.write_text(yaml.safe_dump({
-        "global": {"scrape_interval": "1s"},
-        "scrape_configs": [{"job_name": "kubeforge", "static_configs": [{"targets": [f"127.0.0.1:{target_port}"]}]}],
-    }))
-    server = subprocess.Popen(
-        [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/-/ready", timeout=2).ok:
-                break
-        except requests.ConnectionError:
-            time.sleep(0.5)
-    try:
+    target_port = free_port()
+    with running_prometheus(tmp_path, target_port) as url:
         yield url, target_port
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def query(url: str, promql: str) -> dict[str, float]:
