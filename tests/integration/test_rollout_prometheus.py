@@ -37,6 +37,7 @@ def test_values_buckets_no_data_and_bad_queries(tmp_path: Path) -> None:
         # No series (a variant without traffic) and 0/0 are "no data", not zero.
         assert query_value(url, 'sum(demo_requests_total{variant="stable"})') is None
         assert query_value(url, 'sum(demo_requests_total{variant="stable"}) / 0') is None
+        assert query_value(url, "sum(demo_requests_total) / 0") == float("inf")  # a value, which fails a max
         assert query_buckets(url, "sum by (le) (demo_latency_seconds_bucket)") == [
             (0.1, 9.0), (0.5, 9.0), (1.0, 10.0), (float("inf"), 10.0)
         ]

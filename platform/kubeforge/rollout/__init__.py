@@ -4,8 +4,9 @@
   `kubeforge serve`/`kubeforge rollout` on a laptop and the Kubernetes operator;
 * `kubeforge.rollout.stats`: the A/B statistical comparisons (two-proportion test, Mann-Whitney U on
   Prometheus histogram buckets);
-* `kubeforge.rollout.queries`: the serving metric names and the PromQL that feeds both.
+* `kubeforge.rollout.queries`: the serving metric names and the PromQL that feeds both;
+* `kubeforge.rollout.prometheus`: instant queries against a real Prometheus server, the only I/O here.
 
-Nothing here imports numpy or scipy at module level (scipy is imported by the one test that needs it), so
-importing the package stays as light as the spec.
+Nothing here imports numpy or scipy at module level (scipy only inside the Fisher's-exact path of
+`stats`), so importing the package stays as light as the spec.
 """

@@ -43,7 +43,9 @@ def _query(base_url: str, promql: str, timeout_s: float) -> dict[str, Any]:
 
 def _number(raw: Any) -> float | None:
     value = float(raw)
-    return value if math.isfinite(value) else None  # 0/0 (no requests) is NaN: no data, not a value
+    # 0/0 (no requests) is NaN: no data, not a value. +Inf is a value (x/0 with errors but no
+    # requests counted yet, a custom query's overflow) that must fail a `max`, not wait as "no data".
+    return None if math.isnan(value) else value
 
 
 def query_value(base_url: str, promql: str, timeout_s: float = 10.0) -> float | None:

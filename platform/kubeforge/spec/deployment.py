@@ -128,6 +128,11 @@ class Analysis(StrictModel):
         names = [c.name for c in self.checks]
         if len(set(names)) != len(names):
             raise ValueError(f"check names must be unique (got {names})")
+        # Check results and their queries are keyed by name: a custom check named like a built-in one
+        # would silently replace it (kubeforge.rollout.decision.BUILTIN_CHECKS holds the same names).
+        reserved = sorted(set(names) & {"error_rate", "p95_latency_s", "p95_ttft_s"})
+        if reserved:
+            raise ValueError(f"check names {reserved} are taken by the built-in checks; rename them")
         return self
 
 
