@@ -1,7 +1,7 @@
 """Canary and A/B rollout of a served model: what to query, how to judge it, and what to do next.
 
-* `kubeforge.rollout.decision`: the pure decision logic (no I/O, no clock: time is passed in), shared by
-  `kubeforge serve`/`kubeforge rollout` on a laptop and the Kubernetes operator;
+* `kubeforge.rollout.decision`: the pure decision logic (no I/O, no clock: time is passed in), for the
+  local rollout controller and the Kubernetes operator to drive alike;
 * `kubeforge.rollout.stats`: the A/B statistical comparisons (two-proportion test, Mann-Whitney U on
   Prometheus histogram buckets);
 * `kubeforge.rollout.queries`: the serving metric names and the PromQL that feeds both;
