@@ -432,5 +432,59 @@ def models_approve(
     out.print(escape(record.summary()))
 
 
+
+# -- serve -------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
+@workdir_option
+@tracking_uri_option
+@click.option(
+    "--ray-address", envvar="RAY_ADDRESS", help="Ray cluster to use (default: start a local one for this run)."
+)
+@click.option("--num-cpus", type=click.IntRange(min=1), help="CPUs of the local Ray runtime (default: all).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 in a pod).")
+@friendly_errors
+def serve(manifest: Path, workdir: Path, tracking_uri: str | None, ray_address: str | None, num_cpus: int | None,
+          host: str) -> None:
+    """Serve the ModelDeployment MANIFEST (OpenAI-compatible HTTP on spec.port) until Ctrl-C.
+
+    The candidate of spec.rollout, if any, is served next to the stable model at its initial weight;
+    moving the weight is the rollout controller's job."""
+    import time
+
+    from kubeforge.executor import ensure_ray
+    from kubeforge.rollout.queries import CANDIDATE, STABLE
+    from kubeforge.serve.app import VariantModel, build_app
+    from kubeforge.serve.resolve import resolve_model
+    from kubeforge.spec import load_deployment
+
+    document = load_deployment(manifest)
+    spec = document.spec
+    registry = open_registry(workdir, tracking_uri)
+    device = "cuda" if spec.resources.gpus_per_replica > 0 else "cpu"
+    cache = Workdir(workdir).root / "serve-models"
+    uris = {STABLE: spec.model, **({CANDIDATE: spec.rollout.candidate} if spec.rollout is not None else {})}
+    variants = []
+    for variant, uri in uris.items():
+        resolved = resolve_model(uri, registry, cache, spec.engine.name, device)
+        out.print(f"{variant}: {uri} -> version {resolved.version} ({resolved.path})")
+        variants.append(VariantModel(variant, resolved.model, resolved.version, resolved.path))
+    app = build_app(variants, spec)  # checks the engine settings before Ray starts
+
+    from ray import serve as ray_serve
+
+    ensure_ray(ray_address, num_cpus)
+    ray_serve.start(http_options={"host": host, "port": spec.port})
+    ray_serve.run(app, name=document.metadata.name, route_prefix="/")
+    out.print(f"serving '{document.metadata.name}' at http://{host}:{spec.port}/v1 (Ctrl-C stops it)")
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        ray_serve.delete(document.metadata.name)
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,162 @@
+"""The Ray Serve application behind `kubeforge serve`: one vLLM deployment per variant, one router.
+
+```
+ client --HTTP--> Router (FastAPI ingress, ONE replica) --handle, streaming--> ModelServer "stable"
+                  /v1/completions, /v1/chat/completions,                       ModelServer "candidate"
+                  /v1/models, /healthz, /metrics
+```
+
+* `ModelServer` (`engine.py`) wraps vLLM's `AsyncLLM` for one variant. It tokenizes and checks what
+  depends on the model (context length, chat template) and streams events to the router.
+* `Router` (`router.py`) authenticates, validates the request body, picks a variant (weighted random,
+  or sticky on a header), speaks the OpenAI wire format (SSE for `stream: true`) and records the
+  metrics that `kubeforge.rollout.queries` reads. The candidate weight changes live through a handle
+  call, `serve.get_app_handle(app_name).set_weight.remote(30)`, without restarting any replica.
+
+The router runs exactly one replica, on purpose: the metrics live in its process (its own
+`prometheus_client` registry, served at `/metrics`), and so does the weight; a second replica would
+split both. It does only I/O and JSON, so one replica keeps up with many engines.
+
+A request's `model` is the registered model name (split between the variants by weight), or
+`<name>:stable` / `<name>:candidate` to pin one variant (smoke tests, debugging); anything else is a
+404. Responses carry `x-kubeforge-variant` and `x-kubeforge-version` headers.
+
+Fault injection (`faults.Faults`: `fail_rate` answers that share of requests with 503, `delay_s` adds
+latency before the first token) is for tests of the rollout machinery only; `kubeforge serve` never sets it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kubeforge.errors import KubeForgeError
+from kubeforge.rollout.queries import CANDIDATE, STABLE
+from kubeforge.serve.faults import Faults
+from kubeforge.serve.protocol import check_weight
+from kubeforge.spec.deployment import ABRollout, DeploymentSpec
+
+if TYPE_CHECKING:
+    from ray.serve import Application
+
+VARIANTS = (STABLE, CANDIDATE)
+ROUTER_CPUS = 0.1
+"""The router only moves bytes between sockets and handles; it must not take a CPU from an engine."""
+DEFAULT_MAX_ONGOING = 64
+"""Requests a replica accepts at once when engine.max_num_seqs is unset: vLLM batches them itself."""
+ENGINE_START_S = 300
+"""Health-check timeout of a variant replica: vLLM takes tens of seconds to start on a small CPU."""
+
+
+@dataclass(frozen=True)
+class VariantModel:
+    """One variant to serve: a resolved local model folder and its registry labels."""
+
+    variant: str
+    """"stable" or "candidate"."""
+    model: str
+    """The registered model name; clients ask for it in the request's `model` field."""
+    version: str
+    path: Path
+
+
+def initial_weight(spec: DeploymentSpec) -> int:
+    """The candidate's share when the application starts: an A/B test's fixed split, a canary's first
+    step (the rollout controller moves it from there), 0 without a rollout."""
+    if spec.rollout is None:
+        return 0
+    if isinstance(spec.rollout, ABRollout):
+        return spec.rollout.weight
+    return spec.rollout.steps[0].weight
+
+
+def build_app(
+    variants: list[VariantModel],
+    spec: DeploymentSpec,
+    *,
+    weight: int | None = None,
+    faults: Mapping[str, Faults] | None = None,
+) -> Application:
+    """The application serving `variants` with the engine, resources, replicas, autoscaling and auth of
+    `spec`; `weight` overrides `initial_weight(spec)`; `faults` (test-only) is keyed by variant."""
+    from kubeforge.serve import engine, router
+
+    # `@serve.deployment` turns the classes into Deployments, which their static types do not say.
+    model_server: Any = engine.ModelServer
+    router_deployment: Any = router.Router
+
+    by_name = {v.variant: v for v in variants}
+    if len(by_name) != len(variants) or set(by_name) - set(VARIANTS) or STABLE not in by_name:
+        raise KubeForgeError(
+            f"variants: expected one 'stable' and at most one 'candidate' (got {[v.variant for v in variants]})"
+        )
+    if spec.engine.name != "vllm":
+        raise KubeForgeError(f"engine.name: {spec.engine.name!r} serving is not available yet; use engine.name: vllm")
+    start_weight = check_weight(initial_weight(spec) if weight is None else weight)
+    if CANDIDATE not in by_name and start_weight:
+        raise KubeForgeError(f"weight: {start_weight}% for a candidate, but no candidate variant is served")
+    faults = dict(faults or {})
+    unknown = sorted(set(faults) - set(by_name))
+    if unknown:
+        raise KubeForgeError(f"faults: no variant named {unknown} is served")
+
+    device = "cuda" if spec.resources.gpus_per_replica > 0 else "cpu"
+    env_vars = engine_env(spec, device)
+    max_ongoing = spec.engine.max_num_seqs or DEFAULT_MAX_ONGOING
+    scaling: dict[str, Any] = (
+        {"autoscaling_config": {
+            "min_replicas": spec.autoscaling.min_replicas,
+            "max_replicas": spec.autoscaling.max_replicas,
+            "target_ongoing_requests": spec.autoscaling.target_ongoing_requests,
+        }}
+        if spec.autoscaling is not None else {"num_replicas": spec.replicas}
+    )
+    bound: dict[str, Any] = {}
+    for variant in by_name.values():
+        deployment = model_server.options(
+            name=f"model-{variant.variant}",
+            ray_actor_options={
+                "num_cpus": spec.resources.cpus_per_replica,
+                "num_gpus": spec.resources.gpus_per_replica,
+                "runtime_env": {"env_vars": env_vars},
+            },
+            max_ongoing_requests=max_ongoing,
+            health_check_timeout_s=ENGINE_START_S,
+            **scaling,
+        )
+        label = {"model": variant.model, "version": variant.version, "variant": variant.variant}
+        vfaults = asdict(faults.get(variant.variant, Faults()))
+        bound[variant.variant] = deployment.bind(str(variant.path), label, spec.engine.model_dump(), vfaults)
+
+    router_env: dict[str, str] = {}
+    if spec.auth is not None and spec.auth.token_env and spec.auth.token_env in os.environ:
+        # A local Ray runtime started before the variable was set would not pass it on: hand it over.
+        router_env[spec.auth.token_env] = os.environ[spec.auth.token_env]
+    front = router_deployment.options(
+        num_replicas=1,  # metrics and weight live in this one process (see the module docstring)
+        ray_actor_options={"num_cpus": ROUTER_CPUS, "runtime_env": {"env_vars": router_env}},
+        max_ongoing_requests=max(1000, 4 * max_ongoing),
+    )
+    labels = {v.variant: {"model": v.model, "version": v.version} for v in by_name.values()}
+    sticky = spec.rollout.sticky_header if isinstance(spec.rollout, ABRollout) else None
+    auth = spec.auth.model_dump() if spec.auth is not None else None
+    return front.bind(bound[STABLE], bound.get(CANDIDATE), labels, start_weight, sticky, auth)
+
+
+def engine_env(spec: DeploymentSpec, device: str) -> dict[str, str]:
+    """Environment of each variant replica."""
+    env: dict[str, str] = {}
+    kv = spec.engine.kv_cache_gb
+    if device == "cpu":
+        if kv is not None and not float(kv).is_integer():
+            raise KubeForgeError(f"engine.kv_cache_gb: vLLM on CPU sizes its KV cache in whole GiB (got {kv}); "
+                                 "use a whole number")
+        # vLLM's own CPU default is a share of the machine's memory: too much for two variants on a laptop.
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv)) if kv is not None else "1"
+    elif kv is not None:
+        raise KubeForgeError("engine.kv_cache_gb: sizing the KV cache is supported on CPU only for now; "
+                             "drop it for GPU replicas (vLLM then uses its gpu_memory_utilization default)")
+    return env
