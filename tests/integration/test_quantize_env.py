@@ -41,7 +41,8 @@ def quantize_env(ray_local) -> str:
     try:
         python = envs.python_for(envs.QUANTIZE)
     except KubeForgeError as exc:
-        pytest.skip(f"no quantize environment: {exc}")
+        # `make test` builds it: a missing environment is a broken install, not a reason to skip.
+        pytest.fail(f"no quantize environment ({exc}); `make test` builds it with infra/local/install.sh")
     assert python is not None, "the main environment must not have llm-compressor (its pins conflict with vLLM's)"
     return python
 
