@@ -1,5 +1,6 @@
 # The two commands a newcomer runs on a fresh machine:
-#   make demo   installs what it needs, then runs examples/quickstart.yaml on embedded defaults
+#   make demo   installs what it needs, then runs the quickstart pipeline on embedded defaults, a second
+#               run of it, and serves the result with a canary rollout (infra/local/demo.sh)
 #   make test   installs what it needs, then runs every test that can run on a 2-core CPU machine
 # Both are idempotent: a second run reuses .venv and only reinstalls when pyproject.toml changed.
 
@@ -11,7 +12,7 @@ PYTEST_ARGS ?=
 .PHONY: demo test lint install install-test install-quantize clean
 
 demo: install
-	$(BIN)/kubeforge run examples/quickstart.yaml
+	VENV=$(VENV) bash infra/local/demo.sh
 
 test: install-test
 	$(BIN)/ruff check platform operators jobs tests benchmarks

@@ -8,8 +8,9 @@ from pathlib import Path
 
 
 @contextmanager
-def running_prometheus(tmp_path: Path, target_port: int) -> Iterator[str]:
-    """Debian's Prometheus scraping 127.0.0.1:<target_port> every second; yields its URL once ready."""
+def running_prometheus(tmp_path: Path, *target_ports: int) -> Iterator[str]:
+    """Debian's Prometheus scraping 127.0.0.1:<port>/metrics of each target port every second; yields its
+    URL once ready."""
     import shutil
     import subprocess
     import time
@@ -25,7 +26,8 @@ def running_prometheus(tmp_path: Path, target_port: int) -> Iterator[str]:
     config = tmp_path / "prometheus.yml"
     config.write_text(yaml.safe_dump({
         "global": {"scrape_interval": "1s"},
-        "scrape_configs": [{"job_name": "kubeforge", "static_configs": [{"targets": [f"127.0.0.1:{target_port}"]}]}],
+        "scrape_configs": [{"job_name": "kubeforge",
+                            "static_configs": [{"targets": [f"127.0.0.1:{port}" for port in target_ports]}]}],
     }))
     server = subprocess.Popen(
         [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",

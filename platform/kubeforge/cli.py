@@ -128,6 +128,8 @@ def validate(manifest: Path, no_check_files: bool) -> None:
     help="Address the metrics server binds to (0.0.0.0 inside a pod).",
 )
 @click.option("--no-metrics", is_flag=True, help="Do not serve Prometheus metrics.")
+@click.option("--set", "overrides", multiple=True, metavar="PATH=VALUE",
+              help="Override a spec field, e.g. --set finetune.train.max_steps=200 (repeatable; value read as YAML).")
 @friendly_errors
 def run(
     manifest: Path,
@@ -138,19 +140,20 @@ def run(
     metrics_port: int,
     metrics_addr: str,
     no_metrics: bool,
+    overrides: tuple[str, ...],
 ) -> None:
     """Run every stage of MANIFEST on a local Ray runtime, skipping stages that already finished."""
     from kubeforge.executor import RunOptions, run_pipeline
     from kubeforge.progress import RichReporter
     from kubeforge.spec import load_manifest
 
-    pipeline = load_manifest(manifest)
+    pipeline = load_manifest(manifest, overrides=overrides)
     if not no_metrics:
         start_metrics_server(metrics_port, metrics_addr)
     options = RunOptions(
         workdir=Workdir(workdir),
         base_dir=manifest.parent.absolute(),
-        manifest=str(manifest),
+        manifest=" ".join([str(manifest), *(f"--set {item}" for item in overrides)]),
         tracking_uri=tracking_uri,
         ray_address=ray_address,
         num_cpus=num_cpus,
@@ -445,45 +448,151 @@ def models_approve(
 )
 @click.option("--num-cpus", type=click.IntRange(min=1), help="CPUs of the local Ray runtime (default: all).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 in a pod).")
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    default=DEFAULT_METRICS_PORT + 1,
+    show_default=True,
+    envvar="KUBEFORGE_SERVE_METRICS_PORT",
+    help="Serve the rollout's Prometheus metrics on this port (the application's own are at /metrics).",
+)
+@click.option("--no-metrics", is_flag=True, help="Do not serve the rollout's Prometheus metrics.")
+@click.option("--exit-when-done", is_flag=True,
+              help="Stop serving once the rollout has ended (for scripts); without a rollout, stop at once.")
 @friendly_errors
 def serve(manifest: Path, workdir: Path, tracking_uri: str | None, ray_address: str | None, num_cpus: int | None,
-          host: str) -> None:
+          host: str, metrics_port: int, no_metrics: bool, exit_when_done: bool) -> None:
     """Serve the ModelDeployment MANIFEST (OpenAI-compatible HTTP on spec.port) until Ctrl-C.
 
-    The candidate of spec.rollout, if any, is served next to the stable model at its initial weight;
-    moving the weight is the rollout controller's job."""
-    import time
-
-    from kubeforge.executor import ensure_ray
-    from kubeforge.rollout.queries import CANDIDATE, STABLE
-    from kubeforge.serve.app import VariantModel, build_app
-    from kubeforge.serve.resolve import resolve_model
+    With spec.rollout, the candidate is served next to the stable model and the rollout runs to its
+    end: a canary moves its weight step by step while Prometheus says it is healthy, then promotes it
+    (alias champion) or rolls it back; an A/B test compares the variants after its duration. Follow
+    it with `kubeforge rollout status NAME`. Started again, it resumes an unfinished rollout."""
+    from kubeforge.serve.local import ServeOptions, serve_deployment
     from kubeforge.spec import load_deployment
 
     document = load_deployment(manifest)
-    spec = document.spec
-    registry = open_registry(workdir, tracking_uri)
-    device = "cuda" if spec.resources.gpus_per_replica > 0 else "cpu"
-    cache = Workdir(workdir).root / "serve-models"
-    uris = {STABLE: spec.model, **({CANDIDATE: spec.rollout.candidate} if spec.rollout is not None else {})}
-    variants = []
-    for variant, uri in uris.items():
-        resolved = resolve_model(uri, registry, cache, spec.engine.name, device)
-        out.print(f"{variant}: {uri} -> version {resolved.version} ({resolved.path})")
-        variants.append(VariantModel(variant, resolved.model, resolved.version, resolved.path))
-    app = build_app(variants, spec)  # checks the engine settings before Ray starts
+    if document.spec.rollout is not None and not no_metrics:
+        start_metrics_server(metrics_port, host)
+    options = ServeOptions(workdir=Workdir(workdir), registry=open_registry(workdir, tracking_uri),
+                           ray_address=ray_address, num_cpus=num_cpus, host=host, exit_when_done=exit_when_done)
+    serve_deployment(document, options, lambda line: out.print(escape(line)))
 
-    from ray import serve as ray_serve
 
-    ensure_ray(ray_address, num_cpus)
-    ray_serve.start(http_options={"host": host, "port": spec.port})
-    ray_serve.run(app, name=document.metadata.name, route_prefix="/")
-    out.print(f"serving '{document.metadata.name}' at http://{host}:{spec.port}/v1 (Ctrl-C stops it)")
-    try:
-        while True:
-            time.sleep(3600)
-    finally:
-        ray_serve.delete(document.metadata.name)
+# -- bench -------------------------------------------------------------------------------------
+
+
+@main.group()
+def bench() -> None:
+    """Measure a running deployment (benchmarks/ holds the side-by-side comparisons)."""
+
+
+def _add_bench_commands() -> None:
+    from kubeforge.serve.loadgen import load_command  # click and httpx only: `kubeforge --help` stays fast
+
+    bench.add_command(load_command)
+
+
+_add_bench_commands()
+
+
+# -- rollout -----------------------------------------------------------------------------------
+
+
+@main.group()
+def rollout() -> None:
+    """Follow or stop the rollout that `kubeforge serve` runs."""
+
+
+def load_rollout(workdir: Path, deployment: str) -> tuple[Any, Any]:
+    """(store, record) of DEPLOYMENT (a name, or a ModelDeployment manifest file)."""
+    from kubeforge.serve.local import rollout_store
+
+    name = deployment
+    if deployment.endswith((".yaml", ".yml")) and Path(deployment).is_file():
+        from kubeforge.spec import load_deployment
+
+        name = load_deployment(Path(deployment)).metadata.name
+    store = rollout_store(Workdir(workdir), name)
+    record = store.load()
+    if record is None:
+        raise KubeForgeError(f"deployment '{name}': no rollout recorded in {store.folder} "
+                             "(start one with kubeforge serve and a manifest with spec.rollout)")
+    return store, record
+
+
+@rollout.command("status")
+@click.argument("deployment")
+@workdir_option
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the timeline PNG (default: timeline.png next to the rollout record).")
+@output_option
+@friendly_errors
+def rollout_status(deployment: str, workdir: Path, plot: Path | None, output: str) -> None:
+    """Phase, step, weights, the last analysis and the events of DEPLOYMENT's rollout, and a timeline plot."""
+    import datetime as dt
+    import json
+    import time
+
+    from kubeforge.rollout.timeline import plot_timeline
+
+    store, record = load_rollout(workdir, deployment)
+    png = plot_timeline(record, plot or store.folder / "timeline.png", now=time.time())
+    if output == "json":
+        out.print_json(json.dumps({**record.to_dict(), "timeline": str(png)}))
+        return
+    subject = record.subject
+    out.print(f"deployment {subject.deployment}: {record.strategy} rollout, {record.phase}")
+    out.print(f"  stable    {subject.model} version {subject.stable_version}: {100 - record.weight}%")
+    out.print(f"  candidate {subject.candidate_model} version {subject.candidate_version}: {record.weight}%")
+    if record.canary is not None:
+        out.print(f"  step {record.canary.step + 1}, failed analyses {record.canary.failures}, "
+                  f"inconclusive in a row {record.canary.inconclusive_streak}")
+    out.print(f"  {escape(record.reason)}")
+    history = record.canary.history if record.canary is not None else ()
+    if history:
+        last = history[-1]
+        table = Table(title=f"last analysis ({last.overall}, step {last.step + 1} at {last.weight}%)")
+        for column in ("check", "value", "min", "max", "verdict"):
+            table.add_column(column)
+        for result in last.results:
+            value = "no data" if result.value is None else f"{result.value:.4g}"
+            low = "" if result.min is None else f"{result.min:g}"
+            high = "" if result.max is None else f"{result.max:g}"
+            table.add_row(result.name, value, low, high, result.verdict)
+        print_wide(table)
+    if record.ab is not None:
+        ab = record.ab
+        out.print(f"  A/B {ab['metric']}: {ab['test']}, p={ab['p_value']}, winner {ab['winner']}: "
+                  f"{escape(ab['reason'])}")
+    events = Table(title="events")
+    for column in ("time", "event", "weight", "reason"):
+        events.add_column(column)
+    for event in record.events:
+        when = dt.datetime.fromtimestamp(event.time, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+        events.add_row(when, event.kind, f"{event.weight}%", escape(event.reason))
+    print_wide(events)
+    out.print(f"timeline: {png}")
+
+
+@rollout.command("abort")
+@click.argument("deployment")
+@reason_option
+@user_option
+@workdir_option
+@friendly_errors
+def rollout_abort(deployment: str, reason: str, user: str | None, workdir: Path) -> None:
+    """Roll DEPLOYMENT's candidate back (0% traffic, champion untouched); the running `kubeforge serve`
+    acts on it within a second, or at its next start."""
+    from kubeforge.registry.client import current_user
+
+    store, record = load_rollout(workdir, deployment)
+    if record.done:
+        raise KubeForgeError(f"deployment '{record.subject.deployment}': the rollout already ended ({record.phase}); "
+                             "nothing to abort")
+    store.request_abort(reason, user or current_user())
+    out.print(f"abort requested for '{record.subject.deployment}' (candidate version "
+              f"{record.subject.candidate_version})")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ exactly these, whatever else the libraries we import register.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Enum, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, start_http_server
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -117,6 +117,52 @@ PROMOTION_AWAITING_APPROVAL = Gauge(
     "kubeforge_promotion_awaiting_approval",
     "1 while the pipeline waits for `kubeforge models approve` on this registered model version.",
     ["pipeline", "version"],
+    registry=REGISTRY,
+)
+
+# Rollouts (`kubeforge serve` with spec.rollout; the operator exports the same names). The Grafana
+# rollout dashboard and the alert rules in infra/ read exactly these.
+ROLLOUT_WEIGHT = Gauge(
+    "kubeforge_rollout_candidate_weight",
+    "Percent of new requests the rollout sends to the candidate.",
+    ["deployment"],
+    registry=REGISTRY,
+)
+ROLLOUT_STEP = Gauge(
+    "kubeforge_rollout_step",
+    "Canary step in progress (1-based; the last step once the rollout ended).",
+    ["deployment"],
+    registry=REGISTRY,
+)
+ROLLOUT_PHASE = Enum(
+    "kubeforge_rollout_phase",
+    "Phase of the rollout.",
+    ["deployment"],
+    states=["progressing", "promoted", "rolled_back", "concluded"],
+    registry=REGISTRY,
+)
+ROLLOUT_ANALYSES = Counter(
+    "kubeforge_rollout_analyses",
+    "Canary analyses by overall verdict.",
+    ["deployment", "verdict"],
+    registry=REGISTRY,
+)
+ROLLOUT_ROLLBACKS = Counter(
+    "kubeforge_rollout_rollbacks",
+    "Rollouts that ended by sending the candidate no traffic (failed analyses, a lost A/B test, an abort).",
+    ["deployment"],
+    registry=REGISTRY,
+)
+ROLLOUT_PROMOTIONS = Counter(
+    "kubeforge_rollout_promotions",
+    "Rollouts that ended by promoting the candidate to champion.",
+    ["deployment"],
+    registry=REGISTRY,
+)
+ROLLOUT_CHECK_VALUE = Gauge(
+    "kubeforge_rollout_check_value",
+    "Value of each analysis check at the last analysis that had data.",
+    ["deployment", "check"],
     registry=REGISTRY,
 )
 

@@ -2,7 +2,9 @@
 
 One application per module (vLLM takes tens of seconds to start on two cores): `stable` and `candidate`
 load the same model folder, labelled versions 1 and 2, so the variant that answered is read from the
-`x-kubeforge-variant` header.
+`x-kubeforge-variant` header. The application requires a bearer token and keeps A/B clients sticky on
+the `x-user` header. The rollout tests at the end run the rollout controller against Debian's Prometheus
+scraping this application, with a registry holding versions 1 and 2 of the model.
 """
 
 from __future__ import annotations
@@ -10,20 +12,31 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
 
+from kubeforge.registry.client import CHAMPION, Registry
+from kubeforge.rollout.controller import TAG_RESULT, RolloutController, RolloutRecord, RolloutStore, Subject
 from kubeforge.serve.app import VariantModel, build_app
+from kubeforge.serve.local import ServeRouter
 from kubeforge.serve.router import VARIANT_HEADER
-from kubeforge.spec.deployment import DeploymentSpec
+from kubeforge.spec.deployment import CanaryRollout, DeploymentSpec
+from tests.dashboards import OPERATOR_ROW, dashboard_files, panel_queries
+from tests.helpers import free_port, running_prometheus
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 APP = "kubeforge-serve-test"
 MODEL = "tinylm"
 MAX_MODEL_LEN = 256
+TOKEN = "test-token-8d1f"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def _free_port() -> int:
@@ -33,15 +46,20 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(ray_local, tiny_lm):
+def served(ray_local, tiny_lm, tmp_path_factory):
     from ray import serve
 
     folder = tiny_lm.pretrain.directory / "model"
+    token_file = tmp_path_factory.mktemp("auth") / "token"
+    token_file.write_text(TOKEN + "\n")
     spec = DeploymentSpec.model_validate({
         "model": f"models:/{MODEL}/1",
         "engine": {"max_model_len": MAX_MODEL_LEN, "dtype": "float32"},
         # Both engines and the router fit in the session's 2-CPU Ray runtime next to nothing else.
         "resources": {"cpus_per_replica": 0.25},
+        "auth": {"token_file": str(token_file)},
+        "rollout": {"strategy": "ab", "candidate": f"models:/{MODEL}/2", "sticky_header": "x-user",
+                    "prometheus": "http://127.0.0.1:9"},
     })
     variants = [VariantModel("stable", MODEL, "1", folder), VariantModel("candidate", MODEL, "2", folder)]
     port = _free_port()
@@ -54,15 +72,19 @@ def served(ray_local, tiny_lm):
 
 @pytest.fixture
 def client(served) -> openai.OpenAI:
-    return openai.OpenAI(base_url=served[0] + "/v1", api_key="unused", max_retries=0)
+    return openai.OpenAI(base_url=served[0] + "/v1", api_key=TOKEN, max_retries=0)
 
 
 def _set_weight(handle, weight: int) -> None:
     handle.set_weight.remote(weight).result()
 
 
+def _http(url: str) -> httpx.Client:
+    return httpx.Client(base_url=url, timeout=60, headers=AUTH)
+
+
 def _variants(url: str, n: int) -> list[str]:
-    with httpx.Client(base_url=url, timeout=60) as http:
+    with _http(url) as http:
         body = {"model": MODEL, "prompt": "def", "max_tokens": 1}
         responses = [http.post("/v1/completions", json=body) for _ in range(n)]
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
@@ -89,7 +111,7 @@ def test_streaming_sends_chunks_then_done(client, served):
     whole = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "class"}],
                                            max_tokens=5, temperature=0)
     assert text == whole.choices[0].message.content  # greedy: same text streamed or not
-    with httpx.Client(base_url=served[0], timeout=60) as http:
+    with _http(served[0]) as http:
         raw = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2, "stream": True})
     lines = [line for line in raw.text.splitlines() if line]
     assert raw.headers["content-type"].startswith("text/event-stream")
@@ -105,7 +127,7 @@ def test_streaming_sends_chunks_then_done(client, served):
     ({"model": MODEL, "prompt": "x", "temperature": "hot"}, "temperature"),
 ])
 def test_a_bad_request_is_a_400_naming_the_field(served, body, field):
-    with httpx.Client(base_url=served[0], timeout=60) as http:
+    with _http(served[0]) as http:
         response = http.post("/v1/completions", json=body)
         assert response.status_code == 400, response.text
         error = response.json()["error"]
@@ -140,7 +162,7 @@ def test_weight_changes_live_without_failures(served):
     url, handle = served
 
     async def traffic() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+        async with httpx.AsyncClient(base_url=url, timeout=60, headers=AUTH) as http:
             body = {"model": MODEL, "prompt": "for i in", "max_tokens": 2}
 
             async def one() -> httpx.Response:
@@ -161,7 +183,7 @@ def test_weight_changes_live_without_failures(served):
 def test_metrics_carry_variant_labels(served):
     url, _ = served
     _variants(url, 2)
-    with httpx.Client(base_url=url, timeout=60) as http:
+    with httpx.Client(base_url=url, timeout=60) as http:  # no token: Prometheus scrapes without one
         text = http.get("/metrics").text
         health = http.get("/healthz").json()
     assert health["status"] == "ok"
@@ -172,3 +194,217 @@ def test_metrics_carry_variant_labels(served):
                  "kubeforge_serve_generated_tokens_total", "kubeforge_serve_requests_in_flight"):
         assert name in text, name
     assert json.dumps(health["variants"]["candidate"]) == json.dumps({"model": MODEL, "version": "2"})
+
+
+def test_requests_without_the_bearer_token_are_refused(served):
+    url, _ = served
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
+    with httpx.Client(base_url=url, timeout=60) as http:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+            response = http.post("/v1/completions", json=body, headers=headers)
+            assert response.status_code == 401, response.text
+            assert response.json()["error"]["param"] == "authorization"
+            assert response.headers["www-authenticate"] == "Bearer"
+        assert http.get("/v1/models").status_code == 401
+        assert http.get("/healthz").status_code == 200  # probes carry no token
+        assert http.post("/v1/completions", json=body, headers=AUTH).status_code == 200
+
+
+def test_sticky_header_keeps_each_client_on_one_variant(served):
+    url, handle = served
+    _set_weight(handle, 50)
+    try:
+        with _http(url) as http:
+            def variant(user: str) -> str:
+                response = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1},
+                                     headers={"x-user": user})
+                assert response.status_code == 200, response.text
+                return response.headers[VARIANT_HEADER]
+
+            users = [f"user-{i}" for i in range(16)]
+            first = {user: variant(user) for user in users}
+            again = {user: variant(user) for user in reversed(users)}
+    finally:
+        _set_weight(handle, 0)
+    assert again == first
+    # 16 users at 50%: all on one side has probability 2 * 0.5**16.
+    assert set(first.values()) == {"stable", "candidate"}
+
+
+def test_injected_faults_hit_only_their_variant(served):
+    url, handle = served
+    handle.set_faults.remote("candidate", fail_rate=1.0).result()
+    try:
+        with _http(url) as http:
+            body = {"prompt": "x", "max_tokens": 1}
+            failed = http.post("/v1/completions", json={**body, "model": f"{MODEL}:candidate"})
+            ok = http.post("/v1/completions", json={**body, "model": f"{MODEL}:stable"})
+        handle.set_faults.remote("candidate", delay_s=0.5).result()
+        with _http(url) as http:
+            started = time.perf_counter()
+            slow = http.post("/v1/completions", json={**body, "model": f"{MODEL}:candidate"})
+            slow_s = time.perf_counter() - started
+    finally:
+        handle.set_faults.remote("candidate").result()
+    assert failed.status_code == 503 and "injected" in failed.json()["error"]["message"]
+    assert failed.headers[VARIANT_HEADER] == "candidate"
+    assert ok.status_code == 200
+    assert slow.status_code == 200 and slow_s >= 0.5
+
+
+# --- rollouts against a real Prometheus ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prometheus(served, tmp_path_factory) -> Iterator[str]:
+    """Scrapes the application and, as `kubeforge serve` exports them, the rollout controller's metrics."""
+    from kubeforge import metrics
+
+    app_port = int(served[0].rsplit(":", 1)[1])
+    controller_port = free_port()
+    metrics.serve(controller_port)
+    with running_prometheus(tmp_path_factory.mktemp("prometheus"), app_port, controller_port) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory) -> Registry:
+    """MODEL versions 1 (champion) and 2, as the application labels them."""
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("serve-tests", artifact_location=(root / "artifacts").as_uri())
+    (root / "model").mkdir()
+    (root / "model" / "config.json").write_text("{}")
+    registry = Registry(uri)
+    for _ in range(2):
+        run = client.create_run(experiment).info.run_id
+        client.log_artifacts(run, str(root / "model"), "model")
+        registry.register(MODEL, run_id=run, artifact_path="model", tags={})
+    registry.promote(MODEL, "1", alias=CHAMPION, reason="first release", user="test")
+    return registry
+
+
+class Traffic:
+    """Requests to MODEL (split by weight) from a background thread; (variant, status) of each."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.seen = url, Counter[tuple[str, int]]()
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with _http(self.url) as http:
+            while not self.stop.is_set():
+                response = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1})
+                with self.lock:
+                    self.seen[response.headers.get(VARIANT_HEADER, "?"), response.status_code] += 1
+
+    def snapshot(self) -> Counter[tuple[str, int]]:
+        with self.lock:
+            return Counter(self.seen)
+
+    def by_variant(self, variant: str) -> int:
+        return sum(n for (v, _), n in self.snapshot().items() if v == variant)
+
+    def __enter__(self) -> Traffic:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=60)
+
+
+def _canary(prometheus: str, steps: list[dict]) -> CanaryRollout:
+    return CanaryRollout.model_validate({
+        "strategy": "canary", "candidate": f"models:/{MODEL}/2", "steps": steps,
+        "analysis": {"prometheus": prometheus, "interval_s": 4, "window": "8s", "max_error_rate": 0.1,
+                     "failure_limit": 2, "inconclusive_limit": 5},
+    })
+
+
+def _drive(controller: RolloutController, limit_s: float = 120) -> RolloutRecord:
+    record = controller.start(time.time())
+    deadline = time.monotonic() + limit_s
+    while not record.done:
+        assert time.monotonic() < deadline, f"rollout still {record.phase} after {limit_s}s: {record.reason}"
+        time.sleep(1)
+        record = controller.tick(time.time())
+    return record
+
+
+def test_canary_of_a_healthy_candidate_is_promoted(served, prometheus, registry, tmp_path):
+    url, handle = served
+    policy = _canary(prometheus, [{"weight": 30, "pause_s": 0}, {"weight": 60, "pause_s": 4}])
+    subject = Subject(APP, MODEL, "1", MODEL, "2")
+    controller = RolloutController(policy, subject, ServeRouter(APP), registry, RolloutStore(tmp_path))
+    try:
+        with Traffic(url) as traffic:
+            record = _drive(controller)
+    finally:
+        weight = handle.get_weight.remote().result()
+        _set_weight(handle, 0)
+        registry.move_alias(MODEL, CHAMPION, "1", action="rollback", reason="reset for the next test", user="test")
+    assert record.phase == "promoted", record.reason
+    assert weight == 100
+    assert [e.weight for e in record.events] == [30, 60, 100]
+    assert [a.overall for a in record.canary.history][-1] == "pass"
+    error_rate = next(r for r in record.canary.history[-1].results if r.name == "error_rate")
+    assert error_rate.value == 0.0  # measured by Prometheus, not "no data"
+    audit = [r for r in registry.audit(MODEL) if r.action == "promote" and r.to_version == "2"]
+    assert audit and audit[-1].user == "kubeforge-rollout"
+    assert registry.version(MODEL, "2").tags[TAG_RESULT] == "promoted"
+    assert {status for _, status in traffic.seen} == {200}
+
+
+def test_canary_of_a_failing_candidate_is_rolled_back_while_stable_serves(served, prometheus, registry, tmp_path):
+    url, handle = served
+    policy = _canary(prometheus, [{"weight": 50, "pause_s": 0}])
+    subject = Subject(APP, MODEL, "1", MODEL, "2")
+    controller = RolloutController(policy, subject, ServeRouter(APP), registry, RolloutStore(tmp_path))
+    handle.set_faults.remote("candidate", fail_rate=0.5).result()
+    try:
+        with Traffic(url) as traffic:
+            record = _drive(controller)
+            weight = handle.get_weight.remote().result()
+            candidate, stable = traffic.by_variant("candidate"), traffic.by_variant("stable")
+            time.sleep(2)
+            assert traffic.by_variant("candidate") == candidate  # no new request reaches the candidate
+            assert traffic.by_variant("stable") > stable
+    finally:
+        handle.set_faults.remote("candidate").result()
+        _set_weight(handle, 0)
+    assert record.phase == "rolled_back", record.reason
+    assert weight == 0
+    assert "error_rate" in record.reason and "failure_limit 2" in record.reason
+    assert registry.alias(MODEL, CHAMPION).version == "1"  # champion untouched
+    tags = registry.version(MODEL, "2").tags
+    assert tags[TAG_RESULT] == "rolled_back" and "error_rate" in tags["kubeforge.rollout.reason"]
+    seen = traffic.snapshot()
+    assert {status for (variant, status) in seen if variant == "stable"} == {200}  # champion kept serving
+    assert seen["candidate", 503] > 0
+
+
+def test_every_serving_and_rollout_panel_returns_data(served, prometheus):
+    """Runs after the rollouts above: their traffic, analyses, promotion and rollback are what the
+    dashboards show. Requests of several tokens first, so inter-token latencies exist."""
+    from kubeforge.rollout.prometheus import query
+
+    url, _ = served
+    with _http(url) as http:
+        for model in (f"{MODEL}:stable", f"{MODEL}:candidate"):
+            for _ in range(3):
+                assert http.post("/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 4}).is_success
+    time.sleep(3)  # two scrapes
+    empty = []
+    for path in dashboard_files():
+        if path.stem == "kubeforge-training":
+            continue  # no pipeline runs here; tests/e2e/test_quickstart.py checks that one
+        for title, expr in panel_queries(path, exclude_rows={OPERATOR_ROW}):
+            if not query(prometheus, expr, 10.0)["result"]:
+                empty.append(f"{path.stem}: {title}: {expr}")
+    assert not empty, "panels without data:\n" + "\n".join(empty)

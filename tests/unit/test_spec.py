@@ -182,3 +182,20 @@ def test_manifest_reference_doc_matches_the_models() -> None:
 
     doc = Path(__file__).resolve().parents[2] / "docs" / "manifest.md"
     assert doc.read_text() == render(), "regenerate: python -m kubeforge.spec.reference > docs/manifest.md"
+
+
+def test_set_overrides_fields_before_validation() -> None:
+    path = EXAMPLES / "quickstart.yaml"
+    pipeline = load_manifest(path, overrides=["finetune.replay_fraction=0.2", "finetune.train.max_steps=160",
+                                              "promotion.gates.0.max_regression=0.05"])
+    assert pipeline.spec.finetune is not None and pipeline.spec.finetune.replay_fraction == 0.2
+    assert pipeline.spec.finetune.train.max_steps == 160
+    assert pipeline.spec.promotion is not None and pipeline.spec.promotion.gates[0].max_regression == 0.05
+    with pytest.raises(SpecError, match=r"spec.finetune.train.lr: must be > 0 \(got -1\)"):
+        load_manifest(path, overrides=["finetune.train.lr=-1"])
+    with pytest.raises(SpecError, match=r"--set promotion.gates.9.min=1: spec.promotion.gates.9: no list item 9"):
+        load_manifest(path, overrides=["promotion.gates.9.min=1"])
+    with pytest.raises(SpecError, match=r"--set finetune: expected path.to.field=value"):
+        load_manifest(path, overrides=["finetune"])
+    with pytest.raises(SpecError, match=r"spec.finetune.objective.x: its parent is a value"):
+        load_manifest(path, overrides=["finetune.objective.x=1"])

@@ -81,3 +81,18 @@ def test_analysis_and_ab_settings_are_checked() -> None:
     assert problems(both) == ["spec.replicas: fixed replicas and autoscaling exclude each other; drop one"]
     auth = {**BASE["spec"], "auth": {"token_env": "A", "token_file": "/t"}}
     assert problems(auth) == ["spec.auth: set exactly one of token_env and token_file"]
+
+
+def test_vllm_only_engine_settings_are_refused_for_transformers() -> None:
+    spec = {**BASE["spec"], "engine": {"name": "transformers", "kv_cache_gb": 2}}
+    (found,) = problems(spec)
+    assert found.startswith("spec.engine.kv_cache_gb: sizes vLLM's KV cache") and "drop kv_cache_gb" in found
+    spec = {**BASE["spec"], "engine": {"name": "transformers", "quantization": "compressed-tensors"}}
+    (found,) = problems(spec)
+    assert found.startswith("spec.engine.quantization: 'compressed-tensors' is a vLLM quantization method")
+    # The same settings are vLLM's own, and the transformers engine takes its other settings.
+    vllm = parse_deployment({**BASE, "spec": {**BASE["spec"], "engine": {"kv_cache_gb": 2, "quantization": "fp8"}}})
+    assert (vllm.spec.engine.kv_cache_gb, vllm.spec.engine.quantization) == (2, "fp8")
+    transformers = {"name": "transformers", "max_model_len": 128, "dtype": "bfloat16", "max_num_seqs": 4}
+    parsed = parse_deployment({**BASE, "spec": {**BASE["spec"], "engine": transformers}})
+    assert parsed.spec.engine.model_dump(exclude_none=True) == transformers

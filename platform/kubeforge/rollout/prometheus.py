@@ -21,7 +21,8 @@ class PrometheusError(KubeForgeError):
     """Prometheus could not be asked, or refused the query (bad PromQL names the query)."""
 
 
-def _query(base_url: str, promql: str, timeout_s: float) -> dict[str, Any]:
+def query(base_url: str, promql: str, timeout_s: float = 10.0) -> dict[str, Any]:
+    """The `data` of Prometheus's answer to an instant query (resultType and result), as it comes."""
     url = f"{base_url.rstrip('/')}/api/v1/query?{urllib.parse.urlencode({'query': promql})}"
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:
@@ -50,7 +51,7 @@ def _number(raw: Any) -> float | None:
 
 def query_value(base_url: str, promql: str, timeout_s: float = 10.0) -> float | None:
     """The single number `promql` evaluates to now, or None when it returns no data."""
-    data = _query(base_url, promql, timeout_s)
+    data = query(base_url, promql, timeout_s)
     kind, result = data["resultType"], data["result"]
     if kind == "scalar":
         return _number(result[1])
@@ -67,7 +68,7 @@ def query_value(base_url: str, promql: str, timeout_s: float = 10.0) -> float | 
 
 def query_buckets(base_url: str, promql: str, timeout_s: float = 10.0) -> list[tuple[float, float]]:
     """(le, cumulative count) of a `sum by (le) (...)` histogram query, by ascending bound."""
-    data = _query(base_url, promql, timeout_s)
+    data = query(base_url, promql, timeout_s)
     if data["resultType"] != "vector":
         raise PrometheusError(f"{promql!r} returns a {data['resultType']}; expected the buckets of a histogram")
     buckets = []

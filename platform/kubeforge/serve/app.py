@@ -21,21 +21,20 @@ A request's `model` is the registered model name (split between the variants by 
 `<name>:stable` / `<name>:candidate` to pin one variant (smoke tests, debugging); anything else is a
 404. Responses carry `x-kubeforge-variant` and `x-kubeforge-version` headers.
 
-Fault injection (`faults.Faults`: `fail_rate` answers that share of requests with 503, `delay_s` adds
-latency before the first token) is for tests of the rollout machinery only; `kubeforge serve` never sets it.
+Fault injection (`handle.set_faults.remote("candidate", fail_rate, delay_s)`: `fail_rate` answers that
+share of the variant's requests with 503, `delay_s` adds latency before the first token) is for tests of
+the rollout machinery only; `kubeforge serve` never sets it.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kubeforge.errors import KubeForgeError
 from kubeforge.rollout.queries import CANDIDATE, STABLE
-from kubeforge.serve.faults import Faults
 from kubeforge.serve.protocol import check_weight
 from kubeforge.spec.deployment import ABRollout, DeploymentSpec
 
@@ -60,7 +59,8 @@ class VariantModel:
     model: str
     """The registered model name; clients ask for it in the request's `model` field."""
     version: str
-    path: Path
+    path: Path | str
+    """A local model folder, or `models:/<name>/<version>` that each replica downloads (`kubeforge.serve.cluster`)."""
 
 
 def initial_weight(spec: DeploymentSpec) -> int:
@@ -78,14 +78,13 @@ def build_app(
     spec: DeploymentSpec,
     *,
     weight: int | None = None,
-    faults: Mapping[str, Faults] | None = None,
 ) -> Application:
     """The application serving `variants` with the engine, resources, replicas, autoscaling and auth of
-    `spec`; `weight` overrides `initial_weight(spec)`; `faults` (test-only) is keyed by variant."""
-    from kubeforge.serve import engine, router
+    `spec`; `weight` overrides `initial_weight(spec)`."""
+    from kubeforge.serve import router
 
     # `@serve.deployment` turns the classes into Deployments, which their static types do not say.
-    model_server: Any = engine.ModelServer
+    model_server: Any = engine_deployment(spec.engine.name)
     router_deployment: Any = router.Router
 
     by_name = {v.variant: v for v in variants}
@@ -93,15 +92,9 @@ def build_app(
         raise KubeForgeError(
             f"variants: expected one 'stable' and at most one 'candidate' (got {[v.variant for v in variants]})"
         )
-    if spec.engine.name != "vllm":
-        raise KubeForgeError(f"engine.name: {spec.engine.name!r} serving is not available yet; use engine.name: vllm")
     start_weight = check_weight(initial_weight(spec) if weight is None else weight)
     if CANDIDATE not in by_name and start_weight:
         raise KubeForgeError(f"weight: {start_weight}% for a candidate, but no candidate variant is served")
-    faults = dict(faults or {})
-    unknown = sorted(set(faults) - set(by_name))
-    if unknown:
-        raise KubeForgeError(f"faults: no variant named {unknown} is served")
 
     device = "cuda" if spec.resources.gpus_per_replica > 0 else "cpu"
     env_vars = engine_env(spec, device)
@@ -128,8 +121,7 @@ def build_app(
             **scaling,
         )
         label = {"model": variant.model, "version": variant.version, "variant": variant.variant}
-        vfaults = asdict(faults.get(variant.variant, Faults()))
-        bound[variant.variant] = deployment.bind(str(variant.path), label, spec.engine.model_dump(), vfaults)
+        bound[variant.variant] = deployment.bind(str(variant.path), label, spec.engine.model_dump())
 
     router_env: dict[str, str] = {}
     if spec.auth is not None and spec.auth.token_env and spec.auth.token_env in os.environ:
@@ -146,9 +138,22 @@ def build_app(
     return front.bind(bound[STABLE], bound.get(CANDIDATE), labels, start_weight, sticky, auth)
 
 
+def engine_deployment(name: str) -> Any:
+    """The variant replica's deployment for `engine.name`: vLLM's `ModelServer` or `TransformersServer`."""
+    if name == "transformers":
+        from kubeforge.serve import hf_engine
+
+        return hf_engine.TransformersServer
+    from kubeforge.serve import engine
+
+    return engine.ModelServer
+
+
 def engine_env(spec: DeploymentSpec, device: str) -> dict[str, str]:
     """Environment of each variant replica."""
     env: dict[str, str] = {}
+    if spec.engine.name == "transformers":
+        return env  # the KV-cache setting below is vLLM's; EngineSpec refuses kv_cache_gb for transformers
     kv = spec.engine.kv_cache_gb
     if device == "cpu":
         if kv is not None and not float(kv).is_integer():

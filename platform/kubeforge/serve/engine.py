@@ -9,37 +9,28 @@ that the router answers them with their status instead of a generic 500.
 
 from __future__ import annotations
 
-import asyncio
-import random
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
 
-from kubeforge.serve.faults import Faults
-
-
-def error_event(status: int, message: str, field: str | None = None) -> dict[str, Any]:
-    return {"type": "error", "status": status, "message": message, "field": field}
-
-
-def plain_chat_prompt(messages: list[dict[str, str]]) -> str:
-    """A prompt for models without a chat template (pretrained-only models): one `role: content` line
-    per message and an open `assistant:` line, so the model continues as the assistant."""
-    lines = [f"{m['role']}: {m['content']}" for m in messages]
-    return "\n".join([*lines, "assistant:"])
+from kubeforge.serve.prompting import length_error, prompt_ids
 
 
 @serve.deployment
 class ModelServer:
-    def __init__(self, path: str, label: dict[str, str], engine: dict[str, Any], faults: dict[str, float]) -> None:
+    def __init__(self, path: str, label: dict[str, str], engine: dict[str, Any]) -> None:
+        import torch
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from kubeforge.serve.resolve import replica_model_folder
+
         self.label = label
-        self.faults = Faults(**faults)
+        # A `models:/` URI (a RayService replica on Kubernetes) is downloaded here; a local folder is used as is.
+        folder = replica_model_folder(path, "vllm", "cuda" if torch.cuda.is_available() else "cpu")
         args = AsyncEngineArgs(
-            model=path,
+            model=str(folder),
             dtype=engine["dtype"],
             max_model_len=engine["max_model_len"],
             quantization=engine["quantization"],
@@ -59,37 +50,14 @@ class ModelServer:
     def info(self) -> dict[str, Any]:
         return {**self.label, "max_model_len": self.max_model_len}
 
-    def _prompt_ids(self, request: dict[str, Any]) -> list[int]:
-        messages = request.get("messages")
-        if messages is None:
-            return [int(i) for i in self.tokenizer.encode(request["prompt"])]
-        if getattr(self.tokenizer, "chat_template", None):
-            ids: Any = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            if isinstance(ids, Mapping):  # transformers 5 may return a BatchEncoding
-                ids = ids["input_ids"]
-            return [int(i) for i in ids]
-        return [int(i) for i in self.tokenizer.encode(plain_chat_prompt(messages))]
-
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         from vllm import SamplingParams
 
-        field = "messages" if request.get("messages") is not None else "prompt"
-        ids = self._prompt_ids(request)
-        if len(ids) >= self.max_model_len:
-            yield error_event(400, f"{field}: {len(ids)} tokens, but the model's context holds {self.max_model_len} "
-                                   "including the generated tokens; shorten it", field)
+        ids = prompt_ids(self.tokenizer, request)
+        if (error := length_error(request, len(ids), self.max_model_len)) is not None:
+            yield error
             return
         max_tokens = int(request["max_tokens"])
-        room = self.max_model_len - len(ids)
-        if max_tokens > room:
-            yield error_event(400, f"max_tokens: {max_tokens} does not fit after a {len(ids)}-token prompt in the "
-                                   f"model's {self.max_model_len}-token context; ask for at most {room}", "max_tokens")
-            return
-        if self.faults.fail_rate and random.random() < self.faults.fail_rate:
-            yield error_event(503, "injected fault (test-only Faults.fail_rate)")
-            return
-        if self.faults.delay_s:
-            await asyncio.sleep(self.faults.delay_s)
         params = SamplingParams(max_tokens=max_tokens, temperature=request["temperature"], top_p=request["top_p"],
                                 stop=request["stop"], seed=request["seed"])
         yield {"type": "start", "prompt_tokens": len(ids)}

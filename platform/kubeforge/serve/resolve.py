@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,19 +52,23 @@ def resolve_model(uri: str, registry: Registry, cache_dir: Path, engine: str, de
     except (RegistryError, MlflowException) as exc:
         raise KubeForgeError(f"{uri}: {exc}") from exc
     entry = cache_dir / name / info.version
-    if not (entry / COMPLETE).is_file():
-        if entry.exists():
-            shutil.rmtree(entry)  # an interrupted download: start again
-        entry.mkdir(parents=True)
-        try:
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=info.source, dst_path=str(entry), tracking_uri=registry.tracking_uri
-            )
-        except (MlflowException, OSError) as exc:
-            raise KubeForgeError(
-                f"{uri}: could not download version {info.version} from {info.source}: {exc}"
-            ) from exc
-        (entry / COMPLETE).write_text(info.source + "\n")
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    # Replicas on one node share the cache: one downloads while the others wait, then all reuse it.
+    with open(entry.parent / f".{info.version}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (entry / COMPLETE).is_file():
+            if entry.exists():
+                shutil.rmtree(entry)  # an interrupted download: start again
+            entry.mkdir()
+            try:
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=info.source, dst_path=str(entry), tracking_uri=registry.tracking_uri
+                )
+            except (MlflowException, OSError) as exc:
+                raise KubeForgeError(
+                    f"{uri}: could not download version {info.version} from {info.source}: {exc}"
+                ) from exc
+            (entry / COMPLETE).write_text(info.source + "\n")
     folder = find_model_folder(entry)
     if folder is None:
         raise KubeForgeError(
@@ -71,3 +77,22 @@ def resolve_model(uri: str, registry: Registry, cache_dir: Path, engine: str, de
         )
     require_servable(folder, engine, device)
     return ResolvedModel(name, info.version, folder, uri)
+
+
+MODEL_CACHE_ENV = "KUBEFORGE_MODEL_CACHE"
+DEFAULT_REPLICA_CACHE = Path("/tmp/kubeforge-models")
+
+
+def replica_model_folder(source: str, engine: str, device: str) -> Path:
+    """The folder a variant replica loads: `source` itself when it is a local folder (`kubeforge serve`
+    resolves models before the application starts), or a `models:/name/version` URI that the replica
+    downloads itself from $MLFLOW_TRACKING_URI (a RayService on Kubernetes, whose pods share no disk
+    with the operator) into $KUBEFORGE_MODEL_CACHE."""
+    if not source.startswith("models:/"):
+        return Path(source)
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not tracking_uri:
+        raise KubeForgeError(f"{source}: MLFLOW_TRACKING_URI is not set in the replica; the operator sets it from "
+                             "its KUBEFORGE_OPERATOR_MLFLOW_TRACKING_URI")
+    cache = Path(os.environ.get(MODEL_CACHE_ENV, str(DEFAULT_REPLICA_CACHE)))
+    return resolve_model(source, Registry(tracking_uri), cache, engine, device).path

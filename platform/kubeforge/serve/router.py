@@ -9,6 +9,7 @@ import asyncio
 import hmac
 import json
 import logging
+import random
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,6 +20,7 @@ from ray import serve
 
 from kubeforge.rollout.queries import CANDIDATE, STABLE
 from kubeforge.serve.auth import read_token
+from kubeforge.serve.faults import Faults
 from kubeforge.serve.protocol import (
     Metrics,
     Outcome,
@@ -62,6 +64,7 @@ class Router:
         self.token = read_token(AuthSpec(**auth)) if auth is not None else None
         self.metrics = Metrics()
         self.max_model_len: dict[str, int] = {}
+        self.faults = {variant: Faults() for variant in self.handles}
 
     # -- live control (handle calls, not HTTP) --
 
@@ -76,6 +79,22 @@ class Router:
 
     def get_weight(self) -> int:
         return self.weight
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Ray Serve's in-place update: a RayService's `user_config: {weight: N}` on this deployment
+        reaches the running replica here, without a restart (how the operator moves a canary)."""
+        unknown = sorted(set(config) - {"weight"})
+        if unknown:
+            raise ValueError(f"user_config: unknown keys {unknown}; only 'weight' is read")
+        if "weight" in config:
+            self.set_weight(config["weight"])
+
+    def set_faults(self, variant: str, fail_rate: float = 0.0, delay_s: float = 0.0) -> None:
+        """TEST-ONLY (see kubeforge.serve.faults): make `variant` fail or slow down from now on."""
+        if variant not in self.handles:
+            raise ValueError(f"variant: {variant!r} is not served (served: {', '.join(self.handles)})")
+        self.faults[variant] = Faults(fail_rate, delay_s)
+        logger.warning("TEST-ONLY fault injection on %s: fail_rate=%s delay_s=%s", variant, fail_rate, delay_s)
 
     # -- HTTP --
 
@@ -145,6 +164,7 @@ class Router:
     async def _serve(self, request: Request, chat: bool) -> Response:
         request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
         outcome: Outcome | None = None
+        headers: dict[str, str] = {}
         try:
             if (denied := self._deny(request)) is not None:
                 return denied
@@ -160,8 +180,15 @@ class Router:
             max_model_len = await self._context(variant)
             if isinstance(model, str) and model:
                 outcome = Outcome(self.metrics, {**self.labels[variant], "variant": variant})
+                # Errors from here on are the variant's: say which one answered, as successes do.
+                headers = {VARIANT_HEADER: variant, VERSION_HEADER: self.labels[variant]["version"]}
             body = parse_body(raw, chat, max_model_len)
             assert outcome is not None  # parse_body requires a model name
+            faults = self.faults[variant]
+            if faults.injects():
+                if random.random() < faults.fail_rate:
+                    raise RequestError(503, "injected fault (test-only fault injection)")
+                await asyncio.sleep(faults.delay_s)
             stream = self.handles[variant].options(stream=True).generate.remote(
                 {**body, "request_id": f"{request_id}-{variant}"})
             first = await stream.__anext__()
@@ -169,8 +196,7 @@ class Router:
                 raise RequestError(first["status"], first["message"], first["field"])
             prompt_tokens = int(first["prompt_tokens"])
             outcome.prompt(prompt_tokens)
-            headers = {VARIANT_HEADER: variant, VERSION_HEADER: self.labels[variant]["version"],
-                       REQUEST_ID_HEADER: request_id}
+            headers[REQUEST_ID_HEADER] = request_id
             shape = Shape(chat, body["model"], request_id)
             if body["stream"]:
                 return StreamingResponse(self._stream(stream, shape, outcome), media_type="text/event-stream",
@@ -187,13 +213,14 @@ class Router:
         except RequestError as exc:
             if outcome is not None:
                 outcome.finish(exc.status)
-            return json_error(exc.status, exc.message, exc.field, request_id)
+            return json_error(exc.status, exc.message, exc.field, request_id, headers)
         except Exception:
             # Never a stack trace to the client: the log keeps it, under the id the client is given.
             logger.exception("request %s failed", request_id)
             if outcome is not None:
                 outcome.finish(500)
-            return json_error(500, f"internal error; quote request id {request_id} to the operator", None, request_id)
+            return json_error(500, f"internal error; quote request id {request_id} to the operator", None, request_id,
+                              headers)
 
     async def _stream(self, stream: Any, shape: Shape, outcome: Outcome) -> AsyncIterator[str]:
         status = 500

@@ -43,7 +43,22 @@ class EngineSpec(StrictModel):
     quantization: str | None = None
     """vLLM's `quantization` argument; null reads it from the model's config (compressed-tensors)."""
     max_num_seqs: PositiveInt | None = None
-    """Sequences batched together per replica (vLLM); null means vLLM's default."""
+    """Requests a replica takes at once (Ray Serve's max_ongoing_requests; null means 64). vLLM batches
+    them together; transformers queues them and generates one at a time."""
+
+    @model_validator(mode="after")
+    def _applies_to_engine(self) -> EngineSpec:
+        # Settings the transformers engine has no use for are refused rather than silently ignored: a
+        # manifest that sizes a KV cache or names a vLLM quantization method expects them to take effect.
+        if self.name == "transformers":
+            if self.kv_cache_gb is not None:
+                raise ValueError("kv_cache_gb: sizes vLLM's KV cache; the transformers engine grows its cache per "
+                                 "request up to max_model_len, so drop kv_cache_gb or use name: vllm")
+            if self.quantization is not None:
+                raise ValueError(f"quantization: {self.quantization!r} is a vLLM quantization method; the "
+                                 "transformers engine reads a dynamic-int8 folder's own marker, so drop quantization "
+                                 "or use name: vllm")
+        return self
 
 
 class Autoscaling(StrictModel):

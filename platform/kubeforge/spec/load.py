@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import glob
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,14 +20,15 @@ from kubeforge.spec.pipeline import DNS1123_LABEL, ModelPipeline
 _TAGS = set(SOURCE_TAGS)
 
 
-def load_manifest(path: str | Path, check_files: bool = True) -> ModelPipeline:
+def load_manifest(path: str | Path, check_files: bool = True, overrides: Sequence[str] = ()) -> ModelPipeline:
     """Parse and validate a manifest file; raises `SpecError` listing every problem found.
 
     With `check_files`, every local source path must match at least one file (relative paths
     are resolved against the manifest's directory, as `kubectl` users expect of sibling files).
+    `overrides` are `kubeforge run --set` items, applied before validation (`apply_overrides`).
     """
     path = Path(path)
-    pipeline = parse_manifest(read_document(path), source=str(path))
+    pipeline = parse_manifest(apply_overrides(read_document(path), overrides), source=str(path))
     if check_files:
         check_source_files(pipeline, path.parent)
     return pipeline
@@ -49,6 +50,46 @@ def load_any(path: str | Path, check_files: bool = True) -> ModelPipeline | Mode
     if check_files:
         check_source_files(pipeline, path.parent)
     return pipeline
+
+
+def apply_overrides(document: Any, overrides: Sequence[str]) -> Any:
+    """Set `spec` fields from `path.to.field=value` items, like `helm --set`: the value is read as YAML
+    (`0.2`, `true`, `[a, b]`), missing mappings are created, and a number indexes a list
+    (`promotion.gates.0.min=0.05`). The result is validated like the file itself."""
+    if not overrides:
+        return document
+    if not isinstance(document, dict) or not isinstance(document.get("spec"), dict):
+        raise SpecError([Problem("spec", "--set needs a manifest with a spec mapping")])
+    for item in overrides:
+        key, eq, raw = item.partition("=")
+        if not eq or not key or any(not part for part in key.split(".")):
+            raise SpecError([Problem(f"--set {item}", "expected path.to.field=value, e.g. finetune.train.lr=1e-3")])
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise SpecError([Problem(f"--set {item}", "the value is not valid YAML; quote it")]) from None
+        *parents, leaf = key.split(".")
+        node: Any = document["spec"]
+        for depth, part in enumerate([*parents, leaf]):
+            where = "spec." + ".".join(key.split(".")[: depth + 1])
+            last = depth == len(parents)
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise SpecError([Problem(f"--set {item}", f"{where}: no list item {part} "
+                                                              f"(the list has {len(node)})")])
+                index = int(part)
+                if last:
+                    node[index] = value
+                else:
+                    node = node[index]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+            else:
+                raise SpecError([Problem(f"--set {item}", f"{where}: its parent is a value, not a mapping or list")])
+    return document
 
 
 def read_document(path: Path) -> Any:

@@ -1,0 +1,71 @@
+"""The application of a ModelDeployment on a Ray cluster that shares no disk with whoever deploys it:
+the `import_path` of a KubeRay RayService's serveConfigV2, which the operator writes:
+
+```yaml
+applications:
+  - name: quickstart
+    route_prefix: /
+    import_path: kubeforge.serve.cluster:app_builder
+    args:
+      deployment: {apiVersion: kubeforge.io/v1alpha1, kind: ModelDeployment, metadata: {...}, spec: {...}}
+      variants:
+        - {variant: stable, model: quickstart, version: "3"}
+        - {variant: candidate, model: quickstart, version: "5"}
+    deployments:
+      - name: Router
+        user_config: {weight: 20}
+```
+
+Versions are resolved by the operator (an alias can move; a running application must not change
+model under it), and each replica downloads its version from $MLFLOW_TRACKING_URI
+(`resolve.replica_model_folder`). The candidate's weight is the Router's `user_config`: changing it in
+the RayService reconfigures the running router in place (`Router.reconfigure`), which is how the
+operator moves a canary without restarting any replica.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from kubeforge.errors import KubeForgeError
+from kubeforge.serve.app import VARIANTS, VariantModel, build_app
+from kubeforge.spec.load import parse_deployment
+
+if TYPE_CHECKING:
+    from ray.serve import Application
+
+IMPORT_PATH = "kubeforge.serve.cluster:app_builder"
+ROUTER_DEPLOYMENT = "Router"
+"""The router's Serve deployment name, under which serveConfigV2 carries its `user_config`."""
+
+
+def app_builder(args: Mapping[str, Any]) -> Application:
+    """Ray Serve's application builder (`import_path` with `args`)."""
+    document = parse_deployment(args.get("deployment"), source="args.deployment")
+    raw = args.get("variants")
+    if not isinstance(raw, list) or not raw:
+        raise KubeForgeError("args.variants: expected a list of {variant, model, version}")
+    variants = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, Mapping) or item.get("variant") not in VARIANTS or not item.get("model") or (
+                not str(item.get("version", "")).isdigit()):
+            raise KubeForgeError(f"args.variants.{i}: expected {{variant: stable|candidate, model: <name>, "
+                                 f"version: <number>}} (got {item!r})")
+        model, version = str(item["model"]), str(item["version"])
+        variants.append(VariantModel(str(item["variant"]), model, version, f"models:/{model}/{version}"))
+    # The weight is the router's user_config, applied when its replica starts (and on every change).
+    return build_app(variants, document.spec, weight=0)
+
+
+def serve_config(name: str, document: Mapping[str, Any], variants: list[dict[str, str]], weight: int) -> dict[str, Any]:
+    """serveConfigV2 (as a dict) of one deployment: what the operator puts into its RayService."""
+    return {
+        "applications": [{
+            "name": name,
+            "route_prefix": "/",
+            "import_path": IMPORT_PATH,
+            "args": {"deployment": dict(document), "variants": variants},
+            "deployments": [{"name": ROUTER_DEPLOYMENT, "user_config": {"weight": weight}}],
+        }],
+    }

@@ -1,0 +1,140 @@
+"""`kubeforge serve`: resolve the deployment's models, run the application on local Ray Serve, and drive
+its rollout (if any) with `kubeforge.rollout.controller` until it ends.
+
+Rollout records live in `<workdir>/deployments/<name>/rollout.json`. Starting `kubeforge serve` again
+with the same stable and candidate versions resumes the rollout where it stopped (the application
+restarts at the recorded weight); a finished rollout is not run twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kubeforge.errors import KubeForgeError
+from kubeforge.registry.client import Registry
+from kubeforge.rollout.controller import RolloutController, RolloutRecord, RolloutStore, Subject, begin
+from kubeforge.rollout.prometheus import PrometheusError, query_value
+from kubeforge.rollout.queries import CANDIDATE, STABLE
+from kubeforge.serve.app import VariantModel, build_app
+from kubeforge.serve.resolve import ResolvedModel, resolve_model
+from kubeforge.spec.deployment import ABRollout, CanaryRollout, ModelDeployment
+from kubeforge.workdir import Workdir
+
+POLL_S = 1.0
+"""How often the controller looks for a due analysis or an abort request; analyses run every
+`analysis.interval_s`, so this only bounds how late one starts."""
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    workdir: Workdir
+    registry: Registry
+    ray_address: str | None = None
+    num_cpus: int | None = None
+    host: str = "127.0.0.1"
+    exit_when_done: bool = False
+    """Stop serving once the rollout has ended (scripts, the demo); without a rollout, return at once."""
+
+
+class ServeRouter:
+    """The controller's `Router` for a local application: a Serve handle call on the router replica."""
+
+    def __init__(self, app_name: str) -> None:
+        self.app_name = app_name
+
+    def set_weight(self, weight: int) -> None:
+        from ray import serve
+
+        serve.get_app_handle(self.app_name).set_weight.remote(weight).result()
+
+
+def rollout_store(workdir: Workdir, deployment: str) -> RolloutStore:
+    return RolloutStore(workdir.root / "deployments" / deployment)
+
+
+def serve_deployment(document: ModelDeployment, options: ServeOptions, say: Callable[[str], None]) -> (
+        RolloutRecord | None):
+    """Serve `document` until Ctrl-C (or, with `exit_when_done`, until its rollout ends); returns the
+    rollout's final record, or None without a rollout."""
+    from ray import serve
+
+    from kubeforge.executor import ensure_ray
+
+    name, spec = document.metadata.name, document.spec
+    device = "cuda" if spec.resources.gpus_per_replica > 0 else "cpu"
+    cache = options.workdir.root / "serve-models"
+    stable = resolve_model(spec.model, options.registry, cache, spec.engine.name, device)
+    say(f"stable: {spec.model} -> version {stable.version} ({stable.path})")
+    variants = [VariantModel(STABLE, stable.model, stable.version, stable.path)]
+    policy = spec.rollout
+    candidate: ResolvedModel | None = None
+    if policy is not None:
+        candidate = resolve_model(policy.candidate, options.registry, cache, spec.engine.name, device)
+        say(f"candidate: {policy.candidate} -> version {candidate.version} ({candidate.path})")
+        if (candidate.model, candidate.version) == (stable.model, stable.version):
+            # After a promotion, `@champion` and `@challenger` name the same version until the next pipeline run.
+            say(f"nothing to roll out: {policy.candidate} is the version already served; serving it alone")
+            policy, candidate, spec = None, None, spec.model_copy(update={"rollout": None})
+        else:
+            preflight(policy, candidate, options.registry)
+            variants.append(VariantModel(CANDIDATE, candidate.model, candidate.version, candidate.path))
+
+    controller: RolloutController | None = None
+    weight = 0
+    if policy is not None and candidate is not None:
+        subject = Subject(name, stable.model, stable.version, candidate.model, candidate.version)
+        store = rollout_store(options.workdir, name)
+        controller = RolloutController(policy, subject, ServeRouter(name), options.registry, store)
+        weight = begin(policy, subject, store.load(), time.time()).weight  # resume at the recorded weight
+    app = build_app(variants, spec, weight=weight)  # checks the engine settings before Ray starts
+
+    ensure_ray(options.ray_address, options.num_cpus)
+    serve.start(http_options={"host": options.host, "port": spec.port})
+    serve.run(app, name=name, route_prefix="/")
+    say(f"serving '{name}' at http://{options.host}:{spec.port}/v1 (Ctrl-C stops it)")
+    try:
+        record = None if controller is None else run_rollout(controller, say)
+        if not options.exit_when_done:
+            while True:
+                time.sleep(3600)
+        return record
+    finally:
+        serve.delete(name)
+
+
+def run_rollout(controller: RolloutController, say: Callable[[str], None]) -> RolloutRecord:
+    record = controller.start(time.time())
+    say(f"rollout {record.strategy}: {record.phase}, candidate at {record.weight}% ({record.reason})")
+    seen = len(record.events)
+    while not record.done:
+        time.sleep(POLL_S)
+        record = controller.tick(time.time())
+        for event in record.events[seen:]:
+            say(f"rollout: {event.kind} -> candidate at {event.weight}% ({event.reason})")
+        seen = len(record.events)
+    say(f"rollout ended: {record.phase} ({record.reason})")
+    return record
+
+
+def preflight(policy: CanaryRollout | ABRollout, candidate: ResolvedModel, registry: Registry) -> None:
+    """Refuse a rollout that could only end badly: a candidate that must not become champion, or a
+    Prometheus that cannot be asked (every analysis would be inconclusive until the rollout rolls back)."""
+    info = registry.version(candidate.model, candidate.version)
+    blocked = None
+    if info.gates == "failed":
+        blocked = "failed its promotion gates"
+    elif info.approval in ("pending", "rejected"):
+        blocked = "is awaiting approval" if info.approval == "pending" else "was rejected at approval"
+    if blocked:
+        raise KubeForgeError(
+            f"spec.rollout.candidate: {candidate.uri} (version {candidate.version}) {blocked}, and a successful "
+            "rollout would make it champion; roll out another version"
+        )
+    address = policy.analysis.prometheus if isinstance(policy, CanaryRollout) else policy.prometheus
+    field = "analysis.prometheus" if isinstance(policy, CanaryRollout) else "prometheus"
+    try:
+        query_value(address, "vector(1)")
+    except PrometheusError as exc:
+        raise KubeForgeError(f"spec.rollout.{field}: {exc}; start Prometheus scraping this deployment first") from None
