@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from kubeforge.spec.base import StrictModel
+from kubeforge.spec.cluster import ClusterSpec
 from kubeforge.spec.data import DataSpec
 from kubeforge.spec.evaluate import EvaluateSpec
 from kubeforge.spec.finetune import FinetuneSpec
@@ -41,6 +42,9 @@ class PipelineSpec(StrictModel):
     evaluate: EvaluateSpec | None = None
     quantize: QuantizeSpec | None = None
     promotion: PromotionSpec | None = None
+    cluster: ClusterSpec | None = None
+    """How the operator runs the stages on Kubernetes (image, scheduling, work volume, retries); the
+    operator requires it. `kubeforge run` validates it and runs on the local Ray runtime instead."""
 
     # Checks that span sections are raised from here (not from the sections) because the limit lives
     # in another section; each message starts with the path of the field to change, which the error

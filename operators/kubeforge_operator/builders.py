@@ -1,0 +1,563 @@
+"""Pure functions from manifests to Kubernetes objects, and from observed RayJobs to a status.
+
+Nothing here performs I/O or reads the clock: `pipeline.py` passes `now` in, so every decision the
+operator takes (what to create next, when a retry is due, what the status says) is a function of its
+inputs and is tested as one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import yaml
+
+from kubeforge.spec.cluster import ClusterSpec
+from kubeforge.spec.pipeline import API_VERSION, ModelPipeline
+from kubeforge_operator.config import OperatorConfig
+
+LABEL_PIPELINE = "kubeforge.io/pipeline"
+LABEL_STAGE = "kubeforge.io/stage"
+LABEL_ATTEMPT = "kubeforge.io/attempt"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "kubeforge-operator"}
+# Written by whatever learns them (a stage that can reach the API); the status carries them over.
+ANNOTATION_RUN_ID = "kubeforge.io/mlflow-run-id"
+ANNOTATION_MODEL_VERSION = "kubeforge.io/model-version"
+
+MANIFEST_DIR = "/etc/kubeforge"
+MANIFEST_KEY = "manifest.yaml"
+WORKDIR = "/kubeforge/work"
+STAGE_METRICS_PORT = 9108
+RAY_VERSION = "2.60.0"  # pyproject pins ray==2.60.0; KubeRay must know which Ray the image runs
+# KubeRay refuses longer RayJob names: it appends 6 characters for the RayCluster, whose Services
+# append up to 10 more, all within a 63-character DNS label (ray-operator utils.MaxRayJobNameLength).
+MAX_RAYJOB_NAME = 47
+# Non-root, no privilege escalation, no capabilities: the pod security "restricted" profile.
+RUN_AS = 1000
+_CONTAINER_SECURITY = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+_POD_SECURITY = {
+    "runAsNonRoot": True,
+    "runAsUser": RUN_AS,
+    "runAsGroup": RUN_AS,
+    # The work volume is written by every pod: fsGroup makes it writable by the non-root user.
+    "fsGroup": RUN_AS,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+SUBMITTER_RESOURCES = {"cpu": "500m", "memory": "512Mi"}
+
+StagePhase = Literal["Pending", "Running", "Succeeded", "Skipped", "Failed"]
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The ModelPipeline that owns what the operator creates for it."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    def reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": API_VERSION,
+            "kind": "ModelPipeline",
+            "name": self.name,
+            "uid": self.uid,
+            # Kubernetes deletes the children with the pipeline even if the operator is not running.
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+# --- object names ---------------------------------------------------------------------------------
+
+def rayjob_name(pipeline: str, stage: str, attempt: int) -> str:
+    """`<pipeline>-<stage>-<attempt>`, shortened with a hash of the pipeline's name when KubeRay's limit
+    requires it, and prefixed when the pipeline's name starts with a digit (RayJob names are DNS-1035)."""
+    suffix = f"-{stage}-{attempt}"
+    prefix = pipeline if pipeline[0].isalpha() else f"kf-{pipeline}"
+    if len(prefix) + len(suffix) <= MAX_RAYJOB_NAME:
+        return prefix + suffix
+    digest = hashlib.sha256(pipeline.encode()).hexdigest()[:6]
+    keep = MAX_RAYJOB_NAME - len(suffix) - len(digest) - 1
+    return f"{prefix[:keep].rstrip('-')}-{digest}{suffix}"
+
+
+def configmap_name(pipeline: str) -> str:
+    return f"{pipeline}-manifest"  # ConfigMap names may be 253 characters long
+
+
+# --- the manifest ConfigMap -----------------------------------------------------------------------
+
+def manifest_configmap(manifest: Mapping[str, Any], owner: Owner) -> dict[str, Any]:
+    """The ConfigMap every stage reads its manifest from: exactly the document the operator validated."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": configmap_name(owner.name),
+            "namespace": owner.namespace,
+            "labels": {LABEL_PIPELINE: owner.name, **MANAGED_BY},
+            "ownerReferences": [owner.reference()],
+        },
+        "data": {MANIFEST_KEY: render_manifest(manifest)},
+    }
+
+
+def render_manifest(manifest: Mapping[str, Any]) -> str:
+    return yaml.safe_dump(dict(manifest), sort_keys=False, allow_unicode=True)
+
+
+# --- the RayJob of a stage ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StageSize:
+    workers: int
+    cpus_per_worker: float
+    gpus_per_worker: int
+
+
+def stage_size(pipeline: ModelPipeline, stage: str) -> StageSize:
+    """Worker pods of a stage's Ray cluster, from the stage's own section."""
+    spec = pipeline.spec
+    if stage in ("pretrain", "finetune"):
+        section = spec.pretrain if stage == "pretrain" else spec.finetune
+        if section is None:
+            raise KeyError(stage)
+        resources = section.resources
+        return StageSize(resources.workers, resources.cpus_per_worker, 1 if resources.use_gpu else 0)
+    if stage == "tune":
+        if spec.tune is None:
+            raise KeyError(stage)
+        # A pod per concurrent trial; a GPU fraction still needs a whole device on the pod.
+        return StageSize(spec.tune.max_concurrent, spec.tune.cpus_per_trial, math.ceil(spec.tune.gpus_per_trial))
+    if stage in ("evaluate", "quantize"):
+        section_ = spec.evaluate if stage == "evaluate" else spec.quantize
+        if section_ is None:
+            raise KeyError(stage)
+        return StageSize(1, 1.0, 1 if section_.use_gpu else 0)
+    if stage in ("data", "promote"):
+        return StageSize(1, 1.0, 0)
+    raise KeyError(stage)
+
+
+def entrypoint(stage: str, config: OperatorConfig) -> str:
+    args = ["python", f"jobs/{stage}.py", "--manifest", f"{MANIFEST_DIR}/{MANIFEST_KEY}", "--workdir", WORKDIR]
+    if config.mlflow_tracking_uri:
+        args += ["--tracking-uri", config.mlflow_tracking_uri]
+    args += ["--metrics-port", str(STAGE_METRICS_PORT)]
+    return " ".join(_quote(a) for a in args)
+
+
+def stage_rayjob(
+    pipeline: ModelPipeline, stage: str, owner: Owner, config: OperatorConfig, attempt: int = 1
+) -> dict[str, Any]:
+    """The KubeRay RayJob that runs `stage` of `pipeline` (its `attempt`-th try)."""
+    cluster = require_cluster(pipeline)
+    if stage not in pipeline.stage_names():
+        stages = ", ".join(pipeline.stage_names())
+        raise KeyError(f"{stage!r} is not a stage of pipeline {owner.name} (stages: {stages})")
+    size = stage_size(pipeline, stage)
+    image = cluster.image or (config.quantize_image if stage == "quantize" else config.stage_image)
+    labels = {LABEL_PIPELINE: owner.name, LABEL_STAGE: stage, LABEL_ATTEMPT: str(attempt), **MANAGED_BY}
+    work = {"name": "work", "persistentVolumeClaim": {"claimName": cluster.workdir_claim}}
+    manifest = {
+        "name": "manifest",
+        "configMap": {"name": configmap_name(owner.name), "items": [{"key": MANIFEST_KEY, "path": MANIFEST_KEY}]},
+    }
+    head_resources = {"cpu": _cpu(cluster.head_cpus), "memory": cluster.head_memory}
+    worker_resources: dict[str, str] = {"cpu": _cpu(size.cpus_per_worker), "memory": cluster.worker_memory}
+    if size.gpus_per_worker:
+        worker_resources["nvidia.com/gpu"] = str(size.gpus_per_worker)
+    head = _pod_template(
+        "ray-head", image, head_resources, cluster, labels,
+        volumes=[manifest, work],
+        mounts=[{"name": "manifest", "mountPath": MANIFEST_DIR, "readOnly": True},
+                {"name": "work", "mountPath": WORKDIR}],
+        ports=[{"name": "stage-metrics", "containerPort": STAGE_METRICS_PORT, "protocol": "TCP"}],
+    )
+    worker = _pod_template(
+        "ray-worker", image, worker_resources, cluster, labels,
+        volumes=[work], mounts=[{"name": "work", "mountPath": WORKDIR}], ports=[],
+    )
+    spec: dict[str, Any] = {
+        "entrypoint": entrypoint(stage, config),
+        # Retries are the operator's (spec.cluster.retries), each a fresh RayJob with a fresh cluster.
+        "backoffLimit": 0,
+        "shutdownAfterJobFinishes": True,
+        "ttlSecondsAfterFinished": cluster.ttl_s,
+        "submitterPodTemplate": _submitter_template(image, cluster, labels),
+        "rayClusterSpec": {
+            "rayVersion": RAY_VERSION,
+            "headGroupSpec": {
+                # The head runs the stage's driver only; its training or data work goes to the workers.
+                "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+                "template": head,
+            },
+            "workerGroupSpecs": [
+                {
+                    "groupName": "workers",
+                    "replicas": size.workers,
+                    "minReplicas": size.workers,
+                    "maxReplicas": size.workers,
+                    "rayStartParams": {},
+                    "template": worker,
+                }
+            ],
+        },
+    }
+    if cluster.active_deadline_s is not None:
+        spec["activeDeadlineSeconds"] = cluster.active_deadline_s
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": {
+            "name": rayjob_name(owner.name, stage, attempt),
+            "namespace": owner.namespace,
+            "labels": labels,
+            "ownerReferences": [owner.reference()],
+        },
+        "spec": spec,
+    }
+
+
+def require_cluster(pipeline: ModelPipeline) -> ClusterSpec:
+    if pipeline.spec.cluster is None:
+        raise ValueError("spec.cluster: required to run on Kubernetes (at least spec.cluster.workdir_claim)")
+    return pipeline.spec.cluster
+
+
+def _scheduling(cluster: ClusterSpec) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if cluster.node_selector:
+        out["nodeSelector"] = dict(cluster.node_selector)
+    if cluster.tolerations:
+        out["tolerations"] = [_toleration(t) for t in cluster.tolerations]
+    if cluster.service_account:
+        out["serviceAccountName"] = cluster.service_account
+    return out
+
+
+def _toleration(toleration: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"operator": toleration.operator}
+    for field, key in (("key", "key"), ("value", "value"), ("effect", "effect"),
+                       ("toleration_seconds", "tolerationSeconds")):
+        value = getattr(toleration, field)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def _pod_template(
+    container: str,
+    image: str,
+    resources: Mapping[str, str],
+    cluster: ClusterSpec,
+    labels: Mapping[str, str],
+    volumes: list[dict[str, Any]],
+    mounts: list[dict[str, Any]],
+    ports: list[dict[str, Any]],
+) -> dict[str, Any]:
+    main: dict[str, Any] = {
+        "name": container,
+        "image": image,
+        # Ray, Python and the libraries write caches under HOME; the root filesystem is read-only.
+        "env": [{"name": "HOME", "value": "/tmp"}],
+        "resources": {"requests": dict(resources), "limits": dict(resources)},
+        "securityContext": dict(_CONTAINER_SECURITY),
+        "volumeMounts": [*mounts, {"name": "tmp", "mountPath": "/tmp"}, {"name": "shm", "mountPath": "/dev/shm"}],
+    }
+    if ports:
+        main["ports"] = ports
+    return {
+        "metadata": {"labels": dict(labels)},
+        "spec": {
+            **_scheduling(cluster),
+            "securityContext": dict(_POD_SECURITY),
+            "containers": [main],
+            "volumes": [
+                *volumes,
+                # Ray's session files and spilled objects.
+                {"name": "tmp", "emptyDir": {}},
+                # Ray's object store lives in shared memory; the container runtime's default is 64 MiB.
+                {"name": "shm", "emptyDir": {"medium": "Memory"}},
+            ],
+        },
+    }
+
+
+def _submitter_template(image: str, cluster: ClusterSpec, labels: Mapping[str, str]) -> dict[str, Any]:
+    """The pod running `ray job submit` (KubeRay fills in the command); hardened like the others."""
+    return {
+        "metadata": {"labels": dict(labels)},
+        "spec": {
+            **_scheduling(cluster),
+            "restartPolicy": "Never",
+            "securityContext": dict(_POD_SECURITY),
+            "containers": [
+                {
+                    "name": "ray-job-submitter",
+                    "image": image,
+                    "env": [{"name": "HOME", "value": "/tmp"}],
+                    "resources": {"requests": dict(SUBMITTER_RESOURCES), "limits": dict(SUBMITTER_RESOURCES)},
+                    "securityContext": dict(_CONTAINER_SECURITY),
+                    "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+                }
+            ],
+            "volumes": [{"name": "tmp", "emptyDir": {}}],
+        },
+    }
+
+
+def _cpu(cpus: float) -> str:
+    return str(int(cpus)) if float(cpus).is_integer() else f"{round(cpus * 1000)}m"
+
+
+def _quote(arg: str) -> str:
+    # KubeRay passes the entrypoint to a shell; only a tracking URI could hold characters that matter.
+    return arg if re.fullmatch(r"[\w@%+=:,./-]+", arg) else "'" + arg.replace("'", "'\"'\"'") + "'"
+
+
+# --- what the RayJobs say -------------------------------------------------------------------------
+
+JobState = Literal["Pending", "Running", "Succeeded", "Failed"]
+
+
+def rayjob_state(rayjob: Mapping[str, Any]) -> JobState:
+    """A RayJob's outcome, from KubeRay's two status fields.
+
+    jobStatus is the Ray job's (PENDING, RUNNING, STOPPED, SUCCEEDED, FAILED); jobDeploymentStatus is
+    KubeRay's (Initializing, Running, Complete, Failed, ValidationFailed...), which alone says that
+    the deadline passed or the cluster never came up."""
+    status = rayjob.get("status") or {}
+    job = status.get("jobStatus") or ""
+    deployment = status.get("jobDeploymentStatus") or ""
+    if job == "SUCCEEDED":
+        return "Succeeded"
+    if job in ("FAILED", "STOPPED") or deployment in ("Failed", "ValidationFailed"):
+        return "Failed"
+    if job == "RUNNING":
+        return "Running"
+    return "Pending"
+
+
+def _attempt(rayjob: Mapping[str, Any]) -> int:
+    raw = ((rayjob.get("metadata") or {}).get("labels") or {}).get(LABEL_ATTEMPT, "")
+    return int(raw) if str(raw).isdigit() else 0
+
+
+@dataclass(frozen=True)
+class StageView:
+    """One stage as the RayJobs show it, with what the operator should do about it."""
+
+    name: str
+    phase: StagePhase
+    attempts: int
+    latest: Mapping[str, Any] | None
+    message: str
+    completion: datetime | None
+    retry_at: datetime | None
+    """When the next attempt is due (a failed attempt with retries left)."""
+
+
+def stage_views(
+    pipeline: ModelPipeline, rayjobs: Sequence[Mapping[str, Any]], previous: Mapping[str, Any], now: datetime
+) -> list[StageView]:
+    """Every stage in execution order. Stages run one at a time: a stage after one that is not done
+    is Pending, and every stage after one that failed for good is Skipped."""
+    cluster = require_cluster(pipeline)
+    by_stage: dict[str, list[Mapping[str, Any]]] = {}
+    for job in rayjobs:
+        stage = ((job.get("metadata") or {}).get("labels") or {}).get(LABEL_STAGE)
+        if stage:
+            by_stage.setdefault(stage, []).append(job)
+    previous_stages = previous.get("stages") or {}
+    views: list[StageView] = []
+    blocked_by: str | None = None
+    for name in pipeline.stage_names():
+        jobs = sorted(by_stage.get(name, []), key=_attempt)
+        latest = jobs[-1] if jobs else None
+        attempts = _attempt(latest) if latest else 0
+        if blocked_by is not None and latest is None:
+            views.append(StageView(name, "Skipped", 0, None, f"not run: stage {blocked_by} failed", None, None))
+            continue
+        if latest is None:
+            views.append(StageView(name, "Pending", 0, None, "", None, None))
+            continue
+        state = rayjob_state(latest)
+        message = str((latest.get("status") or {}).get("message") or "")
+        completion = None
+        if state in ("Succeeded", "Failed"):
+            completion = _parse_time((latest.get("status") or {}).get("endTime"))
+            earlier = previous_stages.get(name) or {}
+            if completion is None and earlier.get("rayJob") == latest["metadata"]["name"]:
+                completion = _parse_time(earlier.get("completionTime"))
+            # First seen finished without an end time: it finished no later than now.
+            completion = completion or now
+        if state != "Failed":
+            views.append(StageView(name, state, attempts, latest, message, completion, None))
+            continue
+        why = f"attempt {attempts} failed" + (f": {message}" if message else "")
+        if attempts <= cluster.retries:
+            retry_at = (completion or now) + timedelta(seconds=cluster.retry_delay_s)
+            views.append(StageView(name, "Pending", attempts, latest,
+                                   f"{why}; attempt {attempts + 1} of {cluster.retries + 1} starts at "
+                                   f"{_format_time(retry_at)}", completion, retry_at))
+        else:
+            views.append(StageView(name, "Failed", attempts, latest,
+                                   f"{why}; no retries left ({cluster.retries})", completion, None))
+            blocked_by = name
+    return views
+
+
+@dataclass(frozen=True)
+class NextStep:
+    """What to do now: create `stage`'s attempt, wait `wait_s` seconds for a retry, or nothing."""
+
+    stage: str | None = None
+    attempt: int = 0
+    wait_s: float | None = None
+
+
+def next_step(views: Sequence[StageView], now: datetime) -> NextStep:
+    for view in views:
+        if view.phase == "Succeeded":
+            continue
+        if view.phase in ("Failed", "Skipped"):
+            return NextStep()
+        if view.latest is None:
+            return NextStep(view.name, 1)
+        if view.retry_at is not None:
+            if now >= view.retry_at:
+                return NextStep(view.name, view.attempts + 1)
+            return NextStep(wait_s=(view.retry_at - now).total_seconds())
+        return NextStep()  # its RayJob is pending or running: its next status change wakes us
+    return NextStep()
+
+
+def pipeline_status(
+    pipeline: ModelPipeline,
+    rayjobs: Sequence[Mapping[str, Any]],
+    *,
+    previous: Mapping[str, Any],
+    now: datetime,
+    generation: int | None,
+) -> dict[str, Any]:
+    """The ModelPipeline's status (schema: kubeforge.spec.crd) from its RayJobs and the status before."""
+    views = stage_views(pipeline, rayjobs, previous, now)
+    stages: dict[str, Any] = {}
+    model_version: str | None = previous.get("modelVersion")
+    current: str | None = None
+    for view in views:
+        entry: dict[str, Any] = {"phase": view.phase, "attempts": view.attempts}
+        if view.message:
+            entry["message"] = view.message
+        if view.latest is not None:
+            meta = view.latest.get("metadata") or {}
+            observed = view.latest.get("status") or {}
+            annotations = meta.get("annotations") or {}
+            entry["rayJob"] = meta.get("name")
+            started = observed.get("startTime") or meta.get("creationTimestamp")
+            if started:
+                entry["startTime"] = started
+            if view.completion is not None:
+                entry["completionTime"] = _format_time(view.completion)
+            if annotations.get(ANNOTATION_RUN_ID):
+                entry["mlflowRunId"] = annotations[ANNOTATION_RUN_ID]
+            if annotations.get(ANNOTATION_MODEL_VERSION):
+                model_version = annotations[ANNOTATION_MODEL_VERSION]
+            current = view.name
+        stages[view.name] = entry
+    phases = [view.phase for view in views]
+    phase = (
+        "Failed" if "Failed" in phases
+        else "Succeeded" if all(p == "Succeeded" for p in phases)
+        else "Running" if current is not None
+        else "Pending"
+    )
+    conditions = [
+        _condition("Valid", "True", "SpecAccepted", "kubeforge.spec accepted the spec", generation),
+        _condition("Complete", "True" if phase == "Succeeded" else "False", phase,
+                   "every stage succeeded" if phase == "Succeeded" else f"pipeline is {phase}", generation),
+        _condition("Failed", "True" if phase == "Failed" else "False", phase,
+                   next((f"stage {v.name}: {v.message}" for v in views if v.phase == "Failed"), "no stage failed"),
+                   generation),
+    ]
+    for view in views:
+        truth = {"Succeeded": "True", "Failed": "False", "Skipped": "False"}.get(view.phase, "Unknown")
+        conditions.append(_condition(f"{view.name.capitalize()}Succeeded", truth, view.phase,
+                                     view.message or f"stage {view.name} is {view.phase}", generation))
+    status: dict[str, Any] = {
+        "phase": phase,
+        "stages": stages,
+        "conditions": _keep_transition_times(conditions, previous, now),
+    }
+    if current is not None:
+        status["currentStage"] = current
+    if model_version:
+        status["modelVersion"] = model_version
+    if generation is not None:
+        status["observedGeneration"] = generation
+    return status
+
+
+def invalid_status(
+    problems: Sequence[str], *, previous: Mapping[str, Any], now: datetime, generation: int | None
+) -> dict[str, Any]:
+    """The status of a spec kubeforge.spec rejects: each problem starts with the field at fault."""
+    message = "; ".join(problems)
+    status: dict[str, Any] = {
+        "phase": "Invalid",
+        "conditions": _keep_transition_times(
+            [_condition("Valid", "False", "InvalidSpec", message, generation)], previous, now
+        ),
+    }
+    if generation is not None:
+        status["observedGeneration"] = generation
+    return status
+
+
+def _condition(kind: str, status: str, reason: str, message: str, generation: int | None) -> dict[str, Any]:
+    condition: dict[str, Any] = {"type": kind, "status": status, "reason": reason, "message": message[:32768]}
+    if generation is not None:
+        condition["observedGeneration"] = generation
+    return condition
+
+
+def _keep_transition_times(
+    conditions: list[dict[str, Any]], previous: Mapping[str, Any], now: datetime
+) -> list[dict[str, Any]]:
+    """lastTransitionTime moves only when a condition's status does, as Kubernetes conventions ask."""
+    before = {c.get("type"): c for c in previous.get("conditions") or [] if isinstance(c, Mapping)}
+    out = []
+    for condition in conditions:
+        old = before.get(condition["type"])
+        if old is not None and old.get("status") == condition["status"] and old.get("lastTransitionTime"):
+            out.append({**condition, "lastTransitionTime": old["lastTransitionTime"]})
+        else:
+            out.append({**condition, "lastTransitionTime": _format_time(now)})
+    return out
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _format_time(value: datetime) -> str:
+    return value.astimezone(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -1,0 +1,192 @@
+"""Reconciling a ModelPipeline: validate it, keep its manifest ConfigMap, run its stages as RayJobs.
+
+Every entry point here ends in `reconcile`, which reads the pipeline and its RayJobs afresh and is
+idempotent: RayJob names are deterministic per stage and attempt, so two reconciliations that race
+(a pipeline event and a RayJob event) create the same object once and the loser sees a conflict it
+ignores. Within one process a lock per pipeline keeps them from interleaving at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+
+from kubeforge.errors import Problem, SpecError
+from kubeforge.spec.load import parse_manifest
+from kubeforge.spec.pipeline import API_VERSION, ModelPipeline
+from kubeforge_operator import builders, kube, metrics
+from kubeforge_operator.config import OperatorConfig
+from kubeforge_operator.errors import retry_semantics
+
+KIND = "ModelPipeline"
+PLURAL = "modelpipelines"
+# Annotations of tools, not of the user: recorded on MLflow runs and in the ConfigMap they would
+# change with every kopf bookkeeping write, and kubectl's holds a copy of the whole object.
+TOOL_ANNOTATION_PREFIXES = ("kopf.kubeforge.io/", "kopf.zalando.org/", "kubectl.kubernetes.io/")
+MAX_WAIT_IN_WATCH_S = 300.0
+"""Longest retry delay a RayJob event waits out itself; longer ones are left to the pipeline handler."""
+
+_locks: dict[str, asyncio.Lock] = {}
+
+
+def manifest_document(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest as the user wrote it: what `kubeforge.spec` validates and the stages read.
+
+    Server-set metadata (uid, resourceVersion, managedFields, finalizers...) is not part of it, and
+    neither are the annotations tools keep on the object."""
+    meta = body.get("metadata") or {}
+    metadata: dict[str, Any] = {"name": meta.get("name")}
+    if meta.get("namespace"):
+        metadata["namespace"] = meta["namespace"]
+    if meta.get("labels"):
+        metadata["labels"] = dict(meta["labels"])
+    annotations = {
+        k: v for k, v in (meta.get("annotations") or {}).items() if not k.startswith(TOOL_ANNOTATION_PREFIXES)
+    }
+    if annotations:
+        metadata["annotations"] = annotations
+    return {
+        "apiVersion": body.get("apiVersion", API_VERSION),
+        "kind": body.get("kind", KIND),
+        "metadata": metadata,
+        "spec": dict(body.get("spec") or {}),
+    }
+
+
+def validate(document: Mapping[str, Any]) -> ModelPipeline:
+    """The parsed pipeline; `SpecError` listing every problem, each starting with its field."""
+    pipeline = parse_manifest(dict(document), source=f"{KIND} {document['metadata'].get('name')}")
+    try:
+        builders.require_cluster(pipeline)
+    except ValueError as exc:
+        field, _, message = str(exc).partition(": ")
+        raise SpecError([Problem(field, message)]) from None
+    return pipeline
+
+
+async def reconcile(
+    namespace: str, name: str, *, config: OperatorConfig, settings: kopf.OperatorSettings, logger: kopf.Logger
+) -> None:
+    """Bring one pipeline a step forward and write its status.
+
+    Raises `kopf.TemporaryError(delay=...)` while a failed stage waits for its next attempt, so the
+    handler that called this runs again when the attempt is due."""
+    lock = _locks.setdefault(f"{namespace}/{name}", asyncio.Lock())
+    with metrics.observed(KIND), retry_semantics():
+        async with lock:
+            await _reconcile(namespace, name, config, kube.Client(settings, logger), logger)
+
+
+async def _reconcile(
+    namespace: str, name: str, config: OperatorConfig, client: kube.Client, logger: kopf.Logger
+) -> None:
+    body = await client.get(kube.pipeline_url(namespace, name))
+    if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+        return  # gone or going: the deletion handler owns it now
+    meta = body["metadata"]
+    previous = body.get("status") or {}
+    generation = meta.get("generation")
+    now = datetime.now(UTC)
+    document = manifest_document(body)
+    try:
+        pipeline = validate(document)
+    except SpecError as exc:
+        problems = [str(p) for p in exc.problems]
+        logger.warning(f"invalid spec, nothing created: {'; '.join(problems)}")
+        await _write_status(client, namespace, name, previous,
+                            builders.invalid_status(problems, previous=previous, now=now, generation=generation))
+        return
+
+    owner = builders.Owner(name=name, namespace=namespace, uid=meta["uid"])
+    await _ensure_configmap(client, builders.manifest_configmap(document, owner), logger)
+    rayjobs = await owned_rayjobs(client, owner)
+
+    views = builders.stage_views(pipeline, rayjobs, previous, now)
+    step = builders.next_step(views, now)
+    if step.stage is not None:
+        rayjob = builders.stage_rayjob(pipeline, step.stage, owner, config, attempt=step.attempt)
+        if await client.create(kube.rayjobs_url(namespace), rayjob):
+            logger.info(f"created RayJob {rayjob['metadata']['name']} (stage {step.stage}, attempt {step.attempt})")
+        rayjobs.append(rayjob)
+    status = builders.pipeline_status(pipeline, rayjobs, previous=previous, now=now, generation=generation)
+    await _write_status(client, namespace, name, previous, status)
+    if step.wait_s is not None:
+        raise kopf.TemporaryError(f"next attempt in {step.wait_s:.0f}s", delay=max(step.wait_s, 0.1))
+
+
+async def owned_rayjobs(client: kube.Client, owner: builders.Owner) -> list[dict[str, Any]]:
+    jobs = await client.list(kube.rayjobs_url(owner.namespace), {builders.LABEL_PIPELINE: owner.name})
+    # A label anyone can set is not proof of ownership; the owner's uid is (and a pipeline deleted and
+    # created again under the same name must not adopt its predecessor's RayJobs).
+    return [job for job in jobs if any(ref.get("uid") == owner.uid
+                                       for ref in (job.get("metadata") or {}).get("ownerReferences") or [])]
+
+
+async def _ensure_configmap(client: kube.Client, configmap: Mapping[str, Any], logger: kopf.Logger) -> None:
+    meta = configmap["metadata"]
+    url = kube.configmaps_url(meta["namespace"])
+    if await client.create(url, configmap):
+        logger.info(f"created ConfigMap {meta['name']}")
+        return
+    current = await client.get(kube.configmaps_url(meta["namespace"], meta["name"]))
+    if current is not None and current.get("data") != configmap["data"]:
+        await client.merge_patch(kube.configmaps_url(meta["namespace"], meta["name"]), {"data": configmap["data"]})
+        logger.info(f"updated ConfigMap {meta['name']} to the edited manifest")
+
+
+async def _write_status(
+    client: kube.Client, namespace: str, name: str, previous: Mapping[str, Any], status: Mapping[str, Any]
+) -> None:
+    # Every write is a watch event that wakes kopf (and our own handlers) again: write only news.
+    if all(previous.get(key) == value for key, value in status.items()):
+        return
+    # A merge patch replaces lists whole (conditions) and merges maps (stages), which is what we want:
+    # stage entries are complete each time, and a stage never disappears from a pipeline's status.
+    await client.merge_patch(kube.pipeline_url(namespace, name, "status"), {"status": dict(status)})
+
+
+async def rayjob_changed(
+    rayjob: Mapping[str, Any], *, config: OperatorConfig, settings: kopf.OperatorSettings, logger: kopf.Logger
+) -> None:
+    """A RayJob of a pipeline changed: reconcile its owner now instead of at the next pipeline event."""
+    meta = rayjob.get("metadata") or {}
+    owner = next((ref for ref in meta.get("ownerReferences") or []
+                  if ref.get("kind") == KIND and ref.get("apiVersion") == API_VERSION), None)
+    if owner is None or not meta.get("namespace"):
+        return  # labelled by someone else; not ours to act on
+    for _ in range(2):
+        try:
+            await reconcile(meta["namespace"], owner["name"], config=config, settings=settings, logger=logger)
+            return
+        except kopf.TemporaryError as exc:
+            # kopf does not retry event handlers. A short wait (a retry delay) is waited out here, once;
+            # the pipeline's own handler, which raised the same delay, is the backstop for longer ones.
+            if exc.delay is None or exc.delay > MAX_WAIT_IN_WATCH_S:
+                return
+            await asyncio.sleep(exc.delay)
+
+
+async def delete_children(
+    namespace: str, name: str, uid: str, *, settings: kopf.OperatorSettings, logger: kopf.Logger
+) -> None:
+    """The pipeline's finalizer: delete its RayJobs and manifest ConfigMap before it goes.
+
+    Their ownerReferences would have the garbage collector do it eventually; deleting them here stops
+    running stages at once and leaves nothing behind when the pipeline is gone."""
+    client = kube.Client(settings, logger)
+    with metrics.observed(KIND), retry_semantics():
+        owner = builders.Owner(name=name, namespace=namespace, uid=uid)
+        for job in await owned_rayjobs(client, owner):
+            if await client.delete(kube.rayjobs_url(namespace, job["metadata"]["name"])):
+                logger.info(f"deleted RayJob {job['metadata']['name']}")
+        configmap = await client.get(kube.configmaps_url(namespace, builders.configmap_name(name)))
+        owned = configmap is not None and any(
+            ref.get("uid") == uid for ref in configmap["metadata"].get("ownerReferences") or []
+        )
+        if owned and await client.delete(kube.configmaps_url(namespace, builders.configmap_name(name))):
+            logger.info(f"deleted ConfigMap {builders.configmap_name(name)}")
+    _locks.pop(f"{namespace}/{name}", None)

@@ -1,0 +1,101 @@
+"""`spec.cluster`: how the KubeForge operator runs the stages on Kubernetes.
+
+It describes Kubernetes objects, so only the operator applies it: `kubeforge run` validates it and runs
+every stage on the local Ray runtime. The operator reads it to build one KubeRay `RayJob` per stage;
+each stage's own `resources` section (workers, CPUs per worker, GPUs) sizes that RayJob's worker group.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from kubeforge.spec.base import StrictModel
+
+# Kubernetes' own limits: a label-style key (optionally prefixed by a DNS subdomain) and value.
+_LABEL_KEY = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+)
+_LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+_DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# A memory quantity as Kubernetes writes it (512Mi, 8Gi, 1e9); the API server rejects anything else.
+_MEMORY = r"^[0-9]+(\.[0-9]+)?(([KMGTPE]i)|[kMGTPE]|([eE][0-9]+))?$"
+
+LabelKey = Annotated[str, Field(min_length=1, max_length=316, pattern=_LABEL_KEY)]
+Memory = Annotated[str, Field(pattern=_MEMORY)]
+
+
+class Toleration(StrictModel):
+    """A Kubernetes toleration of the stage pods (head and workers), e.g. for tainted GPU nodes.
+
+    Read by the operator only; `kubeforge run` schedules nothing."""
+
+    key: LabelKey | None = None
+    """Taint key; null with operator `Exists` tolerates every taint."""
+    operator: Literal["Exists", "Equal"] = "Equal"
+    """`Equal`: the taint's value must equal `value`. `Exists`: any value."""
+    value: Annotated[str, Field(max_length=63, pattern=_LABEL_VALUE)] | None = None
+    """Taint value to match (operator `Equal` only)."""
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """Taint effect to match; null matches every effect."""
+    toleration_seconds: Annotated[int, Field(ge=0)] | None = None
+    """How long a pod stays bound after a NoExecute taint appears; null means forever (effect NoExecute only)."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Toleration:
+        if self.operator == "Exists" and self.value is not None:
+            raise ValueError("value: operator 'Exists' matches any value; remove value or use operator 'Equal'")
+        if self.operator == "Equal" and self.key is None:
+            raise ValueError("key: operator 'Equal' needs a taint key (use operator 'Exists' to tolerate every taint)")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError("toleration_seconds: only applies to effect 'NoExecute'")
+        return self
+
+
+class ClusterSpec(StrictModel):
+    """How the KubeForge operator runs this pipeline on Kubernetes: one KubeRay RayJob per stage.
+
+    The operator requires this section (a pipeline without it is reported Invalid) and reads nothing
+    else about Kubernetes objects. `kubeforge run` validates it but has no pods to apply it to: it runs
+    on the local Ray runtime, with `.kubeforge/` as its work directory. Worker count, CPUs and GPUs per
+    worker come from each stage's `resources` section (tune: max_concurrent, cpus_per_trial, gpus_per_trial)."""
+
+    workdir_claim: Annotated[str, Field(min_length=1, max_length=253, pattern=_DNS1123_SUBDOMAIN)]
+    """ReadWriteMany PersistentVolumeClaim (same namespace) mounted at /kubeforge/work in every stage's
+    head and worker pods: the work directory the stages hand their outputs over in."""
+    image: Annotated[str, Field(min_length=1)] | None = None
+    """Image of every stage's pods; null means the operator's stage image (the quantize stage: its
+    quantize image). It must hold KubeForge at the operator's version, and `jobs/` in its working directory."""
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    """Node labels the stage pods (head and workers) must run on, e.g. a GPU node pool."""
+    tolerations: list[Toleration] = Field(default_factory=list)
+    """Taints of the nodes the stage pods may run on."""
+    service_account: Annotated[str, Field(max_length=253, pattern=_DNS1123_SUBDOMAIN)] | None = None
+    """ServiceAccount of the stage pods (e.g. for object-store credentials); null means the namespace's default."""
+    active_deadline_s: Annotated[int, Field(gt=0)] | None = None
+    """Each RayJob fails when it has run this long (KubeRay activeDeadlineSeconds); null means no limit."""
+    retries: Annotated[int, Field(ge=0)] = 2
+    """RayJobs created again for a stage after a failed one, before the pipeline fails."""
+    retry_delay_s: Annotated[int, Field(ge=0)] = 30
+    """Seconds between a stage's failed RayJob finishing and its next attempt starting."""
+    ttl_s: Annotated[int, Field(ge=0)] = 3600
+    """Seconds a finished RayJob (and its logs) stays before KubeRay deletes it; its Ray cluster goes at once."""
+    head_cpus: Annotated[float, Field(gt=0)] = 1.0
+    """CPUs of each RayJob's head pod (requests and limits). The head runs the stage's driver, not its workers."""
+    head_memory: Memory = "4Gi"
+    """Memory of each RayJob's head pod (requests and limits), e.g. 4Gi."""
+    worker_memory: Memory = "8Gi"
+    """Memory of each worker pod (requests and limits), e.g. 8Gi."""
+
+    # Checked here rather than with constrained key types: those become patternProperties, which a
+    # structural CRD schema cannot hold.
+    @model_validator(mode="after")
+    def _node_labels_are_labels(self) -> ClusterSpec:
+        for key, value in self.node_selector.items():
+            if len(key) > 316 or not re.fullmatch(_LABEL_KEY, key):
+                raise ValueError(f"node_selector: {key!r} is not a Kubernetes label key")
+            if len(value) > 63 or not re.fullmatch(_LABEL_VALUE, value):
+                raise ValueError(f"node_selector: the value of {key!r} is not a Kubernetes label value (got {value!r})")
+        return self

@@ -1,0 +1,220 @@
+"""The operator (kopf, our handlers) running in-process against kmock's fake Kubernetes API server.
+
+kmock's KubernetesEmulator stores what it is sent and streams watch events, so the operator is
+exercised at the HTTP boundary exactly as against a cluster: discovery, watches, creates, merge
+patches of the status subresource, finalizers. Nothing plays KubeRay: the tests write RayJob
+statuses the way KubeRay would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import kmock
+import kopf
+import pytest
+import yaml
+
+from kubeforge_operator import builders, handlers, metrics
+from kubeforge_operator.config import FINALIZER, OperatorConfig
+from kubeforge_operator.pipeline import manifest_document, validate
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio, pytest.mark.timeout(120)]
+
+REPO = Path(__file__).resolve().parents[2]
+NS = "team-a"
+PIPELINES = f"/apis/kubeforge.io/v1alpha1/namespaces/{NS}/modelpipelines"
+RAYJOBS = f"/apis/ray.io/v1/namespaces/{NS}/rayjobs"
+CONFIGMAPS = f"/api/v1/namespaces/{NS}/configmaps"
+CONFIG = OperatorConfig(stage_image="ghcr.io/kubeforge/kubeforge-train:0.1.0",
+                        quantize_image="ghcr.io/kubeforge/kubeforge-quantize:0.1.0",
+                        namespaces=(NS,))
+assert handlers.pipeline_changed  # importing the module registered the handlers
+
+# kopf asks its login handlers where the API server is; this one answers with the current kmock.
+_server: list[str] = []
+
+
+@kopf.on.login()
+def _login_to_kmock(**_: Any) -> kopf.ConnectionInfo:
+    return kopf.ConnectionInfo(server=_server[-1])
+
+
+def pipeline_body(name: str = "quickstart", **spec: Any) -> dict[str, Any]:
+    doc = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
+    # kmock keeps what it is sent: the server-set fields kopf relies on are set here (kopf tests
+    # resourceVersion in its JSON patches; kmock never changes it, so that test always holds).
+    doc["metadata"] = {"name": name, "namespace": NS, "uid": f"uid-{name}", "generation": 1, "resourceVersion": "1"}
+    doc["spec"]["cluster"] = {"workdir_claim": "kubeforge-work", "retries": 1, "retry_delay_s": 1}
+    doc["spec"].update(spec)
+    return doc
+
+
+@contextlib.asynccontextmanager
+async def operator() -> AsyncIterator[kmock.KubernetesEmulator]:
+    async with kmock.KubernetesEmulator() as api, kmock.Server(api):
+        # kopf discovers these before it starts: its own two (namespaces, CRDs) even with scanning off.
+        for resource, kind, namespaced, subresources in [
+            ("kubeforge.io/v1alpha1/modelpipelines", "ModelPipeline", True, {"status"}),
+            ("ray.io/v1/rayjobs", "RayJob", True, {"status"}),
+            ("v1/configmaps", "ConfigMap", True, set()),
+            ("v1/events", "Event", True, set()),
+            ("v1/namespaces", "Namespace", False, set()),
+            ("apiextensions.k8s.io/v1/customresourcedefinitions", "CustomResourceDefinition", False, set()),
+        ]:
+            api.resources[resource] = kmock.ResourceInfo(
+                kind=kind, namespaced=namespaced, subresources=subresources,
+                verbs={"get", "list", "watch", "create", "patch", "update", "delete"},
+            )
+        _server.append(str(api.url))
+        settings = kopf.OperatorSettings()
+        settings.scanning.disabled = True  # the namespace is named; no namespace listing to follow
+        stop = asyncio.Event()
+        task = asyncio.create_task(kopf.operator(
+            registry=kopf.get_default_registry(), settings=settings, standalone=True, namespaces=[NS],
+            stop_flag=stop, memo=kopf.Memo(config=CONFIG),
+        ))
+        try:
+            yield api
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, timeout=15)
+            _server.pop()
+
+
+async def get(api: kmock.KubernetesEmulator, url: str) -> Any:
+    async with api.get(url) as response:
+        return await response.json() if response.status == 200 else None
+
+
+async def send(api: kmock.KubernetesEmulator, method: str, url: str, body: Any = None) -> Any:
+    async with api.request(method, url, json=body) as response:
+        assert response.status < 300, await response.text()
+        return await response.json()
+
+
+async def eventually(probe: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = await probe()
+        if last:
+            return last
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+
+
+async def rayjob_names(api: kmock.KubernetesEmulator) -> list[str]:
+    listing = await get(api, RAYJOBS)
+    return sorted(item["metadata"]["name"] for item in (listing or {}).get("items", []))
+
+
+async def finish(api: kmock.KubernetesEmulator, name: str, job_status: str, message: str = "") -> None:
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    status = {"jobStatus": job_status, "jobDeploymentStatus": "Complete" if job_status == "SUCCEEDED" else "Failed",
+              "endTime": now, "message": message}
+    await send(api, "PATCH", f"{RAYJOBS}/{name}/status", {"status": status})
+
+
+def stage(status: dict[str, Any] | None, name: str) -> dict[str, Any]:
+    return ((status or {}).get("stages") or {}).get(name) or {}
+
+
+async def pipeline_status(api: kmock.KubernetesEmulator, name: str = "quickstart") -> dict[str, Any]:
+    return ((await get(api, f"{PIPELINES}/{name}")) or {}).get("status") or {}
+
+
+async def test_stages_run_in_order_retry_fail_and_are_cleaned_up() -> None:
+    ok_before = metrics.RECONCILES.labels("ModelPipeline", "ok")._value.get()
+    async with operator() as api:
+        await send(api, "POST", PIPELINES, pipeline_body())
+
+        # The data stage's RayJob and the manifest ConfigMap appear.
+        await eventually(lambda: rayjob_names(api), "the data stage's RayJob")
+        assert await rayjob_names(api) == ["quickstart-data-1"]
+        job = await get(api, f"{RAYJOBS}/quickstart-data-1")
+        expected = builders.stage_rayjob(validate(manifest_document(pipeline_body())), "data",
+                                         builders.Owner("quickstart", NS, "uid-quickstart"), CONFIG)
+        assert job["spec"] == expected["spec"] and job["metadata"]["labels"] == expected["metadata"]["labels"]
+        assert job["metadata"]["ownerReferences"][0]["uid"] == "uid-quickstart"
+        configmap = await get(api, f"{CONFIGMAPS}/quickstart-manifest")
+        manifest = yaml.safe_load(configmap["data"]["manifest.yaml"])
+        assert manifest["spec"] == pipeline_body()["spec"]
+        assert manifest["metadata"] == {"name": "quickstart", "namespace": NS}
+        status = await eventually(lambda: pipeline_status(api), "a status")
+        assert status["phase"] == "Running" and stage(status, "data")["rayJob"] == "quickstart-data-1"
+        body = await get(api, f"{PIPELINES}/quickstart")
+        assert FINALIZER in body["metadata"]["finalizers"]
+        assert "kopf" not in body["status"]  # kopf's bookkeeping stays in annotations
+
+        # Data succeeds: the pretrain stage starts and the status says so.
+        await finish(api, "quickstart-data-1", "SUCCEEDED")
+        await eventually(lambda: _has(api, "quickstart-pretrain-1"), "the pretrain RayJob")
+        status = await eventually(
+            lambda: _where(pipeline_status(api), lambda s: stage(s, "pretrain").get("rayJob")), "pretrain in status")
+        assert stage(status, "data")["phase"] == "Succeeded"
+        conditions = {c["type"]: c["status"] for c in status["conditions"]}
+        assert conditions["DataSucceeded"] == "True" and conditions["Valid"] == "True"
+        assert status["currentStage"] == "pretrain"
+
+        # Pretrain fails: after retry_delay_s a second attempt; when that fails too, the pipeline fails.
+        await finish(api, "quickstart-pretrain-1", "FAILED", "worker OOMKilled")
+        await eventually(lambda: _has(api, "quickstart-pretrain-2"), "the retry of pretrain", timeout=20)
+        status = await pipeline_status(api)
+        assert stage(status, "pretrain")["attempts"] == 2
+        await finish(api, "quickstart-pretrain-2", "FAILED", "worker OOMKilled")
+        status = await eventually(lambda: _where(pipeline_status(api), lambda s: s.get("phase") == "Failed"),
+                                  "phase Failed")
+        assert stage(status, "pretrain")["phase"] == "Failed"
+        assert "no retries left" in stage(status, "pretrain")["message"]
+        assert stage(status, "finetune")["phase"] == "Skipped"
+        await asyncio.sleep(1.5)  # a third attempt would have been created by now
+        assert await rayjob_names(api) == ["quickstart-data-1", "quickstart-pretrain-1", "quickstart-pretrain-2"]
+
+        # Delete: the finalizer removes the RayJobs and the ConfigMap, then lets the pipeline go.
+        await send(api, "DELETE", f"{PIPELINES}/quickstart")
+        await eventually(lambda: _gone(api, f"{PIPELINES}/quickstart"), "the pipeline to be gone")
+        assert await rayjob_names(api) == []
+        assert await get(api, f"{CONFIGMAPS}/quickstart-manifest") is None
+    assert metrics.RECONCILES.labels("ModelPipeline", "ok")._value.get() > ok_before
+
+
+async def test_an_invalid_spec_gets_a_condition_and_no_children() -> None:
+    bad = pipeline_body("broken")
+    bad["spec"]["pretrain"]["train"]["lr"] = -1
+    del bad["spec"]["cluster"]
+    async with operator() as api:
+        await send(api, "POST", PIPELINES, bad)
+        status = await eventually(lambda: pipeline_status(api, "broken"), "the Invalid status")
+        assert status["phase"] == "Invalid"
+        (valid,) = status["conditions"]
+        assert valid["type"] == "Valid" and valid["status"] == "False" and valid["reason"] == "InvalidSpec"
+        assert "spec.pretrain.train.lr: must be > 0 (got -1)" in valid["message"]
+        await asyncio.sleep(0.5)
+        assert await rayjob_names(api) == []
+        assert await get(api, f"{CONFIGMAPS}/broken-manifest") is None
+
+        # Fixing the spec lets it run.
+        fixed = copy.deepcopy(pipeline_body("broken")["spec"])
+        await send(api, "PATCH", f"{PIPELINES}/broken", {"spec": fixed})
+        await eventually(lambda: _has(api, "broken-data-1"), "the data RayJob after the fix")
+
+
+async def _has(api: kmock.KubernetesEmulator, name: str) -> bool:
+    return name in await rayjob_names(api)
+
+
+async def _gone(api: kmock.KubernetesEmulator, url: str) -> bool:
+    return await get(api, url) is None
+
+
+async def _where(status: Any, predicate: Callable[[dict[str, Any]], Any]) -> dict[str, Any] | None:
+    value = await status
+    return value if predicate(value) else None

@@ -1,0 +1,343 @@
+"""The operator's pure builders: RayJobs valid for KubeRay v1.7.0, pods valid for Kubernetes, the
+manifest ConfigMap, names, and the status computed from RayJob statuses."""
+
+from __future__ import annotations
+
+import copy
+import functools
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from kubeforge.errors import SpecError
+from kubeforge.spec.load import parse_manifest
+from kubeforge_operator import builders
+from kubeforge_operator.config import ConfigError, OperatorConfig
+from kubeforge_operator.pipeline import manifest_document, validate
+from tests.k8s_schemas import (
+    crd_schema_for,
+    openapi_to_jsonschema,
+    validate_against_crd,
+    validate_builtin,
+)
+
+pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parents[2]
+KUBERAY = REPO.parent / "shared" / "fixtures" / "kuberay-v1.7.0"
+RAYJOB_CRD = KUBERAY / "ray.io_rayjobs.yaml"
+CONFIG = OperatorConfig(stage_image="ghcr.io/kubeforge/kubeforge-train:0.1.0",
+                        quantize_image="ghcr.io/kubeforge/kubeforge-quantize:0.1.0",
+                        mlflow_tracking_uri="http://mlflow.kubeforge-system:5000")
+OWNER = builders.Owner(name="quickstart", namespace="team-a", uid="0b7c5b53-5a8f-4b8e-9f1e-7d1d6f0b8a11")
+NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+CLUSTER = {
+    "workdir_claim": "kubeforge-work",
+    "node_selector": {"nvidia.com/gpu.present": "true"},
+    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    "service_account": "kubeforge-stages",
+    "active_deadline_s": 7200,
+    "retries": 1,
+    "retry_delay_s": 30,
+}
+
+
+def quickstart_document(**cluster: Any) -> dict[str, Any]:
+    doc = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
+    doc["metadata"]["namespace"] = OWNER.namespace
+    doc["spec"]["cluster"] = {**CLUSTER, **cluster}
+    return doc
+
+
+def quickstart(**cluster: Any):
+    return parse_manifest(quickstart_document(**cluster))
+
+
+def rayjob(stage: str, attempt: int, job_status: str | None = None, **status: Any) -> dict[str, Any]:
+    job = builders.stage_rayjob(quickstart(), stage, OWNER, CONFIG, attempt=attempt)
+    if job_status is not None:
+        job["status"] = {"jobStatus": job_status, **status}
+    return job
+
+
+# --- RayJobs and pods --------------------------------------------------------------------------------
+
+STAGES = quickstart().stage_names()
+
+
+@functools.cache
+def rayjob_validator() -> jsonschema.Draft202012Validator:
+    """validate_against_crd's check, with the 1 MB CRD read and converted once for every stage."""
+    probe = {"apiVersion": "ray.io/v1", "kind": "RayJob"}
+    return jsonschema.Draft202012Validator(openapi_to_jsonschema(crd_schema_for(probe, RAYJOB_CRD)))
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_stage_rayjob_validates_against_the_kuberay_crd(stage: str) -> None:
+    if not RAYJOB_CRD.is_file():
+        pytest.skip(f"KubeRay CRD schemas not found in {KUBERAY} (shared/fixtures/kuberay-v1.7.0)")
+    job = builders.stage_rayjob(quickstart(), stage, OWNER, CONFIG)
+    error = jsonschema.exceptions.best_match(rayjob_validator().iter_errors(job))
+    assert error is None, f"{list(error.absolute_path)}: {error.message}"
+    assert len(job["metadata"]["name"]) <= 63
+
+
+def test_the_crd_check_catches_a_misplaced_field() -> None:
+    if not RAYJOB_CRD.is_file():
+        pytest.skip(f"KubeRay CRD schemas not found in {KUBERAY} (shared/fixtures/kuberay-v1.7.0)")
+    job = builders.stage_rayjob(quickstart(), "data", OWNER, CONFIG)
+    job["spec"]["rayClusterSpec"]["headGroupSpec"]["replicas"] = 1  # only worker groups have replicas
+    error = jsonschema.exceptions.best_match(rayjob_validator().iter_errors(job))
+    assert error is not None and "headGroupSpec" in list(error.absolute_path)
+
+
+@pytest.mark.parametrize("stage", ["data", "pretrain"])
+def test_pod_templates_are_valid_hardened_pods(stage: str) -> None:
+    job = builders.stage_rayjob(quickstart(), stage, OWNER, CONFIG)
+    cluster_spec = job["spec"]["rayClusterSpec"]
+    templates = {
+        "head": cluster_spec["headGroupSpec"]["template"],
+        "worker": cluster_spec["workerGroupSpecs"][0]["template"],
+        "submitter": job["spec"]["submitterPodTemplate"],
+    }
+    for role, template in templates.items():
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"x-{role}", **template["metadata"]},
+               "spec": template["spec"]}
+        validate_builtin(pod)
+        spec = template["spec"]
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+        assert spec["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        assert spec["serviceAccountName"] == "kubeforge-stages"
+        for container in spec["containers"]:
+            assert container["image"] == CONFIG.stage_image
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False
+            assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+            assert container["securityContext"]["readOnlyRootFilesystem"] is True
+            assert container["resources"]["requests"] and container["resources"]["limits"]
+            assert {"hostPath"} & {k for v in spec["volumes"] for k in v} == set()
+    head_mounts = {m["mountPath"]: m["name"] for m in templates["head"]["spec"]["containers"][0]["volumeMounts"]}
+    worker_mounts = {m["mountPath"]: m["name"] for m in templates["worker"]["spec"]["containers"][0]["volumeMounts"]}
+    assert head_mounts[builders.MANIFEST_DIR] == "manifest" and head_mounts[builders.WORKDIR] == "work"
+    assert worker_mounts[builders.WORKDIR] == "work" and builders.MANIFEST_DIR not in worker_mounts
+    claims = [v["persistentVolumeClaim"]["claimName"] for t in (templates["head"], templates["worker"])
+              for v in t["spec"]["volumes"] if "persistentVolumeClaim" in v]
+    assert claims == ["kubeforge-work", "kubeforge-work"]
+
+
+def test_the_rayjob_runs_the_stage_entrypoint_and_belongs_to_the_pipeline() -> None:
+    job = builders.stage_rayjob(quickstart(), "finetune", OWNER, CONFIG, attempt=2)
+    assert job["metadata"]["name"] == "quickstart-finetune-2"
+    assert job["metadata"]["labels"][builders.LABEL_PIPELINE] == "quickstart"
+    assert job["metadata"]["labels"][builders.LABEL_STAGE] == "finetune"
+    assert job["metadata"]["ownerReferences"] == [{
+        "apiVersion": "kubeforge.io/v1alpha1", "kind": "ModelPipeline", "name": "quickstart", "uid": OWNER.uid,
+        "controller": True, "blockOwnerDeletion": True,
+    }]
+    assert job["spec"]["entrypoint"] == (
+        "python jobs/finetune.py --manifest /etc/kubeforge/manifest.yaml --workdir /kubeforge/work "
+        "--tracking-uri http://mlflow.kubeforge-system:5000 --metrics-port 9108"
+    )
+    assert job["spec"]["shutdownAfterJobFinishes"] is True
+    assert job["spec"]["ttlSecondsAfterFinished"] == 3600
+    assert job["spec"]["activeDeadlineSeconds"] == 7200
+    assert job["spec"]["backoffLimit"] == 0
+    workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == 2  # finetune.resources
+    assert workers["template"]["spec"]["containers"][0]["resources"]["limits"] == {"cpu": "1", "memory": "8Gi"}
+    no_uri = OperatorConfig(stage_image="a", quantize_image="b")
+    assert "--tracking-uri" not in builders.stage_rayjob(quickstart(), "data", OWNER, no_uri)["spec"]["entrypoint"]
+
+
+def test_gpu_stages_request_gpus_and_quantize_uses_its_image() -> None:
+    doc = quickstart_document()
+    doc["spec"]["pretrain"]["resources"] = {"workers": 4, "cpus_per_worker": 2.5, "use_gpu": True}
+    doc["spec"]["quantize"]["use_gpu"] = True
+    pipeline = parse_manifest(doc)
+    pretrain = builders.stage_rayjob(pipeline, "pretrain", OWNER, CONFIG)
+    group = pretrain["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert group["replicas"] == 4
+    assert group["template"]["spec"]["containers"][0]["resources"]["limits"] == {
+        "cpu": "2500m", "memory": "8Gi", "nvidia.com/gpu": "1"}
+    quantize = builders.stage_rayjob(pipeline, "quantize", OWNER, CONFIG)
+    q_container = quantize["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert q_container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert q_container["image"] == CONFIG.quantize_image
+    data = builders.stage_rayjob(pipeline, "data", OWNER, CONFIG)
+    d_container = data["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in d_container["resources"]["limits"]
+    own_image = builders.stage_rayjob(quickstart(image="registry.local/kf:dev"), "quantize", OWNER, CONFIG)
+    assert own_image["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] == (
+        "registry.local/kf:dev")
+
+
+def test_names_fit_kuberay_and_stay_distinct() -> None:
+    long_a, long_b = "a" * 60 + "-one", "a" * 60 + "-two"
+    names = {builders.rayjob_name(p, "promote", 3) for p in (long_a, long_b)}
+    assert len(names) == 2
+    assert all(len(n) <= builders.MAX_RAYJOB_NAME and n.endswith("-promote-3") for n in names)
+    assert builders.rayjob_name("7b-run", "data", 1) == "kf-7b-run-data-1"  # RayJob names start with a letter
+    assert builders.rayjob_name("quickstart", "data", 1) == "quickstart-data-1"
+
+
+def test_the_configmap_carries_the_exact_manifest() -> None:
+    body = quickstart_document()
+    body["metadata"].update(uid=OWNER.uid, resourceVersion="42", generation=3,
+                            annotations={"team": "nlp", "kopf.kubeforge.io/last-handled-configuration": "{}"})
+    body["status"] = {"phase": "Running"}
+    document = manifest_document(body)
+    assert document["metadata"] == {"name": "quickstart", "namespace": "team-a", "annotations": {"team": "nlp"}}
+    configmap = builders.manifest_configmap(document, OWNER)
+    validate_builtin(configmap)
+    assert configmap["metadata"]["name"] == "quickstart-manifest"
+    assert configmap["metadata"]["ownerReferences"][0]["uid"] == OWNER.uid
+    carried = yaml.safe_load(configmap["data"]["manifest.yaml"])
+    assert carried == document
+    assert parse_manifest(carried) == validate(document)
+
+
+# --- spec.cluster and the operator's configuration ----------------------------------------------------
+
+def test_a_pipeline_without_a_cluster_section_is_invalid_for_the_operator() -> None:
+    doc = quickstart_document()
+    del doc["spec"]["cluster"]
+    with pytest.raises(SpecError) as info:
+        validate(doc)
+    assert [p.where for p in info.value.problems] == ["spec.cluster"]
+
+
+@pytest.mark.parametrize(("cluster", "where"), [
+    ({"tolerations": [{"operator": "Exists", "value": "x"}]}, "spec.cluster.tolerations[0].value"),
+    ({"tolerations": [{"operator": "Equal", "value": "x"}]}, "spec.cluster.tolerations[0].key"),
+    ({"tolerations": [{"key": "a", "value": "b", "toleration_seconds": 5}]},
+     "spec.cluster.tolerations[0].toleration_seconds"),
+    ({"head_memory": "lots"}, "spec.cluster.head_memory"),
+    ({"node_selector": {"bad key!": "x"}}, "spec.cluster.node_selector"),
+    ({"workdir_claim": "Not_A_Claim"}, "spec.cluster.workdir_claim"),
+    ({"retries": -1}, "spec.cluster.retries"),
+])
+def test_bad_cluster_settings_name_their_field(cluster: dict[str, Any], where: str) -> None:
+    with pytest.raises(SpecError) as info:
+        parse_manifest(quickstart_document(**cluster))
+    assert [p.where for p in info.value.problems] == [where]
+
+
+def test_config_is_read_once_from_prefixed_variables() -> None:
+    env = {"KUBEFORGE_OPERATOR_STAGE_IMAGE": "s:1", "KUBEFORGE_OPERATOR_QUANTIZE_IMAGE": "q:1",
+           "KUBEFORGE_OPERATOR_NAMESPACES": "team-a, team-b", "KUBEFORGE_OPERATOR_PEERING": "kubeforge",
+           "KUBEFORGE_OPERATOR_LOG_FORMAT": "json", "KUBEFORGE_OPERATOR_METRICS_PORT": "9191"}
+    config = OperatorConfig.from_env(env)
+    assert config.namespaces == ("team-a", "team-b") and not config.clusterwide
+    assert (config.peering, config.log_format, config.metrics_port, config.health_port) == ("kubeforge", "json", 9191,
+                                                                                            8080)
+    assert OperatorConfig.from_env({**env, "KUBEFORGE_OPERATOR_NAMESPACES": ""}).clusterwide
+    for name, value, message in [
+        ("STAGE_IMAGE", "", "KUBEFORGE_OPERATOR_STAGE_IMAGE: required"),
+        ("METRICS_PORT", "http", "KUBEFORGE_OPERATOR_METRICS_PORT: must be a port number"),
+        ("HEALTH_PORT", "9191", "KUBEFORGE_OPERATOR_HEALTH_PORT: must differ"),
+        ("LOG_FORMAT", "xml", "KUBEFORGE_OPERATOR_LOG_FORMAT: must be plain or json"),
+        ("NAMESPACES", "Team_A", "KUBEFORGE_OPERATOR_NAMESPACES: 'Team_A'"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            OperatorConfig.from_env({**env, f"KUBEFORGE_OPERATOR_{name}": value})
+
+
+# --- status from RayJob statuses ----------------------------------------------------------------------
+
+def status_of(jobs: list[dict[str, Any]], previous: dict[str, Any] | None = None, **cluster: Any) -> dict[str, Any]:
+    return builders.pipeline_status(quickstart(**cluster), jobs, previous=previous or {}, now=NOW, generation=2)
+
+
+def conditions(status: dict[str, Any]) -> dict[str, str]:
+    return {c["type"]: c["status"] for c in status["conditions"]}
+
+
+def test_a_running_stage() -> None:
+    status = status_of([rayjob("data", 1, "RUNNING", startTime="2026-01-01T11:59:00Z")])
+    assert status["phase"] == "Running" and status["currentStage"] == "data"
+    assert status["stages"]["data"] == {"phase": "Running", "attempts": 1, "rayJob": "quickstart-data-1",
+                                        "startTime": "2026-01-01T11:59:00Z"}
+    assert status["stages"]["pretrain"] == {"phase": "Pending", "attempts": 0}
+    assert status["observedGeneration"] == 2
+    assert conditions(status)["DataSucceeded"] == "Unknown" and conditions(status)["Complete"] == "False"
+    views = builders.stage_views(quickstart(), [rayjob("data", 1, "RUNNING")], {}, NOW)
+    assert builders.next_step(views, NOW) == builders.NextStep()
+
+
+def test_a_succeeded_stage_starts_the_next_and_carries_run_ids() -> None:
+    data = rayjob("data", 1, "SUCCEEDED", endTime="2026-01-01T11:58:00Z", jobDeploymentStatus="Complete")
+    data["metadata"]["annotations"] = {builders.ANNOTATION_RUN_ID: "abc123"}
+    status = status_of([data])
+    assert status["stages"]["data"]["phase"] == "Succeeded"
+    assert status["stages"]["data"]["mlflowRunId"] == "abc123"
+    assert status["stages"]["data"]["completionTime"] == "2026-01-01T11:58:00Z"
+    assert conditions(status)["DataSucceeded"] == "True"
+    views = builders.stage_views(quickstart(), [data], {}, NOW)
+    assert builders.next_step(views, NOW) == builders.NextStep("pretrain", 1)
+
+
+def test_a_failed_stage_with_attempts_left_waits_then_retries() -> None:
+    failed = rayjob("data", 1, "FAILED", endTime="2026-01-01T11:59:50Z", message="OOMKilled")
+    status = status_of([failed])
+    assert status["phase"] == "Running"
+    assert status["stages"]["data"]["phase"] == "Pending"
+    assert "attempt 1 failed: OOMKilled; attempt 2 of 2 starts at 2026-01-01T12:00:20Z" in (
+        status["stages"]["data"]["message"])
+    views = builders.stage_views(quickstart(), [failed], {}, NOW)
+    assert builders.next_step(views, NOW) == builders.NextStep(wait_s=20.0)
+    later = NOW + timedelta(seconds=21)
+    assert builders.next_step(builders.stage_views(quickstart(), [failed], {}, later), later) == (
+        builders.NextStep("data", 2))
+
+
+def test_a_failed_stage_without_an_end_time_waits_from_when_it_was_first_seen() -> None:
+    failed = rayjob("data", 1, "FAILED")
+    first = status_of([failed])
+    assert first["stages"]["data"]["completionTime"] == "2026-01-01T12:00:00Z"
+    later = NOW + timedelta(seconds=10)
+    views = builders.stage_views(quickstart(), [failed], first, later)
+    assert builders.next_step(views, later) == builders.NextStep(wait_s=20.0)
+
+
+def test_a_failed_stage_without_attempts_left_fails_the_pipeline() -> None:
+    jobs = [rayjob("data", 1, "FAILED", endTime="2026-01-01T11:00:00Z"),
+            rayjob("data", 2, "RUNNING")]
+    jobs[1]["status"] = {"jobDeploymentStatus": "Failed", "message": "DeadlineExceeded"}
+    status = status_of(jobs)
+    assert status["phase"] == "Failed"
+    assert status["stages"]["data"]["phase"] == "Failed" and status["stages"]["data"]["attempts"] == 2
+    assert status["stages"]["finetune"] == {"phase": "Skipped", "attempts": 0, "message": "not run: stage data failed"}
+    assert conditions(status)["Failed"] == "True" and conditions(status)["DataSucceeded"] == "False"
+    views = builders.stage_views(quickstart(), jobs, {}, NOW)
+    assert builders.next_step(views, NOW) == builders.NextStep()
+
+
+def test_every_stage_succeeded() -> None:
+    jobs = [rayjob(stage, 1, "SUCCEEDED", endTime="2026-01-01T11:00:00Z") for stage in STAGES]
+    jobs[-1]["metadata"]["annotations"] = {builders.ANNOTATION_MODEL_VERSION: "7"}
+    status = status_of(jobs)
+    assert status["phase"] == "Succeeded" and status["currentStage"] == "promote" and status["modelVersion"] == "7"
+    assert conditions(status)["Complete"] == "True"
+
+
+def test_transition_times_move_only_with_the_status() -> None:
+    running = status_of([rayjob("data", 1, "RUNNING")])
+    stamped = copy.deepcopy(running)
+    for condition in stamped["conditions"]:
+        condition["lastTransitionTime"] = "2025-12-31T00:00:00Z"
+    done = status_of([rayjob("data", 1, "SUCCEEDED", endTime="2026-01-01T11:00:00Z")], previous=stamped)
+    times = {c["type"]: c["lastTransitionTime"] for c in done["conditions"]}
+    assert times["DataSucceeded"] == "2026-01-01T12:00:00Z"  # Unknown -> True
+    assert times["Valid"] == "2025-12-31T00:00:00Z"  # unchanged
+
+
+def test_the_status_validates_against_the_modelpipeline_crd() -> None:
+    crd = REPO / "charts" / "kubeforge" / "crds" / "modelpipelines.kubeforge.io.yaml"
+    jobs = [rayjob("data", 1, "FAILED", endTime="2026-01-01T11:00:00Z"), rayjob("data", 2, "RUNNING")]
+    for status in (status_of(jobs, retries=0),
+                   builders.invalid_status(["spec.cluster: required"], previous={}, now=NOW, generation=1)):
+        validate_against_crd({**quickstart_document(), "status": status}, crd)
