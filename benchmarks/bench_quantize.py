@@ -28,28 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
+from common import REPO, pretrained_model
 
-REPO = Path(__file__).resolve().parents[1]
 SCHEMES = ("dynamic-int8", "w8a8-int8", "w4a16", "fp8")
-
-
-def pretrained_model(workdir: Path) -> tuple[Path, Any]:
-    """The quickstart's pretrained model folder and data stage output (trained here if not cached)."""
-    from kubeforge.executor import RunOptions, plan, run_pipeline
-    from kubeforge.progress import QuietReporter
-    from kubeforge.spec import parse_manifest
-    from kubeforge.workdir import Workdir
-
-    manifest = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
-    manifest["spec"] = {"data": manifest["spec"]["data"], "pretrain": manifest["spec"]["pretrain"]}
-    pipeline = parse_manifest(manifest)
-    options = RunOptions(workdir=Workdir(workdir), base_dir=REPO / "examples", manifest="bench_quantize")
-    run_pipeline(pipeline, options, QuietReporter())
-    stages = {s.name: s for s in plan(pipeline, options.base_dir)}
-    data_dir = options.workdir.stage_dir(pipeline.metadata.name, "data", stages["data"].key)
-    model_dir = options.workdir.stage_dir(pipeline.metadata.name, "pretrain", stages["pretrain"].key) / "model"
-    return model_dir, json.loads((data_dir / "result.json").read_text()) | {"_dir": str(data_dir)}
 
 
 def split_tokens(data: dict[str, Any], split: str, count: int) -> np.ndarray:
@@ -79,7 +60,7 @@ def main() -> None:
     from kubeforge.spec.quantize import CALIBRATED, SERVES_ON_CPU, SERVING_ENGINE, QuantizeSpec
 
     ensure_ray(None, None)
-    model_dir, data = pretrained_model(args.workdir)
+    model_dir, data = pretrained_model(args.workdir, "bench_quantize")
     pad_id = data.get("special_tokens", {}).get("pad_id")
     calibration = split_tokens(data, "train", args.calibration_samples)
     evaluation = split_tokens(data, "test", args.eval_sequences)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kubeforge.registry.client import Registry
 
 
 @contextmanager
@@ -93,3 +97,25 @@ llm = LLM(model=sys.argv[1], max_model_len=128, dtype="float32", enforce_eager=T
 out = llm.generate(["def main("], SamplingParams(max_tokens=8, temperature=0.0))
 print("RESULT" + json.dumps({"text": out[0].outputs[0].text, "tokens": len(out[0].outputs[0].token_ids)}))
 """
+
+
+def two_version_registry(root: Path, models: Iterable[str]) -> Registry:
+    """A SQLite MLflow registry under `root` in which every model has versions 1 (`champion`) and 2, each
+    a registered dummy folder: what rollout tests need to move aliases and tag versions."""
+    from mlflow.tracking import MlflowClient
+
+    from kubeforge.registry.client import CHAMPION, Registry
+
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("rollout-tests", artifact_location=(root / "artifacts").as_uri())
+    (root / "model").mkdir()
+    (root / "model" / "config.json").write_text("{}")
+    registry = Registry(uri)
+    for name in models:
+        for _ in range(2):
+            run = client.create_run(experiment).info.run_id
+            client.log_artifacts(run, str(root / "model"), "model")
+            registry.register(name, run_id=run, artifact_path="model", tags={})
+        registry.promote(name, "1", alias=CHAMPION, reason="first release", user="test")
+    return registry

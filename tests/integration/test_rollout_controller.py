@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from mlflow.tracking import MlflowClient
 
 from kubeforge import metrics
 from kubeforge.cli import main
@@ -27,6 +26,7 @@ from kubeforge.rollout.controller import (
 from kubeforge.rollout.decision import CheckResult, judge
 from kubeforge.rollout.stats import ABComparison, VariantSummary
 from kubeforge.spec.deployment import ABRollout, CanaryRollout
+from tests.helpers import two_version_registry
 
 pytestmark = pytest.mark.integration
 
@@ -60,20 +60,8 @@ class Script:
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
-    root = tmp_path_factory.mktemp("registry")
-    uri = f"sqlite:///{root}/mlflow.db"
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.create_experiment("rollout", artifact_location=(root / "artifacts").as_uri())
-    (root / "model").mkdir()
-    (root / "model" / "config.json").write_text("{}")
-    registry = Registry(uri)
-    for name in ("canary-ok", "canary-bad", "canary-resume", "canary-abort", "ab-win", "ab-tie"):
-        for _ in range(2):
-            run = client.create_run(experiment).info.run_id
-            client.log_artifacts(run, str(root / "model"), "model")
-            registry.register(name, run_id=run, artifact_path="model", tags={})
-        registry.promote(name, "1", alias=CHAMPION, reason="first release", user="test")
-    return registry
+    return two_version_registry(tmp_path_factory.mktemp("registry"),
+                                ["canary-ok", "canary-bad", "canary-resume", "canary-abort", "ab-win", "ab-tie"])
 
 
 def canary(steps: list[tuple[int, float]], failure_limit: int = 2) -> CanaryRollout:

@@ -22,13 +22,20 @@ import openai
 import pytest
 
 from kubeforge.registry.client import CHAMPION, Registry
-from kubeforge.rollout.controller import TAG_RESULT, RolloutController, RolloutRecord, RolloutStore, Subject
+from kubeforge.rollout.controller import (
+    TAG_RESULT,
+    RolloutController,
+    RolloutRecord,
+    RolloutStore,
+    Subject,
+    measure_ab,
+)
 from kubeforge.serve.app import VariantModel, build_app
 from kubeforge.serve.local import ServeRouter
 from kubeforge.serve.router import VARIANT_HEADER
-from kubeforge.spec.deployment import CanaryRollout, DeploymentSpec
+from kubeforge.spec.deployment import ABRollout, CanaryRollout, DeploymentSpec
 from tests.dashboards import OPERATOR_ROW, dashboard_files, panel_queries
-from tests.helpers import free_port, running_prometheus
+from tests.helpers import free_port, running_prometheus, two_version_registry
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -270,21 +277,7 @@ def prometheus(served, tmp_path_factory) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory) -> Registry:
     """MODEL versions 1 (champion) and 2, as the application labels them."""
-    from mlflow.tracking import MlflowClient
-
-    root = tmp_path_factory.mktemp("registry")
-    uri = f"sqlite:///{root}/mlflow.db"
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.create_experiment("serve-tests", artifact_location=(root / "artifacts").as_uri())
-    (root / "model").mkdir()
-    (root / "model" / "config.json").write_text("{}")
-    registry = Registry(uri)
-    for _ in range(2):
-        run = client.create_run(experiment).info.run_id
-        client.log_artifacts(run, str(root / "model"), "model")
-        registry.register(MODEL, run_id=run, artifact_path="model", tags={})
-    registry.promote(MODEL, "1", alias=CHAMPION, reason="first release", user="test")
-    return registry
+    return two_version_registry(tmp_path_factory.mktemp("registry"), [MODEL])
 
 
 class Traffic:
@@ -387,6 +380,21 @@ def test_canary_of_a_failing_candidate_is_rolled_back_while_stable_serves(served
     seen = traffic.snapshot()
     assert {status for (variant, status) in seen if variant == "stable"} == {200}  # champion kept serving
     assert seen["candidate", 503] > 0
+
+
+def test_ab_comparison_reads_both_variants_from_prometheus(prometheus):
+    """Over the traffic of the two canaries above: the candidate failed a share of its requests in the
+    second one, the stable variant none."""
+    policy = ABRollout.model_validate({"strategy": "ab", "candidate": f"models:/{MODEL}/2", "duration_s": 300,
+                                       "metric": "error_rate", "min_samples": 5, "prometheus": prometheus})
+    subject = Subject(APP, MODEL, "1", MODEL, "2")
+    errors = measure_ab(policy, subject, time.time())
+    assert errors.winner == "stable", errors.reason
+    assert errors.p_value is not None and errors.p_value < 0.05
+    assert errors.candidate.error_rate is not None and errors.candidate.error_rate > 0
+    assert errors.stable.error_rate == 0
+    latency = measure_ab(policy.model_copy(update={"metric": "latency"}), subject, time.time())
+    assert latency.test == "mann_whitney_u" and latency.candidate.samples > 0 and latency.stable.samples > 0
 
 
 def test_every_serving_and_rollout_panel_returns_data(served, prometheus):

@@ -1,0 +1,380 @@
+"""Serving: the KubeForge router's cost, the vllm engine against the transformers engine, and a load test.
+
+All three parts serve the quickstart's pretrained model (trained in `--workdir` if `make demo` has not
+left it there, like `bench_quantize.py`), with the same greedy requests (`temperature` 0, so every
+server does the same work per prompt): prompts are the first `--prompt-tokens` tokens of validation
+sequences, `--max-tokens` new tokens each, streamed (SSE) unless `--no-stream`. Load comes from
+`kubeforge.serve.loadgen` (closed loop: each client sends its next request when the previous one ends).
+
+1. `--router`: the KubeForge application (router + one `stable` variant on the vllm engine, Ray Serve)
+   against vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`) on the same model
+   folder with the same engine arguments (enforce_eager, the uni executor, max_num_seqs,
+   max_model_len, dtype, seed), the same VLLM_CPU_KVCACHE_SPACE and the same CPU priority (Ray runs
+   its workers at nice 15; so does this server, or other jobs on a shared machine would favour it);
+   `--clients` clients, `--duration` measured seconds per run, interleaved over `--rounds` rounds whose
+   order alternates (A B, B A, ...) so that drift on a shared machine falls on both sides.
+   Target: router / direct throughput >= 0.95.
+2. `--engines`: the same application on the vllm engine and on the transformers engine, through the
+   router, measured the same way. No target: it shows what choosing `engine.name` costs.
+3. `--load`: `--load-clients` clients (64) for `--load-duration` seconds (60) through the router on the
+   vllm engine. Target: zero failed requests; reports p50, p99 and requests/s.
+
+Without a part flag all three run; the defaults take about 10 minutes on a 2-core machine, start-ups
+included. Throughput is successful requests per second (the answers are the same on both sides, so
+the ratio is a ratio of work); tokens per second come from `usage` where the server sends it in the
+stream (vLLM's server) and from text chunks otherwise (the router), so compare requests/s.
+
+    .venv/bin/python benchmarks/bench_serve.py --workdir .kubeforge --json benchmarks/results/serve.json
+    # smoke run, about 6 minutes:
+    .venv/bin/python benchmarks/bench_serve.py --duration 5 --rounds 1 --initial-warmup 3 --load-duration 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from common import REPO, pretrained_model
+
+from kubeforge.serve.loadgen import LoadReport, run_load
+
+MODEL = "quickstart"
+"""The registered-model name clients ask the router for (and the direct server's --served-model-name)."""
+KV_CACHE_GB = 1
+ROUTER_TARGET = 0.95
+START_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True)
+class Target:
+    """A server under test: a label, a base URL (ending before /v1) and the `model` its requests name."""
+
+    label: str
+    url: str
+    model: str
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def validation_prompts(data: dict[str, Any], model_dir: Path, count: int, tokens: int) -> list[str]:
+    """The first `tokens` tokens of `count` validation sequences, decoded: text the model has not
+    trained on, all of the same token length."""
+    from transformers import AutoTokenizer
+
+    from kubeforge.train.loop import TokenShards
+
+    shards = TokenShards([Path(data["_dir"]) / p for p in data["shards"]["validation"]])
+    rows = shards.rows(list(range(min(count, len(shards)))))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return [str(tokenizer.decode(row[:tokens].tolist())) for row in rows]
+
+
+class DirectVllm:
+    """vLLM's own OpenAI server on the model folder, in a process group of its own (its engine core is
+    a child process) so that stopping it stops both."""
+
+    def __init__(self, model_dir: Path, engine: dict[str, Any], log_path: Path, niceness: int) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        command = [
+            # At the priority Ray gives the KubeForge side's processes: on a shared machine a server at
+            # normal priority takes CPU from other people's jobs that the Ray workers cannot.
+            "nice", "-n", str(niceness),
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+            "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(self.port),
+            # The same engine arguments as kubeforge.serve.engine.ModelServer.
+            "--enforce-eager", "--distributed-executor-backend", "uni", "--disable-log-stats", "--seed", "0",
+            "--dtype", engine["dtype"], "--max-model-len", str(engine["max_model_len"]),
+            "--max-num-seqs", str(engine["max_num_seqs"]),
+            # The router writes no access log line per request either.
+            "--disable-uvicorn-access-log",
+        ]
+        env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GB)}
+        self.log = log_path.open("wb")
+        self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+
+    def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"vLLM's OpenAI server exited with status {self.process.returncode} while "
+                                   f"starting; its log ({self.log_path}) ends with:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass  # not listening yet
+            time.sleep(1)
+        raise RuntimeError(f"vLLM's OpenAI server did not answer {self.url}/health within {timeout_s:.0f} s; "
+                           f"its log ({self.log_path}) ends with:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.log.close()
+
+
+def ray_worker_niceness() -> int:
+    """How much nicer than this process Ray runs its workers (Ray's `worker_niceness`, 15 by default):
+    the Serve replicas, the router and their vLLM engine cores all inherit it."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def niceness() -> int:
+        return os.nice(0)
+
+    return int(ray.get(niceness.remote())) - os.nice(0)
+
+
+def deploy(model_dir: Path, engine: dict[str, Any], app_name: str, route_prefix: str, cpus: float) -> None:
+    """The KubeForge application with one `stable` variant, as `kubeforge serve` builds it."""
+    from ray import serve
+
+    from kubeforge.serve.app import VariantModel, build_app
+    from kubeforge.spec.deployment import DeploymentSpec
+
+    settings = dict(engine)
+    if engine["name"] == "vllm":
+        settings["kv_cache_gb"] = KV_CACHE_GB
+    spec = DeploymentSpec.model_validate({
+        "model": f"models:/{MODEL}/1", "engine": settings, "resources": {"cpus_per_replica": cpus},
+    })
+    serve.run(build_app([VariantModel("stable", MODEL, "1", model_dir)], spec, weight=0), name=app_name,
+              route_prefix=route_prefix)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, prompts: list[str]) -> None:
+        self.args, self.prompts = args, prompts
+
+    def measure(self, target: Target, clients: int, duration_s: float, warmup_s: float) -> LoadReport:
+        report = asyncio.run(run_load(target.url, target.model, clients=clients, duration_s=duration_s,
+                                      prompts=self.prompts, max_tokens=self.args.max_tokens, stream=self.args.stream,
+                                      warmup_s=warmup_s))
+        print(f"  {target.label}: {report.summary()}", flush=True)
+        return report
+
+    def check(self, target: Target) -> None:
+        """One request, so that a misconfigured server stops the run before minutes of failed load."""
+        with httpx.Client(timeout=120) as http:
+            response = http.post(f"{target.url}/v1/completions", json={
+                "model": target.model, "prompt": self.prompts[0], "max_tokens": self.args.max_tokens,
+                "temperature": 0})
+        if response.status_code != 200:
+            raise RuntimeError(f"{target.label} ({target.url}) answered a test request with "
+                               f"{response.status_code}: {response.text[:500]}")
+
+    def interleave(self, a: Target, b: Target) -> dict[str, Any]:
+        """`rounds` measurements of each, alternating which goes first; throughput ratio a / b."""
+        reports: dict[str, list[LoadReport]] = {a.label: [], b.label: []}
+        if self.args.initial_warmup > 0:
+            # The first seconds of a fresh server are slower (first batches of each size, lazily built
+            # handles and connections): they would fall on whichever side goes first.
+            for target in (a, b):
+                asyncio.run(run_load(target.url, target.model, clients=self.args.clients,
+                                     duration_s=self.args.initial_warmup, prompts=self.prompts,
+                                     max_tokens=self.args.max_tokens, stream=self.args.stream))
+        for rnd in range(self.args.rounds):
+            order = (a, b) if rnd % 2 == 0 else (b, a)
+            print(f"round {rnd + 1}/{self.args.rounds}", flush=True)
+            for target in order:
+                reports[target.label].append(self.measure(target, self.args.clients, self.args.duration,
+                                                          self.args.warmup))
+        per_round = [ra.requests_per_s / rb.requests_per_s if rb.requests_per_s else float("nan")
+                     for ra, rb in zip(reports[a.label], reports[b.label], strict=True)]
+        pooled = {label: LoadReport.combine(runs) for label, runs in reports.items()}
+        return {
+            "a": a.label, "b": b.label,
+            "ratio": pooled[a.label].requests_per_s / pooled[b.label].requests_per_s
+            if pooled[b.label].requests_per_s else float("nan"),
+            "ratio_per_round": per_round,
+            "ratio_median": statistics.median(per_round),
+            "pooled": {label: report.to_dict() for label, report in pooled.items()},
+            "rounds": {label: [r.to_dict() for r in runs] for label, runs in reports.items()},
+        }
+
+
+def run_part(name: str, body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    print(f"\n== {name} ==", flush=True)
+    before, start = os.getloadavg()[0], time.monotonic()
+    result = body()
+    result["load_average_1m"] = {"before": before, "after": os.getloadavg()[0]}
+    result["wall_s"] = time.monotonic() - start
+    return result
+
+
+def ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value * 1000:.0f}"
+
+
+def print_tables(results: dict[str, Any]) -> None:
+    print("\n| comparison | A | B | A req/s | B req/s | ratio A/B (pooled) | per round | target | met |")
+    print("|---|---|---|---:|---:|---:|---|---|---|")
+    rows: list[dict[str, Any]] = []
+    for key, target in (("router_overhead", f">= {ROUTER_TARGET}"), ("engines", "none")):
+        if key not in results:
+            continue
+        part = results[key]
+        pa, pb = part["pooled"][part["a"]], part["pooled"][part["b"]]
+        met = "n/a" if key == "engines" else ("yes" if part["ratio"] >= ROUTER_TARGET else "no")
+        rounds = ", ".join(f"{r:.3f}" for r in part["ratio_per_round"])
+        print(f"| {key} | {part['a']} | {part['b']} | {pa['requests_per_s']:.2f} | {pb['requests_per_s']:.2f} | "
+              f"{part['ratio']:.3f} | {rounds} | {target} | {met} |")
+        rows += [pa | {"label": part["a"]}, pb | {"label": part["b"]}]
+    if "load" in results:
+        load = results["load"]["report"]
+        met = "yes" if load["failed"] == 0 else "no"
+        print(f"| load: failed requests | {load['clients']} clients, {load['duration_s']:.0f} s | | "
+              f"{load['requests_per_s']:.2f} | | {load['failed']} of {load['requests']} | | 0 | {met} |")
+        rows.append(load | {"label": "load test (router, vllm)"})
+    print("\n| run | clients | requests | failed | req/s | tokens/s | p50 ms | p90 ms | p99 ms | TTFT p50 ms | "
+          "TTFT p99 ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row['label']} | {row['clients']} | {row['requests']} | {row['failed']} | "
+              f"{row['requests_per_s']:.2f} | {row['tokens_per_s']:.1f} | {ms(row['latency_p50_s'])} | "
+              f"{ms(row['latency_p90_s'])} | {ms(row['latency_p99_s'])} | {ms(row['ttft_p50_s'])} | "
+              f"{ms(row['ttft_p99_s'])} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=REPO / ".kubeforge")
+    parser.add_argument("--router", action="store_true", help="Part 1: router vs vLLM's own server.")
+    parser.add_argument("--engines", action="store_true", help="Part 2: vllm vs transformers engine.")
+    parser.add_argument("--load", action="store_true", help="Part 3: the load test.")
+    parser.add_argument("--clients", type=int, default=8, help="Clients in parts 1 and 2.")
+    parser.add_argument("--duration", type=float, default=20.0, help="Measured seconds per run in parts 1 and 2.")
+    parser.add_argument("--warmup", type=float, default=3.0, help="Unmeasured seconds before every run.")
+    parser.add_argument("--initial-warmup", type=float, default=10.0,
+                        help="Unmeasured seconds of load on each server before the rounds of parts 1 and 2.")
+    parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds in parts 1 and 2.")
+    parser.add_argument("--load-clients", type=int, default=64)
+    parser.add_argument("--load-duration", type=float, default=60.0)
+    parser.add_argument("--load-warmup", type=float, default=10.0,
+                        help="Unmeasured seconds of the load test's load first.")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--prompts", type=int, default=32, help="Distinct prompts (validation sequences).")
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--max-num-seqs", type=int, default=64,
+                        help="vLLM batch size (both vLLM servers), and requests a replica takes at once.")
+    parser.add_argument("--json", type=Path, help="Write every number here.")
+    args = parser.parse_args()
+    for name in ("clients", "rounds", "load_clients", "max_tokens", "prompts", "prompt_tokens", "max_num_seqs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}: at least 1 (got {getattr(args, name)})")
+    for name in ("duration", "load_duration"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')}: a positive number of seconds (got {getattr(args, name)})")
+    for name in ("warmup", "initial_warmup", "load_warmup"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')}: zero or more seconds (got {getattr(args, name)})")
+    if not (args.router or args.engines or args.load):
+        args.router = args.engines = args.load = True
+
+    import ray
+    from ray import serve
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    started = time.monotonic()
+    # A Ray runtime of this process's own (never a shared one from RAY_ADDRESS): the engines' CPU
+    # reservations below are sized for exactly 2 CPUs.
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    model_dir, data = pretrained_model(args.workdir, "bench_serve")
+    prompts = validation_prompts(data, model_dir, args.prompts, args.prompt_tokens)
+    bench = Bench(args, prompts)
+    engine = {"name": "vllm", "max_model_len": 256, "dtype": args.dtype, "max_num_seqs": args.max_num_seqs}
+    results: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                    "python": platform.python_version()},
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {
+            "engine": engine, "kv_cache_gb": KV_CACHE_GB, "model_dir": str(model_dir)},
+    }
+
+    niceness = ray_worker_niceness()
+    results["settings"]["niceness"] = niceness
+    port = free_port()
+    direct: DirectVllm | None = None
+    logs = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    try:
+        if args.router:
+            # Started first: its start-up overlaps the Serve application's.
+            direct = DirectVllm(model_dir, engine, logs / "vllm-server.log", niceness)
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        # 0.9 CPU per engine and 0.1 per router: the two applications of part 2 fill the 2 CPUs exactly.
+        deploy(model_dir, engine, "bench-vllm", "/vllm", 0.9)
+        router_vllm = Target("router (vllm)", f"http://127.0.0.1:{port}/vllm", MODEL)
+        bench.check(router_vllm)
+        if direct is not None:
+            direct.wait_ready()
+            target_direct = Target("vLLM server", direct.url, MODEL)
+            bench.check(target_direct)
+            results["router_overhead"] = run_part(
+                "1. router overhead: KubeForge router vs vLLM's own server",
+                lambda: bench.interleave(router_vllm, target_direct))
+            # Its engine would otherwise hold memory and wake up next to parts 2 and 3.
+            direct.stop()
+            direct = None
+        if args.engines:
+            deploy(model_dir, {**engine, "name": "transformers"}, "bench-transformers", "/transformers", 0.9)
+            router_hf = Target("router (transformers)", f"http://127.0.0.1:{port}/transformers", MODEL)
+            bench.check(router_hf)
+            results["engines"] = run_part("2. engines: vllm vs transformers, through the router",
+                                          lambda: bench.interleave(router_vllm, router_hf))
+            # Its replica would otherwise hold 0.9 CPU and memory through the load test.
+            serve.delete("bench-transformers")
+        if args.load:
+            results["load"] = run_part(
+                f"3. load test: {args.load_clients} clients, {args.load_duration:g} s, router on vllm",
+                lambda: {"report": bench.measure(router_vllm, args.load_clients, args.load_duration,
+                                                 args.load_warmup).to_dict()})
+    finally:
+        if direct is not None:
+            direct.stop()
+        serve.shutdown()
+        ray.shutdown()
+    results["wall_s"] = time.monotonic() - started
+
+    print_tables(results)
+    print(f"\nwall time {results['wall_s']:.0f} s; logs of vLLM's server in {logs}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+        print(f"numbers written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()
