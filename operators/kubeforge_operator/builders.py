@@ -8,6 +8,7 @@ inputs and is tested as one.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -17,7 +18,11 @@ from typing import Any, Literal
 
 import yaml
 
+from kubeforge.rollout.controller import RolloutRecord
+from kubeforge.serve.cluster import ROUTER_DEPLOYMENT, serve_config
 from kubeforge.spec.cluster import ClusterSpec
+from kubeforge.spec.deployment import DeploymentSpec
+from kubeforge.spec.load import parse_deployment
 from kubeforge.spec.pipeline import API_VERSION, ModelPipeline
 from kubeforge_operator.config import OperatorConfig
 
@@ -61,16 +66,17 @@ StagePhase = Literal["Pending", "Running", "Succeeded", "Skipped", "Failed"]
 
 @dataclass(frozen=True)
 class Owner:
-    """The ModelPipeline that owns what the operator creates for it."""
+    """The ModelPipeline or ModelDeployment that owns what the operator creates for it."""
 
     name: str
     namespace: str
     uid: str
+    kind: Literal["ModelPipeline", "ModelDeployment"] = "ModelPipeline"
 
     def reference(self) -> dict[str, Any]:
         return {
             "apiVersion": API_VERSION,
-            "kind": "ModelPipeline",
+            "kind": self.kind,
             "name": self.name,
             "uid": self.uid,
             # Kubernetes deletes the children with the pipeline even if the operator is not running.
@@ -180,14 +186,14 @@ def stage_rayjob(
     if size.gpus_per_worker:
         worker_resources["nvidia.com/gpu"] = str(size.gpus_per_worker)
     head = _pod_template(
-        "ray-head", image, head_resources, cluster, labels,
+        "ray-head", image, head_resources, _scheduling(cluster), labels,
         volumes=[manifest, work],
         mounts=[{"name": "manifest", "mountPath": MANIFEST_DIR, "readOnly": True},
                 {"name": "work", "mountPath": WORKDIR}],
         ports=[{"name": "stage-metrics", "containerPort": STAGE_METRICS_PORT, "protocol": "TCP"}],
     )
     worker = _pod_template(
-        "ray-worker", image, worker_resources, cluster, labels,
+        "ray-worker", image, worker_resources, _scheduling(cluster), labels,
         volumes=[work], mounts=[{"name": "work", "mountPath": WORKDIR}], ports=[],
     )
     spec: dict[str, Any] = {
@@ -262,17 +268,18 @@ def _pod_template(
     container: str,
     image: str,
     resources: Mapping[str, str],
-    cluster: ClusterSpec,
+    scheduling: Mapping[str, Any],
     labels: Mapping[str, str],
     volumes: list[dict[str, Any]],
     mounts: list[dict[str, Any]],
     ports: list[dict[str, Any]],
+    env: Sequence[Mapping[str, str]] = (),
 ) -> dict[str, Any]:
     main: dict[str, Any] = {
         "name": container,
         "image": image,
         # Ray, Python and the libraries write caches under HOME; the root filesystem is read-only.
-        "env": [{"name": "HOME", "value": "/tmp"}],
+        "env": [{"name": "HOME", "value": "/tmp"}, *(dict(e) for e in env)],
         "resources": {"requests": dict(resources), "limits": dict(resources)},
         "securityContext": dict(_CONTAINER_SECURITY),
         "volumeMounts": [*mounts, {"name": "tmp", "mountPath": "/tmp"}, {"name": "shm", "mountPath": "/dev/shm"}],
@@ -282,7 +289,7 @@ def _pod_template(
     return {
         "metadata": {"labels": dict(labels)},
         "spec": {
-            **_scheduling(cluster),
+            **scheduling,
             "securityContext": dict(_POD_SECURITY),
             "containers": [main],
             "volumes": [
@@ -561,3 +568,228 @@ def _parse_time(value: Any) -> datetime | None:
 
 def _format_time(value: datetime) -> str:
     return value.astimezone(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --- the RayService of a ModelDeployment ------------------------------------------------------------
+
+LABEL_DEPLOYMENT = "kubeforge.io/deployment"
+ANNOTATION_SPEC_HASH = "kubeforge.io/spec-hash"
+"""Hash of the RayService spec the operator last wrote: it patches only when the wanted spec differs,
+so fields KubeRay or an admission webhook default are not fought over."""
+# KubeRay refuses longer RayService names: it appends 6 characters for the RayCluster, whose
+# "-serve-svc" Service must fit a 63-character DNS label (ray-operator utils.MaxRayServiceNameLength).
+MAX_RAYSERVICE_NAME = 47
+SERVE_HEAD_CPUS = 1
+"""The head runs Ray's GCS, the Serve controller, an HTTP proxy and the router (0.1 CPU): one CPU, and
+it advertises that CPU to Ray so the router is placed there rather than on a replica's pod."""
+SERVE_HEAD_MEMORY = "4Gi"
+REPLICA_MEMORY_GI = 8
+"""Host memory of a replica's pod besides a CPU KV cache: the engine process, the model's weights while
+loading, and the download of the pinned version. The manifest has no memory setting to take it from."""
+
+
+def rayservice_name(deployment: str) -> str:
+    """The deployment's own name when KubeRay accepts it; otherwise shortened with a hash of the name
+    (and prefixed when it starts with a digit: RayService names are DNS-1035 labels)."""
+    name = deployment if deployment[0].isalpha() else f"kf-{deployment}"
+    if len(name) <= MAX_RAYSERVICE_NAME:
+        return name
+    digest = hashlib.sha256(deployment.encode()).hexdigest()[:6]
+    return f"{name[:MAX_RAYSERVICE_NAME - 7].rstrip('-')}-{digest}"
+
+
+@dataclass(frozen=True)
+class ReplicaPods:
+    """Worker pods of a deployment's Ray cluster: one per variant replica, so that a replica's CPUs and
+    GPUs are a pod's requests and the Kubernetes scheduler, not Ray, finds room for it."""
+
+    replicas: int
+    min_replicas: int
+    max_replicas: int
+    autoscaling: bool
+    resources: dict[str, str]
+
+
+def replica_pods(spec: DeploymentSpec, variants: int) -> ReplicaPods:
+    resources = spec.resources
+    memory = REPLICA_MEMORY_GI
+    if resources.gpus_per_replica == 0 and spec.engine.kv_cache_gb:
+        # On CPU vLLM keeps its KV cache (VLLM_CPU_KVCACHE_SPACE) in host memory.
+        memory += math.ceil(spec.engine.kv_cache_gb)
+    pod: dict[str, str] = {"cpu": _cpu(resources.cpus_per_replica), "memory": f"{memory}Gi"}
+    if resources.gpus_per_replica > 0:
+        # A fraction of a GPU still needs a whole device on the pod.
+        pod["nvidia.com/gpu"] = str(math.ceil(resources.gpus_per_replica))
+    if spec.autoscaling is not None:
+        low, high = spec.autoscaling.min_replicas * variants, spec.autoscaling.max_replicas * variants
+        return ReplicaPods(low, low, high, True, pod)
+    count = spec.replicas * variants
+    return ReplicaPods(count, count, count, False, pod)
+
+
+def rayservice(
+    document: Mapping[str, Any],
+    variants: Sequence[Mapping[str, str]],
+    weight: int,
+    owner: Owner,
+    config: OperatorConfig,
+) -> dict[str, Any]:
+    """The KubeRay RayService serving `document` (a validated ModelDeployment manifest): its variants
+    (`[{variant, model, version}]`, versions already resolved) behind the router, the candidate at
+    `weight` percent. Only serveConfigV2 depends on `weight`, so a new weight is applied in place."""
+    if not config.mlflow_tracking_uri:
+        raise ValueError("KUBEFORGE_OPERATOR_MLFLOW_TRACKING_URI: required to serve ModelDeployments: every "
+                         "replica downloads its pinned version from that MLflow server")
+    model = parse_deployment(dict(document), source=f"ModelDeployment {owner.name}")
+    spec = model.spec
+    name = rayservice_name(owner.name)
+    config_v2 = serve_config(owner.name, document, [dict(v) for v in variants], weight)
+    # Ray Serve's proxy listens on 127.0.0.1 unless told otherwise, and spec.port is the user's choice.
+    config_v2 = {"http_options": {"host": "0.0.0.0", "port": spec.port}, **config_v2}
+    labels = {LABEL_DEPLOYMENT: owner.name, **MANAGED_BY}
+    env = [{"name": "MLFLOW_TRACKING_URI", "value": config.mlflow_tracking_uri}]
+    # KubeRay's serve Service targets the container port named "serve".
+    serve_port = {"name": "serve", "containerPort": spec.port, "protocol": "TCP"}
+    head = _pod_template(
+        "ray-head", config.stage_image,
+        {"cpu": _cpu(SERVE_HEAD_CPUS), "memory": SERVE_HEAD_MEMORY}, {}, labels,
+        volumes=[], mounts=[], ports=[serve_port], env=env,
+    )
+    pods = replica_pods(spec, len(variants))
+    worker = _pod_template(
+        "ray-worker", config.stage_image, pods.resources, {}, labels,
+        volumes=[], mounts=[], ports=[serve_port], env=env,
+    )
+    cluster: dict[str, Any] = {
+        "rayVersion": RAY_VERSION,
+        "headGroupSpec": {
+            "rayStartParams": {"num-cpus": str(SERVE_HEAD_CPUS), "dashboard-host": "0.0.0.0"},
+            "template": head,
+        },
+        "workerGroupSpecs": [{
+            "groupName": "replicas",
+            "replicas": pods.replicas,
+            "minReplicas": pods.min_replicas,
+            "maxReplicas": pods.max_replicas,
+            "rayStartParams": {},
+            "template": worker,
+        }],
+    }
+    if pods.autoscaling:
+        # Ray Serve's autoscaler asks for replicas; Ray's autoscaler turns them into pods within the bounds.
+        cluster["enableInTreeAutoscaling"] = True
+    body_spec = {
+        "serveConfigV2": yaml.safe_dump(config_v2, sort_keys=False, allow_unicode=True),
+        "rayClusterConfig": cluster,
+    }
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": {
+            "name": name,
+            "namespace": owner.namespace,
+            "labels": labels,
+            "annotations": {ANNOTATION_SPEC_HASH: spec_hash(body_spec)},
+            "ownerReferences": [owner.reference()],
+        },
+        "spec": body_spec,
+    }
+
+
+def spec_hash(spec: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def serve_weight(rayservice_body: Mapping[str, Any]) -> int | None:
+    """The router's weight in a RayService's serveConfigV2, or None when it has none."""
+    raw = (rayservice_body.get("spec") or {}).get("serveConfigV2")
+    try:
+        config = yaml.safe_load(raw) if isinstance(raw, str) else None
+        for app in (config or {}).get("applications") or []:
+            for deployment in app.get("deployments") or []:
+                if deployment.get("name") == ROUTER_DEPLOYMENT:
+                    return int(deployment["user_config"]["weight"])
+    except (yaml.YAMLError, AttributeError, KeyError, TypeError, ValueError):
+        return None
+    return None
+
+
+def rayservice_ready(rayservice_body: Mapping[str, Any] | None) -> tuple[bool, str]:
+    """Whether KubeRay says the application serves, and why not: its `Ready` condition (KubeRay >= 1.3),
+    else the older `serviceStatus: Running`."""
+    if rayservice_body is None:
+        return False, "the RayService does not exist yet"
+    status = rayservice_body.get("status") or {}
+    for condition in status.get("conditions") or []:
+        if isinstance(condition, Mapping) and condition.get("type") == "Ready":
+            ready = condition.get("status") == "True"
+            why = condition.get("message") or condition.get("reason") or ""
+            return ready, str(why or ("KubeRay reports the application ready" if ready else "not ready"))
+    if status.get("serviceStatus") == "Running":
+        return True, "KubeRay reports serviceStatus Running"
+    return False, "KubeRay has not reported the application ready yet"
+
+
+_ROLLOUT_PHASES = {"promoted": "Promoted", "rolled_back": "RolledBack"}
+
+
+def deployment_status(
+    *,
+    owner: Owner,
+    port: int,
+    stable_version: str,
+    candidate_version: str | None,
+    record: RolloutRecord | None,
+    rayservice_body: Mapping[str, Any] | None,
+    previous: Mapping[str, Any],
+    now: datetime,
+    generation: int | None,
+) -> dict[str, Any]:
+    """The ModelDeployment's status (schema: kubeforge.spec.crd) from its resolved versions, its rollout
+    record and what KubeRay says of its RayService. Keys set to None are removed by the merge patch."""
+    ready, why = rayservice_ready(rayservice_body)
+    name = rayservice_name(owner.name)
+    if record is None:
+        phase = "Serving" if ready else "Deploying"
+    elif record.phase in _ROLLOUT_PHASES:
+        phase = _ROLLOUT_PHASES[record.phase]
+    else:
+        # "progressing", or an A/B test that concluded without acting: the split still stands.
+        phase = "RollingOut" if ready else "Deploying"
+    progressing = record is not None and record.phase == "progressing"
+    conditions = [
+        _condition("Valid", "True", "SpecAccepted", "kubeforge.spec accepted the spec", generation),
+        _condition("Ready", "True" if ready else "False", "RayServiceReady" if ready else "RayServiceNotReady",
+                   f"RayService {name}: {why}", generation),
+        _condition("Progressing", "True" if progressing else "False",
+                   {"progressing": "RolloutProgressing", "promoted": "Promoted", "rolled_back": "RolledBack",
+                    "concluded": "Concluded"}[record.phase] if record is not None else "NoRollout",
+                   record.reason if record is not None else "no rollout: the stable version serves alone",
+                   generation),
+    ]
+    status: dict[str, Any] = {
+        "phase": phase,
+        "modelVersion": stable_version,
+        "candidateVersion": candidate_version,
+        "rayService": name,
+        "rollout": None if record is None else record.to_dict(),
+        "weight": 0 if record is None else record.weight,
+        # KubeRay's Service for the serve port of whichever cluster is active.
+        "url": f"http://{name}-serve-svc.{owner.namespace}.svc:{port}/v1",
+        "conditions": _keep_transition_times(conditions, previous, now),
+    }
+    if generation is not None:
+        status["observedGeneration"] = generation
+    return status
+
+
+def unresolved_status(
+    field: str, message: str, *, previous: Mapping[str, Any], now: datetime, generation: int | None
+) -> dict[str, Any]:
+    """The status while a model URI cannot be resolved (an alias not set yet, MLflow unreachable)."""
+    conditions = [
+        _condition("Valid", "True", "SpecAccepted", "kubeforge.spec accepted the spec", generation),
+        _condition("Ready", "False", "ModelNotResolved", f"{field}: {message}", generation),
+    ]
+    return {"phase": previous.get("phase") or "Pending",
+            "conditions": _keep_transition_times(conditions, previous, now)}

@@ -12,8 +12,8 @@ from typing import Any
 
 import kopf
 
-from kubeforge_operator import GROUP, VERSION, pipeline
-from kubeforge_operator.builders import LABEL_PIPELINE
+from kubeforge_operator import GROUP, VERSION, deployment, pipeline
+from kubeforge_operator.builders import LABEL_DEPLOYMENT, LABEL_PIPELINE
 from kubeforge_operator.config import configure_kopf
 
 
@@ -38,3 +38,25 @@ async def rayjob_changed(*, body: kopf.Body, memo: Any, logger: kopf.Logger, **_
 async def pipeline_deleted(*, namespace: str | None, name: str, uid: str, memo: Any, logger: kopf.Logger,
                            **_: Any) -> None:
     await pipeline.delete_children(namespace or "", name, uid, settings=memo.settings, logger=logger)
+
+
+# ModelDeployments have no deletion handler: their RayService's ownerReference has the garbage
+# collector remove it, and nothing outside the cluster needs undoing.
+@kopf.on.resume(GROUP, VERSION, deployment.PLURAL)
+@kopf.on.create(GROUP, VERSION, deployment.PLURAL)
+@kopf.on.update(GROUP, VERSION, deployment.PLURAL)
+async def deployment_changed(*, namespace: str | None, name: str, memo: Any, logger: kopf.Logger, **_: Any) -> None:
+    await deployment.reconcile(namespace or "", name, config=memo.config, settings=memo.settings, logger=logger,
+                               measurements=memo.get(deployment.MEMO_KEY))
+
+
+@kopf.timer(GROUP, VERSION, deployment.PLURAL, interval=deployment.POLL_S, when=deployment.rollout_running)
+async def rollout_tick(*, namespace: str | None, name: str, memo: Any, logger: kopf.Logger, **_: Any) -> None:
+    await deployment.reconcile(namespace or "", name, config=memo.config, settings=memo.settings, logger=logger,
+                               measurements=memo.get(deployment.MEMO_KEY))
+
+
+@kopf.on.event("ray.io", "v1", "rayservices", labels={LABEL_DEPLOYMENT: kopf.PRESENT})
+async def rayservice_changed(*, body: kopf.Body, memo: Any, logger: kopf.Logger, **_: Any) -> None:
+    await deployment.rayservice_changed(body, config=memo.config, settings=memo.settings, logger=logger,
+                                        measurements=memo.get(deployment.MEMO_KEY))

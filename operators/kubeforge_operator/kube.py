@@ -26,6 +26,16 @@ def pipeline_url(namespace: str, name: str, subresource: str = "") -> str:
     return f"{url}/{subresource}" if subresource else url
 
 
+def deployment_url(namespace: str, name: str, subresource: str = "") -> str:
+    url = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/modeldeployments/{name}"
+    return f"{url}/{subresource}" if subresource else url
+
+
+def rayservices_url(namespace: str, name: str = "") -> str:
+    url = f"/apis/ray.io/v1/namespaces/{namespace}/rayservices"
+    return f"{url}/{name}" if name else url
+
+
 def rayjobs_url(namespace: str, name: str = "") -> str:
     url = f"/apis/ray.io/v1/namespaces/{namespace}/rayjobs"
     return f"{url}/{name}" if name else url

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,11 +15,13 @@ import pytest
 import yaml
 
 from kubeforge.errors import SpecError
-from kubeforge.spec.load import parse_manifest
+from kubeforge.rollout.controller import RolloutRecord, Subject, begin
+from kubeforge.spec.load import parse_deployment, parse_manifest
 from kubeforge_operator import builders
 from kubeforge_operator.config import ConfigError, OperatorConfig
 from kubeforge_operator.pipeline import manifest_document, validate
 from tests.k8s_schemas import (
+    SchemaValidationError,
     crd_schema_for,
     openapi_to_jsonschema,
     validate_against_crd,
@@ -341,3 +344,135 @@ def test_the_status_validates_against_the_modelpipeline_crd() -> None:
     for status in (status_of(jobs, retries=0),
                    builders.invalid_status(["spec.cluster: required"], previous={}, now=NOW, generation=1)):
         validate_against_crd({**quickstart_document(), "status": status}, crd)
+
+
+# --- the RayService of a ModelDeployment --------------------------------------------------------------
+
+RAYSERVICE_CRD = KUBERAY / "ray.io_rayservices.yaml"
+DEPLOYMENT_OWNER = builders.Owner(name="quickstart", namespace="team-a", uid="5d0c2f8e-1b7a-4c53-9a0e-2f4b6c8d1e22",
+                                  kind="ModelDeployment")
+VARIANTS = [{"variant": "stable", "model": "quickstart", "version": "1"},
+            {"variant": "candidate", "model": "quickstart", "version": "2"}]
+
+
+def deployment_document(**spec: Any) -> dict[str, Any]:
+    doc = yaml.safe_load((REPO / "examples" / "deployment.yaml").read_text())
+    doc["metadata"]["namespace"] = DEPLOYMENT_OWNER.namespace
+    doc["spec"].update(spec)
+    return doc
+
+
+def test_the_rayservice_validates_against_the_kuberay_crd() -> None:
+    if not RAYSERVICE_CRD.is_file():
+        pytest.skip(f"KubeRay CRD schemas not found in {KUBERAY} (shared/fixtures/kuberay-v1.7.0)")
+    service = builders.rayservice(deployment_document(), VARIANTS, 20, DEPLOYMENT_OWNER, CONFIG)
+    validate_against_crd(service, RAYSERVICE_CRD)
+    broken = copy.deepcopy(service)
+    broken["spec"]["serveConfigV2"] = yaml.safe_load(broken["spec"]["serveConfigV2"])  # a string, not a map
+    with pytest.raises(SchemaValidationError, match="serveConfigV2"):
+        validate_against_crd(broken, RAYSERVICE_CRD)
+
+
+def test_the_rayservice_carries_the_router_weight_and_variants() -> None:
+    document = deployment_document()
+    service = builders.rayservice(document, VARIANTS, 20, DEPLOYMENT_OWNER, CONFIG)
+    assert service["metadata"]["name"] == "quickstart"
+    assert service["metadata"]["labels"][builders.LABEL_DEPLOYMENT] == "quickstart"
+    assert service["metadata"]["ownerReferences"] == [{
+        "apiVersion": "kubeforge.io/v1alpha1", "kind": "ModelDeployment", "name": "quickstart",
+        "uid": DEPLOYMENT_OWNER.uid, "controller": True, "blockOwnerDeletion": True,
+    }]
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert config["http_options"] == {"host": "0.0.0.0", "port": 8000}
+    (app,) = config["applications"]
+    assert app["import_path"] == "kubeforge.serve.cluster:app_builder"
+    assert app["args"]["variants"] == VARIANTS
+    assert app["args"]["deployment"]["spec"] == document["spec"]
+    assert app["deployments"] == [{"name": "Router", "user_config": {"weight": 20}}]
+    assert builders.serve_weight(service) == 20
+    # Only serveConfigV2 depends on the weight: KubeRay applies a new one to the running cluster.
+    moved = builders.rayservice(document, VARIANTS, 50, DEPLOYMENT_OWNER, CONFIG)
+    assert builders.serve_weight(moved) == 50
+    assert moved["spec"]["rayClusterConfig"] == service["spec"]["rayClusterConfig"]
+    assert moved["metadata"]["annotations"] != service["metadata"]["annotations"]  # the spec hash
+
+
+def test_rayservice_pods_are_hardened_sized_and_reach_mlflow() -> None:
+    service = builders.rayservice(deployment_document(), VARIANTS, 20, DEPLOYMENT_OWNER, CONFIG)
+    cluster_config = service["spec"]["rayClusterConfig"]
+    group = cluster_config["workerGroupSpecs"][0]
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 2  # 1 replica x 2 variants
+    templates = {"head": cluster_config["headGroupSpec"]["template"], "worker": group["template"]}
+    for role, template in templates.items():
+        validate_builtin({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"x-{role}", **template["metadata"]},
+                          "spec": template["spec"]})
+        (container,) = template["spec"]["containers"]
+        assert container["image"] == CONFIG.stage_image
+        assert {"name": "MLFLOW_TRACKING_URI", "value": CONFIG.mlflow_tracking_uri} in container["env"]
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+        assert template["spec"]["securityContext"]["runAsNonRoot"] is True
+        assert {"name": "serve", "containerPort": 8000, "protocol": "TCP"} in container["ports"]
+        assert container["resources"]["requests"] == container["resources"]["limits"]
+    worker = templates["worker"]["spec"]["containers"][0]["resources"]["limits"]
+    assert worker == {"cpu": "500m", "memory": "9Gi"}  # 8Gi + the 1 GB CPU KV cache
+    assert "enableInTreeAutoscaling" not in cluster_config
+
+
+def test_gpu_replicas_request_gpus_and_autoscaling_bounds_the_pods() -> None:
+    document = deployment_document(resources={"cpus_per_replica": 4, "gpus_per_replica": 0.5},
+                                   autoscaling={"min_replicas": 1, "max_replicas": 3}, port=8080)
+    del document["spec"]["replicas"]
+    service = builders.rayservice(document, VARIANTS, 20, DEPLOYMENT_OWNER, CONFIG)
+    if RAYSERVICE_CRD.is_file():
+        validate_against_crd(service, RAYSERVICE_CRD)
+    cluster_config = service["spec"]["rayClusterConfig"]
+    group = cluster_config["workerGroupSpecs"][0]
+    assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (2, 2, 6)
+    assert cluster_config["enableInTreeAutoscaling"] is True
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits == {"cpu": "4", "memory": "8Gi", "nvidia.com/gpu": "1"}  # a GPU's KV cache is not host memory
+    head = cluster_config["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in head["resources"]["limits"]
+    assert yaml.safe_load(service["spec"]["serveConfigV2"])["http_options"]["port"] == 8080
+    assert {"name": "serve", "containerPort": 8080, "protocol": "TCP"} in head["ports"]
+
+
+def test_a_rayservice_needs_the_tracking_uri_and_a_kuberay_name() -> None:
+    with pytest.raises(ValueError, match="KUBEFORGE_OPERATOR_MLFLOW_TRACKING_URI"):
+        builders.rayservice(deployment_document(), VARIANTS, 0, DEPLOYMENT_OWNER,
+                            OperatorConfig(stage_image="a", quantize_image="b"))
+    long_a, long_b = "a" * 60 + "-one", "a" * 60 + "-two"
+    names = {builders.rayservice_name(n) for n in (long_a, long_b)}
+    assert len(names) == 2 and all(len(n) <= builders.MAX_RAYSERVICE_NAME for n in names)
+    assert builders.rayservice_name("7b-chat") == "kf-7b-chat"
+    assert builders.rayservice_name("quickstart") == "quickstart"
+
+
+def test_the_deployment_status_follows_kuberay_and_the_rollout() -> None:
+    policy = parse_deployment(deployment_document()).spec.rollout
+    assert policy is not None
+    record = begin(policy, Subject("quickstart", "quickstart", "1", "quickstart", "2"), None, NOW.timestamp())
+    service = builders.rayservice(deployment_document(), VARIANTS, record.weight, DEPLOYMENT_OWNER, CONFIG)
+
+    def status(body: dict[str, Any] | None, rec: RolloutRecord | None) -> dict[str, Any]:
+        return builders.deployment_status(owner=DEPLOYMENT_OWNER, port=8000, stable_version="1",
+                                          candidate_version="2" if rec else None, record=rec, rayservice_body=body,
+                                          previous={}, now=NOW, generation=3)
+
+    starting = status(service, record)
+    assert starting["phase"] == "Deploying" and starting["weight"] == 20
+    assert conditions(starting) == {"Valid": "True", "Ready": "False", "Progressing": "True"}
+    ready = {**service, "status": {"conditions": [{"type": "Ready", "status": "True", "reason": "RayServiceReady",
+                                                   "message": "", "lastTransitionTime": "2026-01-01T12:00:00Z"}]}}
+    running = status(ready, record)
+    assert running["phase"] == "RollingOut" and running["rollout"]["subject"]["candidate_version"] == "2"
+    assert running["url"] == "http://quickstart-serve-svc.team-a.svc:8000/v1"
+    assert status(ready, None)["phase"] == "Serving" and status(ready, None)["candidateVersion"] is None
+    promoted = replace(record, phase="promoted", weight=100)
+    assert status(ready, promoted)["phase"] == "Promoted"
+    assert conditions(status(ready, promoted))["Progressing"] == "False"
+    crd = REPO / "charts" / "kubeforge" / "crds" / "modeldeployments.kubeforge.io.yaml"
+    for candidate in (running, status(ready, promoted)):
+        body = {**deployment_document(), "status": {k: v for k, v in candidate.items() if v is not None}}
+        validate_against_crd(body, crd)

@@ -467,8 +467,8 @@ def _deployment_status() -> Schema:
             "rayService": _string("Name of the KubeRay RayService serving the model (same namespace)."),
             "rollout": {
                 "type": "object",
-                "description": "State of the running or last rollout as kubeforge.rollout.decision.CanaryState."
-                               "to_dict() writes it (phase, step, weight, failures, analysis history...).",
+                "description": ("The running or last rollout: kubeforge.rollout.controller.RolloutRecord (versions, "
+                                "phase, weight, canary state with its analyses, A/B comparison, events)."),
                 _PRESERVE: True,
             },
             "weight": _integer("Percent of requests the candidate receives now.", minimum=0, maximum=100),

@@ -1,0 +1,352 @@
+"""Reconciling a ModelDeployment: validate it, pin its model versions, serve them from one KubeRay
+RayService, and drive its rollout with the same pure decision code `kubeforge serve` uses.
+
+What is served is pinned: `spec.model` and `spec.rollout.candidate` are resolved through the MLflow
+registry once per generation of the spec and kept in `status.modelVersion` / `status.candidateVersion`,
+so an alias that moves later (a promotion, a new pipeline run) changes nothing until the spec does.
+
+The rollout record (`kubeforge.rollout.controller.RolloutRecord`) lives in `status.rollout`. Every
+reconciliation, which a kopf timer repeats every `POLL_S` while a rollout runs, steps it
+(`step_record`: an abort request, or an analysis when one is due), saves a changed record to the
+status, and only then makes the world match it: the router's weight in the RayService's serveConfigV2
+(which Ray Serve applies in place), and once the rollout has ended the registry (`settle_registry`:
+`champion` moved on promotion, the candidate tagged). Saving before acting is what lets a reconciliation
+that dies in between be finished by the next one: acting from the record is idempotent.
+
+A person aborts a running rollout with an annotation, which the operator removes once it has acted:
+
+    kubectl annotate modeldeployment quickstart kubeforge.io/rollout-abort="latency regression in eu"
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import kopf
+
+from kubeforge.errors import Problem, SpecError
+from kubeforge.registry.client import Registry, RegistryError
+from kubeforge.rollout.controller import (
+    Compare,
+    Measure,
+    RolloutRecord,
+    Subject,
+    begin,
+    export_metrics,
+    measure_ab,
+    measure_canary,
+    settle_registry,
+    step_record,
+)
+from kubeforge.rollout.queries import CANDIDATE, STABLE
+from kubeforge.spec.deployment import ModelDeployment, parse_model_uri
+from kubeforge.spec.load import parse_deployment
+from kubeforge.spec.pipeline import API_VERSION
+from kubeforge_operator import builders, kube, metrics
+from kubeforge_operator.config import OperatorConfig
+from kubeforge_operator.errors import retry_semantics
+from kubeforge_operator.pipeline import manifest_document
+
+KIND: Final = "ModelDeployment"
+PLURAL = "modeldeployments"
+ANNOTATION_ABORT = "kubeforge.io/rollout-abort"
+"""A person's request to roll the running rollout back; its value is the reason."""
+POLL_S = 1.0
+"""How often a running rollout is looked at. Analyses run every `analysis.interval_s` of the spec, so
+this only bounds how late one starts (as `kubeforge serve`'s POLL_S); a look at a rollout with nothing
+due makes two GET requests and no write."""
+RESOLVE_RETRY_S = 30.0
+"""A model URI that does not resolve (an alias a pipeline has not set yet, MLflow unreachable) is tried
+again after this long."""
+MEMO_KEY = "measurements"
+"""Where in kopf's memo a test puts its `Measurements`; absent, analyses query Prometheus."""
+
+# Per deployment: the create/update handler, the timer and RayService events must not interleave.
+_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+
+@dataclass(frozen=True)
+class Measurements:
+    """How analyses are made: Prometheus by default (the spec's `analysis.prometheus`)."""
+
+    measure: Measure = measure_canary
+    compare: Compare = measure_ab
+
+
+def deployment_document(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest as the user wrote it, without the abort request (an instruction to the operator,
+    not part of what is served)."""
+    document = manifest_document(body)
+    annotations = {k: v for k, v in (document["metadata"].get("annotations") or {}).items() if k != ANNOTATION_ABORT}
+    document["metadata"].pop("annotations", None)
+    if annotations:
+        document["metadata"]["annotations"] = annotations
+    return document
+
+
+def serving_document(document: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest the RayService's application receives: without annotations, whose edits must not
+    redeploy a running application (serveConfigV2's args change redeploys it)."""
+    metadata = {k: v for k, v in document["metadata"].items() if k != "annotations"}
+    return {**document, "metadata": metadata}
+
+
+def validate(document: Mapping[str, Any]) -> ModelDeployment:
+    """The parsed deployment; `SpecError` whose problems each start with their field."""
+    model = parse_deployment(dict(document), source=f"{KIND} {document['metadata'].get('name')}")
+    if model.spec.auth is not None:
+        # The router reads the token from its own process; the operator has no Secret to take it from,
+        # and serving without the authentication the manifest asks for is not an option.
+        raise SpecError([Problem("spec.auth", "not supported by the operator yet (the RayService pods have no "
+                                              "source for the token); serve with `kubeforge serve` or drop auth")])
+    return model
+
+
+class Unresolved(Exception):
+    """A model URI of the spec did not resolve; `field` is the spec field that holds it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
+Version = tuple[str, str]
+"""(registered model, version)."""
+
+
+def resolve(registry: Registry, model: ModelDeployment) -> tuple[Version, Version | None]:
+    """The stable and candidate versions the spec names now; the candidate is None without a rollout or
+    when it is the version already served (after a promotion `@champion` and `@challenger` coincide)."""
+    spec = model.spec
+    stable = _resolve_one(registry, spec.model, "spec.model")
+    if spec.rollout is None:
+        return stable, None
+    candidate = _resolve_one(registry, spec.rollout.candidate, "spec.rollout.candidate")
+    return stable, None if candidate == stable else candidate
+
+
+def _resolve_one(registry: Registry, uri: str, field: str) -> Version:
+    name, ref = parse_model_uri(uri)
+    try:
+        info = registry.version(name, ref)
+    except RegistryError as exc:
+        raise Unresolved(field, str(exc)) from exc
+    return info.model, info.version
+
+
+def pinned(model: ModelDeployment, previous: Mapping[str, Any], generation: int | None) -> (
+        tuple[Version, Version | None] | None):
+    """The versions the status pinned for this generation of the spec, or None when it pinned none."""
+    if generation is None or previous.get("observedGeneration") != generation or not previous.get("modelVersion"):
+        return None
+    stable = (parse_model_uri(model.spec.model)[0], str(previous["modelVersion"]))
+    candidate_version = previous.get("candidateVersion")
+    if model.spec.rollout is None or not candidate_version:
+        return stable, None
+    return stable, (parse_model_uri(model.spec.rollout.candidate)[0], str(candidate_version))
+
+
+def stored_record(previous: Mapping[str, Any]) -> RolloutRecord | None:
+    raw = previous.get("rollout")
+    if not raw:
+        return None
+    try:
+        return RolloutRecord.from_dict(raw)
+    except (ValueError, KeyError, TypeError) as exc:
+        # Starting afresh would run analyses and maybe a promotion twice; a person decides.
+        raise kopf.PermanentError(f"status.rollout: not a rollout record ({exc}); clear it (kubectl patch "
+                                  "--subresource=status) to start the rollout afresh") from exc
+
+
+def rollout_running(status: Mapping[str, Any], **_: Any) -> bool:
+    """The timer's filter: a rollout is under way, or its end is saved but not yet acted on (the phase
+    moves off RollingOut only once the RayService and the registry match the record)."""
+    return status.get("phase") == "RollingOut" and (status.get("rollout") or {}).get("phase") != "concluded"
+
+
+async def reconcile(
+    namespace: str,
+    name: str,
+    *,
+    config: OperatorConfig,
+    settings: kopf.OperatorSettings,
+    logger: kopf.Logger,
+    measurements: Measurements | None = None,
+) -> None:
+    """Bring one deployment a step forward and write its status; safe to repeat at any time."""
+    key = f"{namespace}/{name}"
+    lock = _locks.get(key)
+    if lock is None:
+        lock = _locks[key] = asyncio.Lock()
+    with metrics.observed(KIND), retry_semantics():
+        async with lock:
+            await _reconcile(namespace, name, config, kube.Client(settings, logger), logger,
+                             measurements or Measurements())
+
+
+async def _reconcile(
+    namespace: str, name: str, config: OperatorConfig, client: kube.Client, logger: kopf.Logger,
+    measurements: Measurements,
+) -> None:
+    url = kube.deployment_url(namespace, name)
+    body = await client.get(url)
+    if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+        return  # gone or going: the garbage collector removes its RayService (ownerReferences)
+    meta = body["metadata"]
+    previous = body.get("status") or {}
+    generation = meta.get("generation")
+    now = datetime.now(UTC)
+    document = deployment_document(body)
+    try:
+        model = validate(document)
+    except SpecError as exc:
+        problems = [str(p) for p in exc.problems]
+        logger.warning(f"invalid spec, nothing created: {'; '.join(problems)}")
+        await _write_status(client, namespace, name, previous,
+                            builders.invalid_status(problems, previous=previous, now=now, generation=generation))
+        return
+    if not config.mlflow_tracking_uri:
+        raise kopf.PermanentError("KUBEFORGE_OPERATOR_MLFLOW_TRACKING_URI: required to serve ModelDeployments "
+                                  "(versions are resolved in, and replicas download them from, that MLflow)")
+    registry = Registry(config.mlflow_tracking_uri)
+    versions = pinned(model, previous, generation)
+    if versions is None:
+        try:
+            versions = await asyncio.to_thread(resolve, registry, model)
+        except Unresolved as exc:
+            await _write_status(client, namespace, name, previous, builders.unresolved_status(
+                exc.field, exc.message, previous=previous, now=now, generation=generation))
+            raise kopf.TemporaryError(str(exc), delay=RESOLVE_RETRY_S) from None
+        logger.info(f"resolved {model.spec.model} to version {versions[0][1]}"
+                    + (f", the candidate to version {versions[1][1]}" if versions[1] else ""))
+    stable, candidate = versions
+    owner = builders.Owner(name=name, namespace=namespace, uid=meta["uid"], kind=KIND)
+    rayservice_url = kube.rayservices_url(namespace, builders.rayservice_name(name))
+    current: Mapping[str, Any] | None = await client.get(rayservice_url)
+
+    # The rollout: resume the stored record (same versions) or begin one, then step it.
+    saved = stored_record(previous)
+    record: RolloutRecord | None = None
+    policy = model.spec.rollout if candidate is not None else None
+    abort = (meta.get("annotations") or {}).get(ANNOTATION_ABORT)
+    if policy is not None and candidate is not None:
+        subject = Subject(name, stable[0], stable[1], candidate[0], candidate[1])
+        record = begin(policy, subject, saved, now.timestamp())
+        if record is not saved:
+            logger.info(f"rollout of version {candidate[1]} begins: {record.reason}")
+            export_metrics(record, None)
+        ready, _ = builders.rayservice_ready(current)
+        # Analyses wait for KubeRay to report the application ready: measured before, a candidate still
+        # downloading its model would count as inconclusive until the rollout rolls back.
+        if ready or abort:
+            stepped = await asyncio.to_thread(
+                step_record, policy, record, now.timestamp(), abort=_abort_reason(abort),
+                measure=measurements.measure, compare=measurements.compare,
+            )
+            if stepped is not record:
+                logger.info(f"rollout: {stepped.phase}, candidate at {stepped.weight}% ({stepped.reason})")
+                export_metrics(stepped, record)
+                record = stepped
+        if record is not saved:
+            await _write_status(client, namespace, name, previous, {"rollout": record.to_dict()})
+    if abort is not None:
+        # Taken once acted on (or when there is nothing to abort), so it cannot abort a later rollout.
+        if record is None or record.done:
+            logger.info(f"{ANNOTATION_ABORT}: no rollout running; request removed")
+        await client.merge_patch(url, {"metadata": {"annotations": {ANNOTATION_ABORT: None}}})
+
+    # The world after the record: the RayService at the record's weight, then the registry.
+    variants = [{"variant": STABLE, "model": stable[0], "version": stable[1]}]
+    if candidate is not None:
+        variants.append({"variant": CANDIDATE, "model": candidate[0], "version": candidate[1]})
+    desired = builders.rayservice(serving_document(document), variants, 0 if record is None else record.weight,
+                                  owner, config)
+    current = await _ensure_rayservice(client, desired, current, owner, logger)
+    if record is not None and record.done:
+        await asyncio.to_thread(settle_registry, record, registry)
+    status = builders.deployment_status(
+        owner=owner, port=model.spec.port, stable_version=stable[1],
+        candidate_version=None if candidate is None else candidate[1], record=record, rayservice_body=current,
+        previous=previous, now=now, generation=generation,
+    )
+    await _write_status(client, namespace, name, previous, status)
+
+
+def _abort_reason(annotation: str | None) -> str | None:
+    if annotation is None:
+        return None
+    return f"{annotation.strip() or 'no reason given'} (annotation {ANNOTATION_ABORT})"
+
+
+async def _ensure_rayservice(
+    client: kube.Client, desired: Mapping[str, Any], current: Mapping[str, Any] | None, owner: builders.Owner,
+    logger: kopf.Logger,
+) -> Mapping[str, Any]:
+    """Create the RayService, or patch the existing one in place when the wanted spec changed."""
+    meta = desired["metadata"]
+    url = kube.rayservices_url(meta["namespace"], meta["name"])
+    if current is None:
+        if await client.create(kube.rayservices_url(meta["namespace"]), desired):
+            logger.info(f"created RayService {meta['name']} (candidate weight {builders.serve_weight(desired)}%)")
+            return desired
+        current = await client.get(url)  # created by a reconciliation that raced this one
+        if current is None:
+            raise kopf.TemporaryError(f"RayService {meta['name']}: conflict on create, then not found", delay=1.0)
+    refs = (current.get("metadata") or {}).get("ownerReferences") or []
+    if not any(ref.get("uid") == owner.uid for ref in refs):
+        raise kopf.PermanentError(f"RayService {meta['name']} exists and is not owned by this ModelDeployment; "
+                                  "delete or rename it")
+    wanted = meta["annotations"][builders.ANNOTATION_SPEC_HASH]
+    if ((current.get("metadata") or {}).get("annotations") or {}).get(builders.ANNOTATION_SPEC_HASH) == wanted:
+        return current
+    # A merge patch replaces what we set and keeps what KubeRay defaulted. A change of serveConfigV2
+    # alone (a new weight) is applied by KubeRay to the running cluster: Ray Serve reconfigures the router.
+    patched = await client.merge_patch(url, {
+        "metadata": {"labels": meta["labels"], "annotations": {builders.ANNOTATION_SPEC_HASH: wanted}},
+        "spec": desired["spec"],
+    })
+    if patched is None:
+        raise kopf.TemporaryError(f"RayService {meta['name']} disappeared while being patched", delay=1.0)
+    logger.info(f"patched RayService {meta['name']} (candidate weight {builders.serve_weight(desired)}%)")
+    return patched
+
+
+async def _write_status(
+    client: kube.Client, namespace: str, name: str, previous: Mapping[str, Any], status: Mapping[str, Any]
+) -> None:
+    # As the API server returns it (lists, not tuples), so that an unchanged status is not written again.
+    status = json.loads(json.dumps(status))
+    if all(previous.get(key) == value for key, value in status.items()):
+        return
+    await client.merge_patch(kube.deployment_url(namespace, name, "status"), {"status": status})
+    # Later writes in the same reconciliation compare against what is now stored.
+    if isinstance(previous, dict):
+        for key, value in status.items():
+            if value is None:
+                previous.pop(key, None)  # what the merge patch did
+            else:
+                previous[key] = value
+
+
+async def rayservice_changed(
+    rayservice: Mapping[str, Any], *, config: OperatorConfig, settings: kopf.OperatorSettings,
+    logger: kopf.Logger, measurements: Measurements | None = None,
+) -> None:
+    """A deployment's RayService changed (KubeRay reported it ready, say): reconcile its owner now."""
+    meta = rayservice.get("metadata") or {}
+    owner = next((ref for ref in meta.get("ownerReferences") or []
+                  if ref.get("kind") == KIND and ref.get("apiVersion") == API_VERSION), None)
+    if owner is None or not meta.get("namespace"):
+        return  # labelled by someone else; not ours to act on
+    try:
+        await reconcile(meta["namespace"], owner["name"], config=config, settings=settings, logger=logger,
+                        measurements=measurements)
+    except kopf.TemporaryError as exc:
+        # kopf does not retry event handlers; the deployment's own handlers and timer are the backstop.
+        logger.info(f"reconciling ModelDeployment {owner['name']} after a RayService event: {exc}")

@@ -1,0 +1,252 @@
+"""ModelDeployments through the operator (kopf, our handlers) against kmock's fake Kubernetes API
+server and a real SQLite MLflow registry: a canary driven to promotion and to rollback by injected
+analyses, the RayService's router weight patched in place, and an invalid spec refused.
+
+Nothing plays KubeRay: the tests report the RayService ready the way KubeRay would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import kmock
+import kopf
+import pytest
+import yaml
+from kopf._core.intents.causes import Activity  # kopf is pinned to one version (pyproject)
+
+from kubeforge.registry.client import Registry
+from kubeforge.rollout import decision
+from kubeforge.rollout.controller import Subject
+from kubeforge.spec.deployment import CanaryRollout
+from kubeforge_operator import builders, handlers
+from kubeforge_operator.config import OperatorConfig
+from kubeforge_operator.deployment import ANNOTATION_ABORT, MEMO_KEY, Measurements
+from tests.helpers import two_version_registry
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio, pytest.mark.timeout(120)]
+
+REPO = Path(__file__).resolve().parents[2]
+NS = "team-a"
+DEPLOYMENTS = f"/apis/kubeforge.io/v1alpha1/namespaces/{NS}/modeldeployments"
+RAYSERVICES = f"/apis/ray.io/v1/namespaces/{NS}/rayservices"
+assert handlers.deployment_changed  # importing the module registered the handlers
+
+_server: list[str] = []
+
+
+def _login_to_kmock(**_: Any) -> kopf.ConnectionInfo:
+    return kopf.ConnectionInfo(server=_server[-1])
+
+
+def operator_registry() -> kopf.OperatorRegistry:
+    """The operator's handlers (what importing `handlers` put in kopf's default registry) with this
+    module's login handler instead of any other: kopf retries every failing login handler before it
+    connects, and other test modules register ones that answer only while their own servers run."""
+    registry = kopf.OperatorRegistry()
+    default = kopf.get_default_registry()
+    for part in ("_activities", "_indexing", "_watching", "_spawning", "_changing", "_webhooks"):
+        for handler in getattr(default, part).get_all_handlers():
+            if getattr(handler, "activity", None) != Activity.AUTHENTICATION:
+                getattr(registry, part).append(handler)
+    kopf.on.login(registry=registry)(_login_to_kmock)
+    return registry
+
+def analyses(outcome: dict[str, str]) -> Measurements:
+    """Every check of the analysis at a value that passes or fails it, by deployment name."""
+
+    def measure(policy: CanaryRollout, subject: Subject) -> Sequence[decision.CheckResult]:
+        value = 0.0 if outcome[subject.deployment] == "pass" else 1e9
+        return decision.judge(policy.analysis, {n: value for n in decision.check_names(policy.analysis)})
+
+    return Measurements(measure=measure)
+
+
+def deployment_body(name: str, **spec: Any) -> dict[str, Any]:
+    doc = yaml.safe_load((REPO / "examples" / "deployment.yaml").read_text())
+    doc["metadata"] = {"name": name, "namespace": NS, "uid": f"uid-{name}", "generation": 1, "resourceVersion": "1"}
+    doc["spec"]["model"] = f"models:/{name}@champion"
+    rollout = doc["spec"]["rollout"]
+    rollout["candidate"] = f"models:/{name}/2"
+    rollout["steps"] = [{"weight": 20, "pause_s": 0}, {"weight": 50, "pause_s": 0}]
+    rollout["analysis"].update(interval_s=0.2, failure_limit=2)
+    doc["spec"].update(spec)
+    return doc
+
+
+@contextlib.asynccontextmanager
+async def operator(config: OperatorConfig, measurements: Measurements) -> AsyncIterator[kmock.KubernetesEmulator]:
+    async with kmock.KubernetesEmulator() as api, kmock.Server(api):
+        for resource, kind, namespaced, subresources in [
+            ("kubeforge.io/v1alpha1/modeldeployments", "ModelDeployment", True, {"status"}),
+            ("kubeforge.io/v1alpha1/modelpipelines", "ModelPipeline", True, {"status"}),
+            ("ray.io/v1/rayservices", "RayService", True, {"status"}),
+            ("ray.io/v1/rayjobs", "RayJob", True, {"status"}),
+            ("v1/configmaps", "ConfigMap", True, set()),
+            ("v1/events", "Event", True, set()),
+            ("v1/namespaces", "Namespace", False, set()),
+            ("apiextensions.k8s.io/v1/customresourcedefinitions", "CustomResourceDefinition", False, set()),
+        ]:
+            api.resources[resource] = kmock.ResourceInfo(
+                kind=kind, namespaced=namespaced, subresources=subresources,
+                verbs={"get", "list", "watch", "create", "patch", "update", "delete"},
+            )
+        _server.append(str(api.url))
+        settings = kopf.OperatorSettings()
+        settings.scanning.disabled = True
+        stop = asyncio.Event()
+        task = asyncio.create_task(kopf.operator(
+            registry=operator_registry(), settings=settings, standalone=True, namespaces=[NS],
+            stop_flag=stop, memo=kopf.Memo(config=config, **{MEMO_KEY: measurements}),
+        ))
+        try:
+            yield api
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, timeout=15)
+            _server.pop()
+
+
+async def get(api: kmock.KubernetesEmulator, url: str) -> Any:
+    async with api.get(url) as response:
+        return await response.json() if response.status == 200 else None
+
+
+async def send(api: kmock.KubernetesEmulator, method: str, url: str, body: Any = None) -> Any:
+    async with api.request(method, url, json=body) as response:
+        assert response.status < 300, await response.text()
+        return await response.json()
+
+
+async def eventually(probe: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = await probe()
+        if last:
+            return last
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+
+
+async def status_of(api: kmock.KubernetesEmulator, name: str) -> dict[str, Any]:
+    return ((await get(api, f"{DEPLOYMENTS}/{name}")) or {}).get("status") or {}
+
+
+async def phase_is(api: kmock.KubernetesEmulator, name: str, phase: str) -> dict[str, Any] | None:
+    status = await status_of(api, name)
+    return status if status.get("phase") == phase else None
+
+
+async def report_ready(api: kmock.KubernetesEmulator, name: str) -> None:
+    condition = {"type": "Ready", "status": "True", "reason": "NonZeroServeEndpoints", "message": "",
+                 "lastTransitionTime": "2026-01-01T12:00:00Z"}
+    await send(api, "PATCH", f"{RAYSERVICES}/{name}/status", {"status": {"conditions": [condition]}})
+
+
+async def follow_weights(api: kmock.KubernetesEmulator, name: str, until: int, timeout: float = 30.0) -> list[int]:
+    """Every distinct router weight the RayService shows, in order, until it reaches `until`."""
+    seen: list[int] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        service = await get(api, f"{RAYSERVICES}/{name}")
+        weight = builders.serve_weight(service) if service else None
+        if weight is not None and (not seen or seen[-1] != weight):
+            seen.append(weight)
+            # Patched, not recreated: the status KubeRay wrote is still there.
+            assert service["status"]["conditions"][0]["type"] == "Ready", service
+        if seen and seen[-1] == until:
+            return seen
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"RayService {name}: weight never reached {until} (seen {seen})")
+
+
+async def test_canaries_promote_and_roll_back_and_invalid_specs_create_nothing(tmp_path: Path) -> None:
+    registry = two_version_registry(tmp_path, ["good", "bad"])
+    config = OperatorConfig(stage_image="ghcr.io/kubeforge/kubeforge-train:0.1.0",
+                            quantize_image="ghcr.io/kubeforge/kubeforge-quantize:0.1.0",
+                            namespaces=(NS,), mlflow_tracking_uri=registry.tracking_uri)
+    async with operator(config, analyses({"good": "pass", "bad": "fail"})) as api:
+        # Created: the RayService at the first step's weight, the versions resolved and pinned.
+        await send(api, "POST", DEPLOYMENTS, deployment_body("good"))
+        service = await eventually(lambda: get(api, f"{RAYSERVICES}/good"), "the RayService")
+        assert builders.serve_weight(service) == 20
+        assert service["metadata"]["ownerReferences"][0]["uid"] == "uid-good"
+        args = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]
+        assert args["variants"] == [{"variant": "stable", "model": "good", "version": "1"},
+                                    {"variant": "candidate", "model": "good", "version": "2"}]
+        env = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+        assert {"name": "MLFLOW_TRACKING_URI", "value": registry.tracking_uri} in env
+        status = await eventually(lambda: phase_is(api, "good", "Deploying"), "phase Deploying")
+        assert (status["modelVersion"], status["candidateVersion"], status["weight"]) == ("1", "2", 20)
+        assert status["rollout"]["phase"] == "progressing" and status["rayService"] == "good"
+        await asyncio.sleep(1.0)  # not ready: no analysis runs, the weight stays
+        assert (await status_of(api, "good"))["rollout"]["canary"]["history"] == []
+
+        # KubeRay reports it ready: analyses pass, the weight moves step by step in place, then promotion.
+        await report_ready(api, "good")
+        assert await follow_weights(api, "good", until=100) == [20, 50, 100]
+        status = await eventually(lambda: phase_is(api, "good", "Promoted"), "phase Promoted")
+        assert status["weight"] == 100 and status["rollout"]["phase"] == "promoted"
+        conditions = {c["type"]: c for c in status["conditions"]}
+        assert conditions["Ready"]["status"] == "True" and conditions["Progressing"]["reason"] == "Promoted"
+        assert "all steps passed" in conditions["Progressing"]["message"]
+        assert Registry(registry.tracking_uri).alias("good", "champion").version == "2"
+        tags = Registry(registry.tracking_uri).version("good", "2").tags
+        assert tags["kubeforge.rollout"] == "promoted"
+        # Champion moved, but what is served stays pinned to the resolved versions.
+        assert status["modelVersion"] == "1"
+        assert len((await get(api, RAYSERVICES))["items"]) == 1
+
+        # A failing candidate: weight back to 0, RolledBack with the reason, champion untouched.
+        await send(api, "POST", DEPLOYMENTS, deployment_body("bad"))
+        await eventually(lambda: get(api, f"{RAYSERVICES}/bad"), "the second RayService")
+        await report_ready(api, "bad")
+        assert await follow_weights(api, "bad", until=0) == [20, 0]
+        status = await eventually(lambda: phase_is(api, "bad", "RolledBack"), "phase RolledBack")
+        assert status["weight"] == 0
+        progressing = next(c for c in status["conditions"] if c["type"] == "Progressing")
+        assert progressing["reason"] == "RolledBack" and "2 failed analyses (failure_limit 2)" in progressing["message"]
+        assert "error_rate" in progressing["message"]
+        assert Registry(registry.tracking_uri).alias("bad", "champion").version == "1"
+        assert Registry(registry.tracking_uri).version("bad", "2").tags["kubeforge.rollout"] == "rolled_back"
+
+        # An invalid spec: the condition names the field, and no RayService appears.
+        broken = deployment_body("broken", replicas=0)
+        await send(api, "POST", DEPLOYMENTS, broken)
+        status = await eventually(lambda: phase_is(api, "broken", "Invalid"), "phase Invalid")
+        (valid,) = status["conditions"]
+        assert valid["type"] == "Valid" and valid["status"] == "False" and valid["reason"] == "InvalidSpec"
+        assert "spec.replicas:" in valid["message"]
+        await asyncio.sleep(0.5)
+        assert await get(api, f"{RAYSERVICES}/broken") is None
+
+
+async def test_an_abort_annotation_rolls_back_and_is_removed(tmp_path: Path) -> None:
+    registry = two_version_registry(tmp_path, ["held"])
+    config = OperatorConfig(stage_image="s:1", quantize_image="q:1", namespaces=(NS,),
+                            mlflow_tracking_uri=registry.tracking_uri)
+    async with operator(config, analyses({"held": "pass"})) as api:
+        await send(api, "POST", DEPLOYMENTS, deployment_body("held"))
+        await eventually(lambda: phase_is(api, "held", "Deploying"), "phase Deploying")
+        # Not ready yet, so no analysis has moved it: only the abort can.
+        await send(api, "PATCH", f"{DEPLOYMENTS}/held",
+                   {"metadata": {"annotations": {ANNOTATION_ABORT: "latency regression"}}})
+        status = await eventually(lambda: phase_is(api, "held", "RolledBack"), "phase RolledBack")
+        assert status["weight"] == 0 and "aborted: latency regression" in status["rollout"]["reason"]
+        service = await get(api, f"{RAYSERVICES}/held")
+        assert builders.serve_weight(service) == 0
+        body = await eventually(
+            lambda: _without_annotation(api, "held"), "the abort annotation to be removed")
+        assert ANNOTATION_ABORT not in (body["metadata"].get("annotations") or {})
+        assert Registry(registry.tracking_uri).alias("held", "champion").version == "1"
+
+
+async def _without_annotation(api: kmock.KubernetesEmulator, name: str) -> dict[str, Any] | None:
+    body = await get(api, f"{DEPLOYMENTS}/{name}")
+    return body if ANNOTATION_ABORT not in (body["metadata"].get("annotations") or {}) else None
