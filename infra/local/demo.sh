@@ -28,7 +28,7 @@ trap cleanup EXIT
 mkdir -p "$workdir"
 bash infra/local/prometheus.sh >"$workdir/prometheus.log" 2>&1 &
 pids+=($!)
-kubeforge serve examples/deployment.yaml --exit-when-done &
+kubeforge serve examples/deployment.yaml --exit-when-done > >(tee "$workdir/demo-serve.log") 2>&1 &
 serve=$!
 pids+=($serve)
 # Load starts once the application answers; the canary's analyses need requests to judge.
@@ -39,6 +39,13 @@ for _ in $(seq 600); do
 done
 kubeforge bench load http://127.0.0.1:8000 --model quickstart --clients 2 --duration 900 --max-tokens 16 \
   >"$workdir/demo-load.log" 2>&1 &
-pids+=($!)
+load=$!
+pids+=($load)
+# Stop the load when the rollout ends, before `kubeforge serve` takes the application down under it.
+until grep -q "^rollout ended:" "$workdir/demo-serve.log" 2>/dev/null; do
+  kill -0 "$serve" 2>/dev/null || break
+  sleep 1
+done
+kill "$load" 2>/dev/null || true
 wait "$serve"
 kubeforge rollout status quickstart
