@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -111,4 +112,8 @@ def configure_kopf(settings: kopf.OperatorSettings) -> kopf.OperatorSettings:
     # Handler outcomes go to the log; Kubernetes events only for warnings and errors, so a pipeline's
     # `kubectl describe` is not flooded by one event per reconciliation.
     settings.posting.level = logging.WARNING
+    # kopf peering freezes every operator when two share the highest priority, so replicas of one
+    # Deployment (same settings) must differ: a random priority makes exactly one of them active, and
+    # the next-highest takes over when it goes away.
+    settings.peering.priority = secrets.randbelow(1_000_000) + 1
     return settings

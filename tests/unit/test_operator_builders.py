@@ -249,6 +249,16 @@ def test_config_is_read_once_from_prefixed_variables() -> None:
             OperatorConfig.from_env({**env, f"KUBEFORGE_OPERATOR_{name}": value})
 
 
+def test_replicas_draw_different_peering_priorities() -> None:
+    """kopf freezes every operator sharing the highest priority: two replicas must not tie."""
+    import kopf
+
+    from kubeforge_operator.config import configure_kopf
+
+    priorities = {configure_kopf(kopf.OperatorSettings()).peering.priority for _ in range(20)}
+    assert len(priorities) == 20 and min(priorities) > 0
+
+
 # --- status from RayJob statuses ----------------------------------------------------------------------
 
 def status_of(jobs: list[dict[str, Any]], previous: dict[str, Any] | None = None, **cluster: Any) -> dict[str, Any]:
