@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -72,4 +73,23 @@ def test_cli_and_spec_do_not_import_heavy_libraries() -> None:
         "print(','.join(heavy))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""
+
+
+# What the operator image leaves out (infra/envs/operator.txt: kubeforge installed --no-deps).
+NOT_IN_OPERATOR_IMAGE = {"torch", "ray", "vllm", "transformers", "tokenizers", "peft", "optuna", "pandas", "pyarrow"}
+
+
+def test_the_operator_imports_nothing_its_image_leaves_out() -> None:
+    """The operator and the kubeforge modules it calls at run time (registry, rollout, serve config)."""
+    modules = ["kubeforge_operator.__main__", "kubeforge_operator.deployment", "kubeforge_operator.pipeline",
+               "kubeforge.registry.client", "kubeforge.rollout.controller", "kubeforge.rollout.stats",
+               "kubeforge.serve.cluster"]
+    code = (
+        "import sys\n"
+        f"import {', '.join(modules)}\n"
+        f"print(','.join(sorted(m for m in {sorted(NOT_IN_OPERATOR_IMAGE)!r} if m in sys.modules)))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'operators'}:{REPO / 'platform'}"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert result.stdout.strip() == ""
