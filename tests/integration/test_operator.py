@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,6 +24,7 @@ import yaml
 from kubeforge_operator import builders, handlers, metrics
 from kubeforge_operator.config import FINALIZER, OperatorConfig
 from kubeforge_operator.pipeline import manifest_document, validate
+from tests.kopf_harness import eventually, get, send
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio, pytest.mark.timeout(120)]
 
@@ -87,28 +87,6 @@ async def operator() -> AsyncIterator[kmock.KubernetesEmulator]:
             stop.set()
             await asyncio.wait_for(task, timeout=15)
             _server.pop()
-
-
-async def get(api: kmock.KubernetesEmulator, url: str) -> Any:
-    async with api.get(url) as response:
-        return await response.json() if response.status == 200 else None
-
-
-async def send(api: kmock.KubernetesEmulator, method: str, url: str, body: Any = None) -> Any:
-    async with api.request(method, url, json=body) as response:
-        assert response.status < 300, await response.text()
-        return await response.json()
-
-
-async def eventually(probe: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = await probe()
-        if last:
-            return last
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
 
 
 async def rayjob_names(api: kmock.KubernetesEmulator) -> list[str]:

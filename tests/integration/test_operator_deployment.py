@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from kubeforge_operator import builders, handlers
 from kubeforge_operator.config import OperatorConfig
 from kubeforge_operator.deployment import ANNOTATION_ABORT, MEMO_KEY, Measurements
 from tests.helpers import two_version_registry
+from tests.kopf_harness import eventually, get, send
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio, pytest.mark.timeout(120)]
 
@@ -110,28 +111,6 @@ async def operator(config: OperatorConfig, measurements: Measurements) -> AsyncI
             stop.set()
             await asyncio.wait_for(task, timeout=15)
             _server.pop()
-
-
-async def get(api: kmock.KubernetesEmulator, url: str) -> Any:
-    async with api.get(url) as response:
-        return await response.json() if response.status == 200 else None
-
-
-async def send(api: kmock.KubernetesEmulator, method: str, url: str, body: Any = None) -> Any:
-    async with api.request(method, url, json=body) as response:
-        assert response.status < 300, await response.text()
-        return await response.json()
-
-
-async def eventually(probe: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = await probe()
-        if last:
-            return last
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
 
 
 async def status_of(api: kmock.KubernetesEmulator, name: str) -> dict[str, Any]:
