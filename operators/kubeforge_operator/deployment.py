@@ -21,8 +21,6 @@ A person aborts a running rollout with an annotation, which the operator removes
 from __future__ import annotations
 
 import asyncio
-import json
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -52,6 +50,7 @@ from kubeforge_operator import builders, kube, metrics
 from kubeforge_operator.config import OperatorConfig
 from kubeforge_operator.errors import retry_semantics
 from kubeforge_operator.pipeline import manifest_document
+from kubeforge_operator.reconciling import object_lock, write_invalid, write_status
 
 KIND: Final = "ModelDeployment"
 PLURAL = "modeldeployments"
@@ -67,8 +66,6 @@ again after this long."""
 MEMO_KEY = "measurements"
 """Where in kopf's memo a test puts its `Measurements`; absent, analyses query Prometheus."""
 
-# Per deployment: the create/update handler, the timer and RayService events must not interleave.
-_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
 
 @dataclass(frozen=True)
@@ -180,12 +177,8 @@ async def reconcile(
     measurements: Measurements | None = None,
 ) -> None:
     """Bring one deployment a step forward and write its status; safe to repeat at any time."""
-    key = f"{namespace}/{name}"
-    lock = _locks.get(key)
-    if lock is None:
-        lock = _locks[key] = asyncio.Lock()
     with metrics.observed(KIND), retry_semantics():
-        async with lock:
+        async with object_lock(KIND, namespace, name):
             await _reconcile(namespace, name, config, kube.Client(settings, logger), logger,
                              measurements or Measurements())
 
@@ -203,13 +196,11 @@ async def _reconcile(
     generation = meta.get("generation")
     now = datetime.now(UTC)
     document = deployment_document(body)
+    status_url = kube.deployment_url(namespace, name, "status")
     try:
         model = validate(document)
     except SpecError as exc:
-        problems = [str(p) for p in exc.problems]
-        logger.warning(f"invalid spec, nothing created: {'; '.join(problems)}")
-        await _write_status(client, namespace, name, previous,
-                            builders.invalid_status(problems, previous=previous, now=now, generation=generation))
+        await write_invalid(client, status_url, previous, exc, now=now, generation=generation, logger=logger)
         return
     if not config.mlflow_tracking_uri:
         raise kopf.PermanentError("KUBEFORGE_OPERATOR_MLFLOW_TRACKING_URI: required to serve ModelDeployments "
@@ -220,7 +211,7 @@ async def _reconcile(
         try:
             versions = await asyncio.to_thread(resolve, registry, model)
         except Unresolved as exc:
-            await _write_status(client, namespace, name, previous, builders.unresolved_status(
+            await write_status(client, status_url, previous, builders.unresolved_status(
                 exc.field, exc.message, previous=previous, now=now, generation=generation))
             raise kopf.TemporaryError(str(exc), delay=RESOLVE_RETRY_S) from None
         logger.info(f"resolved {model.spec.model} to version {versions[0][1]}"
@@ -254,7 +245,7 @@ async def _reconcile(
                 export_metrics(stepped, record)
                 record = stepped
         if record is not saved:
-            await _write_status(client, namespace, name, previous, {"rollout": record.to_dict()})
+            await write_status(client, status_url, previous, {"rollout": record.to_dict()})
     if abort is not None:
         # Taken once acted on (or when there is nothing to abort), so it cannot abort a later rollout.
         if record is None or record.done:
@@ -275,7 +266,7 @@ async def _reconcile(
         candidate_version=None if candidate is None else candidate[1], record=record, rayservice_body=current,
         previous=previous, now=now, generation=generation,
     )
-    await _write_status(client, namespace, name, previous, status)
+    await write_status(client, status_url, previous, status)
 
 
 def _abort_reason(annotation: str | None) -> str | None:
@@ -315,23 +306,6 @@ async def _ensure_rayservice(
         raise kopf.TemporaryError(f"RayService {meta['name']} disappeared while being patched", delay=1.0)
     logger.info(f"patched RayService {meta['name']} (candidate weight {builders.serve_weight(desired)}%)")
     return patched
-
-
-async def _write_status(
-    client: kube.Client, namespace: str, name: str, previous: Mapping[str, Any], status: Mapping[str, Any]
-) -> None:
-    # As the API server returns it (lists, not tuples), so that an unchanged status is not written again.
-    status = json.loads(json.dumps(status))
-    if all(previous.get(key) == value for key, value in status.items()):
-        return
-    await client.merge_patch(kube.deployment_url(namespace, name, "status"), {"status": status})
-    # Later writes in the same reconciliation compare against what is now stored.
-    if isinstance(previous, dict):
-        for key, value in status.items():
-            if value is None:
-                previous.pop(key, None)  # what the merge patch did
-            else:
-                previous[key] = value
 
 
 async def rayservice_changed(

@@ -21,6 +21,7 @@ from kubeforge.spec.pipeline import API_VERSION, ModelPipeline
 from kubeforge_operator import builders, kube, metrics
 from kubeforge_operator.config import OperatorConfig
 from kubeforge_operator.errors import retry_semantics
+from kubeforge_operator.reconciling import object_lock, write_invalid, write_status
 
 KIND = "ModelPipeline"
 PLURAL = "modelpipelines"
@@ -30,7 +31,6 @@ TOOL_ANNOTATION_PREFIXES = ("kopf.kubeforge.io/", "kopf.zalando.org/", "kubectl.
 MAX_WAIT_IN_WATCH_S = 300.0
 """Longest retry delay a RayJob event waits out itself; longer ones are left to the pipeline handler."""
 
-_locks: dict[str, asyncio.Lock] = {}
 
 
 def manifest_document(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -75,9 +75,8 @@ async def reconcile(
 
     Raises `kopf.TemporaryError(delay=...)` while a failed stage waits for its next attempt, so the
     handler that called this runs again when the attempt is due."""
-    lock = _locks.setdefault(f"{namespace}/{name}", asyncio.Lock())
     with metrics.observed(KIND), retry_semantics():
-        async with lock:
+        async with object_lock(KIND, namespace, name):
             await _reconcile(namespace, name, config, kube.Client(settings, logger), logger)
 
 
@@ -92,13 +91,11 @@ async def _reconcile(
     generation = meta.get("generation")
     now = datetime.now(UTC)
     document = manifest_document(body)
+    status_url = kube.pipeline_url(namespace, name, "status")
     try:
         pipeline = validate(document)
     except SpecError as exc:
-        problems = [str(p) for p in exc.problems]
-        logger.warning(f"invalid spec, nothing created: {'; '.join(problems)}")
-        await _write_status(client, namespace, name, previous,
-                            builders.invalid_status(problems, previous=previous, now=now, generation=generation))
+        await write_invalid(client, status_url, previous, exc, now=now, generation=generation, logger=logger)
         return
 
     owner = builders.Owner(name=name, namespace=namespace, uid=meta["uid"])
@@ -113,7 +110,7 @@ async def _reconcile(
             logger.info(f"created RayJob {rayjob['metadata']['name']} (stage {step.stage}, attempt {step.attempt})")
         rayjobs.append(rayjob)
     status = builders.pipeline_status(pipeline, rayjobs, previous=previous, now=now, generation=generation)
-    await _write_status(client, namespace, name, previous, status)
+    await write_status(client, status_url, previous, status)
     if step.wait_s is not None:
         raise kopf.TemporaryError(f"next attempt in {step.wait_s:.0f}s", delay=max(step.wait_s, 0.1))
 
@@ -136,17 +133,6 @@ async def _ensure_configmap(client: kube.Client, configmap: Mapping[str, Any], l
     if current is not None and current.get("data") != configmap["data"]:
         await client.merge_patch(kube.configmaps_url(meta["namespace"], meta["name"]), {"data": configmap["data"]})
         logger.info(f"updated ConfigMap {meta['name']} to the edited manifest")
-
-
-async def _write_status(
-    client: kube.Client, namespace: str, name: str, previous: Mapping[str, Any], status: Mapping[str, Any]
-) -> None:
-    # Every write is a watch event that wakes kopf (and our own handlers) again: write only news.
-    if all(previous.get(key) == value for key, value in status.items()):
-        return
-    # A merge patch replaces lists whole (conditions) and merges maps (stages), which is what we want:
-    # stage entries are complete each time, and a stage never disappears from a pipeline's status.
-    await client.merge_patch(kube.pipeline_url(namespace, name, "status"), {"status": dict(status)})
 
 
 async def rayjob_changed(
@@ -189,4 +175,3 @@ async def delete_children(
         )
         if owned and await client.delete(kube.configmaps_url(namespace, builders.configmap_name(name))):
             logger.info(f"deleted ConfigMap {builders.configmap_name(name)}")
-    _locks.pop(f"{namespace}/{name}", None)

@@ -1,0 +1,54 @@
+"""What the pipeline and deployment reconcilers share: one reconciliation at a time per object, status
+writes that only send news, and the Invalid status of a spec that does not validate."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import weakref
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import kopf
+
+from kubeforge.errors import SpecError
+from kubeforge_operator import builders, kube
+
+# The create/update handler, timers and child-object events of one object must not interleave. Weak
+# values: a lock lives as long as someone holds or awaits it, so deleted objects leave nothing behind.
+_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+
+def object_lock(kind: str, namespace: str, name: str) -> asyncio.Lock:
+    key = f"{kind}/{namespace}/{name}"
+    lock = _locks.get(key)
+    if lock is None:
+        lock = _locks[key] = asyncio.Lock()
+    return lock
+
+
+async def write_status(client: kube.Client, url: str, previous: dict[str, Any], status: Mapping[str, Any]) -> None:
+    """Merge-patch `status` into the object's status subresource at `url`, unless nothing changed.
+
+    Every write is a watch event that wakes kopf (and our handlers) again, so only news is written. A
+    merge patch replaces lists whole (conditions) and merges maps (a pipeline's stages). `previous` is
+    updated to what is now stored, so later writes in the same reconciliation compare against it."""
+    plain = json.loads(json.dumps(status))  # as the API server returns it: lists, not tuples
+    if all(previous.get(key) == value for key, value in plain.items()):
+        return
+    await client.merge_patch(url, {"status": plain})
+    for key, value in plain.items():
+        if value is None:
+            previous.pop(key, None)  # what the merge patch did
+        else:
+            previous[key] = value
+
+
+async def write_invalid(client: kube.Client, url: str, previous: dict[str, Any], error: SpecError, *,
+                        now: datetime, generation: int | None, logger: kopf.Logger) -> None:
+    """Status Invalid, with a condition naming every bad field; the caller then creates nothing."""
+    problems = [str(p) for p in error.problems]
+    logger.warning(f"invalid spec, nothing created: {'; '.join(problems)}")
+    await write_status(client, url, previous,
+                       builders.invalid_status(problems, previous=previous, now=now, generation=generation))
