@@ -5,6 +5,7 @@ It exits with status 2 and one line naming the variable when the configuration i
 
 from __future__ import annotations
 
+import os
 import sys
 
 import kopf
@@ -19,6 +20,10 @@ def main() -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    # MLflow's client retries a failing request for minutes by default, and a reconciliation waiting on
+    # it holds its object's lock; failing fast is better, as every MLflow call here is retried later.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
     kopf.configure(log_format=kopf.LogFormat.JSON if config.log_format == "json" else kopf.LogFormat.PLAIN)
     metrics.serve(config.metrics_port)
     kopf.run(

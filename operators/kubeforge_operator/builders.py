@@ -20,6 +20,7 @@ import yaml
 
 from kubeforge.rollout.controller import RolloutRecord
 from kubeforge.serve.cluster import ROUTER_DEPLOYMENT, serve_config
+from kubeforge.serve.ingress import SERVE_INGRESS_ENV
 from kubeforge.spec.cluster import ClusterSpec
 from kubeforge.spec.deployment import DeploymentSpec
 from kubeforge.spec.load import parse_deployment
@@ -30,9 +31,11 @@ LABEL_PIPELINE = "kubeforge.io/pipeline"
 LABEL_STAGE = "kubeforge.io/stage"
 LABEL_ATTEMPT = "kubeforge.io/attempt"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "kubeforge-operator"}
-# Written by whatever learns them (a stage that can reach the API); the status carries them over.
-ANNOTATION_RUN_ID = "kubeforge.io/mlflow-run-id"
-ANNOTATION_MODEL_VERSION = "kubeforge.io/model-version"
+REPORT_TAG_PREFIX = "kubeforge.rayjob."
+"""A stage's job tags the MLflow run that produced its output `kubeforge.rayjob.<RayJob name>` =
+<pipeline uid> (`jobs/*.py --report-tag`), which is how the operator finds that run (and the version
+it registered) without access to the work volume. The uid tells apart a pipeline deleted and created
+again under the same name, whose RayJobs have the same names."""
 
 MANIFEST_DIR = "/etc/kubeforge"
 MANIFEST_KEY = "manifest.yaml"
@@ -157,11 +160,16 @@ def stage_size(pipeline: ModelPipeline, stage: str) -> StageSize:
     raise KeyError(stage)
 
 
-def entrypoint(stage: str, config: OperatorConfig) -> str:
+def report_tag(rayjob: str) -> str:
+    """The MLflow run tag by which the stage run of RayJob `rayjob` is found (see REPORT_TAG_PREFIX)."""
+    return REPORT_TAG_PREFIX + rayjob
+
+
+def entrypoint(stage: str, config: OperatorConfig, rayjob: str, owner_uid: str) -> str:
     args = ["python", f"jobs/{stage}.py", "--manifest", f"{MANIFEST_DIR}/{MANIFEST_KEY}", "--workdir", WORKDIR]
     if config.mlflow_tracking_uri:
         args += ["--tracking-uri", config.mlflow_tracking_uri]
-    args += ["--metrics-port", str(STAGE_METRICS_PORT)]
+    args += ["--metrics-port", str(STAGE_METRICS_PORT), "--report-tag", f"{report_tag(rayjob)}={owner_uid}"]
     return " ".join(_quote(a) for a in args)
 
 
@@ -197,7 +205,7 @@ def stage_rayjob(
         volumes=[work], mounts=[{"name": "work", "mountPath": WORKDIR}], ports=[],
     )
     spec: dict[str, Any] = {
-        "entrypoint": entrypoint(stage, config),
+        "entrypoint": entrypoint(stage, config, rayjob_name(owner.name, stage, attempt), owner.uid),
         # Retries are the operator's (spec.cluster.retries), each a fresh RayJob with a fresh cluster.
         "backoffLimit": 0,
         "shutdownAfterJobFinishes": True,
@@ -273,7 +281,7 @@ def _pod_template(
     volumes: list[dict[str, Any]],
     mounts: list[dict[str, Any]],
     ports: list[dict[str, Any]],
-    env: Sequence[Mapping[str, str]] = (),
+    env: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     main: dict[str, Any] = {
         "name": container,
@@ -452,6 +460,28 @@ def next_step(views: Sequence[StageView], now: datetime) -> NextStep:
     return NextStep()
 
 
+@dataclass(frozen=True)
+class StageRun:
+    """What MLflow says a succeeded stage produced: its run and the model version it registered."""
+
+    run_id: str
+    model_version: str | None = None
+
+
+def runs_to_look_up(views: Sequence[StageView], previous: Mapping[str, Any]) -> dict[str, str]:
+    """{stage: RayJob name} of the succeeded stages whose MLflow run the status does not hold yet."""
+    previous_stages = previous.get("stages") or {}
+    wanted = {}
+    for view in views:
+        if view.phase != "Succeeded" or view.latest is None:
+            continue
+        rayjob = view.latest["metadata"]["name"]
+        earlier = previous_stages.get(view.name) or {}
+        if earlier.get("rayJob") != rayjob or not earlier.get("mlflowRunId"):
+            wanted[view.name] = rayjob
+    return wanted
+
+
 def pipeline_status(
     pipeline: ModelPipeline,
     rayjobs: Sequence[Mapping[str, Any]],
@@ -459,11 +489,14 @@ def pipeline_status(
     previous: Mapping[str, Any],
     now: datetime,
     generation: int | None,
+    found: Mapping[str, StageRun] | None = None,
 ) -> dict[str, Any]:
-    """The ModelPipeline's status (schema: kubeforge.spec.crd) from its RayJobs and the status before."""
+    """The ModelPipeline's status (schema: kubeforge.spec.crd) from its RayJobs, the stage runs `found`
+    in MLflow (`runs_to_look_up`) and the status before, which keeps what was found earlier."""
     views = stage_views(pipeline, rayjobs, previous, now)
+    previous_stages = previous.get("stages") or {}
     stages: dict[str, Any] = {}
-    model_version: str | None = previous.get("modelVersion")
+    model_version: str | None = None
     current: str | None = None
     for view in views:
         entry: dict[str, Any] = {"phase": view.phase, "attempts": view.attempts}
@@ -472,17 +505,22 @@ def pipeline_status(
         if view.latest is not None:
             meta = view.latest.get("metadata") or {}
             observed = view.latest.get("status") or {}
-            annotations = meta.get("annotations") or {}
             entry["rayJob"] = meta.get("name")
             started = observed.get("startTime") or meta.get("creationTimestamp")
             if started:
                 entry["startTime"] = started
             if view.completion is not None:
                 entry["completionTime"] = _format_time(view.completion)
-            if annotations.get(ANNOTATION_RUN_ID):
-                entry["mlflowRunId"] = annotations[ANNOTATION_RUN_ID]
-            if annotations.get(ANNOTATION_MODEL_VERSION):
-                model_version = annotations[ANNOTATION_MODEL_VERSION]
+            run = (found or {}).get(view.name)
+            earlier = previous_stages.get(view.name) or {}
+            if run is not None:
+                entry["mlflowRunId"] = run.run_id
+                if run.model_version:
+                    entry["modelVersion"] = run.model_version
+            elif view.phase == "Succeeded" and earlier.get("rayJob") == entry["rayJob"]:
+                entry.update({k: earlier[k] for k in ("mlflowRunId", "modelVersion") if earlier.get(k)})
+            # The pipeline's model is the one its last model stage registered.
+            model_version = entry.get("modelVersion") or model_version
             current = view.name
         stages[view.name] = entry
     phases = [view.phase for view in views]
@@ -583,6 +621,8 @@ SERVE_HEAD_CPUS = 1
 """The head runs Ray's GCS, the Serve controller, an HTTP proxy and the router (0.1 CPU): one CPU, and
 it advertises that CPU to Ray so the router is placed there rather than on a replica's pod."""
 SERVE_HEAD_MEMORY = "4Gi"
+SERVE_TOKEN_ENV = "KUBEFORGE_SERVE_TOKEN"
+"""The variable of every RayService pod that holds spec.auth.token_secret's token (a secretKeyRef)."""
 REPLICA_MEMORY_GI = 8
 """Host memory of a replica's pod besides a CPU KV cache: the engine process, the model's weights while
 loading, and the download of the pinned version. The manifest has no memory setting to take it from."""
@@ -643,11 +683,23 @@ def rayservice(
     model = parse_deployment(dict(document), source=f"ModelDeployment {owner.name}")
     spec = model.spec
     name = rayservice_name(owner.name)
+    env: list[dict[str, Any]] = [{"name": "MLFLOW_TRACKING_URI", "value": config.mlflow_tracking_uri}]
+    # HAProxy in front of the router replica instead of Serve's Python proxy (kubeforge.serve.ingress);
+    # Ray reads these when it starts on each pod.
+    env += [{"name": k, "value": v} for k, v in SERVE_INGRESS_ENV.items()]
+    if spec.auth is not None:
+        if spec.auth.token_secret is None:
+            raise ValueError("spec.auth: only token_secret has a source in the RayService pods; use it")
+        # The pods reference the Secret (the operator never reads it), and the application is told to read
+        # the token from that variable, as `kubeforge serve` reads a token_env.
+        secret = spec.auth.token_secret
+        env.append({"name": SERVE_TOKEN_ENV,
+                    "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}})
+        document = {**document, "spec": {**document["spec"], "auth": {"token_env": SERVE_TOKEN_ENV}}}
     config_v2 = serve_config(owner.name, document, [dict(v) for v in variants], weight)
     # Ray Serve's proxy listens on 127.0.0.1 unless told otherwise, and spec.port is the user's choice.
     config_v2 = {"http_options": {"host": "0.0.0.0", "port": spec.port}, **config_v2}
     labels = {LABEL_DEPLOYMENT: owner.name, **MANAGED_BY}
-    env = [{"name": "MLFLOW_TRACKING_URI", "value": config.mlflow_tracking_uri}]
     # KubeRay's serve Service targets the container port named "serve".
     serve_port = {"name": "serve", "containerPort": spec.port, "protocol": "TCP"}
     head = _pod_template(
@@ -767,10 +819,14 @@ def deployment_status(
                    record.reason if record is not None else "no rollout: the stable version serves alone",
                    generation),
     ]
+    promoted = record is not None and record.phase == "promoted" and candidate_version is not None
     status: dict[str, Any] = {
         "phase": phase,
+        # The versions pinned for this generation (what `pinned` reads back), not only what is served:
         "modelVersion": stable_version,
         "candidateVersion": candidate_version,
+        # What answers requests for the model: after a promotion the candidate takes them all (weight 100).
+        "servedVersion": candidate_version if promoted else stable_version,
         "rayService": name,
         "rollout": None if record is None else record.to_dict(),
         "weight": 0 if record is None else record.weight,

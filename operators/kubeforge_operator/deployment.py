@@ -97,11 +97,17 @@ def serving_document(document: Mapping[str, Any]) -> dict[str, Any]:
 def validate(document: Mapping[str, Any]) -> ModelDeployment:
     """The parsed deployment; `SpecError` whose problems each start with their field."""
     model = parse_deployment(dict(document), source=f"{KIND} {document['metadata'].get('name')}")
-    if model.spec.auth is not None:
-        # The router reads the token from its own process; the operator has no Secret to take it from,
-        # and serving without the authentication the manifest asks for is not an option.
-        raise SpecError([Problem("spec.auth", "not supported by the operator yet (the RayService pods have no "
-                                              "source for the token); serve with `kubeforge serve` or drop auth")])
+    auth = model.spec.auth
+    # The router reads its token from its own process: on Kubernetes only a Secret the pods reference can
+    # put it there. Serving without the authentication the manifest asks for is not an option.
+    if auth is not None and auth.token_env is not None:
+        raise SpecError([Problem("spec.auth.token_env", f"the RayService pods have no variable {auth.token_env}; "
+                                                        "use spec.auth.token_secret: {name, key} of a Secret in "
+                                                        "the deployment's namespace")])
+    if auth is not None and auth.token_file is not None:
+        raise SpecError([Problem("spec.auth.token_file", f"the RayService pods have no file {auth.token_file}; "
+                                                         "use spec.auth.token_secret: {name, key} of a Secret in "
+                                                         "the deployment's namespace")])
     return model
 
 

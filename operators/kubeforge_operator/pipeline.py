@@ -22,6 +22,7 @@ from kubeforge_operator import builders, kube, metrics
 from kubeforge_operator.config import OperatorConfig
 from kubeforge_operator.errors import retry_semantics
 from kubeforge_operator.reconciling import object_lock, write_invalid, write_status
+from kubeforge_operator.stage_runs import MlflowUnavailable, find_stage_runs
 
 KIND = "ModelPipeline"
 PLURAL = "modelpipelines"
@@ -30,6 +31,9 @@ PLURAL = "modelpipelines"
 TOOL_ANNOTATION_PREFIXES = ("kopf.kubeforge.io/", "kopf.zalando.org/", "kubectl.kubernetes.io/")
 MAX_WAIT_IN_WATCH_S = 300.0
 """Longest retry delay a RayJob event waits out itself; longer ones are left to the pipeline handler."""
+MLFLOW_RETRY_S = 30.0
+"""A succeeded stage whose MLflow run could not be looked up (MLflow unreachable) is looked up again
+after this long; without a retry the last stage's run would never reach the status."""
 
 
 
@@ -109,10 +113,28 @@ async def _reconcile(
         if await client.create(kube.rayjobs_url(namespace), rayjob):
             logger.info(f"created RayJob {rayjob['metadata']['name']} (stage {step.stage}, attempt {step.attempt})")
         rayjobs.append(rayjob)
-    status = builders.pipeline_status(pipeline, rayjobs, previous=previous, now=now, generation=generation)
+    found, unavailable = await _stage_runs(config, owner, builders.runs_to_look_up(views, previous))
+    status = builders.pipeline_status(pipeline, rayjobs, previous=previous, now=now, generation=generation,
+                                      found=found)
     await write_status(client, status_url, previous, status)
-    if step.wait_s is not None:
+    if step.wait_s is not None:  # the next reconciliation looks MLflow up again too
         raise kopf.TemporaryError(f"next attempt in {step.wait_s:.0f}s", delay=max(step.wait_s, 0.1))
+    if unavailable is not None:
+        raise kopf.TemporaryError(f"stage runs not looked up: {unavailable}", delay=MLFLOW_RETRY_S)
+
+
+async def _stage_runs(
+    config: OperatorConfig, owner: builders.Owner, wanted: dict[str, str]
+) -> tuple[dict[str, builders.StageRun], str | None]:
+    """The MLflow runs of the `wanted` stages, and why none could be looked up (None when they could).
+    Without a tracking URI the stages log to SQLite in the work volume, which the operator cannot read."""
+    if not wanted or not config.mlflow_tracking_uri:
+        return {}, None
+    try:
+        return await asyncio.to_thread(
+            find_stage_runs, config.mlflow_tracking_uri, owner.name, owner.uid, wanted), None
+    except MlflowUnavailable as exc:
+        return {}, str(exc)
 
 
 async def owned_rayjobs(client: kube.Client, owner: builders.Owner) -> list[dict[str, Any]]:

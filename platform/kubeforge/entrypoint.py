@@ -21,12 +21,17 @@ def main(stage: str, argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite in the workdir).")
     parser.add_argument("--metrics-port", type=int, help="Serve Prometheus metrics on this port while running.")
     parser.add_argument("--metrics-addr", default="0.0.0.0", help="Address for the metrics server.")
+    parser.add_argument(
+        "--report-tag", metavar="KEY=VALUE", type=_tag,
+        help="Set this tag on the MLflow run that produced the stage's output (the earlier run when the stage "
+             "is reused): how the Kubernetes operator finds the run of each RayJob.")
     args = parser.parse_args(argv)
 
     from kubeforge import metrics
     from kubeforge.executor import RunOptions, run_stage
     from kubeforge.progress import LineReporter
     from kubeforge.spec import load_manifest
+    from kubeforge.tracking import resolve_tracking_uri
     from kubeforge.workdir import Workdir
 
     try:
@@ -40,6 +45,8 @@ def main(stage: str, argv: list[str] | None = None) -> int:
             tracking_uri=args.tracking_uri,
         )
         output = run_stage(pipeline, stage, options, LineReporter())
+        if args.report_tag and output.mlflow_run_id:
+            _report(output.mlflow_run_id, args.report_tag, resolve_tracking_uri(args.tracking_uri, options.workdir))
     except SpecError as exc:
         for problem in exc.problems:
             print(f"error: {args.manifest}: {problem}", file=sys.stderr)
@@ -50,3 +57,21 @@ def main(stage: str, argv: list[str] | None = None) -> int:
     # The last stdout line is machine-readable, so a submitter can pick up where outputs went.
     print(json.dumps({"stage": stage, "directory": str(output.directory), "mlflow_run_id": output.mlflow_run_id}))
     return 0
+
+
+def _tag(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value
+
+
+def _report(run_id: str, tag: tuple[str, str], tracking_uri: str) -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri=tracking_uri).set_tag(run_id, *tag)
+    except MlflowException as exc:
+        # The stage's work is done and saved; failing the job now would only make it run again.
+        print(f"warning: could not tag MLflow run {run_id} with {tag[0]}: {exc.message}", file=sys.stderr)

@@ -109,6 +109,10 @@ def ensure_ray(address: str | None, num_cpus: int | None) -> None:
     if address:
         ray.init(address=address, **common)
     else:
+        from kubeforge.serve.ingress import use_serve_ingress
+
+        # Read by Ray's processes at start: a runtime started here may serve a model later.
+        use_serve_ingress()
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **common)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +21,7 @@ import kmock
 import kopf
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 
 from kubeforge_operator import builders, handlers, metrics
 from kubeforge_operator.config import FINALIZER, OperatorConfig
@@ -58,7 +60,7 @@ def pipeline_body(name: str = "quickstart", **spec: Any) -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
-async def operator() -> AsyncIterator[kmock.KubernetesEmulator]:
+async def operator(config: OperatorConfig = CONFIG) -> AsyncIterator[kmock.KubernetesEmulator]:
     async with kmock.KubernetesEmulator() as api, kmock.Server(api):
         # kopf discovers these before it starts: its own two (namespaces, CRDs) even with scanning off.
         for resource, kind, namespaced, subresources in [
@@ -79,7 +81,7 @@ async def operator() -> AsyncIterator[kmock.KubernetesEmulator]:
         stop = asyncio.Event()
         task = asyncio.create_task(kopf.operator(
             registry=kopf.get_default_registry(), settings=settings, standalone=True, namespaces=[NS],
-            stop_flag=stop, memo=kopf.Memo(config=CONFIG),
+            stop_flag=stop, memo=kopf.Memo(config=config),
         ))
         try:
             yield api
@@ -183,6 +185,47 @@ async def test_an_invalid_spec_gets_a_condition_and_no_children() -> None:
         fixed = copy.deepcopy(pipeline_body("broken")["spec"])
         await send(api, "PATCH", f"{PIPELINES}/broken", {"spec": fixed})
         await eventually(lambda: _has(api, "broken-data-1"), "the data RayJob after the fix")
+
+
+def stage_run(client: MlflowClient, experiment_id: str, rayjob: str, owner_uid: str) -> str:
+    """A finished MLflow run tagged as a stage job tags it (`jobs/*.py --report-tag`)."""
+    run = client.create_run(experiment_id, tags={builders.report_tag(rayjob): owner_uid})
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return str(run.info.run_id)
+
+
+async def test_the_status_names_each_stage_run_and_the_registered_version(tmp_path: Path) -> None:
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.create_experiment("quickstart")
+    data_run = stage_run(client, experiment, "quickstart-data-1", "uid-quickstart")
+    pretrain_run = stage_run(client, experiment, "quickstart-pretrain-1", "uid-quickstart")
+    # A run of an earlier pipeline of the same name (another uid) is not this pipeline's.
+    stage_run(client, experiment, "quickstart-finetune-1", "uid-of-a-deleted-pipeline")
+    client.create_registered_model("quickstart")
+    client.create_model_version("quickstart", f"runs:/{pretrain_run}/model", run_id=pretrain_run)
+
+    async with operator(dataclasses.replace(CONFIG, mlflow_tracking_uri=tracking_uri)) as api:
+        await send(api, "POST", PIPELINES, pipeline_body())
+        await eventually(lambda: _has(api, "quickstart-data-1"), "the data RayJob")
+        await finish(api, "quickstart-data-1", "SUCCEEDED")
+        status = await eventually(lambda: _where(pipeline_status(api), lambda s: stage(s, "data").get("mlflowRunId")),
+                                  "the data stage's run in the status")
+        assert stage(status, "data")["mlflowRunId"] == data_run and "modelVersion" not in status
+
+        await eventually(lambda: _has(api, "quickstart-pretrain-1"), "the pretrain RayJob")
+        await finish(api, "quickstart-pretrain-1", "SUCCEEDED")
+        status = await eventually(lambda: _where(pipeline_status(api), lambda s: s.get("modelVersion")),
+                                  "the registered version in the status")
+        assert stage(status, "pretrain") | {"mlflowRunId": pretrain_run, "modelVersion": "1"} == stage(status, "pretrain")
+        assert status["modelVersion"] == "1" and stage(status, "data")["mlflowRunId"] == data_run
+
+        await eventually(lambda: _has(api, "quickstart-finetune-1"), "the finetune RayJob")
+        await finish(api, "quickstart-finetune-1", "SUCCEEDED")
+        status = await eventually(
+            lambda: _where(pipeline_status(api), lambda s: stage(s, "finetune").get("phase") == "Succeeded"),
+            "finetune succeeded")
+        assert "mlflowRunId" not in stage(status, "finetune")
 
 
 async def _has(api: kmock.KubernetesEmulator, name: str) -> bool:

@@ -1,6 +1,8 @@
 """ModelDeployments through the operator (kopf, our handlers) against kmock's fake Kubernetes API
 server and a real SQLite MLflow registry: a canary driven to promotion and to rollback by injected
-analyses, the RayService's router weight patched in place, and an invalid spec refused.
+analyses, the RayService's router weight patched in place, both variants kept at the final weight once
+the rollout ends, an A/B test decided by an injected comparison, bearer auth from a Secret, and invalid
+specs refused.
 
 Nothing plays KubeRay: the tests report the RayService ready the way KubeRay would.
 """
@@ -23,7 +25,8 @@ from kopf._core.intents.causes import Activity  # kopf is pinned to one version 
 from kubeforge.registry.client import Registry
 from kubeforge.rollout import decision
 from kubeforge.rollout.controller import Subject
-from kubeforge.spec.deployment import CanaryRollout
+from kubeforge.rollout.stats import ABComparison, compare_error_rates
+from kubeforge.spec.deployment import ABRollout, CanaryRollout
 from kubeforge_operator import builders, handlers
 from kubeforge_operator.config import OperatorConfig
 from kubeforge_operator.deployment import ANNOTATION_ABORT, MEMO_KEY, Measurements
@@ -66,6 +69,45 @@ def analyses(outcome: dict[str, str]) -> Measurements:
         return decision.judge(policy.analysis, {n: value for n in decision.check_names(policy.analysis)})
 
     return Measurements(measure=measure)
+
+
+def comparisons(winner: dict[str, str]) -> Measurements:
+    """An A/B comparison of 5xx shares that the named variant wins clearly, by deployment name."""
+
+    def compare(policy: ABRollout, subject: Subject, end: float) -> ABComparison:
+        good, bad = (0.0, 200.0)
+        errors = {"candidate": good, "stable": bad} if winner[subject.deployment] == "candidate" else {
+            "candidate": bad, "stable": good}
+        return compare_error_rates(errors["candidate"], 1000.0, errors["stable"], 1000.0, alpha=policy.alpha,
+                                   min_samples=policy.min_samples)
+
+    return Measurements(compare=compare)
+
+
+def ab_body(name: str, *, promote_winner: bool) -> dict[str, Any]:
+    doc = deployment_body(name)
+    doc["spec"]["rollout"] = {"strategy": "ab", "candidate": f"models:/{name}/2", "weight": 30, "duration_s": 0.5,
+                              "metric": "error_rate", "min_samples": 10, "prometheus": "http://127.0.0.1:9090",
+                              "promote_winner": promote_winner}
+    return doc
+
+
+def served(service: dict[str, Any]) -> tuple[list[tuple[str, str]], int | None]:
+    """The RayService's variants as (variant, version), and the router's weight."""
+    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    return [(v["variant"], v["version"]) for v in app["args"]["variants"]], builders.serve_weight(service)
+
+
+async def unchanged_by_another_reconcile(api: kmock.KubernetesEmulator, name: str) -> None:
+    """Reconcile the deployment again (an annotation edit is an update to kopf, not a new generation) and
+    check that neither its RayService nor its finished rollout moves."""
+    service, status = await get(api, f"{RAYSERVICES}/{name}"), await status_of(api, name)
+    await send(api, "PATCH", f"{DEPLOYMENTS}/{name}", {"metadata": {"annotations": {"example.com/touched": "1"}}})
+    await asyncio.sleep(1.5)
+    after = await get(api, f"{RAYSERVICES}/{name}")
+    assert after["spec"] == service["spec"] and after["metadata"]["annotations"] == service["metadata"]["annotations"]
+    now = await status_of(api, name)
+    assert now["rollout"] == status["rollout"] and now["phase"] == status["phase"]
 
 
 def deployment_body(name: str, **spec: Any) -> dict[str, Any]:
@@ -178,9 +220,15 @@ async def test_canaries_promote_and_roll_back_and_invalid_specs_create_nothing(t
         assert Registry(registry.tracking_uri).alias("good", "champion").version == "2"
         tags = Registry(registry.tracking_uri).version("good", "2").tags
         assert tags["kubeforge.rollout"] == "promoted"
-        # Champion moved, but what is served stays pinned to the resolved versions.
-        assert status["modelVersion"] == "1"
+        # Champion moved; the pinned versions stay in the status, and the served one is the candidate's.
+        assert (status["modelVersion"], status["candidateVersion"], status["servedVersion"]) == ("1", "2", "2")
         assert len((await get(api, RAYSERVICES))["items"]) == 1
+        # Both variants keep their replicas (a change of Serve args would restart them all): the candidate
+        # takes every request until the spec is edited.
+        service = await get(api, f"{RAYSERVICES}/good")
+        assert served(service) == ([("stable", "1"), ("candidate", "2")], 100)
+        assert service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] == 2
+        await unchanged_by_another_reconcile(api, "good")
 
         # A failing candidate: weight back to 0, RolledBack with the reason, champion untouched.
         await send(api, "POST", DEPLOYMENTS, deployment_body("bad"))
@@ -194,6 +242,9 @@ async def test_canaries_promote_and_roll_back_and_invalid_specs_create_nothing(t
         assert "error_rate" in progressing["message"]
         assert Registry(registry.tracking_uri).alias("bad", "champion").version == "1"
         assert Registry(registry.tracking_uri).version("bad", "2").tags["kubeforge.rollout"] == "rolled_back"
+        assert served(await get(api, f"{RAYSERVICES}/bad")) == ([("stable", "1"), ("candidate", "2")], 0)
+        assert status["servedVersion"] == "1"
+        await unchanged_by_another_reconcile(api, "bad")
 
         # An invalid spec: the condition names the field, and no RayService appears.
         broken = deployment_body("broken", replicas=0)
@@ -229,3 +280,65 @@ async def test_an_abort_annotation_rolls_back_and_is_removed(tmp_path: Path) -> 
 async def _without_annotation(api: kmock.KubernetesEmulator, name: str) -> dict[str, Any] | None:
     body = await get(api, f"{DEPLOYMENTS}/{name}")
     return body if ANNOTATION_ABORT not in (body["metadata"].get("annotations") or {}) else None
+
+
+async def test_an_ab_test_promotes_its_winner_or_keeps_its_split(tmp_path: Path) -> None:
+    registry = two_version_registry(tmp_path, ["abwin", "abkeep"])
+    config = OperatorConfig(stage_image="s:1", quantize_image="q:1", namespaces=(NS,),
+                            mlflow_tracking_uri=registry.tracking_uri)
+    async with operator(config, comparisons({"abwin": "candidate", "abkeep": "candidate"})) as api:
+        await send(api, "POST", DEPLOYMENTS, ab_body("abwin", promote_winner=True))
+        await send(api, "POST", DEPLOYMENTS, ab_body("abkeep", promote_winner=False))
+        for name in ("abwin", "abkeep"):
+            service = await eventually(lambda n=name: get(api, f"{RAYSERVICES}/{n}"), f"{name}'s RayService")
+            assert served(service) == ([("stable", "1"), ("candidate", "2")], 30)
+            await report_ready(api, name)
+
+        # promote_winner and a candidate win: champion moves, the candidate takes every request.
+        status = await eventually(lambda: phase_is(api, "abwin", "Promoted"), "abwin Promoted")
+        assert status["rollout"]["strategy"] == "ab" and status["rollout"]["phase"] == "promoted"
+        assert status["rollout"]["ab"]["winner"] == "candidate" and status["weight"] == 100
+        assert served(await get(api, f"{RAYSERVICES}/abwin")) == ([("stable", "1"), ("candidate", "2")], 100)
+        assert Registry(registry.tracking_uri).alias("abwin", "champion").version == "2"
+
+        # A win without promote_winner concludes: the split stands, both variants keep serving.
+        status = await eventually(lambda: _rollout_phase_is(api, "abkeep", "concluded"), "abkeep concluded")
+        assert "promote_winner is off" in status["rollout"]["reason"]
+        await asyncio.sleep(1.0)  # the settled world: the registry tagged, the RayService untouched
+        status = await status_of(api, "abkeep")
+        assert (status["phase"], status["weight"], status["servedVersion"]) == ("RollingOut", 30, "1")
+        assert served(await get(api, f"{RAYSERVICES}/abkeep")) == ([("stable", "1"), ("candidate", "2")], 30)
+        assert Registry(registry.tracking_uri).alias("abkeep", "champion").version == "1"
+        assert Registry(registry.tracking_uri).version("abkeep", "2").tags["kubeforge.rollout"] == "concluded"
+        await unchanged_by_another_reconcile(api, "abkeep")
+
+
+async def _rollout_phase_is(api: kmock.KubernetesEmulator, name: str, phase: str) -> dict[str, Any] | None:
+    status = await status_of(api, name)
+    return status if (status.get("rollout") or {}).get("phase") == phase else None
+
+
+async def test_bearer_auth_comes_from_a_secret_and_other_sources_are_refused(tmp_path: Path) -> None:
+    registry = two_version_registry(tmp_path, ["locked", "envtoken"])
+    config = OperatorConfig(stage_image="s:1", quantize_image="q:1", namespaces=(NS,),
+                            mlflow_tracking_uri=registry.tracking_uri)
+    async with operator(config, analyses({"locked": "pass", "envtoken": "pass"})) as api:
+        await send(api, "POST", DEPLOYMENTS,
+                   deployment_body("locked", auth={"token_secret": {"name": "serve-token", "key": "token"}}))
+        service = await eventually(lambda: get(api, f"{RAYSERVICES}/locked"), "the RayService")
+        reference = {"name": builders.SERVE_TOKEN_ENV,
+                     "valueFrom": {"secretKeyRef": {"name": "serve-token", "key": "token"}}}
+        cluster_config = service["spec"]["rayClusterConfig"]
+        for template in (cluster_config["headGroupSpec"]["template"],
+                         cluster_config["workerGroupSpecs"][0]["template"]):
+            assert reference in template["spec"]["containers"][0]["env"]
+        (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+        assert app["args"]["deployment"]["spec"]["auth"] == {"token_env": builders.SERVE_TOKEN_ENV}
+
+        await send(api, "POST", DEPLOYMENTS, deployment_body("envtoken", auth={"token_env": "SERVE_TOKEN"}))
+        status = await eventually(lambda: phase_is(api, "envtoken", "Invalid"), "phase Invalid")
+        (valid,) = status["conditions"]
+        assert valid["status"] == "False" and "spec.auth.token_env:" in valid["message"]
+        assert "use spec.auth.token_secret" in valid["message"]
+        await asyncio.sleep(0.5)
+        assert await get(api, f"{RAYSERVICES}/envtoken") is None

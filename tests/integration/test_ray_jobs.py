@@ -15,6 +15,9 @@ import pytest
 import requests
 import yaml
 
+from kubeforge.workdir import Workdir
+from kubeforge_operator.builders import StageRun, report_tag
+from kubeforge_operator.stage_runs import find_stage_runs
 from tests.helpers import TINY_PRETRAIN, free_port, small_manifest
 
 pytestmark = pytest.mark.integration
@@ -106,16 +109,34 @@ def test_data_then_pretrain_jobs_run_the_stage_functions(ray_head: str, tmp_path
     workdir = tmp_path / "work"
     common = f"--manifest {manifest} --workdir {workdir}"
 
-    logs = submit_and_wait(ray_head, f"{sys.executable} jobs/data.py {common}")
+    # --report-tag as the operator sets it, for a RayJob of a pipeline whose uid is "uid-1".
+    logs = submit_and_wait(ray_head, f"{sys.executable} jobs/data.py {common} "
+                                     f"--report-tag {report_tag('jobs-data-1')}=uid-1")
     data = result_line(logs)
     assert data["stage"] == "data"
     assert (Path(data["directory"]) / "tokenizer" / "tokenizer.json").is_file()
 
-    logs = submit_and_wait(ray_head, f"{sys.executable} jobs/pretrain.py {common}")
+    logs = submit_and_wait(ray_head, f"{sys.executable} jobs/pretrain.py {common} "
+                                     f"--report-tag {report_tag('jobs-pretrain-1')}=uid-1")
     pretrain = result_line(logs)
     result = json.loads((Path(pretrain["directory"]) / "result.json").read_text())
     assert result["final_step"] == 12
     assert (Path(pretrain["directory"]) / result["model_dir"] / "config.json").is_file()
+
+    # A second attempt of the data stage reuses the first one's output, and tags its run.
+    logs = submit_and_wait(ray_head, f"{sys.executable} jobs/data.py {common} "
+                                     f"--report-tag {report_tag('jobs-data-2')}=uid-1")
+    assert result_line(logs)["mlflow_run_id"] == data["mlflow_run_id"]
+
+    # What the operator reads back: each RayJob's run, and the version pretrain registered.
+    tracking_uri = f"sqlite:///{Workdir(workdir).mlflow_db}"
+    wanted = {"data": "jobs-data-2", "pretrain": "jobs-pretrain-1"}
+    assert find_stage_runs(tracking_uri, "jobs", "uid-1", wanted) == {
+        "data": StageRun(data["mlflow_run_id"]),
+        "pretrain": StageRun(pretrain["mlflow_run_id"], result["registered"]["version"]),
+    }
+    # The same RayJob names under a pipeline created again (another uid) are not confused with these.
+    assert find_stage_runs(tracking_uri, "jobs", "uid-2", wanted) == {}
 
 
 def test_pretrain_job_before_data_says_what_to_do(tmp_path: Path) -> None:

@@ -159,7 +159,7 @@ def test_names_short_names_and_printer_columns() -> None:
     assert columns["ModelDeployment"] == [
         ("Phase", ".status.phase", "string"),
         ("Model", ".spec.model", "string"),
-        ("Version", ".status.modelVersion", "string"),
+        ("Version", ".status.servedVersion", "string"),
         ("Candidate-Weight", ".status.weight", "integer"),
         ("Age", ".metadata.creationTimestamp", "date"),
     ]

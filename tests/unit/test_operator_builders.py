@@ -143,7 +143,8 @@ def test_the_rayjob_runs_the_stage_entrypoint_and_belongs_to_the_pipeline() -> N
     }]
     assert job["spec"]["entrypoint"] == (
         "python jobs/finetune.py --manifest /etc/kubeforge/manifest.yaml --workdir /kubeforge/work "
-        "--tracking-uri http://mlflow.kubeforge-system:5000 --metrics-port 9108"
+        "--tracking-uri http://mlflow.kubeforge-system:5000 --metrics-port 9108 "
+        f"--report-tag kubeforge.rayjob.quickstart-finetune-2={OWNER.uid}"
     )
     assert job["spec"]["shutdownAfterJobFinishes"] is True
     assert job["spec"]["ttlSecondsAfterFinished"] == 3600
@@ -283,14 +284,23 @@ def test_a_running_stage() -> None:
 
 def test_a_succeeded_stage_starts_the_next_and_carries_run_ids() -> None:
     data = rayjob("data", 1, "SUCCEEDED", endTime="2026-01-01T11:58:00Z", jobDeploymentStatus="Complete")
-    data["metadata"]["annotations"] = {builders.ANNOTATION_RUN_ID: "abc123"}
-    status = status_of([data])
+    views = builders.stage_views(quickstart(), [data], {}, NOW)
+    assert builders.runs_to_look_up(views, {}) == {"data": "quickstart-data-1"}
+    status = builders.pipeline_status(quickstart(), [data], previous={}, now=NOW, generation=2,
+                                      found={"data": builders.StageRun("abc123")})
     assert status["stages"]["data"]["phase"] == "Succeeded"
     assert status["stages"]["data"]["mlflowRunId"] == "abc123"
     assert status["stages"]["data"]["completionTime"] == "2026-01-01T11:58:00Z"
     assert conditions(status)["DataSucceeded"] == "True"
-    views = builders.stage_views(quickstart(), [data], {}, NOW)
     assert builders.next_step(views, NOW) == builders.NextStep("pretrain", 1)
+    # Once in the status, the run is kept and not looked up again.
+    assert builders.runs_to_look_up(views, status) == {}
+    assert status_of([data], previous=status)["stages"]["data"]["mlflowRunId"] == "abc123"
+    # A new attempt of the stage is a new RayJob: what the status holds is of the old one.
+    again = rayjob("data", 2, "SUCCEEDED", endTime="2026-01-01T11:59:00Z")
+    later = builders.stage_views(quickstart(), [data, again], status, NOW)
+    assert builders.runs_to_look_up(later, status) == {"data": "quickstart-data-2"}
+    assert "mlflowRunId" not in status_of([data, again], previous=status)["stages"]["data"]
 
 
 def test_a_failed_stage_with_attempts_left_waits_then_retries() -> None:
@@ -331,9 +341,16 @@ def test_a_failed_stage_without_attempts_left_fails_the_pipeline() -> None:
 
 def test_every_stage_succeeded() -> None:
     jobs = [rayjob(stage, 1, "SUCCEEDED", endTime="2026-01-01T11:00:00Z") for stage in STAGES]
-    jobs[-1]["metadata"]["annotations"] = {builders.ANNOTATION_MODEL_VERSION: "7"}
-    status = status_of(jobs)
-    assert status["phase"] == "Succeeded" and status["currentStage"] == "promote" and status["modelVersion"] == "7"
+    # Every model stage registers a version; the pipeline's is the last one's (promote registers none).
+    found = {stage: builders.StageRun(f"run-{stage}", str(i) if stage in ("pretrain", "finetune", "quantize")
+                                      else None) for i, stage in enumerate(STAGES)}
+    status = builders.pipeline_status(quickstart(), jobs, previous={}, now=NOW, generation=2, found=found)
+    quantize = STAGES.index("quantize")
+    assert status["stages"]["quantize"] == {
+        **status["stages"]["quantize"], "mlflowRunId": "run-quantize", "modelVersion": str(quantize)}
+    assert "modelVersion" not in status["stages"]["promote"]
+    assert status["phase"] == "Succeeded" and status["currentStage"] == "promote"
+    assert status["modelVersion"] == str(quantize)
     assert conditions(status)["Complete"] == "True"
 
 
@@ -419,6 +436,9 @@ def test_rayservice_pods_are_hardened_sized_and_reach_mlflow() -> None:
         (container,) = template["spec"]["containers"]
         assert container["image"] == CONFIG.stage_image
         assert {"name": "MLFLOW_TRACKING_URI", "value": CONFIG.mlflow_tracking_uri} in container["env"]
+        # Ray on every pod starts with HAProxy in front of the router, as `kubeforge serve` does.
+        assert {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"} in container["env"]
+        assert {"name": "RAY_SERVE_ENABLE_DIRECT_INGRESS", "value": "1"} in container["env"]
         assert container["securityContext"]["readOnlyRootFilesystem"] is True
         assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
         assert template["spec"]["securityContext"]["runAsNonRoot"] is True
@@ -486,3 +506,57 @@ def test_the_deployment_status_follows_kuberay_and_the_rollout() -> None:
     for candidate in (running, status(ready, promoted)):
         body = {**deployment_document(), "status": {k: v for k, v in candidate.items() if v is not None}}
         validate_against_crd(body, crd)
+
+
+def test_a_token_secret_reaches_every_rayservice_pod_and_the_router_reads_it_as_token_env() -> None:
+    document = deployment_document(auth={"token_secret": {"name": "serve-token", "key": "token"}})
+    service = builders.rayservice(document, VARIANTS, 20, DEPLOYMENT_OWNER, CONFIG)
+    if RAYSERVICE_CRD.is_file():
+        validate_against_crd(service, RAYSERVICE_CRD)
+    cluster_config = service["spec"]["rayClusterConfig"]
+    reference = {"name": builders.SERVE_TOKEN_ENV,
+                 "valueFrom": {"secretKeyRef": {"name": "serve-token", "key": "token"}}}
+    for template in (cluster_config["headGroupSpec"]["template"], cluster_config["workerGroupSpecs"][0]["template"]):
+        validate_builtin({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x", **template["metadata"]},
+                          "spec": template["spec"]})
+        assert reference in template["spec"]["containers"][0]["env"]
+    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    assert app["args"]["deployment"]["spec"]["auth"] == {"token_env": builders.SERVE_TOKEN_ENV}
+    assert "serve-token" not in service["spec"]["serveConfigV2"]
+    # Without auth no pod gets the variable.
+    plain = builders.rayservice(deployment_document(), VARIANTS, 20, DEPLOYMENT_OWNER, CONFIG)
+    head_env = plain["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    assert all(e["name"] != builders.SERVE_TOKEN_ENV for e in head_env)
+    with pytest.raises(ValueError, match="only token_secret"):
+        builders.rayservice(deployment_document(auth={"token_env": "TOKEN"}), VARIANTS, 20, DEPLOYMENT_OWNER, CONFIG)
+
+
+@pytest.mark.parametrize("source", ["token_env", "token_file"])
+def test_the_operator_refuses_token_sources_its_pods_do_not_have(source: str) -> None:
+    from kubeforge_operator.deployment import validate as validate_deployment
+
+    with pytest.raises(SpecError) as info:
+        validate_deployment(deployment_document(auth={source: "/run/token" if source == "token_file" else "TOKEN"}))
+    (problem,) = info.value.problems
+    assert problem.where == f"spec.auth.{source}" and "use spec.auth.token_secret" in problem.message
+    validate_deployment(deployment_document(auth={"token_secret": {"name": "serve-token", "key": "token"}}))
+
+
+def test_the_served_version_is_the_candidate_once_promoted() -> None:
+    policy = parse_deployment(deployment_document()).spec.rollout
+    assert policy is not None
+    record = begin(policy, Subject("quickstart", "quickstart", "1", "quickstart", "2"), None, NOW.timestamp())
+
+    def status(rec: RolloutRecord) -> dict[str, Any]:
+        return builders.deployment_status(owner=DEPLOYMENT_OWNER, port=8000, stable_version="1", candidate_version="2",
+                                          record=rec, rayservice_body=None, previous={}, now=NOW, generation=3)
+
+    # The pinned versions stay (the next reconciliation reads them back); the promoted candidate takes every
+    # request (weight 100), so it is the served version, while both variants keep running.
+    after = status(replace(record, phase="promoted", weight=100))
+    assert (after["modelVersion"], after["candidateVersion"], after["servedVersion"]) == ("1", "2", "2")
+    assert status(replace(record, phase="rolled_back", weight=0))["servedVersion"] == "1"
+    assert status(record)["servedVersion"] == "1"
+    # Both variants' replicas stay after a rollout: the worker group is sized for the two variants.
+    service = builders.rayservice(deployment_document(), VARIANTS, 100, DEPLOYMENT_OWNER, CONFIG)
+    assert service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] == 2

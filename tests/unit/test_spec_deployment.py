@@ -80,7 +80,28 @@ def test_analysis_and_ab_settings_are_checked() -> None:
     both = {**BASE["spec"], "replicas": 2, "autoscaling": {"max_replicas": 3}}
     assert problems(both) == ["spec.replicas: fixed replicas and autoscaling exclude each other; drop one"]
     auth = {**BASE["spec"], "auth": {"token_env": "A", "token_file": "/t"}}
-    assert problems(auth) == ["spec.auth: set exactly one of token_env and token_file"]
+    assert problems(auth) == ["spec.auth: set exactly one of token_env, token_file and token_secret"]
+
+
+def test_a_token_secret_names_one_key_of_a_secret() -> None:
+    doc = copy.deepcopy(BASE)
+    doc["spec"]["auth"] = {"token_secret": {"name": "serve-token", "key": "token"}}
+    auth = parse_deployment(doc).spec.auth
+    assert auth is not None and auth.token_secret is not None
+    assert (auth.token_secret.name, auth.token_secret.key, auth.token_env) == ("serve-token", "token", None)
+    secret = {"name": "serve-token", "key": "token"}
+    assert problems({**BASE["spec"], "auth": {"token_env": "A", "token_secret": secret}}) == [
+        "spec.auth: set exactly one of token_env, token_file and token_secret"]
+    assert problems({**BASE["spec"], "auth": {}}) == [
+        "spec.auth: set exactly one of token_env, token_file and token_secret"]
+    (bad_name,) = problems({**BASE["spec"], "auth": {"token_secret": {"name": "Serve_Token", "key": "token"}}})
+    assert bad_name.startswith("spec.auth.token_secret.name: ")
+    (bad_key,) = problems({**BASE["spec"], "auth": {"token_secret": {"name": "serve-token", "key": "a/b"}}})
+    assert bad_key.startswith("spec.auth.token_secret.key: ")
+    (missing,) = problems({**BASE["spec"], "auth": {"token_secret": {"name": "serve-token"}}})
+    assert missing.startswith("spec.auth.token_secret.key: ")
+    (empty,) = problems({**BASE["spec"], "auth": {"token_secret": {"name": "", "key": "token"}}})
+    assert empty.startswith("spec.auth.token_secret.name: ")
 
 
 def test_vllm_only_engine_settings_are_refused_for_transformers() -> None:

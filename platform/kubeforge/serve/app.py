@@ -78,9 +78,14 @@ def build_app(
     spec: DeploymentSpec,
     *,
     weight: int | None = None,
+    hand_over_token: bool = True,
 ) -> Application:
     """The application serving `variants` with the engine, resources, replicas, autoscaling and auth of
-    `spec`; `weight` overrides `initial_weight(spec)`."""
+    `spec`; `weight` overrides `initial_weight(spec)`.
+
+    `hand_over_token` copies the value of auth.token_env into the router's runtime_env, for a local Ray
+    runtime started before the variable was set. Off on Kubernetes, where every pod has the variable and the
+    copy would only put the token into Serve's deployment config."""
     from kubeforge.serve import router
 
     # `@serve.deployment` turns the classes into Deployments, which their static types do not say.
@@ -124,7 +129,7 @@ def build_app(
         bound[variant.variant] = deployment.bind(str(variant.path), label, spec.engine.model_dump())
 
     router_env: dict[str, str] = {}
-    if spec.auth is not None and spec.auth.token_env and spec.auth.token_env in os.environ:
+    if hand_over_token and spec.auth is not None and spec.auth.token_env and spec.auth.token_env in os.environ:
         # A local Ray runtime started before the variable was set would not pass it on: hand it over.
         router_env[spec.auth.token_env] = os.environ[spec.auth.token_env]
     front = router_deployment.options(

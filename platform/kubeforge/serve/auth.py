@@ -8,9 +8,22 @@ from pathlib import Path
 from kubeforge.errors import KubeForgeError
 from kubeforge.spec.deployment import AuthSpec
 
+TOKEN_SECRET_OFF_CLUSTER = (
+    "spec.auth.token_secret: names a Kubernetes Secret, which only the RayService pods the operator creates "
+    "can read; locally use token_env or token_file"
+)
+
+
+def require_local_source(auth: AuthSpec | None) -> None:
+    """Refuse a token source this process cannot read before anything starts (`kubeforge serve`)."""
+    if auth is not None and auth.token_secret is not None:
+        raise KubeForgeError(TOKEN_SECRET_OFF_CLUSTER)
+
 
 def read_token(auth: AuthSpec) -> str:
-    """The token from auth.token_env or auth.token_file, without surrounding whitespace."""
+    """The token from auth.token_env or auth.token_file, without surrounding whitespace. On Kubernetes the
+    operator has already turned a token_secret into a token_env of the pods, so one never reaches here."""
+    require_local_source(auth)
     if auth.token_env is not None:
         token = os.environ.get(auth.token_env, "").strip()
         where = f"environment variable {auth.token_env} (auth.token_env)"

@@ -21,6 +21,12 @@ model under it), and each replica downloads its version from $MLFLOW_TRACKING_UR
 (`resolve.replica_model_folder`). The candidate's weight is the Router's `user_config`: changing it in
 the RayService reconfigures the running router in place (`Router.reconfigure`), which is how the
 operator moves a canary without restarting any replica.
+
+Once a rollout has ended the operator keeps both variants at the final weight (100 after a promotion,
+0 after a rollback) until the spec is edited. `args` are part of what Ray Serve hashes into the
+application's code version, so dropping a variant from them would restart every replica of the
+application, the winner's too; and KubeRay shrinks a worker group without the autoscaler by deleting a
+random pod. Serving `@champion` alone is the user's deliberate redeploy (an edit of the spec).
 """
 
 from __future__ import annotations
@@ -55,7 +61,8 @@ def app_builder(args: Mapping[str, Any]) -> Application:
         model, version = str(item["model"]), str(item["version"])
         variants.append(VariantModel(str(item["variant"]), model, version, f"models:/{model}/{version}"))
     # The weight is the router's user_config, applied when its replica starts (and on every change).
-    return build_app(variants, document.spec, weight=0)
+    # The operator sets auth.token_env to a variable every pod of the RayService has (from a Secret).
+    return build_app(variants, document.spec, weight=0, hand_over_token=False)
 
 
 def serve_config(name: str, document: Mapping[str, Any], variants: list[dict[str, str]], weight: int) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from kubeforge.rollout.controller import RolloutController, RolloutRecord, Rollo
 from kubeforge.rollout.prometheus import PrometheusError, query_value
 from kubeforge.rollout.queries import CANDIDATE, STABLE
 from kubeforge.serve.app import VariantModel, build_app
+from kubeforge.serve.auth import require_local_source
 from kubeforge.serve.resolve import ResolvedModel, resolve_model
 from kubeforge.spec.deployment import ABRollout, CanaryRollout, ModelDeployment
 from kubeforge.workdir import Workdir
@@ -63,6 +64,7 @@ def serve_deployment(document: ModelDeployment, options: ServeOptions, say: Call
     from kubeforge.executor import ensure_ray
 
     name, spec = document.metadata.name, document.spec
+    require_local_source(spec.auth)  # before models are downloaded or Ray starts
     device = "cuda" if spec.resources.gpus_per_replica > 0 else "cpu"
     cache = options.workdir.root / "serve-models"
     stable = resolve_model(spec.model, options.registry, cache, spec.engine.name, device)

@@ -19,7 +19,7 @@ _LABEL_KEY = (
     r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 )
 _LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
-_DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 # A memory quantity as Kubernetes writes it (512Mi, 8Gi, 1e9); the API server rejects anything else.
 _MEMORY = r"^[0-9]+(\.[0-9]+)?(([KMGTPE]i)|[kMGTPE]|([eE][0-9]+))?$"
 
@@ -62,7 +62,7 @@ class ClusterSpec(StrictModel):
     on the local Ray runtime, with `.kubeforge/` as its work directory. Worker count, CPUs and GPUs per
     worker come from each stage's `resources` section (tune: max_concurrent, cpus_per_trial, gpus_per_trial)."""
 
-    workdir_claim: Annotated[str, Field(min_length=1, max_length=253, pattern=_DNS1123_SUBDOMAIN)]
+    workdir_claim: Annotated[str, Field(min_length=1, max_length=253, pattern=DNS1123_SUBDOMAIN)]
     """ReadWriteMany PersistentVolumeClaim (same namespace) mounted at /kubeforge/work in every stage's
     head and worker pods: the work directory the stages hand their outputs over in."""
     image: Annotated[str, Field(min_length=1)] | None = None
@@ -72,7 +72,7 @@ class ClusterSpec(StrictModel):
     """Node labels the stage pods (head and workers) must run on, e.g. a GPU node pool."""
     tolerations: list[Toleration] = Field(default_factory=list)
     """Taints of the nodes the stage pods may run on."""
-    service_account: Annotated[str, Field(max_length=253, pattern=_DNS1123_SUBDOMAIN)] | None = None
+    service_account: Annotated[str, Field(max_length=253, pattern=DNS1123_SUBDOMAIN)] | None = None
     """ServiceAccount of the stage pods (e.g. for object-store credentials); null means the namespace's default."""
     active_deadline_s: Annotated[int, Field(gt=0)] | None = None
     """Each RayJob fails when it has run this long (KubeRay activeDeadlineSeconds); null means no limit."""

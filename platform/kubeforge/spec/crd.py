@@ -417,6 +417,7 @@ def _pipeline_status() -> Schema:
             "phase": _string("The stage's state.", enum=["Pending", "Running", "Succeeded", "Skipped", "Failed"]),
             "rayJob": _string("Name of the KubeRay RayJob running the stage (same namespace)."),
             "mlflowRunId": _string("MLflow run of the stage; a reused stage names the run that produced it."),
+            "modelVersion": _string("Version of the pipeline's registered model that the stage registered."),
             "startTime": _time("When the stage's RayJob was created."),
             "completionTime": _time("When the stage finished, successfully or not."),
             "attempts": _integer("RayJobs created for the stage so far (retries included).", minimum=0),
@@ -457,12 +458,18 @@ def _deployment_status() -> Schema:
             "phase": _string(
                 "Pending: accepted, nothing created yet. Deploying: the RayService is starting. Serving: the "
                 "stable version serves alone. RollingOut: a candidate takes part of the traffic. Promoted / "
-                "RolledBack: the last rollout's outcome, the winner serving alone. Failed: the RayService cannot "
-                "serve. Invalid: kubeforge.spec rejected the spec (see the Valid condition).",
+                "RolledBack: the last rollout's outcome, the winner taking every request (both variants keep "
+                "running until the spec is edited). Failed: the RayService cannot serve. Invalid: kubeforge.spec "
+                "rejected the spec (see the Valid condition).",
                 enum=["Pending", "Deploying", "Serving", "RollingOut", "Promoted", "RolledBack", "Failed", "Invalid"],
             ),
-            "modelVersion": _string("Registered MLflow version the stable variant serves (spec.model resolved)."),
-            "candidateVersion": _string("Registered MLflow version of the rollout's candidate, while there is one."),
+            "modelVersion": _string("Registered MLflow version spec.model resolved to for this generation of the "
+                                    "spec: the stable variant."),
+            "candidateVersion": _string("Registered MLflow version spec.rollout.candidate resolved to for this "
+                                        "generation, while it differs from modelVersion."),
+            "servedVersion": _string("Registered MLflow version that answers requests for the model: "
+                                     "modelVersion, or candidateVersion once a rollout promoted it (the "
+                                     "candidate's share during a rollout is weight)."),
             "observedGeneration": _observed_generation(),
             "rayService": _string("Name of the KubeRay RayService serving the model (same namespace)."),
             "rollout": {
@@ -517,7 +524,8 @@ _KINDS: dict[str, _Kind] = {
         (
             _column("Phase", ".status.phase"),
             _column("Model", ".spec.model"),
-            _column("Version", ".status.modelVersion", description="Registered MLflow version served."),
+            _column("Version", ".status.servedVersion",
+                    description="Registered MLflow version served (the candidate's once promoted)."),
             _column("Candidate-Weight", ".status.weight", "integer",
                     description="Percent of requests sent to the rollout's candidate."),
             _AGE,

@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from kubeforge.spec.base import StrictModel
+from kubeforge.spec.cluster import DNS1123_SUBDOMAIN
 from kubeforge.spec.pipeline import Metadata
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -80,16 +81,29 @@ class ServeResources(StrictModel):
     gpus_per_replica: Annotated[float, Field(ge=0)] = 0.0
 
 
+class SecretKeyRef(StrictModel):
+    """One key of a Kubernetes Secret in the deployment's namespace."""
+
+    name: Annotated[str, Field(min_length=1, max_length=253, pattern=DNS1123_SUBDOMAIN)]
+    """The Secret's name (a DNS subdomain, as Kubernetes requires)."""
+    key: Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")]
+    """The key in the Secret's data that holds the token."""
+
+
 class AuthSpec(StrictModel):
-    """Bearer-token authentication: the token comes from an environment variable or a file."""
+    """Bearer-token authentication. The token comes from an environment variable or a file (`kubeforge
+    serve`), or from a Kubernetes Secret (the operator hands it to the RayService pods)."""
 
     token_env: str | None = None
     token_file: str | None = None
+    token_secret: SecretKeyRef | None = None
+    """On Kubernetes only: the Secret key the RayService pods read the token from."""
 
     @model_validator(mode="after")
     def _one_source(self) -> AuthSpec:
-        if (self.token_env is None) == (self.token_file is None):
-            raise ValueError("set exactly one of token_env and token_file")
+        sources = [s for s in (self.token_env, self.token_file, self.token_secret) if s is not None]
+        if len(sources) != 1:
+            raise ValueError("set exactly one of token_env, token_file and token_secret")
         return self
 
 

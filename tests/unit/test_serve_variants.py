@@ -1,0 +1,77 @@
+"""The Serve application without starting Ray: the variant and weight combinations it refuses, the token
+the RayService's application leaves in its pods' environment, and the local refusal of a token that only
+Kubernetes can provide."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kubeforge.errors import KubeForgeError
+from kubeforge.serve.app import VariantModel, build_app
+from kubeforge.serve.auth import TOKEN_SECRET_OFF_CLUSTER, read_token
+from kubeforge.serve.cluster import app_builder
+from kubeforge.serve.local import ServeOptions, serve_deployment
+from kubeforge.spec.load import parse_deployment
+
+pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parents[2]
+STABLE = VariantModel("stable", "quickstart", "1", "models:/quickstart/1")
+CANDIDATE = VariantModel("candidate", "quickstart", "2", "models:/quickstart/2")
+
+
+def document(**spec: Any) -> dict[str, Any]:
+    doc = yaml.safe_load((REPO / "examples" / "deployment.yaml").read_text())
+    doc["spec"].update(spec)
+    return doc
+
+
+def router_args(app: Any) -> tuple[Any, ...]:
+    """What the Router deployment is bound with: (stable, candidate, labels, weight, sticky, auth)."""
+    return tuple(app._bound_deployment.init_args)
+
+
+@pytest.mark.parametrize(("variants", "weight", "message"), [
+    ([CANDIDATE], 100, "expected one 'stable' and at most one 'candidate'"),
+    ([STABLE], 20, "no candidate variant is served"),
+    ([], 0, "expected one 'stable'"),
+    ([STABLE, STABLE], 0, "expected one 'stable'"),
+])
+def test_impossible_variant_and_weight_combinations_are_refused(
+        variants: list[VariantModel], weight: int, message: str) -> None:
+    with pytest.raises(KubeForgeError, match=message):
+        build_app(variants, parse_deployment(document()).spec, weight=weight)
+
+
+def test_the_rayservice_application_starts_at_0_and_leaves_the_token_in_the_pods(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KUBEFORGE_SERVE_TOKEN", "s3cret")
+    args = {"deployment": document(auth={"token_env": "KUBEFORGE_SERVE_TOKEN"}),
+            "variants": [{"variant": "stable", "model": "quickstart", "version": "1"},
+                         {"variant": "candidate", "model": "quickstart", "version": "2"}]}
+    app = app_builder(args)
+    # The router's user_config sets the weight; the token stays in the pods' environment (from the Secret),
+    # out of Serve's deployment config.
+    assert router_args(app)[3] == 0
+    assert app._bound_deployment.ray_actor_options["runtime_env"] == {"env_vars": {}}
+    # `kubeforge serve` hands it over to a local Ray runtime started before the variable was set.
+    local = build_app([STABLE], parse_deployment(args["deployment"]).spec, weight=0)
+    assert local._bound_deployment.ray_actor_options["runtime_env"] == {"env_vars": {"KUBEFORGE_SERVE_TOKEN": "s3cret"}}
+
+
+def test_a_kubernetes_secret_token_is_refused_locally_before_anything_starts(tmp_path: Path) -> None:
+    doc = parse_deployment(document(auth={"token_secret": {"name": "serve-token", "key": "token"}}))
+    assert doc.spec.auth is not None
+    with pytest.raises(KubeForgeError) as info:
+        read_token(doc.spec.auth)
+    assert str(info.value) == TOKEN_SECRET_OFF_CLUSTER
+    assert str(info.value).startswith("spec.auth.token_secret: ") and "use token_env or token_file" in str(info.value)
+    # The refusal comes first: nothing is resolved in this (absent) registry, no Ray runtime starts.
+    options = ServeOptions(workdir=None, registry=None)  # type: ignore[arg-type]
+    with pytest.raises(KubeForgeError, match=r"^spec\.auth\.token_secret: "):
+        serve_deployment(copy.deepcopy(doc), options, say=print)
