@@ -62,13 +62,15 @@ approval, and its data stage finished in the first (killed, unscraped) run, so t
 
 def training_panels_without_data(url: str, since: float) -> list[str]:
     """Panels of the training dashboard whose query has no data over the run, as Grafana asks for it: a
-    range query (the run's processes have exited, so instant queries would find only stale series)."""
+    range query (the run's processes have exited, so instant queries would find only stale series). The
+    step is the scrape interval: the quantize and promote series live only the last seconds of the run,
+    before the process exits, and a coarser step can fall on either side of them."""
     empty = []
     for title, expr in panel_queries(DASHBOARDS / "kubeforge-training.json"):
         if any(name in expr for name in NOT_IN_SCRAPED_RUN):
             continue
         body = requests.get(f"{url}/api/v1/query_range", timeout=10,
-                            params={"query": expr, "start": since, "end": time.time(), "step": "15s"}).json()
+                            params={"query": expr, "start": since, "end": time.time(), "step": "1s"}).json()
         assert body["status"] == "success", (title, body)
         if not body["data"]["result"]:
             empty.append(f"{title}: {expr}")

