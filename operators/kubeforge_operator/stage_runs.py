@@ -33,9 +33,9 @@ def find_stage_runs(tracking_uri: str, pipeline: str, owner_uid: str, wanted: Ma
             return {}
         found: dict[str, StageRun] = {}
         for stage, rayjob in wanted.items():
-            # Backquotes: the tag key holds dots and dashes. The uid is a UUID, safe inside quotes.
+            # Backquotes: the tag key holds dots and dashes.
             runs = client.search_runs(
-                [experiment.experiment_id], f"tags.`{report_tag(rayjob)}` = '{owner_uid}'", max_results=1
+                [experiment.experiment_id], f"tags.`{report_tag(rayjob)}` = '{_quoted(owner_uid)}'", max_results=1
             )
             if not runs:
                 continue
@@ -51,5 +51,5 @@ def find_stage_runs(tracking_uri: str, pipeline: str, owner_uid: str, wanted: Ma
 
 
 def _quoted(value: str) -> str:
-    # Pipeline names are DNS labels, but a filter string must never be open to injection.
+    # Names and uids come from the API server, but a filter string must never be open to injection.
     return value.replace("\\", "\\\\").replace("'", "\\'")
