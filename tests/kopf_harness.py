@@ -9,6 +9,28 @@ from typing import Any
 
 import kmock
 
+RESOURCES = [
+    ("kubeforge.io/v1alpha1/modeldeployments", "ModelDeployment", True, {"status"}),
+    ("kubeforge.io/v1alpha1/modelpipelines", "ModelPipeline", True, {"status"}),
+    ("ray.io/v1/rayservices", "RayService", True, {"status"}),
+    ("ray.io/v1/rayjobs", "RayJob", True, {"status"}),
+    ("v1/configmaps", "ConfigMap", True, set()),
+    ("v1/events", "Event", True, set()),
+    ("v1/namespaces", "Namespace", False, set()),
+    ("apiextensions.k8s.io/v1/customresourcedefinitions", "CustomResourceDefinition", False, set()),
+]
+"""What the operator's handlers watch and write, and what kopf discovers before it starts (namespaces
+and CRDs, even with scanning off)."""
+
+
+def serve_resources(api: kmock.KubernetesEmulator) -> None:
+    """Make the fake API server know RESOURCES, as discovery on a cluster with KubeRay would."""
+    for resource, kind, namespaced, subresources in RESOURCES:
+        api.resources[resource] = kmock.ResourceInfo(
+            kind=kind, namespaced=namespaced, subresources=subresources,
+            verbs={"get", "list", "watch", "create", "patch", "update", "delete"},
+        )
+
 
 async def get(api: kmock.KubernetesEmulator, url: str) -> Any:
     """The object at `url`, or None when the fake API server has none."""

@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from kubeforge_operator import builders, handlers, metrics
 from kubeforge_operator.config import FINALIZER, OperatorConfig
 from kubeforge_operator.pipeline import manifest_document, validate
-from tests.kopf_harness import eventually, get, send
+from tests.kopf_harness import eventually, get, send, serve_resources
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio, pytest.mark.timeout(120)]
 
@@ -62,19 +62,7 @@ def pipeline_body(name: str = "quickstart", **spec: Any) -> dict[str, Any]:
 @contextlib.asynccontextmanager
 async def operator(config: OperatorConfig = CONFIG) -> AsyncIterator[kmock.KubernetesEmulator]:
     async with kmock.KubernetesEmulator() as api, kmock.Server(api):
-        # kopf discovers these before it starts: its own two (namespaces, CRDs) even with scanning off.
-        for resource, kind, namespaced, subresources in [
-            ("kubeforge.io/v1alpha1/modelpipelines", "ModelPipeline", True, {"status"}),
-            ("ray.io/v1/rayjobs", "RayJob", True, {"status"}),
-            ("v1/configmaps", "ConfigMap", True, set()),
-            ("v1/events", "Event", True, set()),
-            ("v1/namespaces", "Namespace", False, set()),
-            ("apiextensions.k8s.io/v1/customresourcedefinitions", "CustomResourceDefinition", False, set()),
-        ]:
-            api.resources[resource] = kmock.ResourceInfo(
-                kind=kind, namespaced=namespaced, subresources=subresources,
-                verbs={"get", "list", "watch", "create", "patch", "update", "delete"},
-            )
+        serve_resources(api)
         _server.append(str(api.url))
         settings = kopf.OperatorSettings()
         settings.scanning.disabled = True  # the namespace is named; no namespace listing to follow

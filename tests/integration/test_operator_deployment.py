@@ -31,7 +31,7 @@ from kubeforge_operator import builders, handlers
 from kubeforge_operator.config import OperatorConfig
 from kubeforge_operator.deployment import ANNOTATION_ABORT, MEMO_KEY, Measurements
 from tests.helpers import two_version_registry
-from tests.kopf_harness import eventually, get, send
+from tests.kopf_harness import eventually, get, send, serve_resources
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio, pytest.mark.timeout(120)]
 
@@ -125,20 +125,7 @@ def deployment_body(name: str, **spec: Any) -> dict[str, Any]:
 @contextlib.asynccontextmanager
 async def operator(config: OperatorConfig, measurements: Measurements) -> AsyncIterator[kmock.KubernetesEmulator]:
     async with kmock.KubernetesEmulator() as api, kmock.Server(api):
-        for resource, kind, namespaced, subresources in [
-            ("kubeforge.io/v1alpha1/modeldeployments", "ModelDeployment", True, {"status"}),
-            ("kubeforge.io/v1alpha1/modelpipelines", "ModelPipeline", True, {"status"}),
-            ("ray.io/v1/rayservices", "RayService", True, {"status"}),
-            ("ray.io/v1/rayjobs", "RayJob", True, {"status"}),
-            ("v1/configmaps", "ConfigMap", True, set()),
-            ("v1/events", "Event", True, set()),
-            ("v1/namespaces", "Namespace", False, set()),
-            ("apiextensions.k8s.io/v1/customresourcedefinitions", "CustomResourceDefinition", False, set()),
-        ]:
-            api.resources[resource] = kmock.ResourceInfo(
-                kind=kind, namespaced=namespaced, subresources=subresources,
-                verbs={"get", "list", "watch", "create", "patch", "update", "delete"},
-            )
+        serve_resources(api)
         _server.append(str(api.url))
         settings = kopf.OperatorSettings()
         settings.scanning.disabled = True
