@@ -25,6 +25,7 @@ from kubeforge.context import StageContext
 from kubeforge.errors import StageError
 from kubeforge.spec import parse_manifest
 from kubeforge.tracking import Tracker
+from kubeforge.tune import checkpoints
 from tests.stage_fixtures import TinyLM
 
 pytestmark = pytest.mark.integration
@@ -174,7 +175,7 @@ def test_a_killed_search_resumes_without_repeating_finished_trials(tiny_lm: Tiny
     continues the second from its last checkpoint."""
     from kubeforge.tune.stage import run
 
-    steps = 40
+    steps = 80  # long enough that Tune saves its state (every 2 s) while the second trial runs
     section = {
         "target": "pretrain", "search_space": LR_SPACE, "num_samples": 2, "max_concurrent": 1, "max_steps": steps,
         "scheduler": "none", "seed": 5,
@@ -199,9 +200,12 @@ def test_a_killed_search_resumes_without_repeating_finished_trials(tiny_lm: Tiny
             assert time.monotonic() < deadline, "the second trial did not get going within 7 minutes"
             history = _history(out_dir)
             trials = list(dict.fromkeys(h["trial_id"] for h in history))
-            # Killed once the second trial has checkpointed twice (at steps 4 and 8) and not finished.
-            if len(trials) == 2 and 12 <= max(h["step"] for h in history if h["trial_id"] == trials[1]) < steps:
-                break
+            # Killed once Tune's saved state holds the second trial's second checkpoint (step 8) and the
+            # trial has not finished.
+            if len(trials) == 2 and max(h["step"] for h in history if h["trial_id"] == trials[1]) < steps:
+                points = checkpoints.restore_points(out_dir / "ray" / "tune") or {}
+                if any(t.startswith(f"run_trial_{trials[1]}_") and c >= "checkpoint_000001" for t, c in points.items()):
+                    break
             time.sleep(0.2)
     finally:
         os.killpg(child.pid, signal.SIGKILL)
@@ -210,6 +214,9 @@ def test_a_killed_search_resumes_without_repeating_finished_trials(tiny_lm: Tiny
     before = json.loads((out_dir / "trials.json").read_text())
     assert before[first]["state"] == "completed" and before[second]["state"] == "running"
     first_results = (_trial_dir(out_dir, first) / "result.json").read_text()
+    # However the kill fell, the checkpoint the saved state resumes the second trial from is still there.
+    points = checkpoints.restore_points(out_dir / "ray" / "tune") or {}
+    assert (_trial_dir(out_dir, second) / points[_trial_dir(out_dir, second).name]).is_dir()
 
     # The executor's rerun: the same folder and the same MLflow run.
     resumed = dataclasses.replace(ctx, tracker=Tracker(tiny_lm.tracking_uri, ctx.tracker.run_id))
@@ -228,6 +235,11 @@ def test_a_killed_search_resumes_without_repeating_finished_trials(tiny_lm: Tiny
     second_run = next(run for run in children if run.data.tags["kubeforge.trial_id"] == second)
     assert second_run.info.run_id == before[second]["run_id"]
     assert result["total_trial_steps"] == 2 * steps
+    # Old checkpoints are gone once the search has ended: each trial keeps the one it ended on.
+    points = checkpoints.restore_points(out_dir / "ray" / "tune")
+    for trial_id in (first, second):
+        trial_dir = _trial_dir(out_dir, trial_id)
+        assert [p.name for p in trial_dir.glob("checkpoint_*")] == [points[trial_dir.name]]  # type: ignore[index]
 
 
 def test_every_trial_failing_is_a_stage_error_with_the_first_trials_error(tiny_lm: TinyLM) -> None:
@@ -286,3 +298,46 @@ def test_a_search_over_lora_fine_tuning(tiny_lm: TinyLM) -> None:
     assert result["best_config"]["lora.rank"] in (4, 8)
     assert (ctx.out_dir / "task" / "task.json").is_file()  # written once by the driver, read by the trials
     assert len(_child_runs(tiny_lm, ctx.tracker.run_id)) == 2
+
+
+def test_pruning_keeps_the_checkpoint_a_restore_resumes_from_and_everything_newer(
+    tmp_path: Path, ray_local: Any
+) -> None:
+    """The saved state lags the trial; checkpoints written after it (here 5 and 6) must survive."""
+    import tempfile
+
+    from ray import tune
+
+    def _five_checkpoints(config: dict[str, Any]) -> None:  # nested: Ray pickles it by value
+        for step in range(5):
+            with tempfile.TemporaryDirectory() as folder:
+                (Path(folder) / "step").write_text(str(step))
+                tune.report({"step": step}, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    tuner = tune.Tuner(
+        _five_checkpoints,
+        run_config=tune.RunConfig(name="exp", storage_path=str(tmp_path), verbose=0,
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=None)),
+    )
+    tuner.fit()
+    experiment = tmp_path / "exp"
+    (trial_dir,) = [p for p in experiment.iterdir() if p.is_dir() and p.name.startswith("_five_checkpoints")]
+    assert checkpoints.restore_points(experiment) == {trial_dir.name: "checkpoint_000004"}
+    for later in ("checkpoint_000005", "checkpoint_000006"):
+        (trial_dir / later).mkdir()
+
+    deleted = checkpoints.prune(experiment)
+
+    assert sorted(p.name for p in deleted) == [f"checkpoint_00000{i}" for i in range(4)]
+    assert sorted(p.name for p in trial_dir.glob("checkpoint_*")) == [f"checkpoint_00000{i}" for i in (4, 5, 6)]
+    assert (trial_dir / "checkpoint_000004" / "step").read_text() == "4"
+
+
+def test_pruning_deletes_nothing_while_the_saved_state_cannot_be_read(tmp_path: Path) -> None:
+    trial_dir = tmp_path / "trial_1"
+    (trial_dir / "checkpoint_000000").mkdir(parents=True)
+    (tmp_path / "experiment_state-2026-11-22_10-00-00.json").write_text('{"trial_data": [["{}", "{\\"chec')
+
+    assert checkpoints.restore_points(tmp_path) is None
+    assert checkpoints.prune(tmp_path) == []
+    assert (trial_dir / "checkpoint_000000").is_dir()

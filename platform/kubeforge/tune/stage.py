@@ -38,7 +38,7 @@ from kubeforge.errors import KubeForgeError, StageError
 from kubeforge.progress import QuietReporter
 from kubeforge.spec.tune import TuneSpec, apply_overrides
 from kubeforge.tracking import TAG_PREFIX, Tracker
-from kubeforge.tune import search
+from kubeforge.tune import checkpoints, search
 from kubeforge.tune.plots import HistoryPoint, optimization_history, param_importances
 
 STAGE = "tune"
@@ -282,6 +282,9 @@ class TrialRecorder(tune.Callback):
         client.set_terminated(record["run_id"], status="KILLED" if early else "FINISHED")
         self._save()
 
+    def on_checkpoint(self, iteration: int, trials: list[Any], trial: Any, checkpoint: Any, **info: Any) -> None:
+        checkpoints.prune(Path(checkpoint.path).parent.parent)
+
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         record = self._record(trial)
         if record is None:
@@ -460,9 +463,6 @@ def run(spec: TuneSpec, ctx: StageContext) -> dict[str, Any]:
         ray.init()  # the executors start or join Ray; a direct call of the stage gets a local runtime
     _check_resources(spec, ray.cluster_resources())
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", EXPERIMENT_STATE_PERIOD_S)
-    # Tune snapshots its state whenever trials have checkpointed num_to_keep times, and warns when that
-    # is often; with a checkpoint at every evaluation of small trials it is often, and that is intended.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
     out_dir = ctx.out_dir.resolve()
     storage_dir = out_dir / "ray"
@@ -498,8 +498,9 @@ def run(spec: TuneSpec, ctx: StageContext) -> dict[str, Any]:
                 name=RUN_NAME,
                 storage_path=str(storage_dir),
                 callbacks=[recorder],
-                # Two, so that a checkpoint cut off by a kill still leaves the one before it.
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                # Tune keeps every checkpoint; the recorder deletes those a restore can no longer use
+                # (kubeforge.tune.checkpoints says why Tune's own num_to_keep is not safe).
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
                 verbose=0,
             ),
         )
@@ -510,6 +511,7 @@ def run(spec: TuneSpec, ctx: StageContext) -> dict[str, Any]:
             grid = tuner.fit()
     finally:
         _LIVE.pop(str(out_dir), None)
+    checkpoints.prune(experiment_dir)  # the final state is saved: each trial keeps its last checkpoint
     records = json.loads((out_dir / TRIALS_FILE).read_text()) if (out_dir / TRIALS_FILE).is_file() else {}
     outcomes = _outcomes(grid, spec, max_step, records)
     return _summarise(spec, ctx, outcomes, study_storage, study_name, storage_label, max_step)
