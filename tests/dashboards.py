@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +117,27 @@ def panel_queries(
             if target.get("expr"):
                 queries.append((panel.get("title", ""), substitute(target["expr"], values)))
     return queries
+
+
+def queries_without_data(prometheus_url: str, queries: Iterable[tuple[str, str]], since: float) -> list[str]:
+    """`title: expr` of each query with no data since `since`, asked as a Grafana panel asks: a range query.
+
+    An instant query is not enough: one scrape that times out (a busy 2-core machine, a 1 s scrape
+    interval) marks every series of its target stale, and a query at that moment finds nothing. The
+    step is the scrape interval, so series that live only a few seconds are not stepped over.
+    """
+    import time
+
+    import requests
+
+    empty = []
+    for title, expr in queries:
+        body = requests.get(f"{prometheus_url}/api/v1/query_range", timeout=10,
+                            params={"query": expr, "start": since, "end": time.time(), "step": "1s"}).json()
+        assert body["status"] == "success", (title, expr, body)
+        if not body["data"]["result"]:
+            empty.append(f"{title}: {expr}")
+    return empty
 
 
 def variable_queries(path: Path, values: Mapping[str, str] | None = None) -> list[tuple[str, str]]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.dashboards import DASHBOARDS, panel_queries
+from tests.dashboards import DASHBOARDS, panel_queries, queries_without_data
 from tests.helpers import free_port, running_prometheus
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -61,20 +61,11 @@ approval, and its data stage finished in the first (killed, unscraped) run, so t
 
 
 def training_panels_without_data(url: str, since: float) -> list[str]:
-    """Panels of the training dashboard whose query has no data over the run, as Grafana asks for it: a
-    range query (the run's processes have exited, so instant queries would find only stale series). The
-    step is the scrape interval: the quantize and promote series live only the last seconds of the run,
-    before the process exits, and a coarser step can fall on either side of them."""
-    empty = []
-    for title, expr in panel_queries(DASHBOARDS / "kubeforge-training.json"):
-        if any(name in expr for name in NOT_IN_SCRAPED_RUN):
-            continue
-        body = requests.get(f"{url}/api/v1/query_range", timeout=10,
-                            params={"query": expr, "start": since, "end": time.time(), "step": "1s"}).json()
-        assert body["status"] == "success", (title, body)
-        if not body["data"]["result"]:
-            empty.append(f"{title}: {expr}")
-    return empty
+    """Panels of the training dashboard with no data over the run (the run's processes have exited, so
+    only a range query finds their series)."""
+    panels = [(title, expr) for title, expr in panel_queries(DASHBOARDS / "kubeforge-training.json")
+              if not any(name in expr for name in NOT_IN_SCRAPED_RUN)]
+    return queries_without_data(url, panels, since)
 
 
 def runs(workdir: str) -> list[dict]:

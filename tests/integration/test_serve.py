@@ -34,7 +34,7 @@ from kubeforge.serve.app import VariantModel, build_app
 from kubeforge.serve.local import ServeRouter
 from kubeforge.serve.router import VARIANT_HEADER
 from kubeforge.spec.deployment import ABRollout, CanaryRollout, DeploymentSpec
-from tests.dashboards import OPERATOR_ROW, dashboard_files, panel_queries
+from tests.dashboards import OPERATOR_ROW, dashboard_files, panel_queries, queries_without_data
 from tests.helpers import free_port, running_prometheus, two_version_registry
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -400,19 +400,20 @@ def test_ab_comparison_reads_both_variants_from_prometheus(prometheus):
 def test_every_serving_and_rollout_panel_returns_data(served, prometheus):
     """Runs after the rollouts above: their traffic, analyses, promotion and rollback are what the
     dashboards show. Requests of several tokens first, so inter-token latencies exist."""
-    from kubeforge.rollout.prometheus import query
-
     url, _ = served
+    since = time.time() - 60  # the last minute, as a dashboard opened now shows it
     with _http(url) as http:
         for model in (f"{MODEL}:stable", f"{MODEL}:candidate"):
             for _ in range(3):
                 assert http.post("/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 4}).is_success
     time.sleep(3)  # two scrapes
-    empty = []
-    for path in dashboard_files():
-        if path.stem == "kubeforge-training":
-            continue  # no pipeline runs here; tests/e2e/test_quickstart.py checks that one
-        for title, expr in panel_queries(path, exclude_rows={OPERATOR_ROW}):
-            if not query(prometheus, expr, 10.0)["result"]:
-                empty.append(f"{path.stem}: {title}: {expr}")
-    assert not empty, "panels without data:\n" + "\n".join(empty)
+    panels = [
+        (f"{path.stem}: {title}", expr)
+        for path in dashboard_files()
+        if path.stem != "kubeforge-training"  # no pipeline runs here; tests/e2e/test_quickstart.py checks it
+        for title, expr in panel_queries(path, exclude_rows={OPERATOR_ROW})
+    ]
+    empty = queries_without_data(prometheus, panels, since)
+    targets = httpx.get(f"{prometheus}/api/v1/targets").json()["data"]["activeTargets"]
+    health = [(t["scrapeUrl"], t["health"], t["lastError"]) for t in targets]
+    assert not empty, "panels without data:\n" + "\n".join(empty) + f"\ntargets: {health}"
