@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import requests
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -126,10 +128,6 @@ def queries_without_data(prometheus_url: str, queries: Iterable[tuple[str, str]]
     interval) marks every series of its target stale, and a query at that moment finds nothing. The
     step is the scrape interval, so series that live only a few seconds are not stepped over.
     """
-    import time
-
-    import requests
-
     empty = []
     for title, expr in queries:
         body = requests.get(f"{prometheus_url}/api/v1/query_range", timeout=10,
