@@ -182,6 +182,7 @@ def test_a_killed_search_resumes_without_repeating_finished_trials(tiny_lm: Tiny
     }
     ctx = _context(tiny_lm, section, "tune-killed")
     out_dir = ctx.out_dir
+    experiment = out_dir / "ray" / "tune"
     args = {
         "address": ray_local.get_runtime_context().gcs_address, "manifest": _manifest(tiny_lm, section),
         "data_dir": str(tiny_lm.data.directory), "data_result": tiny_lm.data.result, "out_dir": str(out_dir),
@@ -203,7 +204,7 @@ def test_a_killed_search_resumes_without_repeating_finished_trials(tiny_lm: Tiny
             # Killed once Tune's saved state holds the second trial's second checkpoint (step 8) and the
             # trial has not finished.
             if len(trials) == 2 and max(h["step"] for h in history if h["trial_id"] == trials[1]) < steps:
-                points = checkpoints.restore_points(out_dir / "ray" / "tune") or {}
+                points = checkpoints.restore_points(experiment) or {}
                 if any(t.startswith(f"run_trial_{trials[1]}_") and c >= "checkpoint_000001" for t, c in points.items()):
                     break
             time.sleep(0.2)
@@ -215,8 +216,9 @@ def test_a_killed_search_resumes_without_repeating_finished_trials(tiny_lm: Tiny
     assert before[first]["state"] == "completed" and before[second]["state"] == "running"
     first_results = (_trial_dir(out_dir, first) / "result.json").read_text()
     # However the kill fell, the checkpoint the saved state resumes the second trial from is still there.
-    points = checkpoints.restore_points(out_dir / "ray" / "tune") or {}
-    assert (_trial_dir(out_dir, second) / points[_trial_dir(out_dir, second).name]).is_dir()
+    points = checkpoints.restore_points(experiment) or {}
+    second_dir = _trial_dir(out_dir, second)
+    assert (second_dir / points[second_dir.name]).is_dir()
 
     # The executor's rerun: the same folder and the same MLflow run.
     resumed = dataclasses.replace(ctx, tracker=Tracker(tiny_lm.tracking_uri, ctx.tracker.run_id))
@@ -236,10 +238,10 @@ def test_a_killed_search_resumes_without_repeating_finished_trials(tiny_lm: Tiny
     assert second_run.info.run_id == before[second]["run_id"]
     assert result["total_trial_steps"] == 2 * steps
     # Old checkpoints are gone once the search has ended: each trial keeps the one it ended on.
-    points = checkpoints.restore_points(out_dir / "ray" / "tune")
+    points = checkpoints.restore_points(experiment) or {}
     for trial_id in (first, second):
         trial_dir = _trial_dir(out_dir, trial_id)
-        assert [p.name for p in trial_dir.glob("checkpoint_*")] == [points[trial_dir.name]]  # type: ignore[index]
+        assert [p.name for p in trial_dir.glob("checkpoint_*")] == [points[trial_dir.name]]
 
 
 def test_every_trial_failing_is_a_stage_error_with_the_first_trials_error(tiny_lm: TinyLM) -> None:

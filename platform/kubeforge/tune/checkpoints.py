@@ -17,7 +17,8 @@ import json
 import shutil
 from pathlib import Path
 
-CHECKPOINT_GLOB = "checkpoint_*"
+from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
+from ray.tune.trainable.metadata import _TrainingRunMetadata
 
 
 def restore_points(experiment_dir: Path) -> dict[str, str] | None:
@@ -26,9 +27,6 @@ def restore_points(experiment_dir: Path) -> dict[str, str] | None:
     None when there is no saved state yet or it cannot be read now (the background copy may be
     writing it); trials without a checkpoint are absent.
     """
-    from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
-    from ray.tune.trainable.metadata import _TrainingRunMetadata
-
     newest = _find_newest_experiment_checkpoint(str(experiment_dir))
     if newest is None:
         return None
@@ -55,7 +53,7 @@ def prune(experiment_dir: Path) -> list[Path]:
     deleted = []
     for trial_dir, keep_from in points.items():
         # Tune numbers checkpoints checkpoint_000000, checkpoint_000001, ...: names sort by age.
-        for checkpoint in sorted((experiment_dir / trial_dir).glob(CHECKPOINT_GLOB)):
+        for checkpoint in sorted((experiment_dir / trial_dir).glob("checkpoint_*")):
             if checkpoint.name >= keep_from:
                 break
             shutil.rmtree(checkpoint, ignore_errors=True)
