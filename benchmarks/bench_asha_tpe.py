@@ -61,7 +61,7 @@ def _manifest(steps: int, tune: dict[str, Any] | None) -> dict[str, Any]:
 def _context(root: Path, stage: str, manifest: dict[str, Any], inputs: dict[str, Any]) -> Any:
     from kubeforge.context import StageContext
     from kubeforge.progress import QuietReporter
-    from kubeforge.spec import parse_manifest
+    from kubeforge.spec.load import parse_manifest
     from kubeforge.tracking import start_stage_run
     from kubeforge.workdir import Workdir
 

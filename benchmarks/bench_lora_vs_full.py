@@ -81,7 +81,7 @@ def measure(root: str, method: str, steps: int, threads: int) -> dict[str, Any]:
     from kubeforge.finetune.loop import train_loop_per_worker
     from kubeforge.finetune.stage import loop_config
     from kubeforge.progress import LineReporter
-    from kubeforge.spec import parse_manifest
+    from kubeforge.spec.load import parse_manifest
     from kubeforge.spec.finetune import FinetuneSpec
     from kubeforge.train.session import LocalSession
 

@@ -47,7 +47,7 @@ def _spec(steps: int, workers: int, cpus: float) -> Any:
 def _context(root: Path, stage: str, inputs: dict[str, Any]) -> Any:
     from kubeforge.context import StageContext
     from kubeforge.progress import QuietReporter
-    from kubeforge.spec import parse_manifest
+    from kubeforge.spec.load import parse_manifest
     from kubeforge.tracking import start_stage_run
     from kubeforge.workdir import Workdir
 

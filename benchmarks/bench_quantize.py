@@ -53,7 +53,7 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from kubeforge.executor import ensure_ray
+    from kubeforge.runtime import ensure_ray
     from kubeforge.quantize.dynamic import weights_size
     from kubeforge.quantize.engines import check_transformers, check_vllm
     from kubeforge.quantize.stage import quantize_model

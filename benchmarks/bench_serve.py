@@ -52,7 +52,7 @@ from typing import Any
 import httpx
 from common import REPO, pretrained_model
 
-from kubeforge.serve.ingress import use_serve_ingress
+from kubeforge.runtime import use_serve_ingress
 from kubeforge.serve.loadgen import LoadReport, run_load
 
 MODEL = "quickstart"

@@ -20,7 +20,7 @@ def pretrained_model(workdir: Path, manifest: str = "benchmarks") -> tuple[Path,
     """
     from kubeforge.executor import RunOptions, plan, run_pipeline
     from kubeforge.progress import QuietReporter
-    from kubeforge.spec import parse_manifest
+    from kubeforge.spec.load import parse_manifest
     from kubeforge.workdir import Workdir
 
     manifest_doc = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())

@@ -38,7 +38,7 @@ def ray_local():
     """One local Ray runtime for the integration tests of a session (starting Ray costs seconds)."""
     import ray
 
-    from kubeforge.serve.ingress import use_serve_ingress
+    from kubeforge.runtime import use_serve_ingress
 
     if not ray.is_initialized():
         use_serve_ingress()  # the Serve tests run the ingress `kubeforge serve` runs

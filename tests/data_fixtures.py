@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from kubeforge.context import StageContext
-from kubeforge.spec import ModelPipeline
+from kubeforge.spec.pipeline import ModelPipeline
 from kubeforge.tracking import Tracker, start_stage_run
 from kubeforge.workdir import Workdir
 

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from kubeforge.context import StageContext, StageOutput
-from kubeforge.spec import ModelPipeline, parse_manifest
+from kubeforge.spec.load import parse_manifest
+from kubeforge.spec.pipeline import ModelPipeline
 from kubeforge.tracking import Tracker, start_stage_run
 from kubeforge.workdir import Workdir
 from tests.data_fixtures import RecordingReporter

@@ -20,7 +20,7 @@ import yaml
 
 from kubeforge.rollout.controller import RolloutRecord
 from kubeforge.serve.cluster import ROUTER_DEPLOYMENT, serve_config
-from kubeforge.serve.ingress import SERVE_INGRESS_ENV
+from kubeforge.runtime import SERVE_INGRESS_ENV
 from kubeforge.spec.cluster import ClusterSpec
 from kubeforge.spec.deployment import DeploymentSpec
 from kubeforge.spec.load import parse_deployment
@@ -684,7 +684,7 @@ def rayservice(
     spec = model.spec
     name = rayservice_name(owner.name)
     env: list[dict[str, Any]] = [{"name": "MLFLOW_TRACKING_URI", "value": config.mlflow_tracking_uri}]
-    # HAProxy in front of the router replica instead of Serve's Python proxy (kubeforge.serve.ingress);
+    # HAProxy in front of the router replica instead of Serve's Python proxy (kubeforge.runtime);
     # Ray reads these when it starts on each pod.
     env += [{"name": k, "value": v} for k, v in SERVE_INGRESS_ENV.items()]
     if spec.auth is not None:

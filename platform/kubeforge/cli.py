@@ -90,7 +90,8 @@ def main() -> None:
 @friendly_errors
 def validate(manifest: Path, no_check_files: bool) -> None:
     """Check MANIFEST (a ModelPipeline or a ModelDeployment) and print one line per problem (exit 2 when invalid)."""
-    from kubeforge.spec import ModelPipeline, load_any
+    from kubeforge.spec.load import load_any
+    from kubeforge.spec.pipeline import ModelPipeline
 
     document = load_any(manifest, check_files=not no_check_files)
     if isinstance(document, ModelPipeline):
@@ -145,7 +146,7 @@ def run(
     """Run every stage of MANIFEST on a local Ray runtime, skipping stages that already finished."""
     from kubeforge.executor import RunOptions, run_pipeline
     from kubeforge.progress import RichReporter
-    from kubeforge.spec import load_manifest
+    from kubeforge.spec.load import load_manifest
 
     pipeline = load_manifest(manifest, overrides=overrides)
     if not no_metrics:
@@ -469,7 +470,7 @@ def serve(manifest: Path, workdir: Path, tracking_uri: str | None, ray_address: 
     (alias champion) or rolls it back; an A/B test compares the variants after its duration. Follow
     it with `kubeforge rollout status NAME`. Started again, it resumes an unfinished rollout."""
     from kubeforge.serve.local import ServeOptions, serve_deployment
-    from kubeforge.spec import load_deployment
+    from kubeforge.spec.load import load_deployment
 
     document = load_deployment(manifest)
     if document.spec.rollout is not None and not no_metrics:
@@ -510,7 +511,7 @@ def load_rollout(workdir: Path, deployment: str) -> tuple[Any, Any]:
 
     name = deployment
     if deployment.endswith((".yaml", ".yml")) and Path(deployment).is_file():
-        from kubeforge.spec import load_deployment
+        from kubeforge.spec.load import load_deployment
 
         name = load_deployment(Path(deployment)).metadata.name
     store = rollout_store(Workdir(workdir), name)

@@ -1,4 +1,4 @@
-"""Shared command line of the Ray job entrypoints in jobs/: run one stage of a manifest.
+"""The command line of the Ray job entrypoint `jobs/stage.py`: run one stage of a manifest.
 
 The entrypoint runs wherever Ray puts the job driver (`ray job submit`, a KubeRay RayJob's
 submitter pod); it connects to that cluster through RAY_ADDRESS, which Ray sets for jobs.
@@ -14,8 +14,11 @@ from pathlib import Path
 from kubeforge.errors import KubeForgeError, SpecError
 
 
-def main(stage: str, argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"jobs/{stage}.py", description=f"Run the {stage} stage of a manifest.")
+def main(argv: list[str] | None = None) -> int:
+    from kubeforge import stages
+
+    parser = argparse.ArgumentParser(prog="jobs/stage.py", description="Run one stage of a manifest.")
+    parser.add_argument("stage", choices=[s.name for s in stages.all_stages()], help="The stage to run.")
     parser.add_argument("--manifest", required=True, type=Path, help="ModelPipeline manifest (YAML).")
     parser.add_argument("--workdir", required=True, type=Path, help="Shared work directory (a volume on Kubernetes).")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite in the workdir).")
@@ -26,11 +29,12 @@ def main(stage: str, argv: list[str] | None = None) -> int:
         help="Set this tag on the MLflow run that produced the stage's output (the earlier run when the stage "
              "is reused): how the Kubernetes operator finds the run of each RayJob.")
     args = parser.parse_args(argv)
+    stage = args.stage
 
     from kubeforge import metrics
     from kubeforge.executor import RunOptions, run_stage
     from kubeforge.progress import LineReporter
-    from kubeforge.spec import load_manifest
+    from kubeforge.spec.load import load_manifest
     from kubeforge.tracking import resolve_tracking_uri
     from kubeforge.workdir import Workdir
 

@@ -9,45 +9,23 @@ behind (pretraining picks up its last checkpoint there). The same `run_stage` se
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
-import logging
-import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kubeforge import metrics
-from kubeforge.context import Reporter, StageContext, StageOutput
+from kubeforge import metrics, stages
+from kubeforge.context import Registered, Reporter, StageContext, StageOutput, load_output, save_output
 from kubeforge.errors import KubeForgeError, StageError
-from kubeforge.spec import ModelPipeline
+from kubeforge.runtime import ensure_ray
+from kubeforge.spec.pipeline import ModelPipeline
+from kubeforge.stages.results import ModelResult, StageResult
+from kubeforge.stages.tune import TuneResult
 from kubeforge.tracking import TAG_PREFIX, code_version, end_stage_run, resolve_tracking_uri, start_stage_run
 from kubeforge.workdir import RunRecord, StageRecord, Workdir, now
 
 MLFLOW_RUN_FILE = ".mlflow_run_id"
-META_KEY = "_kubeforge"
-
-
-@dataclass(frozen=True)
-class StageDef:
-    name: str
-    module: str
-    """Module with `run(section, context) -> dict`, imported only when the stage runs."""
-    section: Callable[[ModelPipeline], Any]
-
-
-# Which stages a manifest has, their order and their inputs: ModelPipeline.stage_names/stage_deps.
-STAGES: dict[str, StageDef] = {
-    "data": StageDef("data", "kubeforge.data.stage", lambda p: p.spec.data),
-    "pretrain": StageDef("pretrain", "kubeforge.train.stage", lambda p: p.spec.pretrain),
-    "tune": StageDef("tune", "kubeforge.tune.stage", lambda p: p.spec.tune),
-    "finetune": StageDef("finetune", "kubeforge.finetune.stage", lambda p: p.spec.finetune),
-    "evaluate": StageDef("evaluate", "kubeforge.evaluate.stage", lambda p: p.spec.evaluate),
-    "quantize": StageDef("quantize", "kubeforge.quantize.stage", lambda p: p.spec.quantize),
-    "promote": StageDef("promote", "kubeforge.registry.stage", lambda p: p.spec.promotion),
-}
 
 
 @dataclass
@@ -75,59 +53,22 @@ def spec_hash(pipeline: ModelPipeline) -> str:
 
 def plan(pipeline: ModelPipeline, base_dir: Path) -> list[PlannedStage]:
     """Stages in execution order with their cache keys."""
-    from kubeforge.data import source_fingerprint
     from kubeforge.workdir import stage_key
 
     keys: dict[str, str] = {}
     planned = []
     for name in pipeline.stage_names():
-        definition = STAGES[name]
+        stage = stages.get(name)
         deps = pipeline.stage_deps(name)
-        section = definition.section(pipeline).model_dump(mode="json")
-        extra = source_fingerprint(pipeline.spec.data, base_dir) if name == "data" else None
-        keys[name] = stage_key(name, section, {dep: keys[dep] for dep in deps}, extra)
+        section = pipeline.section(name)
+        extra = stages.load(stage.cache_extra)(section, base_dir) if stage.cache_extra else None
+        keys[name] = stage_key(name, section.model_dump(mode="json"), {dep: keys[dep] for dep in deps}, extra)
         planned.append(PlannedStage(name, keys[name], deps))
     return planned
 
 
-def ensure_ray(address: str | None, num_cpus: int | None) -> None:
-    """Connect to the Ray cluster at `address`/RAY_ADDRESS, or start a local one for this run."""
-    import ray
-
-    # Checked before anything else so a conflicting pair is refused even when Ray is already up.
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address and num_cpus:
-        raise KubeForgeError(
-            f"--num-cpus sizes a local Ray runtime, but this run joins the cluster at {address} "
-            "(--ray-address or RAY_ADDRESS); drop one of them"
-        )
-    if ray.is_initialized():
-        return
-    # Runs are often offline (laptops, air-gapped clusters): do not try to phone home.
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    common: dict[str, Any] = {"logging_level": logging.WARNING, "configure_logging": True}
-    if address:
-        ray.init(address=address, **common)
-    else:
-        from kubeforge.serve.ingress import use_serve_ingress
-
-        # Read by Ray's processes at start: a runtime started here may serve a model later.
-        use_serve_ingress()
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **common)
-
-
-def finished_output(pipeline: ModelPipeline, stage: PlannedStage, workdir: Workdir) -> StageOutput | None:
-    result = workdir.finished_result(pipeline.metadata.name, stage.name, stage.key)
-    if result is None:
-        return None
-    meta = result.get(META_KEY, {})
-    return StageOutput(
-        name=stage.name,
-        key=stage.key,
-        directory=workdir.stage_dir(pipeline.metadata.name, stage.name, stage.key),
-        result=result,
-        mlflow_run_id=meta.get("mlflow_run_id"),
-    )
+def finished_output(pipeline: ModelPipeline, stage: PlannedStage, workdir: Workdir) -> StageOutput[Any] | None:
+    return load_output(workdir, pipeline.metadata.name, stages.get(stage.name), stage.key)
 
 
 def run_pipeline(pipeline: ModelPipeline, options: RunOptions, reporter: Reporter) -> RunRecord:
@@ -142,7 +83,7 @@ def run_pipeline(pipeline: ModelPipeline, options: RunOptions, reporter: Reporte
     for stage in planned:
         metrics.STAGE_STATE.labels(name, stage.name).state("pending")
     try:
-        outputs: dict[str, StageOutput] = {}
+        outputs: dict[str, StageOutput[Any]] = {}
         for stage in planned:
             stage_record = record.stage(stage.name)
             done = finished_output(pipeline, stage, workdir)
@@ -205,52 +146,55 @@ def run_stage(pipeline: ModelPipeline, stage_name: str, options: RunOptions, rep
         options.workdir.save_run(record)
 
 
-def stage_section(pipeline: ModelPipeline, stage: str, inputs: dict[str, StageOutput], reporter: Reporter) -> Any:
+def stage_section(pipeline: ModelPipeline, stage: str, inputs: dict[str, StageOutput[Any]], reporter: Reporter) -> Any:
     """The stage's manifest section, with the tune stage's best configuration applied when it asks for it."""
     from kubeforge.spec.tune import apply_overrides
 
-    section = STAGES[stage].section(pipeline)
-    if getattr(section, "hyperparameters_from", None) != "tune":
+    section = pipeline.section(stage)
+    source = getattr(section, "hyperparameters_from", None)
+    if source is None:
         return section
-    best = inputs["tune"].result["best_config"]
-    reporter.log(f"stage {stage}: using the tune stage's best configuration {best}")
-    return apply_overrides(section, best)
+    found = inputs[source].result
+    if not isinstance(found, TuneResult):
+        raise StageError(stage, f"hyperparameters_from: the {source} stage's result holds no best configuration")
+    reporter.log(f"stage {stage}: using the tune stage's best configuration {found.best_config}")
+    return apply_overrides(section, found.best_config)
 
 
 def _register_model(
     pipeline: ModelPipeline,
-    stage: str,
-    result: dict[str, Any],
+    stage: stages.Stage[Any, Any],
+    result: StageResult,
     run_id: str,
     run_tags: dict[str, str],
-    inputs: dict[str, StageOutput],
+    inputs: dict[str, StageOutput[Any]],
     tracking_uri: str,
-) -> dict[str, str] | None:
+) -> Registered | None:
     """Every model a pipeline produces becomes a version of its registered model, before the stage
     counts as finished: a stage interrupted here reruns and registers (once) on resume."""
     from mlflow.exceptions import MlflowException
 
-    from kubeforge.registry.lineage import MODEL_ROLES, register_stage_model
+    from kubeforge.registry.lineage import register_stage_model
 
-    if stage not in MODEL_ROLES:
+    if stage.model_role is None or not isinstance(result, ModelResult):
         return None
     try:
         return register_stage_model(tracking_uri, pipeline.metadata.name, stage, result, run_id, run_tags, inputs)
     except MlflowException as exc:
         raise StageError(
-            stage, f"could not register the model in MLflow ({tracking_uri}): {exc.message}", resumable=True
+            stage.name, f"could not register the model in MLflow ({tracking_uri}): {exc.message}", resumable=True
         ) from exc
 
 
 def execute_stage(
     pipeline: ModelPipeline,
     stage: PlannedStage,
-    inputs: dict[str, StageOutput],
+    inputs: dict[str, StageOutput[Any]],
     options: RunOptions,
     tracking_uri: str,
     reporter: Reporter,
     record: RunRecord,
-) -> StageOutput:
+) -> StageOutput[Any]:
     workdir = options.workdir
     name = pipeline.metadata.name
     stage_record = record.stage(stage.name)
@@ -273,9 +217,9 @@ def execute_stage(
         f"{TAG_PREFIX}code_version": code_version(),
         **{f"{TAG_PREFIX}upstream.{dep}": out.mlflow_run_id for dep, out in inputs.items() if out.mlflow_run_id},
         **{
-            f"{TAG_PREFIX}dataset_hash": out.result["dataset_hash"]
+            f"{TAG_PREFIX}dataset_hash": out.result.dataset_hash
             for out in inputs.values()
-            if "dataset_hash" in out.result
+            if hasattr(out.result, "dataset_hash")
         },
     }
     tracker = start_stage_run(tracking_uri, workdir, name, stage.name, tags, resume_run_id)
@@ -287,7 +231,7 @@ def execute_stage(
     workdir.save_run(record)
     metrics.STAGE_STATE.labels(name, stage.name).state("running")
 
-    module = importlib.import_module(STAGES[stage.name].module)
+    definition = stages.get(stage.name)
     context = StageContext(
         pipeline=pipeline,
         stage=stage.name,
@@ -299,7 +243,7 @@ def execute_stage(
     )
     started = time.monotonic()
     try:
-        result = module.run(stage_section(pipeline, stage.name, inputs, reporter), context)
+        result = definition.load_run()(stage_section(pipeline, stage.name, inputs, reporter), context)
     except BaseException as exc:
         stage_record.state = "failed"
         stage_record.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -316,29 +260,26 @@ def execute_stage(
         stage_record.finished = now()
         workdir.save_run(record)
 
-    if not isinstance(result, dict):
-        raise StageError(stage.name, f"returned {type(result).__name__}, expected a JSON-serialisable dict")
-    registered = _register_model(pipeline, stage.name, result, tracker.run_id, tags, inputs, tracking_uri)
+    if not isinstance(result, definition.result_type):
+        raise StageError(stage.name, f"returned {type(result).__name__}, expected {definition.result_type.__name__}")
+    registered = _register_model(pipeline, definition, result, tracker.run_id, tags, inputs, tracking_uri)
     if registered is not None:
-        result["registered"] = registered
-        reporter.log(f"stage {stage.name}: registered as model '{registered['model']}' version {registered['version']}")
-    result = {
-        **result,
-        META_KEY: {
-            "stage": stage.name,
-            "key": stage.key,
-            "mlflow_run_id": tracker.run_id,
-            "finished": now(),
-            "duration_seconds": round(duration, 3),
-        },
+        reporter.log(f"stage {stage.name}: registered as model '{registered.model}' version {registered.version}")
+    meta = {
+        "stage": stage.name,
+        "key": stage.key,
+        "mlflow_run_id": tracker.run_id,
+        "finished": now(),
+        "duration_seconds": round(duration, 3),
     }
-    final_dir = workdir.finish_stage(name, stage.name, stage.key, result)
-    if "dataset_hash" in result:
-        tracker.set_tags({f"{TAG_PREFIX}dataset_hash": result["dataset_hash"]})
+    output = save_output(workdir, name, stage.name, stage.key, result, registered, meta)
+    dataset_hash = getattr(result, "dataset_hash", None)
+    if dataset_hash is not None:
+        tracker.set_tags({f"{TAG_PREFIX}dataset_hash": dataset_hash})
     tracker.log_metrics({"stage_duration_seconds": duration})
     end_stage_run(tracker, "FINISHED")
     stage_record.state = "succeeded"
     workdir.save_run(record)
     metrics.STAGE_STATE.labels(name, stage.name).state("succeeded")
-    reporter.log(f"stage {stage.name}: done in {duration:.1f}s -> {final_dir}")
-    return StageOutput(stage.name, stage.key, final_dir, result, tracker.run_id)
+    reporter.log(f"stage {stage.name}: done in {duration:.1f}s -> {output.directory}")
+    return output

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from kubeforge.data import run
+from kubeforge.data.stage import run
 from kubeforge.data.sources import stdlib_dir
 from kubeforge.errors import StageError
 from kubeforge.metrics import DATA_DOCUMENTS, REGISTRY

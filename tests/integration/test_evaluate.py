@@ -18,7 +18,7 @@ import pytest
 
 from kubeforge.context import StageContext, StageOutput
 from kubeforge.errors import StageError
-from kubeforge.spec import parse_manifest
+from kubeforge.spec.load import parse_manifest
 from tests.stage_fixtures import TinyLM
 
 pytestmark = pytest.mark.integration

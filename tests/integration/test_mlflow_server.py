@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from kubeforge.executor import RunOptions, run_pipeline
 from kubeforge.progress import LineReporter
-from kubeforge.spec import parse_manifest
+from kubeforge.spec.load import parse_manifest
 from kubeforge.workdir import Workdir
 from tests.helpers import free_port, small_manifest
 

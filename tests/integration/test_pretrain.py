@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from kubeforge.context import StageContext, StageOutput
 from kubeforge.errors import StageError
 from kubeforge.progress import LineReporter
-from kubeforge.spec import parse_manifest
+from kubeforge.spec.load import parse_manifest
 from kubeforge.spec.pretrain import PretrainSpec
 from kubeforge.tracking import Tracker, start_stage_run
 from kubeforge.workdir import Workdir

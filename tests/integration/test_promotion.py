@@ -12,7 +12,7 @@ import pytest
 from kubeforge.context import StageContext, StageOutput
 from kubeforge.errors import StageError
 from kubeforge.registry.lineage import register_stage_model
-from kubeforge.spec import parse_manifest
+from kubeforge.spec.load import parse_manifest
 from kubeforge.spec.promotion import PromotionSpec
 from tests.data_fixtures import RecordingReporter
 from tests.stage_fixtures import TinyLM

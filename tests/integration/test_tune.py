@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from kubeforge.context import StageContext
 from kubeforge.errors import StageError
-from kubeforge.spec import parse_manifest
+from kubeforge.spec.load import parse_manifest
 from kubeforge.tracking import Tracker
 from kubeforge.tune import checkpoints
 from tests.stage_fixtures import TinyLM
@@ -144,7 +144,7 @@ from pathlib import Path
 import ray
 from kubeforge.context import StageContext, StageOutput
 from kubeforge.progress import LineReporter
-from kubeforge.spec import parse_manifest
+from kubeforge.spec.load import parse_manifest
 from kubeforge.tracking import Tracker
 from kubeforge.tune.stage import run
 

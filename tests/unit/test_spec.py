@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from kubeforge.errors import SpecError
-from kubeforge.spec import json_schema, load_any, load_manifest, parse_manifest
+from kubeforge.spec.load import load_any, load_manifest, parse_manifest
+from kubeforge.spec.pipeline import json_schema
 
 pytestmark = pytest.mark.unit
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from kubeforge.errors import SpecError
-from kubeforge.spec import parse_deployment
+from kubeforge.spec.load import parse_deployment
 from kubeforge.spec.deployment import parse_model_uri
 
 pytestmark = pytest.mark.unit

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from kubeforge.registry.gates import evaluate_gates, report
-from kubeforge.spec import parse_manifest
+from kubeforge.spec.load import parse_manifest
 from kubeforge.spec.promotion import Gate
 from tests.unit.test_spec_stages import problems
 

@@ -11,7 +11,7 @@ import pytest
 from kubeforge.context import StageOutput
 from kubeforge.errors import SpecError
 from kubeforge.executor import plan, stage_section
-from kubeforge.spec import parse_manifest
+from kubeforge.spec.load import parse_manifest
 from tests.data_fixtures import RecordingReporter
 
 pytestmark = pytest.mark.unit

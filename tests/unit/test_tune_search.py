@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from kubeforge.errors import SpecError
-from kubeforge.spec import parse_manifest
+from kubeforge.spec.load import parse_manifest
 from kubeforge.spec.pretrain import PretrainSpec
 from kubeforge.spec.tune import Dimension, TuneSpec, field_paths
 from kubeforge.tune import search

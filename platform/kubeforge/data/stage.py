@@ -24,6 +24,7 @@ from kubeforge.context import StageContext
 from kubeforge.data.card import StepCounts, build_card, write_card
 from kubeforge.errors import StageError
 from kubeforge.spec.data import DataSpec, NormalizeStep, QualityStep, RedactStep
+from kubeforge.stages.data import DataResult
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -199,12 +200,12 @@ def _dataset_digest(out_dir: Path, shard_paths: list[str]) -> str:
 # the stage
 
 
-def run(spec: DataSpec, ctx: StageContext) -> dict[str, Any]:
+def run(spec: DataSpec, ctx: StageContext) -> DataResult:
     with _quiet_ray_data():
         return _run(spec, ctx)
 
 
-def _run(spec: DataSpec, ctx: StageContext) -> dict[str, Any]:
+def _run(spec: DataSpec, ctx: StageContext) -> DataResult:
     import pandas as pd
 
     from kubeforge.data import dedup, packing, perplexity, sources, tokenizer
@@ -351,22 +352,25 @@ def _run(spec: DataSpec, ctx: StageContext) -> dict[str, Any]:
 
     shard_paths = [p for split in packing.SPLITS for p in packed["shards"][split]]
     dataset_hash = _dataset_digest(out, shard_paths)
-    result: dict[str, Any] = {
-        "tokenizer_dir": "tokenizer",
-        "shards": packed["shards"],
-        "seq_len": spec.packing.seq_len,
-        "vocab_size": len(trained),
-        "special_tokens": ids,
-        "num_sequences": packed["num_sequences"],
-        "num_tokens": packed["num_tokens"],
-        "num_documents": packed["num_documents"],
-        "dataset_hash": dataset_hash,
-        "documents": "documents.parquet",
-        "removed_duplicates": "removed_duplicates.jsonl",
-        "card": "card.md",
-        "funnel": [row.as_dict() for row in funnel.rows],
+    result = DataResult(
+        tokenizer_dir="tokenizer",
+        shards=packed["shards"],
+        seq_len=spec.packing.seq_len,
+        vocab_size=len(trained),
+        special_tokens={name: token for name, token in ids.items()},
+        num_sequences=packed["num_sequences"],
+        num_tokens=packed["num_tokens"],
+        num_documents=packed["num_documents"],
+        dataset_hash=dataset_hash,
+        documents="documents.parquet",
+        removed_duplicates="removed_duplicates.jsonl",
+        card="card.md",
+        funnel=[row.as_dict() for row in funnel.rows],
+    )
+    outputs = {
+        "num_documents": result.num_documents, "num_sequences": result.num_sequences,
+        "num_tokens": result.num_tokens, "vocab_size": result.vocab_size, "dataset_hash": result.dataset_hash,
     }
-    outputs = {k: result[k] for k in ("num_documents", "num_sequences", "num_tokens", "vocab_size", "dataset_hash")}
     card = build_card(ctx.pipeline_name, funnel.rows, near_sample, outputs)
     for path in write_card(card, funnel.rows, out):
         ctx.tracker.log_artifact(path, "data")

@@ -8,12 +8,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-METRICS = ("perplexity", "exact_match", "bleu", "rouge_l", "parse_rate", "doctest_pass_rate")
+from kubeforge.stages.evaluate import EVALUATE
+
+METRICS = EVALUATE.metric_names()
 """Table columns, in order; a model without a number for one (not applicable) leaves it blank."""
 MODELS = ("candidate", "base", "champion")
 REFERENCES = ("base", "champion")
 """Models the others are compared with: `<metric>_vs_<reference>` is the row's value minus theirs."""
-LOWER_IS_BETTER = frozenset({"perplexity"})
+LOWER_IS_BETTER = frozenset(m.name for m in EVALUATE.metrics if m.lower_is_better)
 # Metrics on one scale share a chart; BLEU (0-100) and perplexity (unbounded) get their own.
 PLOT_GROUPS: dict[str, tuple[str, ...]] = {
     "perplexity": ("perplexity",),

@@ -1,6 +1,6 @@
 """`run(spec, ctx)`: score the candidate model against its base and the registered champion.
 
-* **candidate**: the fine-tuning stage's model (`kubeforge.finetune.load.load_for_inference`) when the
+* **candidate**: the fine-tuning stage's model (`kubeforge.engine.model.load_for_inference`) when the
   pipeline fine-tunes, else the pretraining stage's model;
 * **base**: the model the fine-tuning started from (`base_model_dir` of its result), with
   `spec.compare_base` and a fine-tuning stage;
@@ -18,7 +18,7 @@ Every model is loaded, scored and released in turn (one in memory at a time):
 
 * perplexity over the first `perplexity_batches` batches of the data stage's `test` shards
   (`validation` when the test split is empty), token-weighted with padding ignored, by the same
-  `Batcher` and `evaluate` the pretraining stage reports its validation perplexity with. Only for a
+  `Batcher` and `evaluate_tokens` the pretraining stage reports its validation perplexity with. Only for a
   model whose tokenizer maps every token of the data stage's tokenizer to the same id; another
   tokenizer makes the shards meaningless to it, so it is compared on generation only;
 * generation metrics on the first `max_examples` records of the fine-tuning task's test split, with
@@ -44,8 +44,13 @@ from kubeforge.evaluate.doctests import DoctestCase, network_isolation, run_doct
 from kubeforge.evaluate.generation import body_parses, generate_texts, parse_rate, text_metrics
 from kubeforge.spec.evaluate import EvaluateSpec
 from kubeforge.spec.pretrain import PretrainSpec
+from kubeforge.stages.data import DATA, DataResult
+from kubeforge.stages.evaluate import EVALUATE, EvaluateResult
+from kubeforge.stages.finetune import FINETUNE, FinetuneResult
+from kubeforge.stages.pretrain import PRETRAIN
+from kubeforge.stages.quantize import QUANTIZE
 
-STAGE = "evaluate"
+STAGE = EVALUATE.name
 CHAMPION_ALIAS = "champion"
 _EVAL_SEED = 1234  # MLM masks of the perplexity batches: the same targets for every model
 
@@ -88,30 +93,28 @@ def _hf_loader(model_dir: Path, objective: str, tokenizer_dir: Path | None = Non
 # what to score
 
 
-def _finetune_sources(spec: EvaluateSpec, finetune: StageOutput) -> list[ModelSource]:
+def _finetune_sources(spec: EvaluateSpec, finetune: StageOutput[FinetuneResult]) -> list[ModelSource]:
     result = finetune.result
     # The merged model when there is one; prefix tuning leaves only the adapter (on the base model).
-    key = "model_dir" if result.get("model_dir") else "adapter_dir"
-    if not result.get(key):
+    folder = result.model_artifact()
+    if not folder:
         raise StageError(
             STAGE, f"the finetune stage's result in {finetune.directory} names no model_dir or adapter_dir"
         )
-    if not (finetune.directory / result[key]).is_dir():
+    location = finetune.directory / folder
+    if not location.is_dir():
         raise StageError(
-            STAGE,
-            f"the finetune stage's model folder {finetune.directory / result[key]} does not exist; "
-            "rerun the finetune stage",
+            STAGE, f"the finetune stage's model folder {location} does not exist; rerun the finetune stage",
         )
 
     def load_candidate() -> tuple[Any, Any]:
-        from kubeforge.finetune.load import load_for_inference
+        from kubeforge.engine.model import load_for_inference
 
         return load_for_inference(finetune.directory, result, device="cpu")
 
-    location = finetune.directory / result[key]
     sources = [ModelSource("candidate", str(location), load_candidate)]
     if spec.compare_base:
-        base = result.get("base_model_dir")
+        base = result.base_model_dir
         if not base or not Path(base).is_dir():
             raise StageError(
                 STAGE,
@@ -162,7 +165,7 @@ def _champion_source(
         raise StageError(STAGE, f"could not read registered model '{name}' from MLflow: {exc.message}") from exc
     alias_version = str(version.version)
     parent = version.tags.get("kubeforge.parent_version")
-    if version.tags.get("kubeforge.role") == "quantized" and parent:
+    if version.tags.get("kubeforge.role") == QUANTIZE.model_role and parent:
         # The candidate scored here is unquantized (the quantize stage gates its own loss), so the
         # like-for-like comparison is with the model the champion was quantized from.
         ctx.reporter.log(f"{STAGE}: champion '{name}' version {version.version} is quantized; scoring the "
@@ -196,15 +199,15 @@ def _champion_source(
     return source, alias_version, str(version.version)
 
 
-def _task(ctx: StageContext, finetune: StageOutput | None, spec: EvaluateSpec) -> Task | None:
+def _task(ctx: StageContext, finetune: StageOutput[FinetuneResult] | None, spec: EvaluateSpec) -> Task | None:
     if finetune is None:
         return None
     from kubeforge.finetune.tasks import read_split
 
     result = finetune.result
-    task_dir = finetune.directory / str(result.get("task_dir") or "task")
+    task_dir = finetune.directory / result.task_dir
     records = read_split(task_dir, "test")
-    section = ctx.pipeline.spec.finetune
+    section = FINETUNE.section_of(ctx.pipeline.spec)
     if not records:
         fraction = f" (now {section.task.test_fraction})" if section is not None else ""
         raise StageError(
@@ -212,7 +215,7 @@ def _task(ctx: StageContext, finetune: StageOutput | None, spec: EvaluateSpec) -
             f"the fine-tuning task's test split ({task_dir / 'test.jsonl'}) is empty; raise "
             f"spec.finetune.task.test_fraction{fraction} so that some examples are held out",
         )
-    kind = "preference" if result.get("objective") == "dpo" else "instruction"
+    kind = "preference" if result.objective == "dpo" else "instruction"
     name = "unknown"
     if section is not None:
         name = section.task.builtin or section.task.path or name
@@ -252,10 +255,12 @@ def _shares_vocabulary(model: Any, tokenizer: Any, data_vocab: dict[str, int]) -
     return int(model.get_input_embeddings().num_embeddings) >= max(data_vocab.values()) + 1
 
 
-def _perplexity_batches(data: StageOutput, spec: EvaluateSpec, log: Callable[[str], None]) -> tuple[list[Any], str]:
-    from kubeforge.train.loop import TokenShards, validation_batches
+def _perplexity_batches(
+    data: StageOutput[DataResult], spec: EvaluateSpec, log: Callable[[str], None]
+) -> tuple[list[Any], str]:
+    from kubeforge.engine.batches import TokenShards, validation_batches
 
-    shards_by_split = data.result.get("shards", {})
+    shards_by_split = data.result.shards
     for split in ("test", "validation"):
         files = [data.directory / p for p in shards_by_split.get(split, [])]
         missing = [f for f in files if not f.is_file()]
@@ -287,14 +292,15 @@ def _score(
     device: str,
     objective: str,
     batches: list[Any],
-    data: StageOutput,
+    data: StageOutput[DataResult],
     data_vocab: dict[str, int],
     task: Task | None,
     reference_passes: list[bool | None],
 ) -> Scored:
     import torch
 
-    from kubeforge.train.loop import Batcher, evaluate
+    from kubeforge.engine.batches import Batcher
+    from kubeforge.engine.steps import evaluate_tokens
 
     log = ctx.reporter.log
     model, tokenizer = source.load()
@@ -306,15 +312,15 @@ def _score(
     examples = len(task.records) if task is not None and objective == "causal" else 0
     with ctx.reporter.task(f"{STAGE}: {source.name}", total=len(batches) + examples) as bar:
         if batches and _shares_vocabulary(model, tokenizer, data_vocab):
-            pretrain = ctx.pipeline.spec.pretrain
+            pretrain = PRETRAIN.section_of(ctx.pipeline.spec)
             # The pretraining spec carries the MLM masking settings; without one the defaults serve.
             if pretrain is not None and pretrain.objective == objective:
                 batcher_spec = pretrain
             else:
                 batcher_spec = PretrainSpec.model_validate({"objective": objective})
-            batcher = Batcher(batcher_spec, int(data.result["vocab_size"]), dict(data.result["special_tokens"]))
-            loss, perplexity = evaluate(model, batches, batcher, torch.device(device), False, _EVAL_SEED)
-            model.eval()  # `evaluate` leaves the model in training mode for the training loop
+            batcher = Batcher(batcher_spec, data.result.vocab_size, dict(data.result.special_tokens))
+            loss, perplexity = evaluate_tokens(model, batches, batcher, torch.device(device), False, _EVAL_SEED)
+            model.eval()  # `evaluate_tokens` leaves the model in training mode for the training loop
             metrics["loss"], metrics["perplexity"] = loss, perplexity
         elif batches:
             log(f"{STAGE}: {source.name} ({source.location}) has another tokenizer than the data stage; "
@@ -397,10 +403,10 @@ def _doctest_pass(
 # the stage
 
 
-def _data_vocabulary(data: StageOutput) -> dict[str, int]:
+def _data_vocabulary(data: StageOutput[DataResult]) -> dict[str, int]:
     from transformers import AutoTokenizer
 
-    tokenizer_dir = data.directory / str(data.result.get("tokenizer_dir", "tokenizer"))
+    tokenizer_dir = data.directory / data.result.tokenizer_dir
     if not tokenizer_dir.is_dir():
         raise StageError(STAGE, f"the data stage's tokenizer {tokenizer_dir} does not exist; rerun the data stage")
     return dict(AutoTokenizer.from_pretrained(str(tokenizer_dir)).get_vocab())
@@ -416,14 +422,12 @@ def _device(spec: EvaluateSpec) -> str:
     return "cuda"
 
 
-def run(spec: EvaluateSpec, ctx: StageContext) -> dict[str, Any]:
+def run(spec: EvaluateSpec, ctx: StageContext) -> EvaluateResult:
     from kubeforge import metrics as prometheus
 
-    data = ctx.inputs.get("data")
-    if data is None:
-        raise StageError(STAGE, "needs the output of the data stage (spec.data)")
-    finetune = ctx.inputs.get("finetune")
-    pretrain = ctx.inputs.get("pretrain")
+    data = ctx.require(DATA, "needs the output of the data stage (spec.data)")
+    finetune = ctx.input(FINETUNE)
+    pretrain = ctx.input(PRETRAIN)
     device = _device(spec)
 
     sources: list[ModelSource]
@@ -431,8 +435,8 @@ def run(spec: EvaluateSpec, ctx: StageContext) -> dict[str, Any]:
         objective = "causal"
         sources = _finetune_sources(spec, finetune)
     elif pretrain is not None:
-        objective = str(pretrain.result.get("objective", "causal"))
-        model_dir = pretrain.directory / str(pretrain.result["model_dir"])
+        objective = pretrain.result.objective
+        model_dir = pretrain.directory / pretrain.result.model_dir
         if not model_dir.is_dir():
             raise StageError(STAGE, f"the pretrain stage's model folder {model_dir} does not exist; rerun pretrain")
         sources = [ModelSource("candidate", str(model_dir), _hf_loader(model_dir, objective))]
@@ -512,21 +516,21 @@ def run(spec: EvaluateSpec, ctx: StageContext) -> dict[str, Any]:
         "kubeforge.evaluate.task": task.name if task else "none",
     })
 
-    result: dict[str, Any] = {
-        "candidate": scores["candidate"],
-        "base": scores.get("base"),
-        "champion": scores.get("champion"),
-        "champion_version": champion_version,
-        "champion_scored_version": champion_scored,
-        "models": {s.name: s.location for s in sources},
-        "comparison": "comparison.csv",
-        "comparison_md": "comparison.md",
-        "plots": [str(p.relative_to(out)) for p in plots],
-        "samples": "samples.jsonl",
-        "task": {"kind": task.kind, "name": task.name} if task else None,
-        "num_examples": len(task.records) if task else 0,
-        "perplexity_split": split or None,
-        "doctest_isolation": network_isolation() if task is not None and task.is_code else None,
-    }
-    ctx.tracker.log_dict(result, "evaluation.json")
+    result = EvaluateResult(
+        candidate=scores["candidate"],
+        base=scores.get("base"),
+        champion=scores.get("champion"),
+        champion_version=champion_version,
+        champion_scored_version=champion_scored,
+        models={s.name: s.location for s in sources},
+        comparison="comparison.csv",
+        comparison_md="comparison.md",
+        plots=[str(p.relative_to(out)) for p in plots],
+        samples="samples.jsonl",
+        task={"kind": task.kind, "name": task.name} if task else None,
+        num_examples=len(task.records) if task else 0,
+        perplexity_split=split or None,
+        doctest_isolation=network_isolation() if task is not None and task.is_code else None,
+    )
+    ctx.tracker.log_dict(result.to_json(), "evaluation.json")
     return result

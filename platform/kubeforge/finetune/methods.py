@@ -24,9 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 from kubeforge.errors import StageError
 from kubeforge.spec.finetune import FinetuneSpec
+from kubeforge.stages.pretrain import PretrainResult
 
 if TYPE_CHECKING:
     import torch
+
+    from kubeforge.context import StageOutput
 
 STAGE = "finetune"
 
@@ -49,7 +52,7 @@ class Models:
         return hasattr(self.policy, "peft_config")
 
 
-def resolve_base_model(spec: FinetuneSpec, base_dir: Path, inputs: dict[str, Any]) -> Path:
+def resolve_base_model(spec: FinetuneSpec, base_dir: Path, pretrain: StageOutput[PretrainResult] | None) -> Path:
     """`spec.base_model` relative to the manifest, else the pretrain stage's model folder."""
     if spec.base_model is not None:
         path = (base_dir / spec.base_model).resolve()
@@ -58,13 +61,12 @@ def resolve_base_model(spec: FinetuneSpec, base_dir: Path, inputs: dict[str, Any
                 STAGE, f"spec.finetune.base_model: {path} is not a Hugging Face model folder (no config.json)"
             )
         return path
-    if "pretrain" not in inputs:
+    if pretrain is None:
         raise StageError(
             STAGE, "spec.finetune.base_model is not set and there is no pretrain stage to take the model from; "
             "set base_model to a Hugging Face model folder or add spec.pretrain"
         )
-    pretrain = inputs["pretrain"]
-    return (pretrain.directory / pretrain.result["model_dir"]).resolve()
+    return (pretrain.directory / pretrain.result.model_dir).resolve()
 
 
 def resolve_student_path(spec: FinetuneSpec, base_dir: Path) -> Path | None:
@@ -221,8 +223,8 @@ def build_student(spec: FinetuneSpec, teacher: torch.nn.Module, student_path: Pa
     """A new student on the teacher's vocabulary (from `distill.student`), or the one at `student_path`."""
     from transformers import AutoModelForCausalLM
 
+    from kubeforge.engine.model import build_model
     from kubeforge.spec.pretrain import PretrainSpec, TrainSettings
-    from kubeforge.train.model import build_model
 
     assert spec.distill is not None  # the spec requires it with objective distill
     teacher_config: Any = teacher.config

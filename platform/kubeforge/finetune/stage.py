@@ -1,10 +1,9 @@
 """`run(spec, ctx)`: fine-tune a trained model on a task with Ray Train (SFT, DPO or distillation).
 
-The stage mirrors pretraining (`kubeforge.train.stage`): a `TorchTrainer` whose `RunConfig(name,
-storage_path)` stays `<out_dir>/ray/finetune`, so a rerun in the folder the executor hands back
-after an interruption continues from the last checkpoint (with the same on-disk fallback and
-snapshot repair), worker failures recovered by Ray Train (`max_failures`), progress through the
-`ProgressHub` to the progress bar, MLflow and Prometheus (stage label `finetune`).
+The workers run `kubeforge.finetune.recipe.FinetuneRecipe` through `kubeforge.engine.fit`, as
+pretraining does: a rerun in the folder the executor hands back after an interruption continues from
+the last checkpoint, worker failures are recovered by Ray Train (`max_failures`), progress reaches the
+progress bar, MLflow and Prometheus (stage label `finetune`).
 
 Outputs in the stage folder:
 
@@ -27,9 +26,13 @@ from typing import Any, Literal
 
 from kubeforge.context import StageContext
 from kubeforge.errors import StageError
+from kubeforge.finetune.config import FinetuneLoop
 from kubeforge.spec.finetune import FinetuneSpec
+from kubeforge.stages.data import DATA
+from kubeforge.stages.finetune import EVAL_METRICS, FINETUNE, FinetuneResult
+from kubeforge.stages.pretrain import PRETRAIN
 
-STAGE = "finetune"
+STAGE = FINETUNE.name
 TASK_SUBDIR = "task"
 VALIDATION_SHARE = 0.1
 """Share of the task's train split held out for the evaluations during training (at least one batch)."""
@@ -44,7 +47,7 @@ def ensure_task(spec: FinetuneSpec, ctx: StageContext) -> Path:
     task_dir = ctx.out_dir / TASK_SUBDIR
     if (task_dir / "task.json").is_file():
         return task_dir
-    data = ctx.inputs.get("data")
+    data = ctx.input(DATA)
     if data is None and spec.task.builtin is not None:
         raise StageError(STAGE, f"task '{spec.task.builtin}' is built from the data stage's corpus: add spec.data")
     splits = load_task(spec, ctx.base_dir, data)  # type: ignore[arg-type]  # a JSONL task needs no data stage
@@ -64,13 +67,11 @@ def _replay_pool(spec: FinetuneSpec, ctx: StageContext, base_model: Path) -> Any
 
     from kubeforge.finetune.tasks import replay_rows
 
-    data = ctx.inputs.get("data")
-    if data is None:
-        raise StageError(
-            STAGE, "spec.finetune.replay_fraction: replay draws from the data stage's corpus and this pipeline has "
-            "no data stage; add spec.data or set replay_fraction: 0",
-        )
-    corpus_vocab = AutoTokenizer.from_pretrained(str(data.directory / data.result["tokenizer_dir"])).get_vocab()
+    data = ctx.require(
+        DATA, "spec.finetune.replay_fraction: replay draws from the data stage's corpus and this pipeline has "
+        "no data stage; add spec.data or set replay_fraction: 0",
+    )
+    corpus_vocab = AutoTokenizer.from_pretrained(str(data.directory / data.result.tokenizer_dir)).get_vocab()
     if corpus_vocab != AutoTokenizer.from_pretrained(str(base_model)).get_vocab():
         raise StageError(
             STAGE, "spec.finetune.replay_fraction: the data stage's tokenizer is not the base model's, so its "
@@ -82,18 +83,18 @@ def _replay_pool(spec: FinetuneSpec, ctx: StageContext, base_model: Path) -> Any
     return replay_rows(data, min(MAX_REPLAY_POOL, max(expected, spec.train.batch_size)), spec.task.seed)
 
 
-def loop_config(spec: FinetuneSpec, ctx: StageContext) -> dict[str, Any]:
-    """What `train_loop_per_worker` needs besides the session and the hub.
+def loop_config(spec: FinetuneSpec, ctx: StageContext) -> FinetuneLoop:
+    """What the recipe needs besides the session and the hub.
 
     The tune stage calls this with a trial's spec (and its own context: the task splits are then
-    written under the tune stage's folder) and runs the loop with `{**config, "session": "tune"}`.
+    written under the tune stage's folder) and runs the recipe as a trial.
     """
     from transformers import AutoConfig, AutoTokenizer
 
     from kubeforge.finetune.methods import preflight, resolve_base_model, resolve_student_path
     from kubeforge.finetune.tasks import encode_many, read_split
 
-    base_model = resolve_base_model(spec, ctx.base_dir, ctx.inputs)
+    base_model = resolve_base_model(spec, ctx.base_dir, ctx.input(PRETRAIN))
     student_path = resolve_student_path(spec, ctx.base_dir)
     preflight(spec, base_model, student_path)
     positions = int(AutoConfig.from_pretrained(str(base_model)).max_position_embeddings)
@@ -132,22 +133,22 @@ def loop_config(spec: FinetuneSpec, ctx: StageContext) -> dict[str, Any]:
     train = [encoded[i] for i in order[held_out:]]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     replay = _replay_pool(spec, ctx, base_model)
-    return {
-        "spec": spec.model_dump(mode="json"),
-        "base_model_dir": str(base_model),
-        "student_path": str(student_path) if student_path else None,
-        "task_dir": str(task_dir.resolve()),
-        "train_examples": train,
-        "validation_examples": validation,
-        "dropped_examples": dropped,
-        "num_test_examples": len(read_split(task_dir, "test")),
-        "pad_id": int(pad_id),
-        "replay_rows": replay,
-    }
+    return FinetuneLoop(
+        spec=spec,
+        base_model_dir=str(base_model),
+        student_path=str(student_path) if student_path else None,
+        task_dir=str(task_dir.resolve()),
+        train_examples=train,
+        validation_examples=validation,
+        dropped_examples=dropped,
+        num_test_examples=len(read_split(task_dir, "test")),
+        pad_id=int(pad_id),
+        replay_rows=replay,
+    )
 
 
 def _copy_outputs(checkpoint: Path, out_dir: Path) -> tuple[str | None, str | None]:
-    from kubeforge.finetune.loop import ADAPTER_SUBDIR, MERGED_SUBDIR
+    from kubeforge.finetune.recipe import ADAPTER_SUBDIR, MERGED_SUBDIR
 
     found: list[str | None] = []
     for name in (MERGED_SUBDIR, ADAPTER_SUBDIR):
@@ -162,12 +163,12 @@ def _copy_outputs(checkpoint: Path, out_dir: Path) -> tuple[str | None, str | No
     return found[0], found[1]
 
 
-def run(spec: FinetuneSpec, ctx: StageContext) -> dict[str, Any]:
+def run(spec: FinetuneSpec, ctx: StageContext) -> FinetuneResult:
     import ray
 
-    from kubeforge.finetune.loop import eval_metric_names, train_loop_per_worker
+    from kubeforge.engine.fit import check_resources, fit_with_progress
     from kubeforge.finetune.methods import qlora_without_cuda
-    from kubeforge.train.stage import check_resources, fit_with_progress
+    from kubeforge.finetune.recipe import FinetuneRecipe
 
     if not ray.is_initialized():
         ray.init()  # the executors start or join Ray; a direct call of the stage gets a local runtime
@@ -176,55 +177,52 @@ def run(spec: FinetuneSpec, ctx: StageContext) -> dict[str, Any]:
         raise qlora_without_cuda("the Ray cluster")  # before check_resources: the more useful message
     check_resources(spec, cluster, STAGE)
     config = loop_config(spec, ctx)
-    fit, poller = fit_with_progress(
-        train_loop_per_worker, config, spec, ctx, STAGE, f"{STAGE}: {spec.objective} ({spec.method})"
-    )
+    fit, poller = fit_with_progress(FinetuneRecipe, config, spec, ctx, f"{STAGE}: {spec.objective} ({spec.method})")
     with fit.checkpoint.as_directory() as directory:
         model_dir, adapter_dir = _copy_outputs(Path(directory), ctx.out_dir)
 
     final: dict[str, Any] = dict(fit.metrics or {})
     trainable, total = int(final["trainable_parameters"]), int(final["total_parameters"])
-    summary: dict[str, Any] = {
-        "model_dir": model_dir,
-        "adapter_dir": adapter_dir,
-        "task_dir": TASK_SUBDIR,
-        "base_model_dir": config["base_model_dir"],
-        "objective": spec.objective,
-        "method": spec.method,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "trainable_share": trainable / total,
-        "initial_val_loss": float(final["initial_val_loss"]),
-        **{name: float(final[name]) for name in eval_metric_names(spec.objective)},
-        "final_step": int(final["step"]),
-        "train_loss": float(final["train_loss"]),
-        "tokens_per_second": float(final["tokens_per_second"]),
-        "tokens_seen": int(final["tokens_seen"]),
-        "resumed_from_step": int(final["resumed_from_step"]),
-        "restored_from_steps": poller.restored_steps,
-        "num_train_examples": len(config["train_examples"]),
-        "num_validation_examples": len(config["validation_examples"]),
-        "num_test_examples": int(config["num_test_examples"]),
-        "dropped_examples": int(config["dropped_examples"]),
-        "workers": spec.resources.workers,
-    }
-    if spec.objective == "dpo":
-        summary["initial_reward_accuracy"] = float(final["initial_reward_accuracy"])
-        summary["initial_reward_margin"] = float(final["initial_reward_margin"])
-    else:
-        summary["initial_val_perplexity"] = float(final["initial_val_perplexity"])
-    if spec.method == "prefix":
-        summary["merge_note"] = "prefix tuning cannot be merged into the weights: load base_model_dir + adapter_dir"
+    evaluated = {name: float(final[name]) for name in EVAL_METRICS[spec.objective]}
+    initial = {name: float(value) for name, value in final.items() if name.startswith("initial_")}
+    summary = FinetuneResult(
+        model_dir=model_dir,
+        adapter_dir=adapter_dir,
+        task_dir=TASK_SUBDIR,
+        base_model_dir=config.base_model_dir,
+        objective=spec.objective,
+        method=spec.method,
+        trainable_parameters=trainable,
+        total_parameters=total,
+        trainable_share=trainable / total,
+        final_step=int(final["step"]),
+        train_loss=float(final["train_loss"]),
+        tokens_per_second=float(final["tokens_per_second"]),
+        tokens_seen=int(final["tokens_seen"]),
+        resumed_from_step=int(final["resumed_from_step"]),
+        restored_from_steps=poller.restored_steps,
+        num_train_examples=len(config.train_examples),
+        num_validation_examples=len(config.validation_examples),
+        num_test_examples=config.num_test_examples,
+        dropped_examples=config.dropped_examples,
+        workers=spec.resources.workers,
+        merge_note=(
+            "prefix tuning cannot be merged into the weights: load base_model_dir + adapter_dir"
+            if spec.method == "prefix" else None
+        ),
+        **evaluated,
+        **initial,
+    )
     ctx.tracker.log_metrics(
         {
-            **{f"final_{name}": summary[name] for name in eval_metric_names(spec.objective)},
-            "final_tokens_per_second": summary["tokens_per_second"],
+            **{f"final_{name}": value for name, value in evaluated.items()},
+            "final_tokens_per_second": summary.tokens_per_second,
             "trainable_parameters": trainable,
             "total_parameters": total,
-            "trainable_share": summary["trainable_share"],
-            "dropped_examples": summary["dropped_examples"],
+            "trainable_share": summary.trainable_share,
+            "dropped_examples": summary.dropped_examples,
         },
-        step=summary["final_step"],
+        step=summary.final_step,
     )
     for name in (model_dir, adapter_dir, TASK_SUBDIR):
         if name is not None:

@@ -264,7 +264,7 @@ class _Function:
 def _corpus_functions(data: StageOutput) -> list[_Function]:
     import pyarrow.parquet as pq
 
-    documents = data.directory / str(data.result.get("documents", "documents.parquet"))
+    documents = data.directory / data.result.documents
     if not documents.is_file():
         raise StageError(
             STAGE, f"task 'python-docstrings' needs the data stage's documents, and {documents} does not exist"
@@ -635,8 +635,8 @@ def replay_rows(data: StageOutput, count: int, seed: int) -> np.ndarray:
     """
     import numpy as np
 
-    seq_len = int(data.result["seq_len"])
-    shards = [data.directory / p for p in data.result.get("shards", {}).get("train", [])]
+    seq_len = data.result.seq_len
+    shards = [data.directory / p for p in data.result.shards.get("train", [])]
     missing = [str(path) for path in shards if not path.is_file()]
     if missing:
         raise StageError(STAGE, f"replay: the data stage's shard {missing[0]} does not exist; rerun the data stage")

@@ -24,26 +24,28 @@ from kubeforge.context import StageContext, StageOutput
 from kubeforge.errors import KubeForgeError, StageError
 from kubeforge.quantize.serving import require_servable, write_marker
 from kubeforge.spec.quantize import CALIBRATED, SERVING_ENGINE, SUPPORTED_ARCHITECTURES, QuantizeSpec
+from kubeforge.stages.data import DATA, DataResult
+from kubeforge.stages.quantize import QUANTIZE, QuantizeResult
+from kubeforge.stages.results import ModelResult
 
-STAGE = "quantize"
+STAGE = QUANTIZE.name
 CHECK_PROMPTS = 4
 CHECK_PROMPT_TOKENS = 16
 
 
-def _source_model(ctx: StageContext) -> tuple[Path, str]:
-    """The model to quantize: the fine-tuned one's merged weights, else the pretrained one."""
-    finetune, pretrain = ctx.inputs.get("finetune"), ctx.inputs.get("pretrain")
-    source: StageOutput | None = finetune or pretrain
+def _source_model(ctx: StageContext) -> tuple[Path, StageOutput[ModelResult]]:
+    """The model to quantize: the pipeline's latest model's merged weights (fine-tuned, else pretrained)."""
+    source = ctx.latest_model()
     if source is None:
         raise StageError(STAGE, "needs a model: the output of the finetune or pretrain stage")
-    folder = source.result.get("model_dir")
+    folder = source.result.model_dir
     if not folder:
         raise StageError(STAGE, f"the {source.name} stage left no merged model to quantize (method "
-                                f"{source.result.get('method')!r}); fine-tune with lora or full")
-    model_dir = source.directory / str(folder)
+                                f"{getattr(source.result, 'method', None)!r}); fine-tune with lora or full")
+    model_dir = source.directory / folder
     if not (model_dir / "config.json").is_file():
         raise StageError(STAGE, f"{model_dir} holds no config.json; rerun the {source.name} stage")
-    return model_dir, source.name
+    return model_dir, source
 
 
 def _check_architecture(spec: QuantizeSpec, model_dir: Path) -> str:
@@ -61,10 +63,10 @@ def _check_architecture(spec: QuantizeSpec, model_dir: Path) -> str:
     return architecture
 
 
-def _tokens(data: StageOutput, split: str, count: int | None) -> np.ndarray:
-    from kubeforge.train.loop import TokenShards
+def _tokens(data: StageOutput[DataResult], split: str, count: int | None) -> np.ndarray:
+    from kubeforge.engine.batches import TokenShards
 
-    files = [data.directory / p for p in data.result.get("shards", {}).get(split, [])]
+    files = [data.directory / p for p in data.result.shards.get(split, [])]
     missing = [f for f in files if not f.is_file()]
     if missing:
         raise StageError(STAGE, f"the data stage's {split} shard {missing[0]} does not exist; rerun the data stage")
@@ -73,7 +75,7 @@ def _tokens(data: StageOutput, split: str, count: int | None) -> np.ndarray:
     return shards.rows(list(range(wanted))) if wanted else np.empty((0, shards.seq_len), dtype=np.int64)
 
 
-def _inputs(spec: QuantizeSpec, data: StageOutput) -> tuple[np.ndarray | None, np.ndarray]:
+def _inputs(spec: QuantizeSpec, data: StageOutput[DataResult]) -> tuple[np.ndarray | None, np.ndarray]:
     calibration = None
     if spec.scheme in CALIBRATED:
         calibration = _tokens(data, "train", None)
@@ -187,17 +189,16 @@ def _serving_check(spec: QuantizeSpec, out: Path, evaluation: np.ndarray, tokeni
     }
 
 
-def run(spec: QuantizeSpec, ctx: StageContext) -> dict[str, Any]:
+def run(spec: QuantizeSpec, ctx: StageContext) -> QuantizeResult:
     from kubeforge.quantize.dynamic import weights_size
 
-    data = ctx.inputs.get("data")
-    if data is None:
-        raise StageError(STAGE, "needs the output of the data stage (calibration and test sequences)")
-    model_dir, source_stage = _source_model(ctx)
+    data = ctx.require(DATA, "needs the output of the data stage (calibration and test sequences)")
+    model_dir, source = _source_model(ctx)
+    source_stage = source.name
     architecture = _check_architecture(spec, model_dir)
     calibration, evaluation = _inputs(spec, data)
     device = _device(spec)
-    pad_id = data.result.get("special_tokens", {}).get("pad_id")
+    pad_id = data.result.special_tokens.get("pad_id")
     ctx.tracker.log_params({**spec.model_dump(mode="json"), "source_stage": source_stage,
                             "architecture": architecture})
 
@@ -211,38 +212,40 @@ def run(spec: QuantizeSpec, ctx: StageContext) -> dict[str, Any]:
     increase = after / before - 1
     source_size = weights_size(model_dir)
     size = weights_size(out)
-    summary: dict[str, Any] = {
-        "model_dir": "model",
-        "scheme": spec.scheme,
-        "format": quantized["format"],
-        "architecture": architecture,
-        "source_stage": source_stage,
-        "source_model_dir": str(model_dir),
-        "calibration_samples": 0 if calibration is None else len(calibration),
-        "perplexity_before": before,
-        "perplexity": after,
-        "perplexity_increase": increase,
-        "size_bytes": size,
-        "source_size_bytes": source_size,
-        "size_ratio": size / source_size,
-        "quantizer": {k: v for k, v in quantized.items() if k not in ("perplexity_before", "perplexity_after")},
-    }
+    size_ratio = size / source_size
     gauges = {"perplexity_before": before, "perplexity_after": after, "perplexity_increase": increase,
-              "size_ratio": summary["size_ratio"]}
+              "size_ratio": size_ratio}
     ctx.reporter.log(f"{STAGE}: perplexity {before:.4g} -> {after:.4g} ({increase:+.2%}), "
-                     f"size {source_size / 1e6:.2f} MB -> {size / 1e6:.2f} MB ({summary['size_ratio']:.2f}x)")
+                     f"size {source_size / 1e6:.2f} MB -> {size / 1e6:.2f} MB ({size_ratio:.2f}x)")
     check_perplexity_gate(spec, before, after)
-    summary["check"] = _serving_check(spec, out, evaluation, model_dir, device, pad_id)
-    if "tokens_per_second" in summary["check"]:
-        gauges["check_tokens_per_second"] = summary["check"]["tokens_per_second"]
-        ctx.reporter.log(f"{STAGE}: served by {summary['check']['engine']}: "
-                         f"{summary['check']['generations'][0]!r} ...")
+    check = _serving_check(spec, out, evaluation, model_dir, device, pad_id)
+    if "tokens_per_second" in check:
+        gauges["check_tokens_per_second"] = check["tokens_per_second"]
+        ctx.reporter.log(f"{STAGE}: served by {check['engine']}: {check['generations'][0]!r} ...")
     else:
-        ctx.reporter.log(f"{STAGE}: {summary['check']['skipped']}")
+        ctx.reporter.log(f"{STAGE}: {check['skipped']}")
+    summary = QuantizeResult(
+        model_dir="model",
+        scheme=spec.scheme,
+        format=quantized["format"],
+        architecture=architecture,
+        source_stage=source_stage,
+        source_model_dir=str(model_dir),
+        source_method=source.result.lineage().method,
+        calibration_samples=0 if calibration is None else len(calibration),
+        perplexity_before=before,
+        perplexity=after,
+        perplexity_increase=increase,
+        size_bytes=size,
+        source_size_bytes=source_size,
+        size_ratio=size_ratio,
+        quantizer={k: v for k, v in quantized.items() if k not in ("perplexity_before", "perplexity_after")},
+        check=check,
+    )
     for name, value in gauges.items():
         prometheus.QUANTIZE_METRIC.labels(ctx.pipeline_name, spec.scheme, name).set(value)
     ctx.tracker.log_metrics(gauges)
     ctx.tracker.set_tags({"kubeforge.quantization": spec.scheme})
     ctx.tracker.log_artifact(out, "model")
-    ctx.tracker.log_dict(summary, "quantization.json")
+    ctx.tracker.log_dict(summary.to_json(), "quantization.json")
     return summary

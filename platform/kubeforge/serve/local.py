@@ -61,7 +61,7 @@ def serve_deployment(document: ModelDeployment, options: ServeOptions, say: Call
     rollout's final record, or None without a rollout."""
     from ray import serve
 
-    from kubeforge.executor import ensure_ray
+    from kubeforge.runtime import ensure_ray
 
     name, spec = document.metadata.name, document.spec
     require_local_source(spec.auth)  # before models are downloaded or Ray starts

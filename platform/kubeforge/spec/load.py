@@ -15,7 +15,8 @@ from pydantic import BaseModel, ValidationError
 from kubeforge.errors import Problem, SpecError
 from kubeforge.spec.data import SOURCE_TAGS, FilesSource
 from kubeforge.spec.deployment import ROLLOUT_STRATEGIES, ModelDeployment
-from kubeforge.spec.pipeline import DNS1123_LABEL, ModelPipeline
+from kubeforge.spec.pipeline import DNS1123_LABEL, ModelPipeline, pipeline_model
+from kubeforge.stages.data import DATA
 
 _TAGS = set(SOURCE_TAGS)
 
@@ -107,7 +108,7 @@ def read_document(path: Path) -> Any:
 
 
 def parse_manifest(document: Any, source: str = "manifest") -> ModelPipeline:
-    return _parse(ModelPipeline, document, source)
+    return _parse(pipeline_model(), document, source)
 
 
 def parse_deployment(document: Any, source: str = "manifest") -> ModelDeployment:
@@ -148,7 +149,8 @@ def _matches(pattern: str, base_dir: Path) -> list[Path]:
 
 def check_source_files(pipeline: ModelPipeline, base_dir: Path) -> None:
     problems: list[Problem] = []
-    for index, source in enumerate(pipeline.spec.data.sources):
+    data = DATA.section_of(pipeline.spec)
+    for index, source in enumerate(data.sources if data is not None else []):
         if not isinstance(source, FilesSource):
             continue
         for j, pattern in enumerate(source.paths):

@@ -1,20 +1,28 @@
-"""The `ModelPipeline` manifest: the one source of truth for what a pipeline does."""
+"""The `ModelPipeline` manifest: the one source of truth for what a pipeline does.
+
+Its `spec` has a section per registered stage (`kubeforge.stages`) plus `cluster`. `pipeline_model()`
+builds the pydantic model from the registry; `ModelPipeline` and `PipelineSpec` are the classes code
+and type checkers see, and carry the rules that span sections.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, create_model, model_validator
 
+from kubeforge import stages
 from kubeforge.spec.base import StrictModel
 from kubeforge.spec.cluster import ClusterSpec
-from kubeforge.spec.data import DataSpec
-from kubeforge.spec.evaluate import EvaluateSpec
-from kubeforge.spec.finetune import FinetuneSpec
-from kubeforge.spec.pretrain import ModelArchitecture, PretrainSpec
-from kubeforge.spec.promotion import STAGE_METRICS, PromotionSpec
-from kubeforge.spec.quantize import SERVING_ENGINE, SUPPORTED_ARCHITECTURES, QuantizeSpec
-from kubeforge.spec.tune import REPORTED_METRICS, TuneSpec, field_paths
+from kubeforge.spec.pretrain import ModelArchitecture
+from kubeforge.spec.quantize import SERVING_ENGINE, SUPPORTED_ARCHITECTURES
+from kubeforge.spec.tune import field_paths
+from kubeforge.stages.data import DATA
+from kubeforge.stages.finetune import FINETUNE
+from kubeforge.stages.pretrain import PRETRAIN
+from kubeforge.stages.promote import PROMOTE
+from kubeforge.stages.quantize import QUANTIZE
+from kubeforge.stages.tune import TUNE
 
 API_VERSION = "kubeforge.io/v1alpha1"
 
@@ -34,31 +42,29 @@ class Metadata(StrictModel):
     """Kubernetes annotations; recorded on every stage's MLflow run as `kubeforge.annotation.<key>`."""
 
 
+CLUSTER_DOC = """How the operator runs the stages on Kubernetes (image, scheduling, work volume, retries); the
+operator requires it. `kubeforge run` validates it and runs on the local Ray runtime instead."""
+
+
 class PipelineSpec(StrictModel):
-    data: DataSpec
-    pretrain: PretrainSpec | None = None
-    tune: TuneSpec | None = None
-    finetune: FinetuneSpec | None = None
-    evaluate: EvaluateSpec | None = None
-    quantize: QuantizeSpec | None = None
-    promotion: PromotionSpec | None = None
-    cluster: ClusterSpec | None = None
-    """How the operator runs the stages on Kubernetes (image, scheduling, work volume, retries); the
-    operator requires it. `kubeforge run` validates it and runs on the local Ray runtime instead."""
+    """The sections of a pipeline; `pipeline_model()` adds one per registered stage, then `cluster`."""
+
+    if TYPE_CHECKING:
+        cluster: ClusterSpec | None
 
     # Checks that span sections are raised from here (not from the sections) because the limit lives
     # in another section; each message starts with the path of the field to change, which the error
     # formatter turns into the reported location.
     @model_validator(mode="after")
     def _sequences_fit_the_model(self) -> PipelineSpec:
-        if self.pretrain is not None:
-            seq_len = self.data.packing.seq_len
-            limit = self.pretrain.model.max_position_embeddings
+        data, pretrain, finetune = DATA.section_of(self), PRETRAIN.section_of(self), FINETUNE.section_of(self)
+        if pretrain is not None and data is not None:
+            seq_len = data.packing.seq_len
+            limit = pretrain.model.max_position_embeddings
             if seq_len > limit:
                 raise ValueError(
                     f"data.packing.seq_len: must be <= pretrain.model.max_position_embeddings ({limit}) (got {seq_len})"
                 )
-            finetune = self.finetune
             if finetune is not None and finetune.base_model is None and finetune.max_length > limit:
                 raise ValueError(
                     f"finetune.max_length: must be <= pretrain.model.max_position_embeddings ({limit}) "
@@ -68,19 +74,25 @@ class PipelineSpec(StrictModel):
 
     @model_validator(mode="after")
     def _stages_have_their_inputs(self) -> PipelineSpec:
-        if self.finetune is not None and self.finetune.base_model is None and self.pretrain is None:
+        finetune = FINETUNE.section_of(self)
+        if finetune is not None and finetune.base_model is None and PRETRAIN.section_of(self) is None:
             raise ValueError("finetune.base_model: set a model folder, or add a pretrain section to train one")
-        for name, verb in (("evaluate", "score"), ("quantize", "quantize"), ("promotion", "register")):
-            if getattr(self, name) is not None and self.pretrain is None and self.finetune is None:
-                raise ValueError(f"{name}: needs a model to {verb}; add a pretrain or finetune section")
+        makers = [s for s in stages.model_stages() if s.needs_model is None]
+        if any(maker.section_of(self) is not None for maker in makers):
+            return self
+        for stage in stages.present(self):
+            if stage.needs_model is not None:
+                raise ValueError(f"{stage.section}: needs a model to {stage.needs_model}; add a "
+                                 f"{' or '.join(m.section for m in makers)} section")
         return self
 
     @model_validator(mode="after")
     def _quantizer_supports_the_model(self) -> PipelineSpec:
-        quantize = self.quantize
+        quantize = QUANTIZE.section_of(self)
         if quantize is None:
             return self
-        if self.finetune is not None and self.finetune.method == "prefix":
+        finetune = FINETUNE.section_of(self)
+        if finetune is not None and finetune.method == "prefix":
             raise ValueError(
                 f"quantize.scheme: {quantize.scheme} needs one set of merged weights, but method 'prefix' keeps "
                 "its prefix apart from the base model; fine-tune with lora or full"
@@ -103,63 +115,71 @@ class PipelineSpec(StrictModel):
 
     @model_validator(mode="after")
     def _gates_name_produced_metrics(self) -> PipelineSpec:
-        if self.promotion is None:
+        promotion = PROMOTE.section_of(self)
+        if promotion is None:
             return self
-        for i, gate in enumerate(self.promotion.gates):
-            if gate.stage not in STAGE_METRICS:
+        gated = {s.name: s for s in stages.all_stages() if s.metrics}
+        for i, gate in enumerate(promotion.gates):
+            stage = gated.get(gate.stage)
+            if stage is None:
                 raise ValueError(
                     f"promotion.gates.{i}.metric: no stage '{gate.stage}' reports metrics for gates "
-                    f"(stages: {', '.join(STAGE_METRICS)})"
+                    f"(stages: {', '.join(gated)})"
                 )
-            if getattr(self, gate.stage) is None:
+            if stage.section_of(self) is None:
                 raise ValueError(
                     f"promotion.gates.{i}.metric: '{gate.metric}' comes from the {gate.stage} stage, which this "
-                    f"manifest does not have; add a {gate.stage} section or drop the gate"
+                    f"manifest does not have; add a {stage.section} section or drop the gate"
                 )
-            if gate.name not in STAGE_METRICS[gate.stage]:
+            if gate.name not in stage.metric_names():
                 raise ValueError(
                     f"promotion.gates.{i}.metric: the {gate.stage} stage does not produce '{gate.name}' "
-                    f"(it produces: {', '.join(STAGE_METRICS[gate.stage])})"
+                    f"(it produces: {', '.join(stage.metric_names())})"
                 )
         return self
 
     @model_validator(mode="after")
     def _search_fits_its_target(self) -> PipelineSpec:
-        for name in ("pretrain", "finetune"):
-            section = getattr(self, name)
-            if section is not None and section.hyperparameters_from == "tune":
-                if self.tune is None:
-                    raise ValueError(f"{name}.hyperparameters_from: there is no tune section to take them from")
-                if self.tune.target != name:
-                    raise ValueError(
-                        f"{name}.hyperparameters_from: the tune section searches '{self.tune.target}', not '{name}'"
-                    )
-        tune = self.tune
+        tune = TUNE.section_of(self)
+        for stage in stages.present(self):
+            if getattr(stage.section_of(self), "hyperparameters_from", None) != TUNE.name:
+                continue
+            if tune is None:
+                raise ValueError(f"{stage.section}.hyperparameters_from: there is no tune section to take them from")
+            if tune.target != stage.name:
+                raise ValueError(
+                    f"{stage.section}.hyperparameters_from: the tune section searches '{tune.target}', "
+                    f"not '{stage.name}'"
+                )
         if tune is None:
             return self
-        target = getattr(self, tune.target)
-        if target is None:
+        targets = {s.name: s for s in stages.training_stages()}
+        if tune.target not in targets:
+            raise ValueError(f"tune.target: '{tune.target}' is not a stage that trains ({', '.join(targets)})")
+        stage = targets[tune.target]
+        section = stage.section_of(self)
+        if section is None:
             raise ValueError(f"tune.target: the manifest has no {tune.target} section to search over")
-        settable = field_paths(type(target))
+        settable = field_paths(stage.spec_type)
         for path in tune.search_space:
             if path not in settable:
                 raise ValueError(
                     f"tune.search_space.{path}: not a setting of spec.{tune.target} "
                     f"(settable: {', '.join(settable)})"
                 )
-        key = tune.target if tune.target == "pretrain" else f"finetune:{target.objective}"
+        assert stage.training is not None  # training_stages() holds only those
+        reported = stage.training.eval_metrics(section)
+        varies = stage.training.eval_metrics_vary_with
+        who = f"{tune.target} with {varies} {getattr(section, varies)}" if varies else tune.target
         for metric in tune.metrics:
-            if metric not in REPORTED_METRICS[key]:
-                raise ValueError(
-                    f"tune.metric: no stage reports '{metric}'; {key.replace(':', ' with objective ')} reports "
-                    f"{', '.join(REPORTED_METRICS[key])}"
-                )
+            if metric not in reported:
+                raise ValueError(f"tune.metric: no stage reports '{metric}'; {who} reports {', '.join(reported)}")
         return self
 
     def final_model(self) -> tuple[str, ModelArchitecture, str] | None:
         """The `transformers` class, sizes and manifest path of the pipeline's final model when the
         manifest decides them; None when it comes from a model folder read at run time."""
-        finetune, pretrain = self.finetune, self.pretrain
+        finetune, pretrain = FINETUNE.section_of(self), PRETRAIN.section_of(self)
         if finetune is not None and finetune.distill is not None:
             student = finetune.distill.student
             return None if student is None else ("LlamaForCausalLM", student, "finetune.distill.student")
@@ -179,40 +199,49 @@ class ModelPipeline(StrictModel):
 
     def stage_names(self) -> list[str]:
         """Stages this manifest asks for, in execution order."""
-        spec = self.spec
-        names = ["data"]
-        if spec.tune is not None and spec.tune.target == "pretrain":
-            names.append("tune")
-        if spec.pretrain is not None:
-            names.append("pretrain")
-        if spec.tune is not None and spec.tune.target == "finetune":
-            names.append("tune")
-        for name in ("finetune", "evaluate", "quantize"):
-            if getattr(spec, name) is not None:
-                names.append(name)
-        if spec.promotion is not None:
-            names.append("promote")
-        return names
+        return stages.order(self.spec)
 
     def stage_deps(self, name: str) -> tuple[str, ...]:
         """The stages whose outputs `name` reads; all of them come earlier in `stage_names()`."""
-        spec = self.spec
-        present = set(self.stage_names())
-        wanted: tuple[str, ...]
-        if name == "data":
-            return ()
-        if name == "pretrain":
-            wanted = ("data", "tune") if spec.pretrain and spec.pretrain.hyperparameters_from else ("data",)
-        elif name == "tune":
-            wanted = ("data",) if spec.tune and spec.tune.target == "pretrain" else ("data", "pretrain")
-        elif name == "finetune":
-            wanted = ("data", "pretrain", "tune") if spec.finetune and spec.finetune.hyperparameters_from else (
-                "data", "pretrain")
-        elif name in ("evaluate", "quantize"):
-            wanted = ("data", "pretrain", "finetune")
-        elif name == "promote":
-            # Its gates read any earlier stage's metrics, and it registers the last model.
-            wanted = ("data", "pretrain", "finetune", "evaluate", "quantize")
-        else:
-            raise KeyError(name)
-        return tuple(d for d in wanted if d in present)
+        return stages.inputs(self.spec, name)
+
+    def section(self, stage: str) -> Any:
+        """The manifest section of stage `stage` (None when the manifest has none)."""
+        return getattr(self.spec, stages.get(stage).section, None)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The validating class is built at run time (pipeline_model); a pickle (Ray ships contexts to
+        # trials) carries the document and validates it again on the other side.
+        return _rebuild, (self.model_dump(mode="json", exclude_unset=True),)
+
+
+def _rebuild(document: dict[str, Any]) -> ModelPipeline:
+    return pipeline_model().model_validate(document)
+
+
+_MODELS: dict[tuple[stages.Stage[Any, Any], ...], type[ModelPipeline]] = {}
+
+
+def pipeline_model() -> type[ModelPipeline]:
+    """The `ModelPipeline` model with a section for every registered stage: what manifests validate against."""
+    key = tuple(stages.all_stages())
+    if key not in _MODELS:
+        sections: dict[str, Any] = {}
+        for stage in key:
+            if stage.required:
+                sections[stage.section] = (stage.spec_type, ...)
+            else:
+                sections[stage.section] = (stage.spec_type | None, None)
+        # After the stages, as it has always come last.
+        sections["cluster"] = (ClusterSpec | None, Field(default=None, description=CLUSTER_DOC))
+        spec = create_model("PipelineSpec", __base__=PipelineSpec, __module__=__name__, __doc__=None, **sections)
+        _MODELS[key] = create_model(
+            "ModelPipeline", __base__=ModelPipeline, __module__=__name__, __doc__=ModelPipeline.__doc__,
+            spec=(spec, ...),
+        )
+    return _MODELS[key]
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of the ModelPipeline manifest (the CRD's schema is derived from it)."""
+    return pipeline_model().model_json_schema()

@@ -10,18 +10,6 @@ from kubeforge.spec.base import StrictModel
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 
-# The metrics each stage's result carries, which gates may name as `<stage>.<metric>`.
-STAGE_METRICS: dict[str, tuple[str, ...]] = {
-    "pretrain": ("val_loss", "val_perplexity"),
-    "finetune": ("val_loss", "val_perplexity", "reward_accuracy", "reward_margin"),
-    "evaluate": ("perplexity", "exact_match", "bleu", "rouge_l", "parse_rate", "doctest_pass_rate"),
-    "quantize": ("perplexity", "perplexity_increase", "size_ratio"),
-}
-LOWER_IS_BETTER = frozenset({"val_loss", "val_perplexity", "perplexity", "perplexity_increase", "size_ratio"})
-COMPARED_WITH_CHAMPION = "evaluate"
-"""Only the evaluate stage scores the champion, so only its metrics have a champion value to compare with."""
-
-
 class Gate(StrictModel):
     """One condition on a metric: `min`/`max` bounds and/or `max_regression` against the champion."""
 
@@ -39,11 +27,16 @@ class Gate(StrictModel):
             raise ValueError(f"gate on {self.metric}: set min, max or max_regression")
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(f"gate on {self.metric}: min ({self.min}) is above max ({self.max})")
-        if self.max_regression is not None and self.stage != COMPARED_WITH_CHAMPION:
-            raise ValueError(
-                f"gate on {self.metric}: max_regression compares with the champion's score, which only the "
-                f"{COMPARED_WITH_CHAMPION} stage measures; use min/max, or gate an {COMPARED_WITH_CHAMPION}.* metric"
-            )
+        if self.max_regression is not None:
+            # Imported here: the stage registry declares this section, so it imports this module first.
+            from kubeforge import stages
+
+            scorers = [s.name for s in stages.all_stages() if s.scores_champion]
+            if self.stage not in scorers:
+                raise ValueError(
+                    f"gate on {self.metric}: max_regression compares with the champion's score, which only the "
+                    f"{' and '.join(scorers)} stage measures; use min/max, or gate an {scorers[0]}.* metric"
+                )
         return self
 
     @property

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from kubeforge.spec.deployment import ModelDeployment
-from kubeforge.spec.pipeline import ModelPipeline
+from kubeforge.spec.pipeline import pipeline_model
 
 
 def render() -> str:
@@ -23,7 +23,7 @@ def render() -> str:
         "Generated from `kubeforge.spec` by `python -m kubeforge.spec.reference > docs/manifest.md`;",
         "a test fails when this file and the models disagree. Unknown fields are errors.",
     ]
-    for model in (ModelPipeline, ModelDeployment):
+    for model in (pipeline_model(), ModelDeployment):
         lines += ["", f"## {model.__name__}", "", "| field | type | default | meaning |", "|---|---|---|---|"]
         _rows(model, "", lines)
     return "\n".join(lines) + "\n"

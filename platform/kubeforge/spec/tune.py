@@ -11,13 +11,11 @@ from kubeforge.spec.base import StrictModel
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 
-# What each training loop reports at every evaluation: the metrics a search may optimise.
-REPORTED_METRICS: dict[str, tuple[str, ...]] = {
-    "pretrain": ("val_loss", "val_perplexity"),
-    "finetune:sft": ("val_loss", "val_perplexity"),
-    "finetune:distill": ("val_loss", "val_perplexity"),
-    "finetune:dpo": ("val_loss", "reward_accuracy", "reward_margin"),
-}
+def _training_stages(schema: dict[str, Any]) -> None:
+    """The schema of `target`: the stages that train (the registry declares them; it imports this module)."""
+    from kubeforge import stages
+
+    schema["enum"] = [s.name for s in stages.training_stages()]
 
 
 class Dimension(StrictModel):
@@ -65,7 +63,7 @@ class TuneSpec(StrictModel):
     """The search stage; its best configuration feeds the target stage that names it in
     `hyperparameters_from: tune`."""
 
-    target: Literal["pretrain", "finetune"] = "finetune"
+    target: Annotated[str, Field(json_schema_extra=_training_stages)] = "finetune"
     """The training stage whose loop each trial runs (its manifest section is the starting point)."""
     search_space: Annotated[dict[str, Dimension], Field(min_length=1)]
     """Dotted paths into the target's section (e.g. `train.lr`, `lora.rank`) and their ranges."""

@@ -1,8 +1,8 @@
 """`run(spec, ctx)`: hyper-parameter search over the pretraining or fine-tuning loop with Ray Tune.
 
-Each trial runs the target stage's own training loop (`train_loop_per_worker` with
-`config["session"] == "tune"`) as a single-process Tune function trainable on the target's manifest
-section with the trial's values applied. The loop reports every evaluation, which is what ASHA decides
+Each trial runs the target stage's own training recipe (its registry entry's `Training`) on a
+`TuneSession`, as a single-process Tune function trainable on the target's manifest section with the
+trial's values applied. The loop reports every evaluation, which is what ASHA decides
 on, and checkpoints at every evaluation.
 
 Persistence and resuming. The Optuna study lives in `spec.storage` or in `optuna.journal` in the stage
@@ -24,7 +24,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,15 +33,18 @@ from pydantic import BaseModel, ValidationError
 from ray import tune
 
 from kubeforge import metrics as prom
+from kubeforge import stages
 from kubeforge.context import ProgressTask, Reporter, StageContext
+from kubeforge.engine.session import TuneSession
 from kubeforge.errors import KubeForgeError, StageError
 from kubeforge.progress import QuietReporter
 from kubeforge.spec.tune import TuneSpec, apply_overrides
+from kubeforge.stages.tune import TUNE, TuneResult
 from kubeforge.tracking import TAG_PREFIX, Tracker
 from kubeforge.tune import checkpoints, search
 from kubeforge.tune.plots import HistoryPoint, optimization_history, param_importances
 
-STAGE = "tune"
+STAGE = TUNE.name
 RUN_NAME = "tune"
 TRIALS_FILE = "trials.json"
 HISTORY_FILE = "history.jsonl"
@@ -58,24 +61,11 @@ EXPERIMENT_STATE_PERIOD_S = "2"
 # --- the trial: runs in its own Ray actor ------------------------------------------------------------
 
 
-def _section_type(target: str) -> type[BaseModel]:
-    if target == "pretrain":
-        from kubeforge.spec.pretrain import PretrainSpec
-
-        return PretrainSpec
-    from kubeforge.spec.finetune import FinetuneSpec
-
-    return FinetuneSpec
-
-
-def _train_loop(target: str) -> Callable[[dict[str, Any]], None]:
-    if target == "pretrain":
-        from kubeforge.train.loop import train_loop_per_worker as pretrain_loop
-
-        return pretrain_loop
-    from kubeforge.finetune.loop import train_loop_per_worker as finetune_loop
-
-    return finetune_loop
+def _training(target: str) -> stages.Training:
+    training = stages.get(target).training
+    if training is None:  # the manifest's validation refuses such a target
+        raise StageError(STAGE, f"spec.tune.target: the {target} stage does not train")
+    return training
 
 
 def run_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
@@ -89,10 +79,11 @@ def run_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
     """
     target = base["target"]
     try:
-        section = _section_type(target).model_validate(base["section"])
+        section = stages.get(target).spec_type.model_validate(base["section"])
         trial_spec = apply_overrides(section, {path: config[path] for path in base["paths"]})
-        loop_config = {**_loop_config(target, trial_spec, base["context"]), "session": "tune"}
-        _train_loop(target)(loop_config)
+        loop_config = _loop_config(target, trial_spec, base["context"])
+        recipe = stages.load(_training(target).recipe)
+        recipe(loop_config, TuneSession(trial_spec.resources.use_gpu)).run()  # type: ignore[attr-defined]
     except ValidationError as exc:
         raise TrialError(f"spec.{target} with this trial's values: {_validation_message(exc)}") from None
     except KubeForgeError as exc:
@@ -104,22 +95,9 @@ class TrialError(Exception):
     neither pydantic's ValidationError nor StageError (keyword-only arguments) survives."""
 
 
-def _loop_config(target: str, section: BaseModel, ctx: StageContext) -> dict[str, Any]:
-    if target == "pretrain":
-        from kubeforge.spec.pretrain import PretrainSpec
-        from kubeforge.train.stage import loop_config as pretrain_config
-
-        assert isinstance(section, PretrainSpec)
-        config = pretrain_config(section, ctx)
-    else:
-        from kubeforge.finetune.stage import loop_config as finetune_config
-        from kubeforge.spec.finetune import FinetuneSpec
-
-        assert isinstance(section, FinetuneSpec)
-        config = finetune_config(section, ctx)
-    # A Ray Train progress hub belongs to one TorchTrainer run; Tune trials report through Tune instead.
-    config.pop("hub", None)
-    return config
+def _loop_config(target: str, section: BaseModel, ctx: StageContext) -> Any:
+    """The target's loop configuration for `section`; progress goes through Tune, not a Ray Train hub."""
+    return stages.load(_training(target).loop_config)(section, ctx)
 
 
 def _trial_context(ctx: StageContext) -> StageContext:
@@ -434,10 +412,10 @@ def _importances(storage: Any, study_name: str) -> dict[str, float]:
     return dict(optuna.importance.get_param_importances(study))
 
 
-def run(spec: TuneSpec, ctx: StageContext) -> dict[str, Any]:
+def run(spec: TuneSpec, ctx: StageContext) -> TuneResult:
     import ray
 
-    target = getattr(ctx.pipeline.spec, spec.target)
+    target = ctx.pipeline.section(spec.target)
     if target is None:
         raise StageError(STAGE, f"spec.tune.target: the manifest has no {spec.target} section to search over")
     max_step = search.trial_budget(spec, target.train.max_steps)
@@ -525,7 +503,7 @@ def _summarise(
     study_name: str,
     storage_label: str,
     max_step: int,
-) -> dict[str, Any]:
+) -> TuneResult:
     metric, mode = spec.metrics[0], spec.modes[0]
     failed = [o for o in outcomes if o.state == "failed"]
     for o in failed:
@@ -548,25 +526,14 @@ def _summarise(
     if not completed:
         ctx.reporter.log(f"tune: no trial ran its full {max_step} steps; the best is an early-stopped one")
 
-    result: dict[str, Any] = {
-        "best_config": dict(best.params),
-        "best_metrics": dict(best.metrics),
-        "best_trial": best.trial_id,
-        "metric": spec.metric,
-        "mode": spec.mode,
-        "num_trials": len(outcomes),
-        "completed_trials": len(completed),
-        "early_stopped_trials": len(early),
-        "failed_trials": len(failed),
-        "total_trial_steps": sum(o.last_step for o in outcomes),
-        "study_storage": storage_label,
-    }
+    pareto_front = None
     if len(spec.metrics) > 1:
         front = search.pareto_front([[o.metrics[m] for m in spec.metrics] for o in completed], spec.modes)
-        result["pareto_front"] = [
+        pareto_front = [
             {"trial": completed[i].trial_id, "config": completed[i].params, "metrics": completed[i].metrics}
             for i in front
         ]
+    total_steps = sum(o.last_step for o in outcomes)
 
     out_dir = ctx.out_dir
     plots_dir = out_dir / PLOTS_DIR
@@ -578,6 +545,7 @@ def _summarise(
     ]
     optimization_history(history, metric, mode, plots_dir / "optimization_history.png")
     plots.append(f"{PLOTS_DIR}/optimization_history.png")
+    importances: dict[str, float] | None = None
     try:
         importances = _importances(study_storage, study_name)
     except Exception as exc:  # any reason (too few trials, a constant objective) only costs the plot
@@ -586,9 +554,23 @@ def _summarise(
         objective = metric if len(spec.metrics) == 1 else f"the Pareto front of {', '.join(spec.metrics)}"
         param_importances(importances, objective, plots_dir / "param_importances.png")
         plots.append(f"{PLOTS_DIR}/param_importances.png")
-        result["param_importances"] = importances
-    result["plots"] = plots
     _write_csv(out_dir / CSV_FILE, outcomes, spec)
+    result = TuneResult(
+        best_config=dict(best.params),
+        best_metrics=dict(best.metrics),
+        best_trial=best.trial_id,
+        metric=spec.metric,
+        mode=spec.mode if isinstance(spec.mode, str) else [str(m) for m in spec.mode],
+        num_trials=len(outcomes),
+        completed_trials=len(completed),
+        early_stopped_trials=len(early),
+        failed_trials=len(failed),
+        total_trial_steps=total_steps,
+        study_storage=storage_label,
+        plots=plots,
+        pareto_front=pareto_front,
+        param_importances=importances,
+    )
 
     tracker = ctx.tracker
     tracker.log_metrics(
@@ -597,12 +579,12 @@ def _summarise(
             "trials_completed": len(completed),
             "trials_early_stopped": len(early),
             "trials_failed": len(failed),
-            "total_trial_steps": result["total_trial_steps"],
+            "total_trial_steps": total_steps,
         },
         step=max_step,
     )
     tracker.set_tags({f"{TAG_PREFIX}best_trial": best.trial_id})
-    tracker.log_dict(result["best_config"], "best_config.json")
+    tracker.log_dict(result.best_config, "best_config.json")
     tracker.log_artifact(plots_dir, PLOTS_DIR)
     tracker.log_artifact(out_dir / CSV_FILE)
     prom.TUNE_BEST_METRIC.labels(ctx.pipeline_name, metric).set(best.metrics[metric])
@@ -610,7 +592,7 @@ def _summarise(
                          ("running", 0)):
         prom.TUNE_TRIALS.labels(ctx.pipeline_name, state).set(count)
     ctx.reporter.log(
-        f"tune: best trial {best.trial_id} {metric}={best.metrics[metric]:.4g} with {result['best_config']} "
+        f"tune: best trial {best.trial_id} {metric}={best.metrics[metric]:.4g} with {result.best_config} "
         f"({len(completed)} completed, {len(early)} stopped early, {len(failed)} failed)"
     )
     return result

@@ -1,4 +1,4 @@
-"""Learning-rate schedule: linear warmup to `lr`, then cosine decay to `lr x min_lr_ratio`."""
+"""AdamW and the learning-rate schedule: linear warmup to `lr`, then cosine decay to `lr x min_lr_ratio`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,20 @@ from kubeforge.spec.pretrain import TrainSettings
 
 if TYPE_CHECKING:
     import torch
+
+
+def build_optimizer(model: torch.nn.Module, train: TrainSettings) -> torch.optim.AdamW:
+    """AdamW without weight decay on biases, norms and embeddings' 1-d parameters (standard practice:
+    decaying them towards zero only hurts). Frozen parameters (a PEFT model's base) are left out."""
+    import torch
+
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=train.lr,
+        betas=train.betas,
+    )
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:

@@ -17,12 +17,12 @@ from typing import Any
 from kubeforge import metrics as prometheus
 from kubeforge.context import StageContext
 from kubeforge.errors import StageError
-from kubeforge.registry.gates import evaluate_gates, report
-from kubeforge.registry.lineage import candidate
+from kubeforge.promote.gates import evaluate_gates, report
 from kubeforge.spec.promotion import ApprovalSpec, PromotionSpec
+from kubeforge.stages.promote import PROMOTE, PromoteResult
 from kubeforge.tracking import TAG_PREFIX
 
-STAGE = "promote"
+STAGE = PROMOTE.name
 GATES_TAG = f"{TAG_PREFIX}gates"
 APPROVAL_TAG = f"{TAG_PREFIX}approval"
 
@@ -60,24 +60,23 @@ def _wait_for_approval(registry: Any, model: str, version: str, spec: ApprovalSp
     )
 
 
-def run(spec: PromotionSpec, ctx: StageContext) -> dict[str, Any]:
+def run(spec: PromotionSpec, ctx: StageContext) -> PromoteResult:
     from kubeforge.registry.client import CHALLENGER, CHAMPION, Registry, current_user
 
-    source = candidate(ctx.inputs)
+    source = ctx.latest_model()
     if source is None:
         raise StageError(STAGE, "needs a model to promote: the output of the pretrain, finetune or quantize stage")
-    registered = source.result.get("registered")
-    if not registered:
+    registered = source.registered
+    if registered is None:
         raise StageError(
             STAGE,
             f"the {source.name} stage's model in {source.directory} was never registered (made by an older "
             f"KubeForge?); delete that folder and rerun so the stage registers its model",
         )
-    model, version = str(registered["model"]), str(registered["version"])
+    model, version = registered.model, registered.version
     registry = Registry(ctx.tracker.tracking_uri)
 
-    results = {name: out.result for name, out in ctx.inputs.items()}
-    outcomes = evaluate_gates(list(spec.gates), results)
+    outcomes = evaluate_gates(list(spec.gates), {name: out.result for name, out in ctx.inputs.items()})
     table = report(outcomes)
     (ctx.out_dir / "gates.md").write_text(f"# Gates for '{model}' version {version}\n\n{table}")
     (ctx.out_dir / "gates.json").write_text(json.dumps([o.as_dict() for o in outcomes], indent=2))
@@ -116,14 +115,14 @@ def run(spec: PromotionSpec, ctx: StageContext) -> dict[str, Any]:
         record = registry.move_alias(model, alias, version, action="promote", reason=reason, user=user)
         audit.append(asdict(record))
         ctx.reporter.log(f"{STAGE}: {alias}: version {record.from_version or 'none'} -> {version}")
-    return {
-        "model": model,
-        "version": version,
-        "candidate_stage": source.name,
-        "aliases": aliases,
-        "gates": [o.as_dict() for o in outcomes],
-        "gates_verdict": verdict,
-        "approved_by": approved_by,
-        "audit": audit,
-        "report": "gates.md",
-    }
+    return PromoteResult(
+        model=model,
+        version=version,
+        candidate_stage=source.name,
+        aliases=aliases,
+        gates=[o.as_dict() for o in outcomes],
+        gates_verdict=verdict,
+        approved_by=approved_by,
+        audit=audit,
+        report="gates.md",
+    )

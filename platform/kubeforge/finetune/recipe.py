@@ -1,10 +1,10 @@
-"""The fine-tuning loop every Ray Train worker (or a Tune trial) runs.
+"""The fine-tuning recipe every Ray Train worker (or a Tune trial) runs.
 
-It has the shape of the pretraining loop and reuses its pieces (`kubeforge.train.loop`): a `Session`,
-DDP through `session.prepare_model`, gradient accumulation, warmup + cosine schedule, clipping,
-`RankSampler` batches addressed by position, checkpoints with `save_state`/`load_state`, and the same
-progress messages to the hub. What differs is the data (encoded task examples, padded per batch) and
-the loss, which depends on the objective:
+The engine's `Recipe` gives it the lifecycle it shares with pretraining: a `Session`, DDP through
+`session.prepare_model`, gradient accumulation, warmup + cosine schedule, clipping, `RankSampler`
+batches addressed by position, checkpoints and resuming, and the same progress messages to the hub.
+What is its own is the data (encoded task examples, padded per batch) and the loss, which depends on
+the objective:
 
 * `sft`: cross-entropy on the response tokens (labels are -100 on the prompt);
 * `dpo`: DPO on summed response log-probabilities against the reference model;
@@ -23,7 +23,6 @@ one batch) for the evaluations during training; the test split is left for the e
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,35 +30,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from kubeforge.engine.batches import RankSampler
+from kubeforge.engine.recipe import Batch, Recipe
+from kubeforge.engine.steps import all_reduce_sum, unwrap
 from kubeforge.finetune import losses
+from kubeforge.finetune.config import FinetuneLoop
 from kubeforge.finetune.methods import Models, build_models, save_merged
 from kubeforge.spec.finetune import FinetuneSpec
-from kubeforge.spec.tune import REPORTED_METRICS
-from kubeforge.train.loop import (
-    RankSampler,
-    _all_reduce_sum,
-    build_optimizer,
-    make_session,
-    report_checkpoint,
-    resolve_bf16,
-    restore,
-    save_state,
-    seed_everything,
-    train_step,
-    unwrap,
-)
-from kubeforge.train.schedule import build_scheduler
-from kubeforge.train.session import Session, checkpoint_dir
+from kubeforge.stages.finetune import EVAL_METRICS
 
 ADAPTER_SUBDIR = "adapter"
 MERGED_SUBDIR = "merged"
 # Separates the replay draws' random stream from every other use of the training seed.
 _REPLAY_STREAM = 0x5EED
-
-
-def eval_metric_names(objective: str) -> tuple[str, ...]:
-    """What every evaluation reports besides `step`: the names the tune spec lets a search optimise."""
-    return REPORTED_METRICS[f"finetune:{objective}"]
 
 
 def replay_choices(seed: int, micro_batch: int, rank: int, size: int, fraction: float, pool: int) -> list[int | None]:
@@ -199,9 +182,9 @@ class Objective:
                     sums[0] += float(total)
                     sums[3] += tokens
         model.train()
-        loss_sum, correct, margin_sum, count = _all_reduce_sum(sums, self.device)
+        loss_sum, correct, margin_sum, count = all_reduce_sum(sums, self.device)
         if not count:
-            return dict.fromkeys(eval_metric_names(self.spec.objective), math.nan)
+            return dict.fromkeys(EVAL_METRICS[self.spec.objective], math.nan)
         loss = loss_sum / count
         if self.spec.objective == "dpo":
             return {"val_loss": loss, "reward_accuracy": correct / count, "reward_margin": margin_sum / count}
@@ -217,148 +200,88 @@ def validation_batches(
     return [collator(mine[i : i + batch_size], device) for i in range(0, len(mine), batch_size)]
 
 
-def save_outputs(spec: FinetuneSpec, models: Models, policy: torch.nn.Module, config: Mapping[str, Any],
-                 directory: Path) -> None:
-    """Rank 0: `adapter/` (PEFT methods) and `merged/` (a plain model folder; not for prefix tuning,
-    whose prefixes are extra attention inputs and cannot be folded into weights), each with the
-    tokenizer and the chat template the examples were formatted with."""
-    from transformers import AutoTokenizer
+class FinetuneRecipe(Recipe[FinetuneLoop]):
+    @property
+    def spec(self) -> FinetuneSpec:
+        return self.config.spec
 
-    from kubeforge.finetune.tasks import CHAT_TEMPLATE
-
-    tokenizer = AutoTokenizer.from_pretrained(config["base_model_dir"])
-    tokenizer.chat_template = CHAT_TEMPLATE
-    base_model = Path(config["base_model_dir"])
-    policy_config: Any = policy.config
-    policy_config.use_cache = True  # off during training (no generation); on for whoever loads the output
-    if models.is_peft:
-        adapter = directory / ADAPTER_SUBDIR
-        policy.save_pretrained(str(adapter))  # type: ignore[operator]
-        tokenizer.save_pretrained(str(adapter))
-        if spec.method == "prefix":
-            return
-        save_merged(spec, policy, base_model, adapter, directory / MERGED_SUBDIR)
-    else:
-        policy.save_pretrained(str(directory / MERGED_SUBDIR), safe_serialization=True)  # type: ignore[operator]
-    tokenizer.save_pretrained(str(directory / MERGED_SUBDIR))
-
-
-def _step_batches(
-    examples: Sequence[Mapping[str, list[int]]], sampler: RankSampler, collator: Collator, device: torch.device,
-    step: int, accum: int, batch_size: int,
-) -> list[dict[str, Any]]:
-    batches = []
-    for a in range(accum):
-        micro_batch = step * accum + a
-        rows = [examples[i] for i in sampler.batch(micro_batch, batch_size)]
-        batches.append(collator(rows, device, micro_batch))
-    return batches
-
-
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker (or Tune trial) entry point; `config` comes from `kubeforge.finetune.stage.loop_config`."""
-    spec = FinetuneSpec.model_validate(config["spec"])
-    session: Session = make_session(config, spec.resources.use_gpu)
-    rank, world_size, device = session.rank, session.world_size, session.device
-    bf16 = resolve_bf16(spec.train.precision, device)
-    seed_everything(spec.train.seed + rank)
-    student_path = config.get("student_path")
-    models = build_models(
-        spec, Path(config["base_model_dir"]), Path(student_path) if student_path else None, device
-    )
-    policy = models.policy
-    policy_config: Any = policy.config
-    policy_config.use_cache = False
-    if spec.train.activation_checkpointing and spec.method != "qlora":  # qlora turns it on itself
-        policy.gradient_checkpointing_enable(  # type: ignore[operator]
-            gradient_checkpointing_kwargs={"use_reentrant": False}
+    def _setup_model(self) -> torch.nn.Module:
+        spec, config = self.spec, self.config
+        student_path = config.student_path
+        self.models = build_models(
+            spec, Path(config.base_model_dir), Path(student_path) if student_path else None, self.device
         )
-    model = session.prepare_model(policy, "ddp")
-    optimizer = build_optimizer(model, spec.train)
-    scheduler = build_scheduler(optimizer, spec.train)
-    objective = Objective(spec, models, device, bf16)
-    # PEFT checkpoints hold the adapters only: the frozen base is reloaded from the base model folder.
-    trainable_only = models.is_peft
-
-    start_step, resumed_from, tokens_seen = 0, 0, 0
-    initial: dict[str, float] = {}
-    restored = restore(session, config, model, optimizer, scheduler, trainable_only)
-    if restored is not None:
-        start_step = resumed_from = int(restored["step"])
-        tokens_seen = int(restored.get("tokens_seen", 0))
-        initial = {k: float(v) for k, v in restored.items() if k.startswith("initial_")}
-
-    replay_pool = np.asarray(config["replay_rows"], dtype=np.int64) if config.get("replay_rows") is not None else None
-    collator = Collator(spec, int(config["pad_id"]), replay_pool, rank)
-    train_examples: list[dict[str, list[int]]] = config["train_examples"]
-    sampler = RankSampler(len(train_examples), rank, world_size, spec.train.seed)
-    val_batches = validation_batches(
-        config["validation_examples"], collator, device, rank, world_size, spec.train.batch_size,
-        spec.eval.max_batches,
-    )
-    accum = spec.train.grad_accum_steps
-
-    def push_eval(step: int, evaluation: dict[str, float]) -> None:
-        message = {"step": step, **evaluation}
-        if rank == 0:
-            session.push({"event": "eval", **message})
-        session.report_eval(message)
-
-    if not initial:
-        evaluation = objective.evaluate(model, val_batches)
-        initial = {f"initial_{k}": v for k, v in evaluation.items()}
-        push_eval(start_step, evaluation)
-
-    last_eval: dict[str, float] | None = None
-    train_seconds, train_tokens = 0.0, 0
-    step = start_step
-    train_loss = math.nan
-    while step < spec.train.max_steps:
-        started = time.perf_counter()
-        micro_batches = _step_batches(
-            train_examples, sampler, collator, device, step, accum, spec.train.batch_size
-        )
-        lr = scheduler.get_last_lr()[0]
-        local_loss = train_step(
-            model, optimizer, scheduler, micro_batches, spec.train.grad_clip, bf16, device, objective.loss
-        )
-        step_tokens = sum(b["tokens"] for b in micro_batches)
-        loss_sum, all_tokens = _all_reduce_sum([local_loss, step_tokens], device)
-        train_loss = loss_sum / world_size
-        elapsed = time.perf_counter() - started
-        step += 1
-        train_seconds += elapsed
-        train_tokens += step_tokens
-        tokens_seen += int(all_tokens)
-        session.push({
-            "event": "step", "rank": rank, "step": step, "train_loss": train_loss, "lr": lr,
-            "tokens_per_second": step_tokens / elapsed, "tokens": tokens_seen,
-        })
-
-        final = step == spec.train.max_steps
-        if step % spec.eval.every_steps == 0 or final:
-            last_eval = objective.evaluate(model, val_batches)
-            push_eval(step, last_eval)
-        if step % spec.checkpoint.every_steps == 0 and not final:
-            report_checkpoint(
-                session, model, optimizer, scheduler, step, {"tokens_seen": tokens_seen, **initial},
-                {"step": step, "train_loss": train_loss, "resumed_from_step": resumed_from}, trainable_only,
+        # PEFT checkpoints hold the adapters only: the frozen base is reloaded from the base model folder.
+        self.trainable_only = self.models.is_peft
+        policy = self.models.policy
+        policy_config: Any = policy.config
+        policy_config.use_cache = False
+        if spec.train.activation_checkpointing and spec.method != "qlora":  # qlora turns it on itself
+            policy.gradient_checkpointing_enable(  # type: ignore[operator]
+                gradient_checkpointing_kwargs={"use_reentrant": False}
             )
+        model = self.session.prepare_model(policy, "ddp")
+        self.objective = Objective(spec, self.models, self.device, self.bf16)
+        return model
 
-    if last_eval is None:
-        # Nothing left to train (a rerun after the last checkpoint was the final one): score it anyway.
-        last_eval = objective.evaluate(model, val_batches)
-    own_rate = train_tokens / train_seconds if train_seconds else 0.0
-    total_rate = _all_reduce_sum([own_rate], device)[0]
-    metrics = {
-        "step": step, "train_loss": train_loss, **last_eval, "tokens_per_second": total_rate,
-        "tokens_seen": tokens_seen, "resumed_from_step": resumed_from,
-        "trainable_parameters": models.trainable_parameters, "total_parameters": models.total_parameters, **initial,
-    }
-    extra = {"tokens_seen": tokens_seen, **initial}
-    with checkpoint_dir() as directory:
-        save_state(directory, model, optimizer, scheduler, step, rank, extra, trainable_only)
-        if rank == 0 and config.get("save_outputs", True):
-            save_outputs(spec, models, unwrap(model), config, directory)
-        # A unique name: a rerun of a finished run reports its final checkpoint once more.
-        session.report(metrics, directory, f"checkpoint_{step:08d}_final_{time.strftime('%Y%m%d-%H%M%S')}")
+    def _setup_data(self) -> None:
+        spec, config = self.spec, self.config
+        replay_pool = np.asarray(config.replay_rows, dtype=np.int64) if config.replay_rows is not None else None
+        self.collator = Collator(spec, config.pad_id, replay_pool, self.rank)
+        self.sampler = RankSampler(len(config.train_examples), self.rank, self.world_size, spec.train.seed)
+        self.val_batches = validation_batches(
+            config.validation_examples, self.collator, self.device, self.rank, self.world_size,
+            spec.train.batch_size, spec.eval.max_batches,
+        )
+
+    def _micro_batches(self, step: int) -> list[Batch]:
+        accum, batch_size = self.spec.train.grad_accum_steps, self.spec.train.batch_size
+        batches: list[Batch] = []
+        for a in range(accum):
+            micro_batch = step * accum + a
+            rows = [self.config.train_examples[i] for i in self.sampler.batch(micro_batch, batch_size)]
+            batches.append(self.collator(rows, self.device, micro_batch))
+        return batches
+
+    def _loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        return self.objective.loss(model, batch)
+
+    def _tokens(self, micro_batches: Sequence[Batch]) -> int:
+        return sum(int(b["tokens"]) for b in micro_batches)  # real tokens: batches are padded per batch
+
+    def _evaluate(self) -> dict[str, float]:
+        return self.objective.evaluate(self.model, self.val_batches)
+
+    def _final_extras(self) -> dict[str, Any]:
+        return {
+            "trainable_parameters": self.models.trainable_parameters,
+            "total_parameters": self.models.total_parameters,
+        }
+
+    def _save_outputs(self, directory: Path) -> None:
+        """`adapter/` (PEFT methods) and `merged/` (a plain model folder; not for prefix tuning, whose
+        prefixes are extra attention inputs and cannot be folded into weights), each with the tokenizer
+        and the chat template the examples were formatted with."""
+        if not self.config.save_outputs:
+            return
+        from transformers import AutoTokenizer
+
+        from kubeforge.finetune.tasks import CHAT_TEMPLATE
+
+        spec, models = self.spec, self.models
+        policy = unwrap(self.model)
+        tokenizer = AutoTokenizer.from_pretrained(self.config.base_model_dir)
+        tokenizer.chat_template = CHAT_TEMPLATE
+        base_model = Path(self.config.base_model_dir)
+        policy_config: Any = policy.config
+        policy_config.use_cache = True  # off during training (no generation); on for whoever loads the output
+        if models.is_peft:
+            adapter = directory / ADAPTER_SUBDIR
+            policy.save_pretrained(str(adapter))  # type: ignore[operator]
+            tokenizer.save_pretrained(str(adapter))
+            if spec.method == "prefix":
+                return
+            save_merged(spec, policy, base_model, adapter, directory / MERGED_SUBDIR)
+        else:
+            policy.save_pretrained(str(directory / MERGED_SUBDIR), safe_serialization=True)  # type: ignore[operator]
+        tokenizer.save_pretrained(str(directory / MERGED_SUBDIR))

@@ -6,7 +6,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from kubeforge.spec.promotion import COMPARED_WITH_CHAMPION, LOWER_IS_BETTER, Gate
+from kubeforge import stages
+from kubeforge.spec.promotion import Gate
+from kubeforge.stages.results import StageResult
 
 
 @dataclass(frozen=True)
@@ -34,25 +36,16 @@ class MissingMetric(Exception):
     """A gate names a metric its stage did not produce in this run (e.g. perplexity without a test split)."""
 
 
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
-
-
-def candidate_value(gate: Gate, results: dict[str, dict[str, Any]]) -> tuple[float, float | None]:
+def candidate_value(gate: Gate, results: dict[str, StageResult]) -> tuple[float, float | None]:
     """The candidate's value of the gate's metric, and the champion's where the stage scored one."""
     result = results.get(gate.stage)
     if result is None:
         raise MissingMetric(f"{gate.metric}: the {gate.stage} stage did not run")
-    if gate.stage == COMPARED_WITH_CHAMPION:
-        value = _number((result.get("candidate") or {}).get(gate.name))
-        champion = _number((result.get("champion") or {}).get(gate.name))
-    else:
-        value, champion = _number(result.get(gate.name)), None
+    value, champion = result.gate_values(gate.name)
     if value is None:
-        scored = result.get("candidate") if gate.stage == COMPARED_WITH_CHAMPION else result
-        present = sorted(k for k, v in (scored or {}).items() if _number(v) is not None)
         raise MissingMetric(
-            f"{gate.metric}: the {gate.stage} stage produced no value for it in this run (it has: {', '.join(present)})"
+            f"{gate.metric}: the {gate.stage} stage produced no value for it in this run "
+            f"(it has: {', '.join(result.scored_metrics())})"
         )
     return value, champion
 
@@ -68,7 +61,7 @@ def check(gate: Gate, value: float, champion: float | None) -> GateOutcome:
         if champion is None:
             notes.append("no champion score to compare with")
         else:
-            lower_better = gate.name in LOWER_IS_BETTER
+            lower_better = gate.name in stages.lower_is_better()
             worse_by = (value - champion) if lower_better else (champion - value)
             relative = worse_by / abs(champion) if champion else (math.inf if worse_by > 0 else 0.0)
             verdict = f"{relative:+.2%} worse than the champion's {champion:.6g}" if relative > 0 else (
@@ -83,7 +76,7 @@ def check(gate: Gate, value: float, champion: float | None) -> GateOutcome:
     return GateOutcome(gate, value, champion, passed, "; ".join(failures or notes))
 
 
-def evaluate_gates(gates: list[Gate], results: dict[str, dict[str, Any]]) -> list[GateOutcome]:
+def evaluate_gates(gates: list[Gate], results: dict[str, StageResult]) -> list[GateOutcome]:
     """Check every gate (not just up to the first failure): the report must name each one that failed."""
     outcomes = []
     for gate in gates:

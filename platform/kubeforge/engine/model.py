@@ -1,12 +1,16 @@
-"""Build the `transformers` model a `PretrainSpec` describes (Llama for causal, BERT for mlm)."""
+"""The models the stages train and score: built from a `model` section (Llama for causal, BERT for
+mlm), and loaded back from a fine-tuning stage's output."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from kubeforge.errors import StageError
 from kubeforge.spec.pretrain import PretrainSpec
+from kubeforge.stages.finetune import FINETUNE, FinetuneResult
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -89,3 +93,30 @@ def build_model(spec: PretrainSpec, vocab_size: int, special_tokens: Mapping[str
 def count_parameters(model: object) -> int:
     """Unique parameters: tied input and output embeddings count once."""
     return sum(p.numel() for p in model.parameters())  # type: ignore[attr-defined]
+
+
+def load_for_inference(stage_dir: Path, result: FinetuneResult, device: str = "cpu") -> tuple[Any, Any]:
+    """(model, tokenizer) of a finished fine-tuning stage, in eval mode on `device`.
+
+    The merged model when there is one (a plain `transformers` model); otherwise (prefix tuning) the
+    base model with the adapter on top through `PeftModel.from_pretrained`. The tokenizer comes with
+    the output and carries the chat template the model was trained with.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model: Any
+    if result.model_dir:
+        folder = stage_dir / result.model_dir
+        model = AutoModelForCausalLM.from_pretrained(str(folder))
+    elif result.adapter_dir:
+        from peft import PeftModel
+
+        folder = stage_dir / result.adapter_dir
+        base = AutoModelForCausalLM.from_pretrained(result.base_model_dir)
+        model = PeftModel.from_pretrained(base, str(folder))
+    else:
+        raise StageError(FINETUNE.name, f"the fine-tuning output in {stage_dir} has neither model_dir nor adapter_dir")
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model.to(device)
+    model.eval()
+    return model, tokenizer

