@@ -132,7 +132,7 @@ def test_the_merged_model_equals_base_plus_adapter_and_is_a_plain_llama_folder(t
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from kubeforge.finetune.tasks import CHAT_TEMPLATE
+    from kubeforge.formats.chat import CHAT_TEMPLATE
 
     _, (ctx, result, _), _ = lora_runs
     merged_dir = ctx.out_dir / result["model_dir"]

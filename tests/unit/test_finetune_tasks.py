@@ -1,4 +1,4 @@
-"""The fine-tuning task: built-in and JSONL examples, splits, chat format, tokenisation and replay rows."""
+"""The fine-tuning task: built-in and JSONL examples, splits, tokenisation and replay rows."""
 
 from __future__ import annotations
 
@@ -13,18 +13,15 @@ import pytest
 from kubeforge.context import StageOutput
 from kubeforge.errors import StageError
 from kubeforge.finetune.tasks import (
-    ASSISTANT_HEADER,
-    CHAT_TEMPLATE,
     IGNORE_INDEX,
     encode_dpo,
     encode_many,
     encode_sft,
     load_task,
-    prompt_text,
-    read_split,
     replay_rows,
-    write_splits,
 )
+from kubeforge.formats.chat import prompt_text
+from kubeforge.formats.splits import read_split, write_splits
 from kubeforge.spec.finetune import FinetuneSpec
 
 pytestmark = pytest.mark.unit
@@ -287,34 +284,10 @@ def test_a_single_example_cannot_fill_both_splits(data: StageOutput, tmp_path: P
 
 
 # ---------------------------------------------------------------------------------------------
-# chat format and tokenisation
+# tokenisation
 
 RECORD = {"id": "r", "instruction": "Write the body of this Python function.",
           "input": 'def one():\n    """One."""\n', "output": "    return 1\n"}
-
-
-def test_chat_template_renders_with_transformers_and_keeps_the_vocabulary(tokenizer: Any, tmp_path: Path) -> None:
-    # The fast-tokenizer class AutoTokenizer (and vLLM) load these folders with; AutoTokenizer imports torch.
-    from transformers import PreTrainedTokenizerFast
-
-    size = len(tokenizer)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(str(tmp_path / "tok"))
-    loaded = PreTrainedTokenizerFast.from_pretrained(str(tmp_path / "tok"))
-    assert len(loaded) == size
-    prompt = prompt_text(RECORD, loaded)
-    assert prompt.endswith(ASSISTANT_HEADER)
-    assert prompt == "### User:\n" + RECORD["instruction"] + "\n\n" + RECORD["input"] + "\n\n### Assistant:\n"
-    conversation = [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": RECORD["instruction"] + "\n\n" + RECORD["input"]},
-        {"role": "assistant", "content": RECORD["output"]},
-    ]
-    full = loaded.apply_chat_template(conversation, tokenize=False)
-    assert full == "### System:\nBe brief.\n\n" + prompt + RECORD["output"] + "<|endoftext|>"
-    assert prompt_text({"id": "p", "prompt": "Hi", "chosen": "a", "rejected": "b"}, loaded).endswith(
-        "### User:\nHi\n\n### Assistant:\n"
-    )
 
 
 def test_sft_labels_mask_exactly_the_prompt_and_end_with_eos(tokenizer: Any) -> None:

@@ -199,7 +199,7 @@ def _champion_source(
 def _task(ctx: StageContext, finetune: StageOutput | None, spec: EvaluateSpec) -> Task | None:
     if finetune is None:
         return None
-    from kubeforge.finetune.tasks import read_split
+    from kubeforge.formats.splits import read_split
 
     result = finetune.result
     task_dir = finetune.directory / str(result.get("task_dir") or "task")
@@ -321,7 +321,7 @@ def _score(
                 "it is compared on generation only")
         bar.update(len(batches))
         if examples and task is not None:
-            from kubeforge.finetune.tasks import prompt_text
+            from kubeforge.formats.chat import prompt_text
 
             scored.prompts = [prompt_text(record, tokenizer) for record in task.records]
             max_new, max_prompt = _generation_budget(model, spec.max_new_tokens, source.name, log)

@@ -224,7 +224,7 @@ def save_outputs(spec: FinetuneSpec, models: Models, policy: torch.nn.Module, co
     tokenizer and the chat template the examples were formatted with."""
     from transformers import AutoTokenizer
 
-    from kubeforge.finetune.tasks import CHAT_TEMPLATE
+    from kubeforge.formats.chat import CHAT_TEMPLATE
 
     tokenizer = AutoTokenizer.from_pretrained(config["base_model_dir"])
     tokenizer.chat_template = CHAT_TEMPLATE

@@ -39,7 +39,8 @@ MAX_REPLAY_POOL = 4096
 
 def ensure_task(spec: FinetuneSpec, ctx: StageContext) -> Path:
     """`<out_dir>/task/` with the task's splits, written once: a rerun (resuming) trains on the same split."""
-    from kubeforge.finetune.tasks import load_task, write_splits
+    from kubeforge.finetune.tasks import load_task
+    from kubeforge.formats.splits import write_splits
 
     task_dir = ctx.out_dir / TASK_SUBDIR
     if (task_dir / "task.json").is_file():
@@ -91,7 +92,8 @@ def loop_config(spec: FinetuneSpec, ctx: StageContext) -> dict[str, Any]:
     from transformers import AutoConfig, AutoTokenizer
 
     from kubeforge.finetune.methods import preflight, resolve_base_model, resolve_student_path
-    from kubeforge.finetune.tasks import encode_many, read_split
+    from kubeforge.finetune.tasks import encode_many
+    from kubeforge.formats.splits import read_split
 
     base_model = resolve_base_model(spec, ctx.base_dir, ctx.inputs)
     student_path = resolve_student_path(spec, ctx.base_dir)

@@ -1,11 +1,7 @@
-"""The fine-tuning task: examples from a JSONL file or built from the corpus, split, chat-formatted and tokenised.
+"""The fine-tuning task: examples from a JSONL file or built from the corpus, split and tokenised.
 
-Two kinds of record:
-
-* instruction (objectives `sft` and `distill`): `{"id", "instruction", "input", "output"}`; the built-in
-  task adds `entry_point`, `qualname`, `module` and `has_doctests` so that evaluation can run the code;
-* preference (objective `dpo`): `{"id", "prompt", "chosen", "rejected"}` (the built-in task adds the same
-  metadata).
+The record kinds and the files the splits are written to are in `kubeforge.formats.splits`, the chat
+template the prompts are rendered with in `kubeforge.formats.chat`.
 
 Splits: identical examples are dropped first, then each example goes to `test` when a hash of its
 normalised *prompt* falls below `test_fraction`. The hash is not seeded, so an example's split never
@@ -29,11 +25,13 @@ import keyword
 import random
 import tokenize
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from kubeforge.errors import StageError
+from kubeforge.formats.chat import prompt_text, user_message
+from kubeforge.formats.splits import TaskSplits
 
 if TYPE_CHECKING:
     import numpy as np
@@ -43,27 +41,6 @@ if TYPE_CHECKING:
 
 STAGE = "finetune"
 
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}"
-    "{{ '### System:\\n' + message['content'] + '\\n\\n' }}"
-    "{%- elif message['role'] == 'user' -%}"
-    "{{ '### User:\\n' + message['content'] + '\\n\\n' }}"
-    "{%- elif message['role'] == 'assistant' -%}"
-    "{{ '### Assistant:\\n' + message['content'] + eos_token }}"
-    "{%- else -%}"
-    "{{ raise_exception('unknown chat role: ' + message['role']) }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{ '### Assistant:\\n' }}"
-    "{%- endif -%}"
-)
-"""Plain-text turns, no new special tokens (the vocabulary of the pretrained model must not change).
-An assistant turn ends with the eos token, which is what makes a served model stop."""
-
-ASSISTANT_HEADER = "### Assistant:\n"
-"""The end of every prompt: what `add_generation_prompt` appends and the model continues."""
 IGNORE_INDEX = -100
 """Label of tokens that carry no loss (the prompt): PyTorch's cross-entropy default `ignore_index`."""
 
@@ -76,16 +53,6 @@ _FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "instruction": (("instruction", "output"), ("id", "input")),
     "preference": (("prompt", "chosen", "rejected"), ("id",)),
 }
-
-
-@dataclass(frozen=True)
-class TaskSplits:
-    kind: Literal["instruction", "preference"]
-    train: list[dict[str, Any]]
-    test: list[dict[str, Any]]
-    stats: dict[str, int] = field(default_factory=dict)
-    """Counts for the stage's log and task.json: examples found, duplicates dropped, training examples
-    left out by `max_examples`."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,48 +474,7 @@ def _statement_value_end(tokens: Sequence[tokenize.TokenInfo], first: int) -> tu
 
 
 # ---------------------------------------------------------------------------------------------
-# files
-
-
-def write_splits(splits: TaskSplits, out_dir: Path) -> None:
-    """`train.jsonl`, `test.jsonl` and `task.json` (kind and counts) in `out_dir`."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, records in (("train", splits.train), ("test", splits.test)):
-        with (out_dir / f"{name}.jsonl").open("w", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    summary = {"kind": splits.kind, "train": len(splits.train), "test": len(splits.test), **splits.stats}
-    (out_dir / "task.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-
-
-def read_split(task_dir: Path, split: str) -> list[dict[str, Any]]:
-    """The records `write_splits` wrote for `split` ("train" or "test")."""
-    path = task_dir / f"{split}.jsonl"
-    if not path.is_file():
-        raise StageError(STAGE, f"{path} does not exist; the task's splits were not written")
-    with path.open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
-# ---------------------------------------------------------------------------------------------
-# chat format and tokenisation
-
-
-def user_message(record: dict[str, Any]) -> str:
-    """The user's turn: a preference record's prompt, or the instruction followed by its input."""
-    if "prompt" in record:
-        return str(record["prompt"])
-    extra = str(record.get("input") or "")
-    return f"{record['instruction']}\n\n{extra}" if extra else str(record["instruction"])
-
-
-def prompt_text(record: dict[str, Any], tokenizer: Any) -> str:
-    """The chat-formatted prompt, ending with the assistant header the model continues."""
-    messages = [{"role": "user", "content": user_message(record)}]
-    rendered = tokenizer.apply_chat_template(
-        messages, chat_template=CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True
-    )
-    return str(rendered)
+# tokenisation
 
 
 def _token_ids(tokenizer: Any, text: str) -> list[int]:
