@@ -39,7 +39,7 @@ MAX_REPLAY_POOL = 4096
 
 def ensure_task(spec: FinetuneSpec, ctx: StageContext) -> Path:
     """`<out_dir>/task/` with the task's splits, written once: a rerun (resuming) trains on the same split."""
-    from kubeforge.finetune.tasks import load_task
+    from kubeforge.finetune.task_files import load_task
     from kubeforge.formats.splits import write_splits
 
     task_dir = ctx.out_dir / TASK_SUBDIR
@@ -63,7 +63,7 @@ def _replay_pool(spec: FinetuneSpec, ctx: StageContext, base_model: Path) -> Any
         return None
     from transformers import AutoTokenizer
 
-    from kubeforge.finetune.tasks import replay_rows
+    from kubeforge.finetune.replay import replay_rows
 
     data = ctx.inputs.get("data")
     if data is None:
@@ -91,8 +91,8 @@ def loop_config(spec: FinetuneSpec, ctx: StageContext) -> dict[str, Any]:
     """
     from transformers import AutoConfig, AutoTokenizer
 
+    from kubeforge.finetune.encoding import encode_many
     from kubeforge.finetune.methods import preflight, resolve_base_model, resolve_student_path
-    from kubeforge.finetune.tasks import encode_many
     from kubeforge.formats.splits import read_split
 
     base_model = resolve_base_model(spec, ctx.base_dir, ctx.inputs)
