@@ -1,7 +1,7 @@
 """`run(spec, ctx)`: score the candidate model against its base and the registered champion.
 
-* **candidate**: the fine-tuning stage's model (`kubeforge.finetune.load.load_for_inference`) when the
-  pipeline fine-tunes, else the pretraining stage's model;
+* **candidate**: the fine-tuning stage's model (`kubeforge.formats.finetuned_model.load_for_inference`)
+  when the pipeline fine-tunes, else the pretraining stage's model;
 * **base**: the model the fine-tuning started from (`base_model_dir` of its result), with
   `spec.compare_base` and a fine-tuning stage;
 * **champion**: the version behind the alias `champion` of the registered MLflow model
@@ -104,7 +104,7 @@ def _finetune_sources(spec: EvaluateSpec, finetune: StageOutput) -> list[ModelSo
         )
 
     def load_candidate() -> tuple[Any, Any]:
-        from kubeforge.finetune.load import load_for_inference
+        from kubeforge.formats.finetuned_model import load_for_inference
 
         return load_for_inference(finetune.directory, result, device="cpu")
 

@@ -14,7 +14,8 @@ Outputs in the stage folder:
 * `merged/` (full, lora, qlora, distill): a plain Hugging Face model folder with the base's config
   (for distill: the student) and the tokenizer with the chat template; it loads in `transformers`
   and vLLM. Prefix tuning has none: its prefixes are extra attention inputs in every layer, not a
-  change of weights, so they cannot be merged; `load.load_for_inference` loads base + adapter.
+  change of weights, so they cannot be merged; `kubeforge.formats.finetuned_model.load_for_inference`
+  loads base + adapter.
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""Loading a fine-tuning stage's model for generation or scoring (the evaluate stage uses this)."""
+"""A fine-tuning stage's model output, loaded for generation or scoring.
+
+The fine-tuning stage writes `merged/` or `adapter/` and names them in its result (`model_dir`,
+`adapter_dir`, `base_model_dir`); the evaluate stage loads them through this, outside the fine-tuning
+package it must not import.
+"""
 
 from __future__ import annotations
 
