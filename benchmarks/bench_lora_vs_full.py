@@ -38,7 +38,7 @@ def prepare(root: Path, hidden: int, layers: int) -> None:
     """Tokenizer, random base model and the task JSONL under `root`."""
     from kubeforge.data.sources import stdlib_dir
     from kubeforge.data.tokenizer import special_token_ids, train_tokenizer
-    from kubeforge.finetune.tasks import extract_functions
+    from kubeforge.finetune.functions import extract_functions
     from kubeforge.spec.data import TokenizerSpec
     from kubeforge.spec.pretrain import ModelArchitecture, PretrainSpec
     from kubeforge.train.model import build_model

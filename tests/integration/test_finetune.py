@@ -132,7 +132,7 @@ def test_the_merged_model_equals_base_plus_adapter_and_is_a_plain_llama_folder(t
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from kubeforge.finetune.tasks import CHAT_TEMPLATE
+    from kubeforge.formats.chat import CHAT_TEMPLATE
 
     _, (ctx, result, _), _ = lora_runs
     merged_dir = ctx.out_dir / result["model_dir"]
@@ -188,7 +188,7 @@ def test_full_fine_tuning_trains_every_parameter(tiny_lm, tmp_path: Path) -> Non
 def test_prefix_tuning_learns_and_loads_as_base_plus_adapter(tiny_lm, tmp_path: Path) -> None:
     import torch
 
-    from kubeforge.finetune.load import load_for_inference
+    from kubeforge.engine.model import load_for_inference
 
     section = _section(method="prefix", prefix={"num_virtual_tokens": 8}, train={"lr": 3e-2})
     session, config = _local(tiny_lm, section, "prefix", tmp_path)

@@ -1,4 +1,4 @@
-"""The fine-tuning task: built-in and JSONL examples, splits, chat format, tokenisation and replay rows."""
+"""The fine-tuning task: built-in and JSONL examples, deduplicated and split, and the splits written to disk."""
 
 from __future__ import annotations
 
@@ -7,24 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from kubeforge.context import StageOutput
 from kubeforge.errors import StageError
-from kubeforge.finetune.tasks import (
-    ASSISTANT_HEADER,
-    CHAT_TEMPLATE,
-    IGNORE_INDEX,
-    encode_dpo,
-    encode_many,
-    encode_sft,
-    load_task,
-    prompt_text,
-    read_split,
-    replay_rows,
-    write_splits,
-)
+from kubeforge.finetune.task_files import load_task
+from kubeforge.formats.splits import read_split, write_splits
 from kubeforge.spec.finetune import FinetuneSpec
 
 pytestmark = pytest.mark.unit
@@ -98,23 +86,12 @@ DOCUMENTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from kubeforge.data.tokenizer import train_tokenizer
-    from kubeforge.spec.data import TokenizerSpec
-
-    texts = [text for _, text in DOCUMENTS] + ["### User:\n### Assistant:\nWrite the body of this Python function."]
-    return train_tokenizer(texts, TokenizerSpec(type="bpe", vocab_size=400, min_frequency=2),
-                           tmp_path_factory.mktemp("tok"))
-
-
 @pytest.fixture
 def data(tmp_path: Path) -> StageOutput:
     import pandas as pd
 
     out = tmp_path / "data"
-    (out / "shards" / "train").mkdir(parents=True)
-    (out / "shards" / "validation").mkdir(parents=True)
+    out.mkdir()
     frame = pd.DataFrame({
         "id": [doc_id for doc_id, _ in DOCUMENTS],
         "source": [f"/somewhere/lib/python3.11/{doc_id.removeprefix('stdlib/')}" for doc_id, _ in DOCUMENTS],
@@ -122,19 +99,8 @@ def data(tmp_path: Path) -> StageOutput:
         "split": ["train"] * len(DOCUMENTS),
     })
     frame.to_parquet(out / "documents.parquet", index=False)
-    # Row r of the train shards holds r in every position; validation rows hold -1.
-    train = np.repeat(np.arange(10, dtype=np.int32)[:, None], 8, axis=1)
-    np.save(out / "shards" / "train" / "shard-00000.npy", train[:6])
-    np.save(out / "shards" / "train" / "shard-00001.npy", train[6:])
-    np.save(out / "shards" / "validation" / "shard-00000.npy", np.full((4, 8), -1, dtype=np.int32))
-    result = {
-        "documents": "documents.parquet", "tokenizer_dir": "tokenizer", "seq_len": 8,
-        "shards": {
-            "train": ["shards/train/shard-00000.npy", "shards/train/shard-00001.npy"],
-            "validation": ["shards/validation/shard-00000.npy"], "test": [],
-        },
-    }
-    return StageOutput(name="data", key="k", directory=out, result=result, mlflow_run_id=None)
+    return StageOutput(name="data", key="k", directory=out, result={"documents": "documents.parquet"},
+                       mlflow_run_id=None)
 
 
 def _spec(**task: Any) -> FinetuneSpec:
@@ -284,87 +250,3 @@ def test_a_single_example_cannot_fill_both_splits(data: StageOutput, tmp_path: P
     _write(tmp_path, ['{"instruction": "a", "output": "b"}', '{"instruction": "c", "output": "d"}'])
     splits = load_task(_spec(path="tasks.jsonl", test_fraction=0.01), tmp_path, data)
     assert len(splits.train) == len(splits.test) == 1
-
-
-# ---------------------------------------------------------------------------------------------
-# chat format and tokenisation
-
-RECORD = {"id": "r", "instruction": "Write the body of this Python function.",
-          "input": 'def one():\n    """One."""\n', "output": "    return 1\n"}
-
-
-def test_chat_template_renders_with_transformers_and_keeps_the_vocabulary(tokenizer: Any, tmp_path: Path) -> None:
-    # The fast-tokenizer class AutoTokenizer (and vLLM) load these folders with; AutoTokenizer imports torch.
-    from transformers import PreTrainedTokenizerFast
-
-    size = len(tokenizer)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(str(tmp_path / "tok"))
-    loaded = PreTrainedTokenizerFast.from_pretrained(str(tmp_path / "tok"))
-    assert len(loaded) == size
-    prompt = prompt_text(RECORD, loaded)
-    assert prompt.endswith(ASSISTANT_HEADER)
-    assert prompt == "### User:\n" + RECORD["instruction"] + "\n\n" + RECORD["input"] + "\n\n### Assistant:\n"
-    conversation = [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": RECORD["instruction"] + "\n\n" + RECORD["input"]},
-        {"role": "assistant", "content": RECORD["output"]},
-    ]
-    full = loaded.apply_chat_template(conversation, tokenize=False)
-    assert full == "### System:\nBe brief.\n\n" + prompt + RECORD["output"] + "<|endoftext|>"
-    assert prompt_text({"id": "p", "prompt": "Hi", "chosen": "a", "rejected": "b"}, loaded).endswith(
-        "### User:\nHi\n\n### Assistant:\n"
-    )
-
-
-def test_sft_labels_mask_exactly_the_prompt_and_end_with_eos(tokenizer: Any) -> None:
-    prompt_ids = tokenizer(prompt_text(RECORD, tokenizer), add_special_tokens=False)["input_ids"]
-    input_ids, labels = encode_sft(RECORD, tokenizer, max_length=512)
-    assert input_ids[: len(prompt_ids)] == prompt_ids
-    assert labels[: len(prompt_ids)] == [IGNORE_INDEX] * len(prompt_ids)
-    assert labels[len(prompt_ids):] == input_ids[len(prompt_ids):]
-    assert input_ids[-1] == labels[-1] == tokenizer.eos_token_id
-    assert tokenizer.decode(input_ids[len(prompt_ids):-1]) == RECORD["output"]
-
-    # Truncation cuts the response (and its eos), never the prompt.
-    cut_ids, cut_labels = encode_sft(RECORD, tokenizer, max_length=len(prompt_ids) + 1)
-    assert cut_ids == input_ids[: len(prompt_ids) + 1]
-    assert cut_labels[-1] != tokenizer.eos_token_id and cut_labels[-1] != IGNORE_INDEX
-
-    # A prompt that fills max_length leaves nothing to learn: encode_many drops it and says so.
-    encoded, dropped = encode_many([RECORD, RECORD], tokenizer, len(prompt_ids), "instruction")
-    assert (encoded, dropped) == ([], 2)
-    encoded, dropped = encode_many([RECORD], tokenizer, 512, "instruction")
-    assert dropped == 0 and encoded == [{"input_ids": input_ids, "labels": labels}]
-
-
-def test_dpo_encoding_shares_the_masked_prompt(tokenizer: Any) -> None:
-    record = {"id": "p", "prompt": RECORD["instruction"] + "\n\n" + RECORD["input"],
-              "chosen": "    return 1\n", "rejected": "    return\n"}
-    prompt_ids = tokenizer(prompt_text(record, tokenizer), add_special_tokens=False)["input_ids"]
-    pair = encode_dpo(record, tokenizer, max_length=512)
-    assert set(pair) == {"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"}
-    for side in ("chosen", "rejected"):
-        ids, labels = pair[f"{side}_input_ids"], pair[f"{side}_labels"]
-        assert ids[: len(prompt_ids)] == prompt_ids
-        assert labels[: len(prompt_ids)] == [IGNORE_INDEX] * len(prompt_ids)
-        assert labels[-1] == tokenizer.eos_token_id
-    assert pair["chosen_input_ids"] != pair["rejected_input_ids"]
-    assert encode_many([record], tokenizer, len(prompt_ids), "preference") == ([], 1)
-
-
-# ---------------------------------------------------------------------------------------------
-# replay
-
-
-def test_replay_rows_come_from_the_train_shards(data: StageOutput) -> None:
-    rows = replay_rows(data, 7, seed=0)
-    assert rows.shape == (7, 8) and rows.dtype == np.int64
-    assert (rows == rows[:, :1]).all()  # whole rows
-    assert len(set(rows[:, 0])) == 7  # without replacement
-    assert set(rows[:, 0]) <= set(range(10))  # never a validation row (-1)
-    assert (replay_rows(data, 7, seed=0) == rows).all()
-    many = replay_rows(data, 25, seed=1)
-    counts = np.bincount(many[:, 0], minlength=10)
-    assert counts.min() >= 2 and counts.max() <= 3
-    assert replay_rows(data, 0, seed=0).shape == (0, 8)

@@ -29,6 +29,9 @@ LIGHT_MODULES = [
     "kubeforge.tune",
     "kubeforge.finetune",
     "kubeforge.evaluate",
+    "kubeforge.formats",
+    "kubeforge.formats.chat",
+    "kubeforge.formats.splits",
 ]
 
 
@@ -63,6 +66,38 @@ def test_the_layering_check_catches_a_forbidden_import(tmp_path: Path) -> None:
     sample = tmp_path / "sample.py"
     sample.write_text("def f():\n    from kubeforge_operator import handlers\n")
     assert "kubeforge_operator" in top_level_imports(sample, module_level_only=False)
+
+
+def kubeforge_imports(path: Path) -> set[str]:
+    """The `kubeforge.*` modules a file imports, anywhere in it (lazy imports included)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return {name for name in names if name == "kubeforge" or name.startswith("kubeforge.")}
+
+
+def test_shared_formats_import_only_errors() -> None:
+    """Fine-tuning, evaluation and serving all read `kubeforge.formats`, so it sits below every stage package."""
+    offenders = {}
+    for path in (CORE / "formats").rglob("*.py"):
+        bad = {m for m in kubeforge_imports(path) if m != "kubeforge.errors" and not m.startswith("kubeforge.formats")}
+        if bad:
+            offenders[str(path.relative_to(REPO))] = sorted(bad)
+    assert offenders == {}
+
+
+def test_evaluate_serve_and_quantize_do_not_import_the_finetune_package() -> None:
+    """They read what fine-tuning wrote through `kubeforge.formats`; stage packages do not import each other."""
+    offenders = {}
+    for package in ("evaluate", "serve", "quantize"):
+        for path in (CORE / package).rglob("*.py"):
+            bad = {m for m in kubeforge_imports(path) if m == "kubeforge.finetune" or m.startswith("kubeforge.finetune.")}
+            if bad:
+                offenders[str(path.relative_to(REPO))] = sorted(bad)
+    assert offenders == {}
 
 
 def test_cli_and_spec_do_not_import_heavy_libraries() -> None:

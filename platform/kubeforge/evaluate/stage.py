@@ -202,7 +202,7 @@ def _champion_source(
 def _task(ctx: StageContext, finetune: StageOutput[FinetuneResult] | None, spec: EvaluateSpec) -> Task | None:
     if finetune is None:
         return None
-    from kubeforge.finetune.tasks import read_split
+    from kubeforge.formats.splits import read_split
 
     result = finetune.result
     task_dir = finetune.directory / result.task_dir
@@ -327,7 +327,7 @@ def _score(
                 "it is compared on generation only")
         bar.update(len(batches))
         if examples and task is not None:
-            from kubeforge.finetune.tasks import prompt_text
+            from kubeforge.formats.chat import prompt_text
 
             scored.prompts = [prompt_text(record, tokenizer) for record in task.records]
             max_new, max_prompt = _generation_budget(model, spec.max_new_tokens, source.name, log)

@@ -266,7 +266,7 @@ class FinetuneRecipe(Recipe[FinetuneLoop]):
             return
         from transformers import AutoTokenizer
 
-        from kubeforge.finetune.tasks import CHAT_TEMPLATE
+        from kubeforge.formats.chat import CHAT_TEMPLATE
 
         spec, models = self.spec, self.models
         policy = unwrap(self.model)

@@ -13,7 +13,8 @@ Outputs in the stage folder:
 * `merged/` (full, lora, qlora, distill): a plain Hugging Face model folder with the base's config
   (for distill: the student) and the tokenizer with the chat template; it loads in `transformers`
   and vLLM. Prefix tuning has none: its prefixes are extra attention inputs in every layer, not a
-  change of weights, so they cannot be merged; `load.load_for_inference` loads base + adapter.
+  change of weights, so they cannot be merged; `kubeforge.engine.model.load_for_inference`
+  loads base + adapter.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ MAX_REPLAY_POOL = 4096
 
 def ensure_task(spec: FinetuneSpec, ctx: StageContext) -> Path:
     """`<out_dir>/task/` with the task's splits, written once: a rerun (resuming) trains on the same split."""
-    from kubeforge.finetune.tasks import load_task, write_splits
+    from kubeforge.finetune.task_files import load_task
+    from kubeforge.formats.splits import write_splits
 
     task_dir = ctx.out_dir / TASK_SUBDIR
     if (task_dir / "task.json").is_file():
@@ -65,7 +67,7 @@ def _replay_pool(spec: FinetuneSpec, ctx: StageContext, base_model: Path) -> Any
         return None
     from transformers import AutoTokenizer
 
-    from kubeforge.finetune.tasks import replay_rows
+    from kubeforge.finetune.replay import replay_rows
 
     data = ctx.require(
         DATA, "spec.finetune.replay_fraction: replay draws from the data stage's corpus and this pipeline has "
@@ -91,8 +93,9 @@ def loop_config(spec: FinetuneSpec, ctx: StageContext) -> FinetuneLoop:
     """
     from transformers import AutoConfig, AutoTokenizer
 
+    from kubeforge.finetune.encoding import encode_many
     from kubeforge.finetune.methods import preflight, resolve_base_model, resolve_student_path
-    from kubeforge.finetune.tasks import encode_many, read_split
+    from kubeforge.formats.splits import read_split
 
     base_model = resolve_base_model(spec, ctx.base_dir, ctx.input(PRETRAIN))
     student_path = resolve_student_path(spec, ctx.base_dir)
