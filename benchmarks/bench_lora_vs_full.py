@@ -36,7 +36,7 @@ SOURCE_FILES = 120
 
 def prepare(root: Path, hidden: int, layers: int) -> None:
     """Tokenizer, random base model and the task JSONL under `root`."""
-    from kubeforge.data.sources import stdlib_dir
+    from kubeforge.spec.data import stdlib_dir
     from kubeforge.data.tokenizer import special_token_ids, train_tokenizer
     from kubeforge.finetune.functions import extract_functions
     from kubeforge.spec.data import TokenizerSpec

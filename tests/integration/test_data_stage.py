@@ -15,9 +15,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from kubeforge.data.stage import run
-from kubeforge.data.sources import stdlib_dir
 from kubeforge.errors import StageError
 from kubeforge.metrics import DATA_DOCUMENTS, REGISTRY
+from kubeforge.spec.data import stdlib_dir
 from tests.data_fixtures import data_context, pipeline_with
 
 pytestmark = pytest.mark.integration
@@ -78,10 +78,10 @@ def _documents(out: Path) -> pd.DataFrame:
 def _decoded_shards(out: Path, result: dict[str, Any]) -> str:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(out / result["tokenizer_dir"]))
-    pad = result["special_tokens"]["pad_id"]
+    tokenizer = AutoTokenizer.from_pretrained(str(out / result.tokenizer_dir))
+    pad = result.special_tokens["pad_id"]
     texts = []
-    for paths in result["shards"].values():
+    for paths in result.shards.values():
         for relative in paths:
             tokens = np.load(out / relative).ravel()
             texts.append(tokenizer.decode(tokens[tokens != pad].tolist()))
@@ -124,7 +124,7 @@ def test_author_emails_redacted_from_documents_and_shards(stdlib_run: dict[str, 
 
 def test_funnel_is_consistent_and_logged(stdlib_run: dict[str, Any]) -> None:
     result, out, tracker = stdlib_run["result"], stdlib_run["out"], stdlib_run["tracker"]
-    funnel = result["funnel"]
+    funnel = result.funnel
     assert [row["step"] for row in funnel] == [
         "read", "normalize", "exact_dedup", "fuzzy_dedup", "quality", "perplexity", "redact", "tokenizer", "pack",
     ]
@@ -140,14 +140,14 @@ def test_funnel_is_consistent_and_logged(stdlib_run: dict[str, Any]) -> None:
     assert by_step["quality"]["removed"] == sum(by_step["quality"]["details"]["removed_by_rule"].values())
     assert not by_step["perplexity"]["enabled"] and by_step["perplexity"]["removed"] == 0
     documents = len(_documents(out))
-    assert documents == funnel[-1]["documents_out"] == sum(result["num_documents"].values())
+    assert documents == funnel[-1]["documents_out"] == sum(result.num_documents.values())
 
     run_data = MlflowClient(tracker.tracking_uri).get_run(tracker.run_id)
     assert run_data.data.metrics["data.fuzzy_dedup.removed"] == by_step["fuzzy_dedup"]["removed"]
     assert run_data.data.params["data.fuzzy_dedup.threshold"] == "0.7"
     inputs = run_data.inputs.dataset_inputs
     assert [d.dataset.name for d in inputs] == ["datatest-corpus"]
-    assert inputs[0].dataset.digest == result["dataset_hash"][:36]
+    assert inputs[0].dataset.digest == result.dataset_hash[:36]
     assert REGISTRY.get_sample_value(
         "kubeforge_data_documents", {"pipeline": "datatest", "step": "quality", "direction": "out"}
     ) == by_step["quality"]["documents_out"]
@@ -158,19 +158,19 @@ def test_funnel_is_consistent_and_logged(stdlib_run: dict[str, Any]) -> None:
 
 def test_result_shards_and_tokenizer(stdlib_run: dict[str, Any]) -> None:
     result, out = stdlib_run["result"], stdlib_run["out"]
-    json.dumps(result)
-    assert result["seq_len"] == 256 and result["vocab_size"] == 2048
+    json.dumps(result.to_json())
+    assert result.seq_len == 256 and result.vocab_size == 2048
     docs = _documents(out)
     for split in ("train", "validation", "test"):
-        assert result["num_sequences"][split] > 0
+        assert result.num_sequences[split] > 0
         total = 0
-        for relative in result["shards"][split]:
+        for relative in result.shards[split]:
             assert not Path(relative).is_absolute() and relative.startswith(f"shards/{split}/shard-")
             rows = np.load(out / relative)
             assert rows.dtype == np.int32 and rows.shape[1] == 256 and rows.shape[0] <= 2048
             total += len(rows)
-        assert total == result["num_sequences"][split]
-        assert result["num_documents"][split] == int((docs["split"] == split).sum())
+        assert total == result.num_sequences[split]
+        assert result.num_documents[split] == int((docs["split"] == split).sum())
     assert docs.groupby("id")["split"].nunique().max() == 1
     assert (out / "funnel.png").read_bytes()[:4] == b"\x89PNG"
     assert "| fuzzy_dedup | yes |" in (out / "card.md").read_text()
@@ -202,12 +202,12 @@ def test_perplexity_filter_and_unigram_on_files(ray_runtime: None, tmp_path: Pat
     })
     ctx, _ = data_context(tmp_path, pipeline)
     result = run(pipeline.spec.data, ctx)
-    by_step = {row["step"]: row for row in result["funnel"]}
+    by_step = {row["step"]: row for row in result.funnel}
     assert by_step["perplexity"]["enabled"] and by_step["perplexity"]["removed"] == 1
     kept = list(_documents(ctx.out_dir)["id"])
     assert f"{path}:3" not in kept and len(kept) == len(modules)
-    assert all(result["num_documents"][split] >= 1 for split in ("train", "validation", "test"))
+    assert all(result.num_documents[split] >= 1 for split in ("train", "validation", "test"))
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(ctx.out_dir / "tokenizer"))
-    assert tokenizer.convert_ids_to_tokens(result["special_tokens"]["unk_id"]) == "<|unk|>"
+    assert tokenizer.convert_ids_to_tokens(result.special_tokens["unk_id"]) == "<|unk|>"

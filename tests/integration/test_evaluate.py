@@ -58,7 +58,7 @@ SECTION: dict[str, Any] = {"max_examples": 4, "max_new_tokens": 24, "perplexity_
 def fake_finetune(tiny_lm: TinyLM, name: str, records: list[dict[str, Any]], copy_model: bool = True) -> StageOutput:
     """A finished fine-tuning stage as `kubeforge.finetune.stage` leaves it, without training."""
     directory = tiny_lm.root / f"{name}-finetune"
-    base = tiny_lm.pretrain.directory / tiny_lm.pretrain.result["model_dir"]
+    base = tiny_lm.pretrain.directory / tiny_lm.pretrain.result.model_dir
     if copy_model:
         shutil.copytree(base, directory / "merged")
     (directory / "task").mkdir(parents=True)
@@ -96,20 +96,20 @@ def test_the_pretrained_model_alone_gets_a_held_out_perplexity(tiny_lm: TinyLM) 
     ctx = tiny_lm.context("evaluate", {"perplexity_batches": 8, "batch_size": 8}, "evaluate-alone")
     result = run_stage(ctx)
 
-    perplexity = result["candidate"]["perplexity"]
-    reported = tiny_lm.pretrain.result["val_perplexity"]
+    perplexity = result.candidate["perplexity"]
+    reported = tiny_lm.pretrain.result.val_perplexity
     assert math.isfinite(perplexity)
     assert reported / 2 < perplexity < reported * 2, (perplexity, reported)
-    assert result["base"] is None and result["champion"] is None and result["champion_version"] is None
-    assert result["task"] is None and result["num_examples"] == 0
-    assert result["perplexity_split"] in ("test", "validation")
-    assert result["candidate"]["bleu"] is None
+    assert result.base is None and result.champion is None and result.champion_version is None
+    assert result.task is None and result.num_examples == 0
+    assert result.perplexity_split in ("test", "validation")
+    assert result.candidate["bleu"] is None
     assert any("no champion" in line for line in ctx.reporter.lines)  # type: ignore[attr-defined]
 
     table = read_csv(ctx.out_dir / "comparison.csv")
     assert list(table) == ["candidate"] and float(table["candidate"]["perplexity"]) == pytest.approx(perplexity, 1e-4)
     assert table["candidate"]["bleu"] == ""
-    assert result["plots"] == ["plots/perplexity.png"]
+    assert result.plots == ["plots/perplexity.png"]
     run = ctx.tracker.client.get_run(ctx.tracker.run_id)
     assert run.data.metrics["eval.perplexity"] == pytest.approx(perplexity)
     assert run.data.metrics["eval.candidate.perplexity"] == pytest.approx(perplexity)
@@ -138,10 +138,10 @@ def test_a_finetuned_candidate_is_compared_with_its_base_and_the_champion(tiny_l
     ctx = finetune_context(tiny_lm, "evaluate-compare", {**SECTION, "champion": champion_name}, finetune)
     result = run_stage(ctx)
 
-    assert result["task"] == {"kind": "instruction", "name": "python-docstrings"}
-    assert result["num_examples"] == 4 and result["champion_version"] == str(quantized.version)
-    assert result["champion_scored_version"] == str(version.version)
-    candidate, base, champion = result["candidate"], result["base"], result["champion"]
+    assert result.task == {"kind": "instruction", "name": "python-docstrings"}
+    assert result.num_examples == 4 and result.champion_version == str(quantized.version)
+    assert result.champion_scored_version == str(version.version)
+    candidate, base, champion = result.candidate, result.base, result.champion
     for scores in (candidate, base, champion):
         assert math.isfinite(scores["perplexity"])
         assert 0 <= scores["exact_match"] <= 1 and 0 <= scores["bleu"] <= 100 and 0 <= scores["rouge_l"] <= 1
@@ -159,7 +159,7 @@ def test_a_finetuned_candidate_is_compared_with_its_base_and_the_champion(tiny_l
     assert float(table["candidate"]["bleu_vs_champion"]) == pytest.approx(0.0, abs=1e-6)
     assert table["base"]["perplexity_vs_base"] == ""
     assert "| champion |" in (ctx.out_dir / "comparison.md").read_text()
-    assert sorted(result["plots"]) == ["plots/bleu.png", "plots/generation.png", "plots/perplexity.png"]
+    assert sorted(result.plots) == ["plots/bleu.png", "plots/generation.png", "plots/perplexity.png"]
 
     samples = [json.loads(line) for line in (ctx.out_dir / "samples.jsonl").read_text().splitlines()]
     assert [s["id"] for s in samples] == [r["id"] for r in RECORDS]
@@ -202,7 +202,7 @@ def test_a_prefix_tuned_candidate_is_scored_through_its_adapter(tiny_lm: TinyLM)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     finetune = fake_finetune(tiny_lm, "prefix", RECORDS[:2], copy_model=False)
-    base = Path(finetune.result["base_model_dir"])
+    base = Path(finetune.result.base_model_dir)
     adapter = get_peft_model(
         AutoModelForCausalLM.from_pretrained(str(base)), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
     )
@@ -213,8 +213,8 @@ def test_a_prefix_tuned_candidate_is_scored_through_its_adapter(tiny_lm: TinyLM)
     ctx = finetune_context(tiny_lm, "evaluate-prefix", SECTION, finetune)
     result = run_stage(ctx)
 
-    assert result["num_examples"] == 2 and result["champion"] is None
+    assert result.num_examples == 2 and result.champion is None
     # The untrained prefix changes the model's predictions, so its perplexity differs from the base's.
-    assert math.isfinite(result["candidate"]["perplexity"])
-    assert result["candidate"]["perplexity"] != pytest.approx(result["base"]["perplexity"], rel=1e-6)
-    assert result["candidate"]["rouge_l"] is not None and result["candidate"]["doctest_pass_rate"] is not None
+    assert math.isfinite(result.candidate["perplexity"])
+    assert result.candidate["perplexity"] != pytest.approx(result.base["perplexity"], rel=1e-6)
+    assert result.candidate["rouge_l"] is not None and result.candidate["doctest_pass_rate"] is not None

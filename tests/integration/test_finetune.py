@@ -52,26 +52,26 @@ def _run(tiny_lm, section: dict[str, Any], name: str) -> tuple[Any, dict[str, An
     started = time.monotonic()
     result = run(FinetuneSpec.model_validate(section), ctx)
     seconds = time.monotonic() - started
-    print(f"{name}: {seconds:.1f}s {json.dumps(result)}")
+    print(f"{name}: {seconds:.1f}s {json.dumps(result.to_json())}")
     return ctx, result, seconds
 
 
 def _local(tiny_lm, section: dict[str, Any], name: str, keep: Path) -> tuple[Any, dict[str, Any]]:
     """The loop in this process with its LocalSession (no Ray Train start-up: seconds instead of ~20 s);
     the final checkpoint, with the outputs, is copied under `keep`."""
-    from kubeforge.finetune.loop import train_loop_per_worker
+    from kubeforge.engine.session import LocalSession
+    from kubeforge.finetune.recipe import FinetuneRecipe
     from kubeforge.finetune.stage import loop_config
-    from kubeforge.train.session import LocalSession
 
     config = loop_config(FinetuneSpec.model_validate(section), tiny_lm.context("finetune", section, name))
     session = LocalSession(keep_checkpoints=keep)
-    train_loop_per_worker({**config, "session": session})
+    FinetuneRecipe(config, session).run()
     print(f"{name}: {session.evaluations[0]} -> {session.evaluations[-1]}")
     return session, config
 
 
 def _base_dir(tiny_lm) -> Path:
-    return tiny_lm.pretrain.directory / tiny_lm.pretrain.result["model_dir"]
+    return tiny_lm.pretrain.directory / tiny_lm.pretrain.result.model_dir
 
 
 def _digest(folder: Path) -> str:
@@ -103,21 +103,21 @@ def test_lora_learns_trains_few_parameters_and_leaves_the_base_untouched(tiny_lm
     from transformers import AutoModelForCausalLM
 
     (ctx, result, _), _, before = lora_runs
-    assert result["final_step"] == 12 and result["resumed_from_step"] == 0
-    assert result["val_loss"] < result["initial_val_loss"]
-    assert result["val_perplexity"] < result["initial_val_perplexity"]
-    assert result["trainable_share"] < 0.05
-    assert result["trainable_parameters"] == 2 * 2 * (8 * 128 + 128 * 8)  # 2 layers x (q, v) x (A + B)
-    assert (result["objective"], result["method"]) == ("sft", "lora")
-    assert result["num_train_examples"] > 0 and result["num_test_examples"] > 0
-    assert result["dropped_examples"] >= 0
-    assert result["task_dir"] == "task" and (ctx.out_dir / "task" / "test.jsonl").is_file()
-    assert result["base_model_dir"] == str(_base_dir(tiny_lm).resolve())
+    assert result.final_step == 12 and result.resumed_from_step == 0
+    assert result.val_loss < result.initial_val_loss
+    assert result.val_perplexity < result.initial_val_perplexity
+    assert result.trainable_share < 0.05
+    assert result.trainable_parameters == 2 * 2 * (8 * 128 + 128 * 8)  # 2 layers x (q, v) x (A + B)
+    assert (result.objective, result.method) == ("sft", "lora")
+    assert result.num_train_examples > 0 and result.num_test_examples > 0
+    assert result.dropped_examples >= 0
+    assert result.task_dir == "task" and (ctx.out_dir / "task" / "test.jsonl").is_file()
+    assert result.base_model_dir == str(_base_dir(tiny_lm).resolve())
 
     base_dir = _base_dir(tiny_lm)
     assert _digest(base_dir) == before
     base = AutoModelForCausalLM.from_pretrained(str(base_dir))
-    merged = AutoModelForCausalLM.from_pretrained(str(ctx.out_dir / result["model_dir"]))
+    merged = AutoModelForCausalLM.from_pretrained(str(ctx.out_dir / result.model_dir))
     merged_state = merged.state_dict()
     for name, weight in base.state_dict().items():
         adapted = "q_proj" in name or "v_proj" in name
@@ -135,12 +135,12 @@ def test_the_merged_model_equals_base_plus_adapter_and_is_a_plain_llama_folder(t
     from kubeforge.formats.chat import CHAT_TEMPLATE
 
     _, (ctx, result, _), _ = lora_runs
-    merged_dir = ctx.out_dir / result["model_dir"]
-    assert result["adapter_dir"] == "adapter"
+    merged_dir = ctx.out_dir / result.model_dir
+    assert result.adapter_dir == "adapter"
     assert (ctx.out_dir / "adapter" / "adapter_config.json").is_file()
     merged = AutoModelForCausalLM.from_pretrained(str(merged_dir)).eval()
     with_adapter = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(str(_base_dir(tiny_lm))), str(ctx.out_dir / result["adapter_dir"])
+        AutoModelForCausalLM.from_pretrained(str(_base_dir(tiny_lm))), str(ctx.out_dir / result.adapter_dir)
     ).eval()
     with torch.no_grad():
         expected = with_adapter(input_ids=_fixed_input()).logits
@@ -210,10 +210,10 @@ def test_prefix_tuning_learns_and_loads_as_base_plus_adapter(tiny_lm, tmp_path: 
 
 def test_dpo_with_full_fine_tuning_raises_reward_accuracy_and_margin(tiny_lm) -> None:
     ctx, result, _ = _run(tiny_lm, _section(objective="dpo", method="full", train={"lr": 1e-3}), "dpo")
-    assert result["initial_val_loss"] == pytest.approx(0.6931, abs=1e-3)  # policy = reference: -log sigmoid(0)
-    assert result["val_loss"] < result["initial_val_loss"]
-    assert result["reward_accuracy"] > result["initial_reward_accuracy"]
-    assert result["reward_margin"] > result["initial_reward_margin"]
+    assert result.initial_val_loss == pytest.approx(0.6931, abs=1e-3)  # policy = reference: -log sigmoid(0)
+    assert result.val_loss < result.initial_val_loss
+    assert result.reward_accuracy > result.initial_reward_accuracy
+    assert result.reward_margin > result.initial_reward_margin
     assert "val_perplexity" not in result
     client = MlflowClient(ctx.tracker.tracking_uri)
     assert [m.step for m in client.get_metric_history(ctx.tracker.run_id, "reward_accuracy")] == [0, 6, 12]
@@ -305,7 +305,7 @@ def test_vllm_serves_the_merged_lora_model(lora_runs) -> None:
     _, (ctx, result, _), _ = lora_runs
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     proc = subprocess.run(
-        [sys.executable, "-c", VLLM_SCRIPT, str(ctx.out_dir / result["model_dir"])],
+        [sys.executable, "-c", VLLM_SCRIPT, str(ctx.out_dir / result.model_dir)],
         capture_output=True, text=True, timeout=300, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]

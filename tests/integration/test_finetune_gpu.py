@@ -34,14 +34,14 @@ def test_qlora_trains_4bit_adapters_and_merges_into_a_plain_model(tiny_lm) -> No
 
     ctx = tiny_lm.context("finetune", QLORA, "qlora-gpu")
     result = run(FinetuneSpec.model_validate(QLORA), ctx)
-    print(json.dumps(result))
-    assert result["val_loss"] < result["initial_val_loss"]
-    assert result["trainable_share"] < 0.05
-    assert result["model_dir"] == "merged" and result["adapter_dir"] == "adapter"
+    print(json.dumps(result.to_json()))
+    assert result.val_loss < result.initial_val_loss
+    assert result.trainable_share < 0.05
+    assert result.model_dir == "merged" and result.adapter_dir == "adapter"
 
     merged = AutoModelForCausalLM.from_pretrained(str(ctx.out_dir / "merged")).to("cuda").eval()
     quantized = AutoModelForCausalLM.from_pretrained(
-        result["base_model_dir"], device_map={"": 0}, dtype=torch.bfloat16,
+        result.base_model_dir, device_map={"": 0}, dtype=torch.bfloat16,
         quantization_config=BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,

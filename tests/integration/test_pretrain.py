@@ -86,23 +86,23 @@ def test_two_workers_learn_and_write_a_loadable_model(causal_run) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out_dir, result, run_id, tracking_uri = causal_run
-    print(f"causal run: {json.dumps(result)}")
-    assert result["final_step"] == 60
-    assert result["resumed_from_step"] == 0
+    print(f"causal run: {json.dumps(result.to_json())}")
+    assert result.final_step == 60
+    assert result.resumed_from_step == 0
     # Uniform guessing over 512 tokens is perplexity ~512; the model must get far below it and
     # clearly below where it started.
-    assert result["initial_val_perplexity"] > 300
-    assert result["val_perplexity"] < result["initial_val_perplexity"] / 3
-    assert result["val_loss"] < result["initial_val_loss"] - 1.0
-    assert result["tokens_per_second"] > 0
-    assert result["model_dir"] == "model"
+    assert result.initial_val_perplexity > 300
+    assert result.val_perplexity < result.initial_val_perplexity / 3
+    assert result.val_loss < result.initial_val_loss - 1.0
+    assert result.tokens_per_second > 0
+    assert result.model_dir == "model"
 
-    model_dir = out_dir / result["model_dir"]
+    model_dir = out_dir / result.model_dir
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json"):
         assert (model_dir / name).is_file(), name
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
     assert type(model).__name__ == "LlamaForCausalLM"
-    assert sum(p.numel() for p in model.parameters()) == result["num_parameters"]
+    assert sum(p.numel() for p in model.parameters()) == result.num_parameters
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     prompt = tokenizer("def main(", return_tensors="pt")
     with torch.no_grad():
@@ -117,7 +117,7 @@ def test_two_workers_learn_and_write_a_loadable_model(causal_run) -> None:
     assert sorted(m.step for m in train_loss) == list(range(1, 61))
     val = {m.step: m.value for m in client.get_metric_history(run_id, "val_loss")}
     assert sorted(val) == [0, 30, 60]
-    assert val[60] == pytest.approx(result["val_loss"])
+    assert val[60] == pytest.approx(result.val_loss)
     assert {m.step for m in client.get_metric_history(run_id, "lr")} == set(range(1, 61))
     assert client.get_metric_history(run_id, "tokens_per_second")
     assert client.get_metric_history(run_id, "val_perplexity")
@@ -154,7 +154,7 @@ def _after_first_checkpoint(experiment_dir: Path, action, timeout: float = 240.0
 def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(
     ray_local, data_output: StageOutput, tmp_path: Path
 ) -> None:
-    from kubeforge.train.stage import run
+    from kubeforge.pretrain.stage import run
 
     ctx = _context(tmp_path, data_output)
     spec = _spec(
@@ -172,22 +172,22 @@ def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(
     watcher = _after_first_checkpoint(ctx.out_dir / "ray" / "pretrain", kill_one_worker)
     result = run(spec, ctx)
     watcher.join(timeout=1)
-    print(f"killed worker {killed}; result {json.dumps(result)}")
+    print(f"killed worker {killed}; result {json.dumps(result.to_json())}")
     assert killed, "no Ray Train worker process was found to kill"
-    assert result["final_step"] == 40
-    assert 10 <= result["resumed_from_step"] < 40
-    assert result["resumed_from_step"] % 10 == 0
-    assert result["restored_from_steps"] == [result["resumed_from_step"]]
-    assert result["val_perplexity"] < result["initial_val_perplexity"]
+    assert result.final_step == 40
+    assert 10 <= result.resumed_from_step < 40
+    assert result.resumed_from_step % 10 == 0
+    assert result.restored_from_steps == [result.resumed_from_step]
+    assert result.val_perplexity < result.initial_val_perplexity
     history = MlflowClient(ctx.tracker.tracking_uri).get_metric_history(ctx.tracker.run_id, "resumed_from_step")
-    assert [m.value for m in history] == [result["resumed_from_step"]]
+    assert [m.value for m in history] == [result.resumed_from_step]
 
 
 def _child(argument_file: str) -> None:
     """Entry point of the driver process that the next test kills (run with python -c)."""
     import ray
 
-    from kubeforge.train.stage import run
+    from kubeforge.pretrain.stage import run
 
     args = json.loads(Path(argument_file).read_text())
     ray.init(address=args["address"], logging_level="WARNING")
@@ -200,7 +200,7 @@ def _child(argument_file: str) -> None:
 def test_a_rerun_after_the_driver_was_killed_resumes_from_the_last_checkpoint(
     ray_local, data_output: StageOutput, tmp_path: Path
 ) -> None:
-    from kubeforge.train.stage import run
+    from kubeforge.pretrain.stage import run
 
     ctx = _context(tmp_path, data_output)
     # One worker: the point here is the driver's death, and fewer processes start faster on 2 cores.
@@ -228,16 +228,16 @@ def test_a_rerun_after_the_driver_was_killed_resumes_from_the_last_checkpoint(
         time.sleep(0.5)
 
     result = run(spec, ctx)
-    print(f"rerun result {json.dumps(result)}")
-    assert result["final_step"] == 30
-    assert 10 <= result["resumed_from_step"] < 30
-    assert result["val_perplexity"] < result["initial_val_perplexity"]
+    print(f"rerun result {json.dumps(result.to_json())}")
+    assert result.final_step == 30
+    assert 10 <= result.resumed_from_step < 30
+    assert result.val_perplexity < result.initial_val_perplexity
 
 
 def test_more_workers_than_cpus_fail_at_once_naming_the_field(
     ray_local, data_output: StageOutput, tmp_path: Path
 ) -> None:
-    from kubeforge.train.stage import run
+    from kubeforge.pretrain.stage import run
 
     ctx = _context(tmp_path, data_output)
     started = time.monotonic()
@@ -250,7 +250,7 @@ def test_more_workers_than_cpus_fail_at_once_naming_the_field(
 def test_mlm_objective_trains_bert_with_activation_checkpointing(ray_local, data_output: StageOutput, tmp_path: Path) -> None:
     from transformers import AutoModelForMaskedLM
 
-    from kubeforge.train.stage import run
+    from kubeforge.pretrain.stage import run
 
     ctx = _context(tmp_path, data_output)
     spec = _spec(
@@ -260,11 +260,11 @@ def test_mlm_objective_trains_bert_with_activation_checkpointing(ray_local, data
         eval={"every_steps": 40}, checkpoint={"every_steps": 40},
     )
     result = run(spec, ctx)
-    print(f"mlm result {json.dumps(result)}")
-    assert result["objective"] == "mlm"
-    assert result["final_step"] == 40
-    assert result["val_loss"] < result["initial_val_loss"] - 0.5
-    model = AutoModelForMaskedLM.from_pretrained(str(ctx.out_dir / result["model_dir"]))
+    print(f"mlm result {json.dumps(result.to_json())}")
+    assert result.objective == "mlm"
+    assert result.final_step == 40
+    assert result.val_loss < result.initial_val_loss - 0.5
+    model = AutoModelForMaskedLM.from_pretrained(str(ctx.out_dir / result.model_dir))
     assert type(model).__name__ == "BertForMaskedLM"
     assert model.config.hidden_size == 128
     assert model.config.intermediate_size == 512  # the 4 x hidden default
@@ -275,7 +275,7 @@ def test_vllm_serves_the_causal_model(causal_run) -> None:
     out_dir, result, _, _ = causal_run
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     proc = subprocess.run(
-        [sys.executable, "-c", VLLM_SCRIPT, str(out_dir / result["model_dir"])],
+        [sys.executable, "-c", VLLM_SCRIPT, str(out_dir / result.model_dir)],
         capture_output=True, text=True, timeout=300, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from kubeforge.context import StageOutput
-from kubeforge.train.stage import run
+from kubeforge.pretrain.stage import run
 from tests.integration.test_pretrain import _context, _spec, data_output
 
 pytestmark = [pytest.mark.integration, pytest.mark.gpu]
@@ -21,8 +21,8 @@ def test_one_gpu_worker_trains_in_bf16_and_reports_mfu(ray_local, data_output: S
     ctx = _context(tmp_path, data_output)
     spec = _spec(strategy=strategy, resources={"workers": 1, "use_gpu": True}, train={"precision": "auto"})
     result = run(spec, ctx)
-    assert result["val_perplexity"] < 0.5 * result["initial_val_perplexity"]
+    assert result.val_perplexity < 0.5 * result.initial_val_perplexity
     history = MlflowClient(ctx.tracker.tracking_uri).get_metric_history(ctx.tracker.run_id, "mfu")
     assert history and all(0 < m.value < 1 for m in history)
-    model = AutoModelForCausalLM.from_pretrained(ctx.out_dir / result["model_dir"])
-    assert sum(p.numel() for p in model.parameters()) == result["num_parameters"]
+    model = AutoModelForCausalLM.from_pretrained(ctx.out_dir / result.model_dir)
+    assert sum(p.numel() for p in model.parameters()) == result.num_parameters

@@ -36,7 +36,7 @@ def registered_candidate(tiny_lm: TinyLM, model: str) -> StageOutput:
 
 def promote(tiny_lm: TinyLM, model: str, section: dict[str, Any], candidate: StageOutput,
             evaluation: dict[str, Any] | None = None) -> dict[str, Any]:
-    from kubeforge.registry.stage import run
+    from kubeforge.promote.stage import run
 
     manifest = tiny_lm.pipeline.model_dump(mode="json", exclude_none=True)
     manifest["metadata"]["name"] = model
@@ -62,7 +62,7 @@ def registry(tiny_lm: TinyLM) -> Any:
 def test_a_stage_model_becomes_one_version_with_its_lineage(tiny_lm: TinyLM) -> None:
     first = registered_candidate(tiny_lm, "lineage")
     again = registered_candidate(tiny_lm, "lineage")  # a resumed stage registers nothing new
-    assert first.result["registered"]["version"] == again.result["registered"]["version"] == "1"
+    assert first.result.registered["version"] == again.result.registered["version"] == "1"
     (version,) = registry(tiny_lm).versions("lineage")
     tags = version.tags
     assert tags["kubeforge.role"] == "base" and tags["kubeforge.method"] == "pretrain-causal"
@@ -96,7 +96,7 @@ def test_passing_gates_make_the_candidate_challenger_with_an_audit_record(tiny_l
     candidate = registered_candidate(tiny_lm, "passing")
     result = promote(tiny_lm, "passing", {"gates": [{"metric": "evaluate.perplexity", "max_regression": 0.25}]},
                      candidate)
-    assert result["gates_verdict"] == "passed" and result["aliases"] == ["challenger"]
+    assert result.gates_verdict == "passed" and result.aliases == ["challenger"]
     reg = registry(tiny_lm)
     challenger = reg.alias("passing", "challenger")
     assert challenger is not None and challenger.version == "1"

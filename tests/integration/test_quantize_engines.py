@@ -34,19 +34,19 @@ BATCH_SIZE = 8
 
 @pytest.fixture(scope="module")
 def model_dir(tiny_lm: TinyLM) -> Path:
-    return tiny_lm.pretrain.directory / tiny_lm.pretrain.result["model_dir"]
+    return tiny_lm.pretrain.directory / tiny_lm.pretrain.result.model_dir
 
 
 @pytest.fixture(scope="module")
 def pad_id(tiny_lm: TinyLM) -> int | None:
-    return tiny_lm.data.result.get("special_tokens", {}).get("pad_id")
+    return tiny_lm.data.result.special_tokens.get("pad_id")
 
 
 @pytest.fixture(scope="module")
 def eval_tokens(tiny_lm: TinyLM) -> np.ndarray:
-    from kubeforge.train.loop import TokenShards, validation_batches
+    from kubeforge.engine.batches import TokenShards, validation_batches
 
-    shards = TokenShards([tiny_lm.data.directory / p for p in tiny_lm.data.result["shards"]["test"]])
+    shards = TokenShards([tiny_lm.data.directory / p for p in tiny_lm.data.result.shards["test"]])
     return np.concatenate(validation_batches(shards, 0, 1, BATCH_SIZE, 4))
 
 

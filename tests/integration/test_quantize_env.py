@@ -79,7 +79,7 @@ def test_run_in_env_returns_our_errors_as_themselves(quantize_env: str, tmp_path
 def tokens(tiny_lm: TinyLM, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """Calibration rows from the train split, evaluation rows from the test split, as .npy files."""
     root = tmp_path_factory.mktemp("quantize-tokens")
-    shards = tiny_lm.data.result["shards"]
+    shards = tiny_lm.data.result.shards
 
     def rows(split: str, count: int) -> np.ndarray:
         arrays = [np.load(tiny_lm.data.directory / p) for p in shards[split]]
@@ -90,12 +90,12 @@ def tokens(tiny_lm: TinyLM, tmp_path_factory: pytest.TempPathFactory) -> SimpleN
     np.save(root / "eval.npy", evaluation)
     return SimpleNamespace(
         root=root, calibration=str(root / "calibration.npy"), eval=str(root / "eval.npy"),
-        pad_id=tiny_lm.data.result["special_tokens"]["pad_id"], rows=len(calibration),
+        pad_id=tiny_lm.data.result.special_tokens["pad_id"], rows=len(calibration),
     )
 
 
 def quantize(tiny_lm: TinyLM, tokens: SimpleNamespace, scheme: str, ignore: list[str]) -> tuple[Path, dict]:
-    model_dir = tiny_lm.pretrain.directory / tiny_lm.pretrain.result["model_dir"]
+    model_dir = tiny_lm.pretrain.directory / tiny_lm.pretrain.result.model_dir
     out = tokens.root / scheme
     result = envs.run_in_env(
         envs.QUANTIZE, llmc.quantize, str(model_dir), str(out), scheme, tokens.calibration, tokens.eval, 8, 0.8,
@@ -105,7 +105,7 @@ def quantize(tiny_lm: TinyLM, tokens: SimpleNamespace, scheme: str, ignore: list
 
 
 def original_size(tiny_lm: TinyLM) -> int:
-    model_dir = tiny_lm.pretrain.directory / tiny_lm.pretrain.result["model_dir"]
+    model_dir = tiny_lm.pretrain.directory / tiny_lm.pretrain.result.model_dir
     return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
 
 
@@ -119,7 +119,7 @@ def test_w8a8_keeps_perplexity_and_writes_compressed_tensors(
     assert result["calibration_samples"] == tokens.rows
     assert result["llmcompressor"] == pinned("llmcompressor")
     # Trained, so well below the vocabulary size: the comparison below means something.
-    assert result["perplexity_before"] < 0.5 * tiny_lm.data.result["vocab_size"]
+    assert result["perplexity_before"] < 0.5 * tiny_lm.data.result.vocab_size
     assert result["perplexity_after"] == pytest.approx(result["perplexity_before"], rel=0.03)
 
     config = json.loads((out / "config.json").read_text())

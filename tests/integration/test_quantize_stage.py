@@ -25,19 +25,19 @@ def quantize(tiny_lm: TinyLM, name: str, **section: Any) -> dict[str, Any]:
     section = {**SMALL, **section}
     ctx = tiny_lm.context("quantize", section, name)
     result = run(QuantizeSpec.model_validate(section), ctx)
-    result["_dir"] = ctx.out_dir
+    result._dir = ctx.out_dir
     return result
 
 
 def test_dynamic_int8_is_smaller_stays_within_the_gate_and_generates_in_transformers(tiny_lm: TinyLM) -> None:
     result = quantize(tiny_lm, "q-dynamic", scheme="dynamic-int8")
-    assert result["format"] == "torch-dynamic-int8"
-    assert result["size_ratio"] < 0.6, result
-    assert result["perplexity_increase"] <= 0.03, result
-    check = result["check"]
+    assert result.format == "torch-dynamic-int8"
+    assert result.size_ratio < 0.6, result
+    assert result.perplexity_increase <= 0.03, result
+    check = result.check
     assert check["engine"] == "transformers" and check["generated_tokens"] > 0 and check["tokens_per_second"] > 0
-    assert check["perplexity"] == pytest.approx(result["perplexity"], rel=1e-3)
-    model = result["_dir"] / "model"
+    assert check["perplexity"] == pytest.approx(result.perplexity, rel=1e-3)
+    model = result._dir / "model"
     assert quantization_of(model)["scheme"] == "dynamic-int8"  # type: ignore[index]
     with pytest.raises(KubeForgeError, match="which the transformers engine serves, not vllm"):
         require_servable(model, "vllm", "cpu")
@@ -45,25 +45,25 @@ def test_dynamic_int8_is_smaller_stays_within_the_gate_and_generates_in_transfor
 
 def test_w8a8_int8_runs_in_the_quantize_environment_and_serves_in_vllm_on_cpu(tiny_lm: TinyLM) -> None:
     result = quantize(tiny_lm, "q-w8a8", scheme="w8a8-int8")
-    assert result["format"] == "compressed-tensors" and result["calibration_samples"] == 16
-    assert result["perplexity_increase"] <= 0.03, result
-    assert result["size_ratio"] < 0.6, result
-    config = json.loads((result["_dir"] / "model" / "config.json").read_text())
+    assert result.format == "compressed-tensors" and result.calibration_samples == 16
+    assert result.perplexity_increase <= 0.03, result
+    assert result.size_ratio < 0.6, result
+    config = json.loads((result._dir / "model" / "config.json").read_text())
     assert "quantization_config" in config
-    check = result["check"]
+    check = result.check
     assert check["engine"] == "vllm" and check["generated_tokens"] > 0, check
     # vLLM's INT8 kernels (bf16 activations) against llm-compressor's fake quantization in fp32.
-    assert check["perplexity"] == pytest.approx(result["perplexity"], rel=0.05)
+    assert check["perplexity"] == pytest.approx(result.perplexity, rel=0.05)
 
 
 def test_gpu_only_scheme_is_produced_on_cpu_but_refused_for_cpu_serving(tiny_lm: TinyLM) -> None:
     # GPTQ's 128-column groups do not divide the tiny model's 352-wide down projection.
     result = quantize(tiny_lm, "q-w4a16", scheme="w4a16", ignore=["lm_head", "re:.*down_proj$"])
-    assert result["format"] == "compressed-tensors"
-    assert result["perplexity_increase"] <= 0.03, result
-    assert "only with CUDA kernels" in result["check"]["skipped"], result["check"]
+    assert result.format == "compressed-tensors"
+    assert result.perplexity_increase <= 0.03, result
+    assert "only with CUDA kernels" in result.check["skipped"], result.check
     with pytest.raises(KubeForgeError, match="quantized with w4a16, which vLLM serves only with CUDA kernels"):
-        require_servable(result["_dir"] / "model", "vllm", "cpu")
+        require_servable(result._dir / "model", "vllm", "cpu")
 
 
 def test_more_calibration_samples_than_the_data_holds_is_refused(tiny_lm: TinyLM) -> None:

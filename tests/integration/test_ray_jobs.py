@@ -110,13 +110,13 @@ def test_data_then_pretrain_jobs_run_the_stage_functions(ray_head: str, tmp_path
     common = f"--manifest {manifest} --workdir {workdir}"
 
     # --report-tag as the operator sets it, for a RayJob of a pipeline whose uid is "uid-1".
-    logs = submit_and_wait(ray_head, f"{sys.executable} jobs/data.py {common} "
+    logs = submit_and_wait(ray_head, f"{sys.executable} jobs/stage.py data {common} "
                                      f"--report-tag {report_tag('jobs-data-1')}=uid-1")
     data = result_line(logs)
     assert data["stage"] == "data"
     assert (Path(data["directory"]) / "tokenizer" / "tokenizer.json").is_file()
 
-    logs = submit_and_wait(ray_head, f"{sys.executable} jobs/pretrain.py {common} "
+    logs = submit_and_wait(ray_head, f"{sys.executable} jobs/stage.py pretrain {common} "
                                      f"--report-tag {report_tag('jobs-pretrain-1')}=uid-1")
     pretrain = result_line(logs)
     result = json.loads((Path(pretrain["directory"]) / "result.json").read_text())
@@ -124,7 +124,7 @@ def test_data_then_pretrain_jobs_run_the_stage_functions(ray_head: str, tmp_path
     assert (Path(pretrain["directory"]) / result["model_dir"] / "config.json").is_file()
 
     # A second attempt of the data stage reuses the first one's output, and tags its run.
-    logs = submit_and_wait(ray_head, f"{sys.executable} jobs/data.py {common} "
+    logs = submit_and_wait(ray_head, f"{sys.executable} jobs/stage.py data {common} "
                                      f"--report-tag {report_tag('jobs-data-2')}=uid-1")
     assert result_line(logs)["mlflow_run_id"] == data["mlflow_run_id"]
 

@@ -10,11 +10,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +23,7 @@ from kubeforge.errors import StageError
 from kubeforge.spec.load import parse_manifest
 from kubeforge.tracking import Tracker
 from kubeforge.tune import checkpoints
+from tests.helpers import stop_process_group, wait_for
 from tests.stage_fixtures import TinyLM
 
 pytestmark = pytest.mark.integration
@@ -80,25 +78,25 @@ def test_asha_stops_trials_early_and_every_trial_is_a_nested_run(tiny_lm: TinyLM
     }
     ctx = _context(tiny_lm, section, "tune-asha")
     result = run(ctx.pipeline.spec.tune, ctx)  # type: ignore[arg-type]
-    json.dumps(result)  # the executor stores it as JSON
+    json.dumps(result.to_json())  # the executor stores it as JSON
 
-    assert result["num_trials"] == 6 and result["failed_trials"] == 0
-    assert result["early_stopped_trials"] >= 1, result
-    assert result["completed_trials"] >= 1
-    assert result["completed_trials"] + result["early_stopped_trials"] == 6
+    assert result.num_trials == 6 and result.failed_trials == 0
+    assert result.early_stopped_trials >= 1, result
+    assert result.completed_trials >= 1
+    assert result.completed_trials + result.early_stopped_trials == 6
     rows = _rows(ctx.out_dir)
     assert {r["state"] for r in rows} == {"completed", "early_stopped"}
     assert all(int(r["last_step"]) < 16 for r in rows if r["state"] == "early_stopped")
-    assert result["total_trial_steps"] == sum(int(r["last_step"]) for r in rows) < 6 * 16
+    assert result.total_trial_steps == sum(int(r["last_step"]) for r in rows) < 6 * 16
 
     # The best configuration: exactly the searched paths, inside the space, and the best full-length trial.
-    best = result["best_config"]
+    best = result.best_config
     assert set(best) == {"train.lr", "train.warmup_steps"}
     for path, value in best.items():
         assert search.in_space(Dimension.model_validate(section["search_space"][path]), value), (path, value)
     completed = [r for r in rows if r["state"] == "completed"]
-    assert result["best_metrics"]["val_loss"] == min(float(r["val_loss"]) for r in completed)
-    assert result["best_trial"] in {r["trial_id"] for r in completed}
+    assert result.best_metrics["val_loss"] == min(float(r["val_loss"]) for r in completed)
+    assert result.best_trial in {r["trial_id"] for r in completed}
 
     # One nested MLflow run per trial; ASHA's stops are KILLED and tagged, the others FINISHED.
     children = _child_runs(tiny_lm, ctx.tracker.run_id)
@@ -116,26 +114,26 @@ def test_asha_stops_trials_early_and_every_trial_is_a_nested_run(tiny_lm: TinyLM
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_loss")]
         assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == int(row["last_step"])
     stage_metrics = client.get_run(ctx.tracker.run_id).data.metrics
-    assert stage_metrics["trials_early_stopped"] == result["early_stopped_trials"]
-    assert stage_metrics["total_trial_steps"] == result["total_trial_steps"]
+    assert stage_metrics["trials_early_stopped"] == result.early_stopped_trials
+    assert stage_metrics["total_trial_steps"] == result.total_trial_steps
 
     # The study persisted in the journal: ASHA's stops are pruned trials there.
     journal = ctx.out_dir / "optuna.journal"
-    assert result["study_storage"] == str(journal.resolve())
+    assert result.study_storage == str(journal.resolve())
     study = optuna.load_study(study_name="tinylm-tune", storage=search.make_storage(None, ctx.out_dir.resolve()))
     states = [t.state for t in study.trials]
-    assert states.count(optuna.trial.TrialState.PRUNED) == result["early_stopped_trials"]
-    assert states.count(optuna.trial.TrialState.COMPLETE) == result["completed_trials"]
+    assert states.count(optuna.trial.TrialState.PRUNED) == result.early_stopped_trials
+    assert states.count(optuna.trial.TrialState.COMPLETE) == result.completed_trials
 
-    assert "plots/optimization_history.png" in result["plots"]
-    for plot in result["plots"]:
+    assert "plots/optimization_history.png" in result.plots
+    for plot in result.plots:
         assert (ctx.out_dir / plot).stat().st_size > 1000
     assert REGISTRY.get_sample_value(
         "kubeforge_tune_trials", {"pipeline": "tinylm", "state": "early_stopped"}
-    ) == result["early_stopped_trials"]
+    ) == result.early_stopped_trials
     assert REGISTRY.get_sample_value(
         "kubeforge_tune_best_metric", {"pipeline": "tinylm", "metric": "val_loss"}
-    ) == pytest.approx(result["best_metrics"]["val_loss"])
+    ) == pytest.approx(result.best_metrics["val_loss"])
 
 
 CHILD = """
@@ -145,13 +143,15 @@ import ray
 from kubeforge.context import StageContext, StageOutput
 from kubeforge.progress import LineReporter
 from kubeforge.spec.load import parse_manifest
+from kubeforge.stages.data import DataResult
 from kubeforge.tracking import Tracker
 from kubeforge.tune.stage import run
 
 args = json.loads(Path(sys.argv[1]).read_text())
-ray.init(address=args["address"], logging_level="WARNING")
+# The hold reaches the trials through the job's runtime environment (they run in this job's workers).
+ray.init(address=args["address"], logging_level="WARNING", runtime_env={"env_vars": args["env"]})
 pipeline = parse_manifest(args["manifest"])
-data = StageOutput("data", "fixture", Path(args["data_dir"]), args["data_result"], None)
+data = StageOutput("data", "fixture", Path(args["data_dir"]), DataResult.from_json(args["data_result"]), None)
 ctx = StageContext(pipeline=pipeline, stage="tune", out_dir=Path(args["out_dir"]), base_dir=Path(args["out_dir"]),
                    tracker=Tracker(args["uri"], args["run_id"]), reporter=LineReporter(), inputs={"data": data})
 run(pipeline.spec.tune, ctx)
@@ -170,12 +170,19 @@ def _trial_dir(out_dir: Path, trial_id: str) -> Path:
     return found
 
 
-def test_a_killed_search_resumes_without_repeating_finished_trials(tiny_lm: TinyLM, ray_local: Any) -> None:
+def test_a_killed_search_resumes_without_repeating_finished_trials(
+    tiny_lm: TinyLM, ray_local: Any, tmp_path: Path
+) -> None:
     """The driver is SIGKILLed while the second of two trials runs; the rerun keeps the first trial and
-    continues the second from its last checkpoint."""
+    continues the second from its last checkpoint.
+
+    Every trial holds after its checkpoint of step 8 (`kubeforge.engine.faults`) until the test releases
+    it: the test lets the first trial go on, and kills the search while the second is held once Tune's
+    saved state holds that checkpoint, so no machine is too fast or too slow for the moment to come."""
+    from kubeforge.engine.faults import HOLD_ENV
     from kubeforge.tune.stage import run
 
-    steps = 80  # long enough that Tune saves its state (every 2 s) while the second trial runs
+    steps, hold = 16, 8  # evaluations (and checkpoints) every 4 steps: the checkpoint of step 8 is the second
     section = {
         "target": "pretrain", "search_space": LR_SPACE, "num_samples": 2, "max_concurrent": 1, "max_steps": steps,
         "scheduler": "none", "seed": 5,
@@ -183,60 +190,70 @@ def test_a_killed_search_resumes_without_repeating_finished_trials(tiny_lm: Tiny
     ctx = _context(tiny_lm, section, "tune-killed")
     out_dir = ctx.out_dir
     experiment = out_dir / "ray" / "tune"
+    holds = tmp_path / "holds"
+    holds.mkdir()
     args = {
         "address": ray_local.get_runtime_context().gcs_address, "manifest": _manifest(tiny_lm, section),
-        "data_dir": str(tiny_lm.data.directory), "data_result": tiny_lm.data.result, "out_dir": str(out_dir),
-        "uri": tiny_lm.tracking_uri, "run_id": ctx.tracker.run_id,
+        "data_dir": str(tiny_lm.data.directory), "data_result": tiny_lm.data.result.to_json(), "out_dir": str(out_dir),
+        "uri": tiny_lm.tracking_uri, "run_id": ctx.tracker.run_id, "env": {HOLD_ENV: f"{hold}:{holds}"},
     }
-    args_file = out_dir.parent / "tune-killed-args.json"
+    args_file = tmp_path / "tune-killed-args.json"
     args_file.write_text(json.dumps(args))
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, str(args_file)], cwd=REPO, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
-    deadline = time.monotonic() + 420
+
+    def running(what: str) -> None:
+        assert child.poll() is None, f"the search ended before {what}: {child.stderr.read()[-3000:]}"  # type: ignore[union-attr]
+
+    def held(n: int) -> bool:
+        running(f"a trial held at step {hold}")
+        return (holds / f"held-{n}").exists()
+
+    def second_checkpoint_saved() -> bool:
+        running("Tune saved the held trial's checkpoint")
+        points = checkpoints.restore_points(experiment) or {}
+        second = next(t for t in dict.fromkeys(h["trial_id"] for h in _history(out_dir)) if t != first)
+        return points.get(_trial_dir(out_dir, second).name, "") >= "checkpoint_000001"
+
     try:
-        while True:
-            assert child.poll() is None, f"the search ended before it was killed: {child.stderr.read()[-3000:]}"  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, "the second trial did not get going within 7 minutes"
-            history = _history(out_dir)
-            trials = list(dict.fromkeys(h["trial_id"] for h in history))
-            # Killed once Tune's saved state holds the second trial's second checkpoint (step 8) and the
-            # trial has not finished.
-            if len(trials) == 2 and max(h["step"] for h in history if h["trial_id"] == trials[1]) < steps:
-                points = checkpoints.restore_points(experiment) or {}
-                if any(t.startswith(f"run_trial_{trials[1]}_") and c >= "checkpoint_000001" for t, c in points.items()):
-                    break
-            time.sleep(0.2)
+        wait_for(lambda: held(0), "the first trial's hold")
+        (first,) = dict.fromkeys(h["trial_id"] for h in _history(out_dir))
+        (holds / "release-0").touch()
+        wait_for(lambda: held(1), "the second trial's hold")
+        wait_for(second_checkpoint_saved, "Tune's saved state holding the second trial's checkpoint of step 8")
     finally:
-        os.killpg(child.pid, signal.SIGKILL)
-        child.wait()
-    first, second = trials
+        stop_process_group(child)
+    trials = list(dict.fromkeys(h["trial_id"] for h in _history(out_dir)))
+    assert trials[0] == first and len(trials) == 2
+    second = trials[1]
     before = json.loads((out_dir / "trials.json").read_text())
     assert before[first]["state"] == "completed" and before[second]["state"] == "running"
+    assert max(h["step"] for h in _history(out_dir) if h["trial_id"] == second) == hold
     first_results = (_trial_dir(out_dir, first) / "result.json").read_text()
-    # However the kill fell, the checkpoint the saved state resumes the second trial from is still there.
+    # The checkpoint the saved state resumes the second trial from is still there after the kill.
     points = checkpoints.restore_points(experiment) or {}
     second_dir = _trial_dir(out_dir, second)
     assert (second_dir / points[second_dir.name]).is_dir()
 
-    # The executor's rerun: the same folder and the same MLflow run.
+    # The executor's rerun: the same folder and the same MLflow run (and no hold: this job has no such setting).
     resumed = dataclasses.replace(ctx, tracker=Tracker(tiny_lm.tracking_uri, ctx.tracker.run_id))
     result = run(resumed.pipeline.spec.tune, resumed)  # type: ignore[arg-type]
     assert "tune: resuming the search: 1 finished trials kept" in resumed.reporter.lines  # type: ignore[attr-defined]
 
-    assert result["num_trials"] == 2 and result["completed_trials"] == 2
+    assert result.num_trials == 2 and result.completed_trials == 2
     assert (_trial_dir(out_dir, first) / "result.json").read_text() == first_results, "the finished trial ran again"
     last = json.loads((_trial_dir(out_dir, second) / "result.json").read_text().splitlines()[-1])
     assert last["step"] == steps
-    assert last["resumed_from_step"] >= 8, "the interrupted trial restarted from scratch"
+    assert last["resumed_from_step"] == hold, "the interrupted trial did not continue from its checkpoint"
     # Still one nested run per trial, both finished; the interrupted trial's run was continued.
     children = _child_runs(tiny_lm, ctx.tracker.run_id)
     assert sorted(run.data.tags["kubeforge.trial_id"] for run in children) == sorted([first, second])
     assert {run.info.status for run in children} == {"FINISHED"}
     second_run = next(run for run in children if run.data.tags["kubeforge.trial_id"] == second)
     assert second_run.info.run_id == before[second]["run_id"]
-    assert result["total_trial_steps"] == 2 * steps
+    assert result.total_trial_steps == 2 * steps
     # Old checkpoints are gone once the search has ended: each trial keeps the one it ended on.
     points = checkpoints.restore_points(experiment) or {}
     for trial_id in (first, second):
@@ -294,10 +311,10 @@ def test_a_search_over_lora_fine_tuning(tiny_lm: TinyLM) -> None:
     ctx = dataclasses.replace(tiny_lm.context("tune", None, "tune-finetune"), pipeline=parse_manifest(manifest))
     result = run(ctx.pipeline.spec.tune, ctx)  # type: ignore[arg-type]
 
-    assert result["completed_trials"] == 2 and result["failed_trials"] == 0
-    assert result["total_trial_steps"] == 2 * 8
-    assert set(result["best_config"]) == {"train.lr", "lora.rank"}
-    assert result["best_config"]["lora.rank"] in (4, 8)
+    assert result.completed_trials == 2 and result.failed_trials == 0
+    assert result.total_trial_steps == 2 * 8
+    assert set(result.best_config) == {"train.lr", "lora.rank"}
+    assert result.best_config["lora.rank"] in (4, 8)
     assert (ctx.out_dir / "task" / "task.json").is_file()  # written once by the driver, read by the trials
     assert len(_child_runs(tiny_lm, ctx.tracker.run_id)) == 2
 

@@ -26,14 +26,14 @@ from kubeforge.spec.crd import (
     structural_schema,
 )
 from kubeforge.spec.deployment import ModelDeployment
-from kubeforge.spec.pipeline import ModelPipeline
+from kubeforge.spec.pipeline import pipeline_model
 
 pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_DIR = REPO / "charts" / "kubeforge" / "crds"
 EXAMPLES = REPO / "examples"
-MODELS: dict[str, type[BaseModel]] = {"ModelPipeline": ModelPipeline, "ModelDeployment": ModelDeployment}
+MODELS: dict[str, type[BaseModel]] = {"ModelPipeline": pipeline_model(), "ModelDeployment": ModelDeployment}
 JUNCTORS = ("allOf", "anyOf", "oneOf", "not")
 PRESERVE = "x-kubernetes-preserve-unknown-fields"
 INT_OR_STRING = "x-kubernetes-int-or-string"

@@ -128,7 +128,7 @@ def test_distillation_kl_by_hand_with_temperature_scaling() -> None:
 
 
 def test_replay_choices_are_a_function_of_seed_micro_batch_and_rank() -> None:
-    from kubeforge.finetune.loop import replay_choices
+    from kubeforge.finetune.recipe import replay_choices
 
     first = replay_choices(0, micro_batch=5, rank=1, size=64, fraction=0.25, pool=100)
     assert first == replay_choices(0, micro_batch=5, rank=1, size=64, fraction=0.25, pool=100)
@@ -141,7 +141,7 @@ def test_replay_choices_are_a_function_of_seed_micro_batch_and_rank() -> None:
 
 
 def test_pad_batch_pads_right_and_masks_padding_out_of_the_labels() -> None:
-    from kubeforge.finetune.loop import pad_batch
+    from kubeforge.finetune.recipe import pad_batch
 
     batch = pad_batch([([5, 6, 7], [IGNORE_INDEX, 6, 7]), ([8], [8])], pad_id=1, device=torch.device("cpu"))
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 1, 1]]

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from kubeforge.errors import SpecError
-from kubeforge.spec.load import parse_deployment
 from kubeforge.spec.deployment import parse_model_uri
+from kubeforge.spec.load import parse_deployment
 
 pytestmark = pytest.mark.unit
 

@@ -7,7 +7,10 @@ from typing import Any
 
 import pytest
 
-from kubeforge.registry.gates import evaluate_gates, report
+from kubeforge.promote.gates import evaluate_gates, report
+from kubeforge.stages.evaluate import EvaluateResult
+from kubeforge.stages.quantize import QuantizeResult
+from kubeforge.stages.results import StageResult
 from kubeforge.spec.load import parse_manifest
 from kubeforge.spec.promotion import Gate
 from tests.unit.test_spec_stages import problems
@@ -89,10 +92,26 @@ def test_a_gate_on_a_metric_no_stage_produces_is_refused() -> None:
     assert len(found) == 1 and "set min, max or max_regression" in found[0]
 
 
-RESULTS = {
-    "evaluate": {"candidate": {"perplexity": 102.0, "rouge_l": 0.30}, "champion": {"perplexity": 100.0,
-                                                                                "rouge_l": 0.31}},
-    "quantize": {"perplexity_increase": 0.01, "size_ratio": 0.3},
+def evaluation(candidate: dict[str, float | None], champion: dict[str, float | None] | None) -> EvaluateResult:
+    return EvaluateResult(
+        candidate=candidate, base=None, champion=champion, champion_version=None, champion_scored_version=None,
+        models={}, comparison="comparison.csv", comparison_md="comparison.md", plots=[], samples="samples.jsonl",
+        task=None, num_examples=0, perplexity_split="test", doctest_isolation=None,
+    )
+
+
+def quantization(perplexity_increase: float, size_ratio: float) -> QuantizeResult:
+    return QuantizeResult(
+        model_dir="model", scheme="w8a8-int8", format="compressed-tensors", architecture="LlamaForCausalLM",
+        source_stage="finetune", source_model_dir="merged", source_method="sft-lora", calibration_samples=8,
+        perplexity_before=100.0, perplexity=100.0 * (1 + perplexity_increase), perplexity_increase=perplexity_increase,
+        size_bytes=300, source_size_bytes=1000, size_ratio=size_ratio, quantizer={}, check={},
+    )
+
+
+RESULTS: dict[str, StageResult] = {
+    "evaluate": evaluation({"perplexity": 102.0, "rouge_l": 0.30}, {"perplexity": 100.0, "rouge_l": 0.31}),
+    "quantize": quantization(perplexity_increase=0.01, size_ratio=0.3),
 }
 
 
@@ -114,13 +133,13 @@ def test_relative_gates_compare_with_the_champion_in_the_metrics_direction() -> 
 
 
 def test_without_a_champion_a_relative_gate_passes_and_says_why() -> None:
-    results = {"evaluate": {"candidate": {"perplexity": 150.0}, "champion": None}}
+    results: dict[str, StageResult] = {"evaluate": evaluation({"perplexity": 150.0}, None)}
     (outcome,) = evaluate_gates([Gate(metric="evaluate.perplexity", max_regression=0.02)], results)
     assert outcome.passed and outcome.detail == "no champion score to compare with"
 
 
 def test_a_metric_missing_from_this_run_fails_its_gate_by_name() -> None:
-    results = {"evaluate": {"candidate": {"perplexity": None, "bleu": 1.0}}}
+    results: dict[str, StageResult] = {"evaluate": evaluation({"perplexity": None, "bleu": 1.0}, None)}
     (outcome,) = evaluate_gates([Gate(metric="evaluate.perplexity", max=200)], results)
     assert not outcome.passed
     assert outcome.detail == "evaluate.perplexity: the evaluate stage produced no value for it in this run (it has: bleu)"

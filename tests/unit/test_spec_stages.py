@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from kubeforge.context import StageOutput
+from kubeforge.stages.tune import TuneResult
 from kubeforge.errors import SpecError
 from kubeforge.executor import plan, stage_section
 from kubeforge.spec.load import parse_manifest
@@ -81,7 +82,12 @@ def test_changing_the_search_changes_the_keys_of_the_stages_that_use_its_result(
 
 def test_the_best_configuration_overrides_only_the_searched_settings() -> None:
     pipeline = parse_manifest(FULL)
-    tune = StageOutput("tune", "k", Path("."), {"best_config": {"train.lr": 0.004, "lora.rank": 16}}, None)
+    best = TuneResult(
+        best_config={"train.lr": 0.004, "lora.rank": 16}, best_metrics={"val_loss": 1.0}, best_trial="t1",
+        metric="val_loss", mode="min", num_trials=1, completed_trials=1, early_stopped_trials=0, failed_trials=0,
+        total_trial_steps=10, study_storage="optuna.journal", plots=[],
+    )
+    tune = StageOutput("tune", "k", Path("."), best, None)
     section = stage_section(pipeline, "finetune", {"tune": tune}, RecordingReporter())
     assert section.train.lr == 0.004
     assert section.lora_settings.rank == 16

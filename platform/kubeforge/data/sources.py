@@ -12,19 +12,14 @@ import hashlib
 import json
 import os
 import sys
-import sysconfig
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from kubeforge.errors import KubeForgeError
-from kubeforge.spec.data import DataSpec, FilesSource, Source, StdlibSource
+from kubeforge.spec.data import DataSpec, FilesSource, Source, StdlibSource, stdlib_dir
 from kubeforge.spec.load import resolve_source_paths
 
 Document = dict[str, str]
-
-
-def stdlib_dir() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"])
 
 
 def stdlib_files(source: StdlibSource) -> list[tuple[str, Path]]:

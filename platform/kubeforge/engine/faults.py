@@ -1,13 +1,14 @@
 """TEST-ONLY fault injection in the training loops: KubeForge itself never sets it.
 
-`KUBEFORGE_TEST_HOLD=<step>:<barrier file>` makes a loop that has just reported the checkpoint of
-`<step>` wait for as long as `<barrier file>` exists, with `<barrier file>.held` (holding the step)
-present while it waits. A test uses it to act at a moment it chooses — for instance to kill a search
-once its saved state holds that checkpoint — instead of racing the loop (tests/integration/test_tune.py).
+`KUBEFORGE_TEST_HOLD=<step>:<folder>` makes every loop that has just reported the checkpoint of
+`<step>` claim the next free `<folder>/held-<n>` (n = 0, 1, ...) and wait until `<folder>/release-<n>`
+exists. A test uses it to act at moments it chooses instead of racing the loops: to let the first trial
+of a search go on and to kill the search while the second one is held (tests/integration/test_tune.py).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from pathlib import Path
@@ -22,14 +23,15 @@ def hold_after_checkpoint(step: int) -> None:
         return
     at, _, path = setting.partition(":")
     if not at.isdigit() or not path:
-        raise ValueError(f"{HOLD_ENV}={setting!r}: expected <step>:<barrier file>")
-    barrier = Path(path)
-    if int(at) != step or not barrier.exists():
+        raise ValueError(f"{HOLD_ENV}={setting!r}: expected <step>:<folder>")
+    if int(at) != step:
         return
-    held = barrier.with_name(barrier.name + ".held")
-    held.write_text(str(step))
-    try:
-        while barrier.exists():
-            time.sleep(_POLL_S)
-    finally:
-        held.unlink(missing_ok=True)
+    folder = Path(path)
+    for n in itertools.count():
+        try:
+            (folder / f"held-{n}").touch(exist_ok=False)  # claimed atomically, whoever else holds here
+        except FileExistsError:
+            continue
+        break
+    while not (folder / f"release-{n}").exists():
+        time.sleep(_POLL_S)

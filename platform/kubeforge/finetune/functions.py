@@ -98,7 +98,7 @@ def module_name(doc_id: str, source: str) -> str | None:
     None for files outside the standard library, `__main__` scripts (importing them runs them), and paths
     that are no dotted module name or lie in a folder without `__init__.py`.
     """
-    from kubeforge.data.sources import stdlib_dir
+    from kubeforge.spec.data import stdlib_dir
 
     root = stdlib_dir()
     if doc_id.startswith("stdlib/"):

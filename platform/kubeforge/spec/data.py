@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sysconfig
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
@@ -18,6 +20,11 @@ STDLIB_DEFAULT_EXCLUDE = (
     "lib2to3/tests/*",
     "site-packages/*",
 )
+
+
+def stdlib_dir() -> Path:
+    """Where the running interpreter's standard library (the `python-stdlib` source) lives."""
+    return Path(sysconfig.get_paths()["stdlib"])
 
 
 class StdlibSource(StrictModel):

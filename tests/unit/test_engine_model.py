@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from kubeforge.engine.model import build_model, count_parameters, default_intermediate_size
 from kubeforge.spec.pretrain import PretrainSpec
-from kubeforge.train.model import build_model, count_parameters, default_intermediate_size
 
 pytestmark = pytest.mark.unit
 

@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 
+from kubeforge.engine.optim import build_scheduler, lr_factor
 from kubeforge.spec.pretrain import TrainSettings
-from kubeforge.train.schedule import build_scheduler, lr_factor
 
 pytestmark = pytest.mark.unit
 

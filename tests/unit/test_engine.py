@@ -1,4 +1,4 @@
-"""The pieces of the worker loop, without Ray: data split, MLM masking, a training step, checkpoints."""
+"""The training engine's pieces, without Ray: data split, MLM masking, a training step, checkpoints."""
 
 from __future__ import annotations
 
@@ -7,22 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kubeforge.engine.batches import Batcher, RankSampler, TokenShards, mask_tokens
+from kubeforge.engine.model import build_model
+from kubeforge.engine.optim import build_optimizer, build_scheduler
+from kubeforge.engine.state import load_state, save_state
+from kubeforge.engine.steps import evaluate_tokens, peak_flops, resolve_bf16, train_step
 from kubeforge.spec.pretrain import PretrainSpec
-from kubeforge.train.loop import (
-    Batcher,
-    RankSampler,
-    TokenShards,
-    build_optimizer,
-    evaluate,
-    load_state,
-    mask_tokens,
-    peak_flops,
-    resolve_bf16,
-    save_state,
-    train_step,
-)
-from kubeforge.train.model import build_model
-from kubeforge.train.schedule import build_scheduler
 
 pytestmark = pytest.mark.unit
 
@@ -91,7 +81,7 @@ def test_training_steps_fit_a_repeated_batch() -> None:
     spec = PretrainSpec.model_validate({**TINY, "train": {"lr": 1e-2, "warmup_steps": 0, "max_steps": 30,
                                                           "grad_accum_steps": 2}})
     model = build_model(spec, 64, SPECIAL)
-    optimizer = build_optimizer(model, spec)
+    optimizer = build_optimizer(model, spec.train)
     scheduler = build_scheduler(optimizer, spec.train)
     batcher = Batcher(spec, 64, SPECIAL)
     rows = np.random.default_rng(0).integers(4, 64, size=(4, 16)).astype(np.int32)
@@ -99,7 +89,7 @@ def test_training_steps_fit_a_repeated_batch() -> None:
     losses = [train_step(model, optimizer, scheduler, micro, 1.0, False, torch.device("cpu")) for _ in range(30)]
     assert losses[0] == pytest.approx(np.log(64), abs=0.5)  # a fresh model guesses about uniformly
     assert losses[-1] < losses[0] / 3
-    loss, perplexity = evaluate(model, [rows], batcher, torch.device("cpu"), False, seed=0)
+    loss, perplexity = evaluate_tokens(model, [rows], batcher, torch.device("cpu"), False, seed=0)
     assert perplexity == pytest.approx(np.exp(loss))
     assert loss < losses[0] / 3
 
@@ -109,7 +99,7 @@ def test_checkpoint_state_round_trip(tmp_path: Path) -> None:
 
     spec = PretrainSpec.model_validate({**TINY, "train": {"max_steps": 20, "warmup_steps": 2}})
     model = build_model(spec, 64, SPECIAL)
-    optimizer = build_optimizer(model, spec)
+    optimizer = build_optimizer(model, spec.train)
     scheduler = build_scheduler(optimizer, spec.train)
     batcher = Batcher(spec, 64, SPECIAL)
     rows = np.random.default_rng(0).integers(4, 64, size=(2, 16)).astype(np.int32)
@@ -121,7 +111,7 @@ def test_checkpoint_state_round_trip(tmp_path: Path) -> None:
 
     torch.manual_seed(123)  # scramble the RNG: loading must bring the saved state back
     fresh = build_model(spec.model_copy(update={"train": spec.train.model_copy(update={"seed": 9})}), 64, SPECIAL)
-    fresh_optimizer = build_optimizer(fresh, spec)
+    fresh_optimizer = build_optimizer(fresh, spec.train)
     fresh_scheduler = build_scheduler(fresh_optimizer, spec.train)
     extra = load_state(tmp_path, fresh, fresh_optimizer, fresh_scheduler, 0)
     assert extra == {"step": 3, "tokens_seen": 96, "initial_val_loss": 4.1}
