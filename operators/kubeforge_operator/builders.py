@@ -677,13 +677,11 @@ def rayservice(
     """The KubeRay RayService serving `document` (a validated ModelDeployment manifest): its variants
     (`[{variant, model, version}]`, versions already resolved) behind the router, the candidate at
     `weight` percent. Only serveConfigV2 depends on `weight`, so a new weight is applied in place."""
-    if not config.mlflow_tracking_uri:
-        raise ValueError("KUBEFORGE_OPERATOR_MLFLOW_TRACKING_URI: required to serve ModelDeployments: every "
-                         "replica downloads its pinned version from that MLflow server")
+    tracking_uri = config.serving_tracking_uri()
     model = parse_deployment(dict(document), source=f"ModelDeployment {owner.name}")
     spec = model.spec
     name = rayservice_name(owner.name)
-    env: list[dict[str, Any]] = [{"name": "MLFLOW_TRACKING_URI", "value": config.mlflow_tracking_uri}]
+    env: list[dict[str, Any]] = [{"name": "MLFLOW_TRACKING_URI", "value": tracking_uri}]
     # HAProxy in front of the router replica instead of Serve's Python proxy (kubeforge.serve.ingress);
     # Ray reads these when it starts on each pod.
     env += [{"name": k, "value": v} for k, v in SERVE_INGRESS_ENV.items()]

@@ -48,7 +48,7 @@ from kubeforge.spec.load import parse_deployment
 from kubeforge.spec.pipeline import API_VERSION
 from kubeforge_operator import builders, kube, metrics
 from kubeforge_operator.config import OperatorConfig
-from kubeforge_operator.errors import retry_semantics
+from kubeforge_operator.errors import FieldError, retry_semantics
 from kubeforge_operator.pipeline import manifest_document
 from kubeforge_operator.reconciling import object_lock, write_invalid, write_status
 
@@ -208,10 +208,12 @@ async def _reconcile(
     except SpecError as exc:
         await write_invalid(client, status_url, previous, exc, now=now, generation=generation, logger=logger)
         return
-    if not config.mlflow_tracking_uri:
-        raise kopf.PermanentError("KUBEFORGE_OPERATOR_MLFLOW_TRACKING_URI: required to serve ModelDeployments "
-                                  "(versions are resolved in, and replicas download them from, that MLflow)")
-    registry = Registry(config.mlflow_tracking_uri)
+    try:
+        tracking_uri = config.serving_tracking_uri()
+    except FieldError as exc:
+        # Raised here rather than left to retry_semantics, so the error metric counts it as it always has.
+        raise kopf.PermanentError(str(exc)) from None
+    registry = Registry(tracking_uri)
     versions = pinned(model, previous, generation)
     if versions is None:
         try:

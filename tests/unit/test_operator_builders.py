@@ -19,6 +19,7 @@ from kubeforge.rollout.controller import RolloutRecord, Subject, begin
 from kubeforge.spec.load import parse_deployment, parse_manifest
 from kubeforge_operator import builders
 from kubeforge_operator.config import ConfigError, OperatorConfig
+from kubeforge_operator.errors import FieldError
 from kubeforge_operator.pipeline import manifest_document, validate
 from tests.k8s_schemas import (
     SchemaValidationError,
@@ -212,6 +213,15 @@ def test_a_pipeline_without_a_cluster_section_is_invalid_for_the_operator() -> N
     with pytest.raises(SpecError) as info:
         validate(doc)
     assert [p.where for p in info.value.problems] == ["spec.cluster"]
+
+
+def test_serving_needs_the_tracking_uri_variable() -> None:
+    with pytest.raises(FieldError) as refused:
+        OperatorConfig(stage_image="a", quantize_image="b").serving_tracking_uri()
+    assert refused.value.field == "KUBEFORGE_OPERATOR_MLFLOW_TRACKING_URI"
+    assert str(refused.value) == ("KUBEFORGE_OPERATOR_MLFLOW_TRACKING_URI: required to serve ModelDeployments "
+                                  "(versions are resolved in, and replicas download them from, that MLflow)")
+    assert CONFIG.serving_tracking_uri() == "http://mlflow.kubeforge-system:5000"
 
 
 @pytest.mark.parametrize(("cluster", "where"), [
