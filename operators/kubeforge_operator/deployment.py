@@ -46,10 +46,20 @@ from kubeforge.rollout.queries import CANDIDATE, STABLE
 from kubeforge.spec.deployment import ModelDeployment, parse_model_uri
 from kubeforge.spec.load import parse_deployment
 from kubeforge.spec.pipeline import API_VERSION
-from kubeforge_operator import builders, kube, metrics
+from kubeforge_operator import kube, metrics
 from kubeforge_operator.config import OperatorConfig
 from kubeforge_operator.errors import FieldError, retry_semantics
+from kubeforge_operator.owner import Owner
 from kubeforge_operator.pipeline import manifest_document
+from kubeforge_operator.rayservice import (
+    ANNOTATION_SPEC_HASH,
+    deployment_status,
+    rayservice,
+    rayservice_name,
+    rayservice_ready,
+    serve_weight,
+    unresolved_status,
+)
 from kubeforge_operator.reconciling import object_lock, write_invalid, write_status
 
 KIND: Final = "ModelDeployment"
@@ -219,14 +229,14 @@ async def _reconcile(
         try:
             versions = await asyncio.to_thread(resolve, registry, model)
         except Unresolved as exc:
-            await write_status(client, status_url, previous, builders.unresolved_status(
+            await write_status(client, status_url, previous, unresolved_status(
                 exc.field, exc.message, previous=previous, now=now, generation=generation))
             raise kopf.TemporaryError(str(exc), delay=RESOLVE_RETRY_S) from None
         logger.info(f"resolved {model.spec.model} to version {versions[0][1]}"
                     + (f", the candidate to version {versions[1][1]}" if versions[1] else ""))
     stable, candidate = versions
-    owner = builders.Owner(name=name, namespace=namespace, uid=meta["uid"], kind=KIND)
-    rayservice_url = kube.rayservices_url(namespace, builders.rayservice_name(name))
+    owner = Owner(name=name, namespace=namespace, uid=meta["uid"], kind=KIND)
+    rayservice_url = kube.rayservices_url(namespace, rayservice_name(name))
     current: Mapping[str, Any] | None = await client.get(rayservice_url)
 
     # The rollout: resume the stored record (same versions) or begin one, then step it.
@@ -240,7 +250,7 @@ async def _reconcile(
         if record is not saved:
             logger.info(f"rollout of version {candidate[1]} begins: {record.reason}")
             export_metrics(record, None)
-        ready, _ = builders.rayservice_ready(current)
+        ready, _ = rayservice_ready(current)
         # Analyses wait for KubeRay to report the application ready: measured before, a candidate still
         # downloading its model would count as inconclusive until the rollout rolls back.
         if ready or abort:
@@ -264,12 +274,11 @@ async def _reconcile(
     variants = [{"variant": STABLE, "model": stable[0], "version": stable[1]}]
     if candidate is not None:
         variants.append({"variant": CANDIDATE, "model": candidate[0], "version": candidate[1]})
-    desired = builders.rayservice(serving_document(document), variants, 0 if record is None else record.weight,
-                                  owner, config)
+    desired = rayservice(serving_document(document), variants, 0 if record is None else record.weight, owner, config)
     current = await _ensure_rayservice(client, desired, current, owner, logger)
     if record is not None and record.done:
         await asyncio.to_thread(settle_registry, record, registry)
-    status = builders.deployment_status(
+    status = deployment_status(
         owner=owner, port=model.spec.port, stable_version=stable[1],
         candidate_version=None if candidate is None else candidate[1], record=record, rayservice_body=current,
         previous=previous, now=now, generation=generation,
@@ -284,7 +293,7 @@ def _abort_reason(annotation: str | None) -> str | None:
 
 
 async def _ensure_rayservice(
-    client: kube.Client, desired: Mapping[str, Any], current: Mapping[str, Any] | None, owner: builders.Owner,
+    client: kube.Client, desired: Mapping[str, Any], current: Mapping[str, Any] | None, owner: Owner,
     logger: kopf.Logger,
 ) -> Mapping[str, Any]:
     """Create the RayService, or patch the existing one in place when the wanted spec changed."""
@@ -292,7 +301,7 @@ async def _ensure_rayservice(
     url = kube.rayservices_url(meta["namespace"], meta["name"])
     if current is None:
         if await client.create(kube.rayservices_url(meta["namespace"]), desired):
-            logger.info(f"created RayService {meta['name']} (candidate weight {builders.serve_weight(desired)}%)")
+            logger.info(f"created RayService {meta['name']} (candidate weight {serve_weight(desired)}%)")
             return desired
         current = await client.get(url)  # created by a reconciliation that raced this one
         if current is None:
@@ -301,18 +310,18 @@ async def _ensure_rayservice(
     if not any(ref.get("uid") == owner.uid for ref in refs):
         raise kopf.PermanentError(f"RayService {meta['name']} exists and is not owned by this ModelDeployment; "
                                   "delete or rename it")
-    wanted = meta["annotations"][builders.ANNOTATION_SPEC_HASH]
-    if ((current.get("metadata") or {}).get("annotations") or {}).get(builders.ANNOTATION_SPEC_HASH) == wanted:
+    wanted = meta["annotations"][ANNOTATION_SPEC_HASH]
+    if ((current.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_SPEC_HASH) == wanted:
         return current
     # A merge patch replaces what we set and keeps what KubeRay defaulted. A change of serveConfigV2
     # alone (a new weight) is applied by KubeRay to the running cluster: Ray Serve reconfigures the router.
     patched = await client.merge_patch(url, {
-        "metadata": {"labels": meta["labels"], "annotations": {builders.ANNOTATION_SPEC_HASH: wanted}},
+        "metadata": {"labels": meta["labels"], "annotations": {ANNOTATION_SPEC_HASH: wanted}},
         "spec": desired["spec"],
     })
     if patched is None:
         raise kopf.TemporaryError(f"RayService {meta['name']} disappeared while being patched", delay=1.0)
-    logger.info(f"patched RayService {meta['name']} (candidate weight {builders.serve_weight(desired)}%)")
+    logger.info(f"patched RayService {meta['name']} (candidate weight {serve_weight(desired)}%)")
     return patched
 
 
