@@ -28,7 +28,7 @@ from typing import Any, Final
 
 import kopf
 
-from kubeforge.errors import Problem, SpecError
+from kubeforge.errors import SpecError
 from kubeforge.registry.client import Registry, RegistryError
 from kubeforge.rollout.controller import (
     Compare,
@@ -54,6 +54,7 @@ from kubeforge_operator.pipeline import manifest_document
 from kubeforge_operator.rayservice import (
     ANNOTATION_SPEC_HASH,
     deployment_status,
+    pod_token_secret,
     rayservice,
     rayservice_name,
     rayservice_ready,
@@ -105,19 +106,13 @@ def serving_document(document: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def validate(document: Mapping[str, Any]) -> ModelDeployment:
-    """The parsed deployment; `SpecError` whose problems each start with their field."""
+    """The parsed deployment, the only parse of `document` in a reconciliation; `SpecError` whose problems
+    each start with their field."""
     model = parse_deployment(dict(document), source=f"{KIND} {document['metadata'].get('name')}")
-    auth = model.spec.auth
-    # The router reads its token from its own process: on Kubernetes only a Secret the pods reference can
-    # put it there. Serving without the authentication the manifest asks for is not an option.
-    if auth is not None and auth.token_env is not None:
-        raise SpecError([Problem("spec.auth.token_env", f"the RayService pods have no variable {auth.token_env}; "
-                                                        "use spec.auth.token_secret: {name, key} of a Secret in "
-                                                        "the deployment's namespace")])
-    if auth is not None and auth.token_file is not None:
-        raise SpecError([Problem("spec.auth.token_file", f"the RayService pods have no file {auth.token_file}; "
-                                                         "use spec.auth.token_secret: {name, key} of a Secret in "
-                                                         "the deployment's namespace")])
+    try:
+        pod_token_secret(model.spec.auth)
+    except FieldError as exc:
+        raise SpecError([exc.problem]) from None
     return model
 
 
@@ -274,7 +269,8 @@ async def _reconcile(
     variants = [{"variant": STABLE, "model": stable[0], "version": stable[1]}]
     if candidate is not None:
         variants.append({"variant": CANDIDATE, "model": candidate[0], "version": candidate[1]})
-    desired = rayservice(serving_document(document), variants, 0 if record is None else record.weight, owner, config)
+    desired = rayservice(model, serving_document(document), variants, 0 if record is None else record.weight,
+                         owner, config)
     current = await _ensure_rayservice(client, desired, current, owner, logger)
     if record is not None and record.done:
         await asyncio.to_thread(settle_registry, record, registry)

@@ -20,10 +20,10 @@ import yaml
 from kubeforge.rollout.controller import RolloutRecord
 from kubeforge.serve.cluster import ROUTER_DEPLOYMENT, serve_config
 from kubeforge.serve.ingress import SERVE_INGRESS_ENV
-from kubeforge.spec.deployment import DeploymentSpec
-from kubeforge.spec.load import parse_deployment
+from kubeforge.spec.deployment import AuthSpec, DeploymentSpec, ModelDeployment, SecretKeyRef
 from kubeforge_operator.conditions import condition, keep_transition_times, spec_accepted
 from kubeforge_operator.config import OperatorConfig
+from kubeforge_operator.errors import FieldError
 from kubeforge_operator.owner import MANAGED_BY, Owner
 from kubeforge_operator.pods import RAY_VERSION, cpu_quantity, pod_template
 
@@ -43,6 +43,7 @@ SERVE_TOKEN_ENV = "KUBEFORGE_SERVE_TOKEN"
 REPLICA_MEMORY_GI = 8
 """Host memory of a replica's pod besides a CPU KV cache: the engine process, the model's weights while
 loading, and the download of the pinned version. The manifest has no memory setting to take it from."""
+_USE_SECRET = "use spec.auth.token_secret: {name, key} of a Secret in the deployment's namespace"
 
 
 def rayservice_name(deployment: str) -> str:
@@ -84,30 +85,46 @@ def replica_pods(spec: DeploymentSpec, variants: int) -> ReplicaPods:
     return ReplicaPods(count, count, count, False, pod)
 
 
+def pod_token_secret(auth: AuthSpec | None) -> SecretKeyRef | None:
+    """The Secret whose key every RayService pod gets as SERVE_TOKEN_ENV (None without auth); `FieldError`
+    naming a token source the pods do not have.
+
+    The router reads its token from its own process: on Kubernetes only a Secret the pods reference can
+    put it there, and serving without the authentication the manifest asks for is not an option. The one
+    place this rule lives: `deployment.validate` turns the error into the Invalid status, and `rayservice`
+    reads the Secret through it."""
+    if auth is None:
+        return None
+    if auth.token_env is not None:
+        raise FieldError("spec.auth.token_env", f"the RayService pods have no variable {auth.token_env}; {_USE_SECRET}")
+    if auth.token_file is not None:
+        raise FieldError("spec.auth.token_file", f"the RayService pods have no file {auth.token_file}; {_USE_SECRET}")
+    return auth.token_secret
+
+
 def rayservice(
+    deployment: ModelDeployment,
     document: Mapping[str, Any],
     variants: Sequence[Mapping[str, str]],
     weight: int,
     owner: Owner,
     config: OperatorConfig,
 ) -> dict[str, Any]:
-    """The KubeRay RayService serving `document` (a validated ModelDeployment manifest): its variants
-    (`[{variant, model, version}]`, versions already resolved) behind the router, the candidate at
-    `weight` percent. Only serveConfigV2 depends on `weight`, so a new weight is applied in place."""
+    """The KubeRay RayService serving `deployment`, parsed from `document` (the manifest as its application
+    receives it): its variants (`[{variant, model, version}]`, versions already resolved) behind the
+    router, the candidate at `weight` percent. Only serveConfigV2 depends on `weight`, so a new weight is
+    applied in place."""
     tracking_uri = config.serving_tracking_uri()
-    model = parse_deployment(dict(document), source=f"ModelDeployment {owner.name}")
-    spec = model.spec
+    spec = deployment.spec
     name = rayservice_name(owner.name)
     env: list[dict[str, Any]] = [{"name": "MLFLOW_TRACKING_URI", "value": tracking_uri}]
     # HAProxy in front of the router replica instead of Serve's Python proxy (kubeforge.serve.ingress);
     # Ray reads these when it starts on each pod.
     env += [{"name": k, "value": v} for k, v in SERVE_INGRESS_ENV.items()]
-    if spec.auth is not None:
-        if spec.auth.token_secret is None:
-            raise ValueError("spec.auth: only token_secret has a source in the RayService pods; use it")
+    secret = pod_token_secret(spec.auth)
+    if secret is not None:
         # The pods reference the Secret (the operator never reads it), and the application is told to read
         # the token from that variable, as `kubeforge serve` reads a token_env.
-        secret = spec.auth.token_secret
         env.append({"name": SERVE_TOKEN_ENV,
                     "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}})
         document = {**document, "spec": {**document["spec"], "auth": {"token_env": SERVE_TOKEN_ENV}}}

@@ -44,6 +44,7 @@ from kubeforge_operator.rayservice import (
     MAX_RAYSERVICE_NAME,
     SERVE_TOKEN_ENV,
     deployment_status,
+    pod_token_secret,
     rayservice,
     rayservice_name,
     serve_weight,
@@ -253,6 +254,13 @@ def test_a_refusal_reaches_the_invalid_status_as_field_and_message() -> None:
         require_cluster(parse_manifest(doc))
     assert (refused.value.field, refused.value.message) == (
         "spec.cluster", "required to run on Kubernetes (at least spec.cluster.workdir_claim)")
+    auth = parse_deployment(deployment_document(auth={"token_env": "TOKEN"})).spec.auth
+    with pytest.raises(FieldError) as refused:
+        pod_token_secret(auth)
+    assert (refused.value.field, refused.value.message) == (
+        "spec.auth.token_env",
+        "the RayService pods have no variable TOKEN; use spec.auth.token_secret: {name, key} of a Secret in the "
+        "deployment's namespace")
 
     def invalid_message(check: Any, document: dict[str, Any]) -> str:
         with pytest.raises(SpecError) as invalid:
@@ -452,10 +460,15 @@ def deployment_document(**spec: Any) -> dict[str, Any]:
     return doc
 
 
+def build_rayservice(document: dict[str, Any], weight: int, config: OperatorConfig = CONFIG) -> dict[str, Any]:
+    """The RayService of `document`, given the deployment parsed from it as the reconciler gives it."""
+    return rayservice(parse_deployment(document), document, VARIANTS, weight, DEPLOYMENT_OWNER, config)
+
+
 def test_the_rayservice_validates_against_the_kuberay_crd() -> None:
     if not RAYSERVICE_CRD.is_file():
         pytest.skip(f"KubeRay CRD schemas not found in {KUBERAY} (shared/fixtures/kuberay-v1.7.0)")
-    service = rayservice(deployment_document(), VARIANTS, 20, DEPLOYMENT_OWNER, CONFIG)
+    service = build_rayservice(deployment_document(), 20)
     validate_against_crd(service, RAYSERVICE_CRD)
     broken = copy.deepcopy(service)
     broken["spec"]["serveConfigV2"] = yaml.safe_load(broken["spec"]["serveConfigV2"])  # a string, not a map
@@ -465,7 +478,7 @@ def test_the_rayservice_validates_against_the_kuberay_crd() -> None:
 
 def test_the_rayservice_carries_the_router_weight_and_variants() -> None:
     document = deployment_document()
-    service = rayservice(document, VARIANTS, 20, DEPLOYMENT_OWNER, CONFIG)
+    service = build_rayservice(document, 20)
     assert service["metadata"]["name"] == "quickstart"
     assert service["metadata"]["labels"][LABEL_DEPLOYMENT] == "quickstart"
     assert service["metadata"]["ownerReferences"] == [{
@@ -481,14 +494,14 @@ def test_the_rayservice_carries_the_router_weight_and_variants() -> None:
     assert app["deployments"] == [{"name": "Router", "user_config": {"weight": 20}}]
     assert serve_weight(service) == 20
     # Only serveConfigV2 depends on the weight: KubeRay applies a new one to the running cluster.
-    moved = rayservice(document, VARIANTS, 50, DEPLOYMENT_OWNER, CONFIG)
+    moved = build_rayservice(document, 50)
     assert serve_weight(moved) == 50
     assert moved["spec"]["rayClusterConfig"] == service["spec"]["rayClusterConfig"]
     assert moved["metadata"]["annotations"] != service["metadata"]["annotations"]  # the spec hash
 
 
 def test_rayservice_pods_are_hardened_sized_and_reach_mlflow() -> None:
-    service = rayservice(deployment_document(), VARIANTS, 20, DEPLOYMENT_OWNER, CONFIG)
+    service = build_rayservice(deployment_document(), 20)
     cluster_config = service["spec"]["rayClusterConfig"]
     group = cluster_config["workerGroupSpecs"][0]
     assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 2  # 1 replica x 2 variants
@@ -516,7 +529,7 @@ def test_gpu_replicas_request_gpus_and_autoscaling_bounds_the_pods() -> None:
     document = deployment_document(resources={"cpus_per_replica": 4, "gpus_per_replica": 0.5},
                                    autoscaling={"min_replicas": 1, "max_replicas": 3}, port=8080)
     del document["spec"]["replicas"]
-    service = rayservice(document, VARIANTS, 20, DEPLOYMENT_OWNER, CONFIG)
+    service = build_rayservice(document, 20)
     if RAYSERVICE_CRD.is_file():
         validate_against_crd(service, RAYSERVICE_CRD)
     cluster_config = service["spec"]["rayClusterConfig"]
@@ -533,8 +546,7 @@ def test_gpu_replicas_request_gpus_and_autoscaling_bounds_the_pods() -> None:
 
 def test_a_rayservice_needs_the_tracking_uri_and_a_kuberay_name() -> None:
     with pytest.raises(ValueError, match="KUBEFORGE_OPERATOR_MLFLOW_TRACKING_URI"):
-        rayservice(deployment_document(), VARIANTS, 0, DEPLOYMENT_OWNER,
-                   OperatorConfig(stage_image="a", quantize_image="b"))
+        build_rayservice(deployment_document(), 0, OperatorConfig(stage_image="a", quantize_image="b"))
     long_a, long_b = "a" * 60 + "-one", "a" * 60 + "-two"
     names = {rayservice_name(n) for n in (long_a, long_b)}
     assert len(names) == 2 and all(len(n) <= MAX_RAYSERVICE_NAME for n in names)
@@ -546,7 +558,7 @@ def test_the_deployment_status_follows_kuberay_and_the_rollout() -> None:
     policy = parse_deployment(deployment_document()).spec.rollout
     assert policy is not None
     record = begin(policy, Subject("quickstart", "quickstart", "1", "quickstart", "2"), None, NOW.timestamp())
-    service = rayservice(deployment_document(), VARIANTS, record.weight, DEPLOYMENT_OWNER, CONFIG)
+    service = build_rayservice(deployment_document(), record.weight)
 
     def status(body: dict[str, Any] | None, rec: RolloutRecord | None) -> dict[str, Any]:
         return deployment_status(owner=DEPLOYMENT_OWNER, port=8000, stable_version="1",
@@ -573,7 +585,7 @@ def test_the_deployment_status_follows_kuberay_and_the_rollout() -> None:
 
 def test_a_token_secret_reaches_every_rayservice_pod_and_the_router_reads_it_as_token_env() -> None:
     document = deployment_document(auth={"token_secret": {"name": "serve-token", "key": "token"}})
-    service = rayservice(document, VARIANTS, 20, DEPLOYMENT_OWNER, CONFIG)
+    service = build_rayservice(document, 20)
     if RAYSERVICE_CRD.is_file():
         validate_against_crd(service, RAYSERVICE_CRD)
     cluster_config = service["spec"]["rayClusterConfig"]
@@ -587,11 +599,12 @@ def test_a_token_secret_reaches_every_rayservice_pod_and_the_router_reads_it_as_
     assert app["args"]["deployment"]["spec"]["auth"] == {"token_env": SERVE_TOKEN_ENV}
     assert "serve-token" not in service["spec"]["serveConfigV2"]
     # Without auth no pod gets the variable.
-    plain = rayservice(deployment_document(), VARIANTS, 20, DEPLOYMENT_OWNER, CONFIG)
+    plain = build_rayservice(deployment_document(), 20)
     head_env = plain["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
     assert all(e["name"] != SERVE_TOKEN_ENV for e in head_env)
-    with pytest.raises(ValueError, match="only token_secret"):
-        rayservice(deployment_document(auth={"token_env": "TOKEN"}), VARIANTS, 20, DEPLOYMENT_OWNER, CONFIG)
+    # The builder refuses a source the pods lack with the words of the Invalid status (pod_token_secret).
+    with pytest.raises(ValueError, match=r"use spec\.auth\.token_secret"):
+        build_rayservice(deployment_document(auth={"token_env": "TOKEN"}), 20)
 
 
 @pytest.mark.parametrize("source", ["token_env", "token_file"])
@@ -621,5 +634,5 @@ def test_the_served_version_is_the_candidate_once_promoted() -> None:
     assert status(replace(record, phase="rolled_back", weight=0))["servedVersion"] == "1"
     assert status(record)["servedVersion"] == "1"
     # Both variants' replicas stay after a rollout: the worker group is sized for the two variants.
-    service = rayservice(deployment_document(), VARIANTS, 100, DEPLOYMENT_OWNER, CONFIG)
+    service = build_rayservice(deployment_document(), 100)
     assert service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] == 2
