@@ -16,6 +16,7 @@ from typing import Literal
 import kopf
 
 from kubeforge.errors import KubeForgeError
+from kubeforge_operator.errors import FieldError
 
 PREFIX = "KUBEFORGE_OPERATOR_"
 _DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
@@ -47,6 +48,16 @@ class OperatorConfig:
     @property
     def clusterwide(self) -> bool:
         return not self.namespaces
+
+    def serving_tracking_uri(self) -> str:
+        """The MLflow tracking URI, which serving a ModelDeployment cannot do without; `FieldError` naming the
+        variable when it is unset. Checked when a deployment needs it, not at startup: pipelines run without
+        one (their stages log to SQLite in the work volume)."""
+        if not self.mlflow_tracking_uri:
+            raise FieldError(f"{PREFIX}MLFLOW_TRACKING_URI",
+                             "required to serve ModelDeployments (versions are resolved in, and replicas download them "
+                             "from, that MLflow)")
+        return self.mlflow_tracking_uri
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:

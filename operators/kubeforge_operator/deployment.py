@@ -28,7 +28,7 @@ from typing import Any, Final
 
 import kopf
 
-from kubeforge.errors import Problem, SpecError
+from kubeforge.errors import SpecError
 from kubeforge.registry.client import Registry, RegistryError
 from kubeforge.rollout.controller import (
     Compare,
@@ -46,10 +46,21 @@ from kubeforge.rollout.queries import CANDIDATE, STABLE
 from kubeforge.spec.deployment import ModelDeployment, parse_model_uri
 from kubeforge.spec.load import parse_deployment
 from kubeforge.spec.pipeline import API_VERSION
-from kubeforge_operator import builders, kube, metrics
+from kubeforge_operator import kube, metrics
 from kubeforge_operator.config import OperatorConfig
-from kubeforge_operator.errors import retry_semantics
+from kubeforge_operator.errors import FieldError, retry_semantics
+from kubeforge_operator.owner import Owner
 from kubeforge_operator.pipeline import manifest_document
+from kubeforge_operator.rayservice import (
+    ANNOTATION_SPEC_HASH,
+    deployment_status,
+    pod_token_secret,
+    rayservice,
+    rayservice_name,
+    rayservice_ready,
+    serve_weight,
+    unresolved_status,
+)
 from kubeforge_operator.reconciling import object_lock, write_invalid, write_status
 
 KIND: Final = "ModelDeployment"
@@ -95,19 +106,13 @@ def serving_document(document: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def validate(document: Mapping[str, Any]) -> ModelDeployment:
-    """The parsed deployment; `SpecError` whose problems each start with their field."""
+    """The parsed deployment, the only parse of `document` in a reconciliation; `SpecError` whose problems
+    each start with their field."""
     model = parse_deployment(dict(document), source=f"{KIND} {document['metadata'].get('name')}")
-    auth = model.spec.auth
-    # The router reads its token from its own process: on Kubernetes only a Secret the pods reference can
-    # put it there. Serving without the authentication the manifest asks for is not an option.
-    if auth is not None and auth.token_env is not None:
-        raise SpecError([Problem("spec.auth.token_env", f"the RayService pods have no variable {auth.token_env}; "
-                                                        "use spec.auth.token_secret: {name, key} of a Secret in "
-                                                        "the deployment's namespace")])
-    if auth is not None and auth.token_file is not None:
-        raise SpecError([Problem("spec.auth.token_file", f"the RayService pods have no file {auth.token_file}; "
-                                                         "use spec.auth.token_secret: {name, key} of a Secret in "
-                                                         "the deployment's namespace")])
+    try:
+        pod_token_secret(model.spec.auth)
+    except FieldError as exc:
+        raise SpecError([exc.problem]) from None
     return model
 
 
@@ -208,23 +213,25 @@ async def _reconcile(
     except SpecError as exc:
         await write_invalid(client, status_url, previous, exc, now=now, generation=generation, logger=logger)
         return
-    if not config.mlflow_tracking_uri:
-        raise kopf.PermanentError("KUBEFORGE_OPERATOR_MLFLOW_TRACKING_URI: required to serve ModelDeployments "
-                                  "(versions are resolved in, and replicas download them from, that MLflow)")
-    registry = Registry(config.mlflow_tracking_uri)
+    try:
+        tracking_uri = config.serving_tracking_uri()
+    except FieldError as exc:
+        # Raised here rather than left to retry_semantics, so the error metric counts it as it always has.
+        raise kopf.PermanentError(str(exc)) from None
+    registry = Registry(tracking_uri)
     versions = pinned(model, previous, generation)
     if versions is None:
         try:
             versions = await asyncio.to_thread(resolve, registry, model)
         except Unresolved as exc:
-            await write_status(client, status_url, previous, builders.unresolved_status(
+            await write_status(client, status_url, previous, unresolved_status(
                 exc.field, exc.message, previous=previous, now=now, generation=generation))
             raise kopf.TemporaryError(str(exc), delay=RESOLVE_RETRY_S) from None
         logger.info(f"resolved {model.spec.model} to version {versions[0][1]}"
                     + (f", the candidate to version {versions[1][1]}" if versions[1] else ""))
     stable, candidate = versions
-    owner = builders.Owner(name=name, namespace=namespace, uid=meta["uid"], kind=KIND)
-    rayservice_url = kube.rayservices_url(namespace, builders.rayservice_name(name))
+    owner = Owner(name=name, namespace=namespace, uid=meta["uid"], kind=KIND)
+    rayservice_url = kube.rayservices_url(namespace, rayservice_name(name))
     current: Mapping[str, Any] | None = await client.get(rayservice_url)
 
     # The rollout: resume the stored record (same versions) or begin one, then step it.
@@ -238,7 +245,7 @@ async def _reconcile(
         if record is not saved:
             logger.info(f"rollout of version {candidate[1]} begins: {record.reason}")
             export_metrics(record, None)
-        ready, _ = builders.rayservice_ready(current)
+        ready, _ = rayservice_ready(current)
         # Analyses wait for KubeRay to report the application ready: measured before, a candidate still
         # downloading its model would count as inconclusive until the rollout rolls back.
         if ready or abort:
@@ -262,12 +269,12 @@ async def _reconcile(
     variants = [{"variant": STABLE, "model": stable[0], "version": stable[1]}]
     if candidate is not None:
         variants.append({"variant": CANDIDATE, "model": candidate[0], "version": candidate[1]})
-    desired = builders.rayservice(serving_document(document), variants, 0 if record is None else record.weight,
-                                  owner, config)
+    desired = rayservice(model, serving_document(document), variants, 0 if record is None else record.weight,
+                         owner, config)
     current = await _ensure_rayservice(client, desired, current, owner, logger)
     if record is not None and record.done:
         await asyncio.to_thread(settle_registry, record, registry)
-    status = builders.deployment_status(
+    status = deployment_status(
         owner=owner, port=model.spec.port, stable_version=stable[1],
         candidate_version=None if candidate is None else candidate[1], record=record, rayservice_body=current,
         previous=previous, now=now, generation=generation,
@@ -282,7 +289,7 @@ def _abort_reason(annotation: str | None) -> str | None:
 
 
 async def _ensure_rayservice(
-    client: kube.Client, desired: Mapping[str, Any], current: Mapping[str, Any] | None, owner: builders.Owner,
+    client: kube.Client, desired: Mapping[str, Any], current: Mapping[str, Any] | None, owner: Owner,
     logger: kopf.Logger,
 ) -> Mapping[str, Any]:
     """Create the RayService, or patch the existing one in place when the wanted spec changed."""
@@ -290,7 +297,7 @@ async def _ensure_rayservice(
     url = kube.rayservices_url(meta["namespace"], meta["name"])
     if current is None:
         if await client.create(kube.rayservices_url(meta["namespace"]), desired):
-            logger.info(f"created RayService {meta['name']} (candidate weight {builders.serve_weight(desired)}%)")
+            logger.info(f"created RayService {meta['name']} (candidate weight {serve_weight(desired)}%)")
             return desired
         current = await client.get(url)  # created by a reconciliation that raced this one
         if current is None:
@@ -299,18 +306,18 @@ async def _ensure_rayservice(
     if not any(ref.get("uid") == owner.uid for ref in refs):
         raise kopf.PermanentError(f"RayService {meta['name']} exists and is not owned by this ModelDeployment; "
                                   "delete or rename it")
-    wanted = meta["annotations"][builders.ANNOTATION_SPEC_HASH]
-    if ((current.get("metadata") or {}).get("annotations") or {}).get(builders.ANNOTATION_SPEC_HASH) == wanted:
+    wanted = meta["annotations"][ANNOTATION_SPEC_HASH]
+    if ((current.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_SPEC_HASH) == wanted:
         return current
     # A merge patch replaces what we set and keeps what KubeRay defaulted. A change of serveConfigV2
     # alone (a new weight) is applied by KubeRay to the running cluster: Ray Serve reconfigures the router.
     patched = await client.merge_patch(url, {
-        "metadata": {"labels": meta["labels"], "annotations": {builders.ANNOTATION_SPEC_HASH: wanted}},
+        "metadata": {"labels": meta["labels"], "annotations": {ANNOTATION_SPEC_HASH: wanted}},
         "spec": desired["spec"],
     })
     if patched is None:
         raise kopf.TemporaryError(f"RayService {meta['name']} disappeared while being patched", delay=1.0)
-    logger.info(f"patched RayService {meta['name']} (candidate weight {builders.serve_weight(desired)}%)")
+    logger.info(f"patched RayService {meta['name']} (candidate weight {serve_weight(desired)}%)")
     return patched
 
 

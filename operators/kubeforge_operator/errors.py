@@ -2,6 +2,9 @@
 
 kopf retries a handler that raises `TemporaryError` after its delay and gives up on one that raises
 `PermanentError`; anything else it retries with its default backoff, which is right only for bugs.
+
+`FieldError` is how the pure builders refuse their input: the field at fault and what to do about it,
+kept apart so that a reconciler puts them in a status without parsing the message.
 """
 
 from __future__ import annotations
@@ -12,12 +15,30 @@ from contextlib import contextmanager
 import kopf
 from kopf._cogs.clients import errors as api_errors
 
-from kubeforge.errors import KubeForgeError
+from kubeforge.errors import KubeForgeError, Problem
 
 CONFLICT_DELAY_S = 1.0
 """Someone else changed the object between our read and our write: read again almost at once."""
 SERVER_DELAY_S = 10.0
 """The API server is unwell (5xx, throttling) or we lack a permission an admin may still grant."""
+
+
+class FieldError(KubeForgeError, ValueError):
+    """A spec field (`spec.cluster`) or an operator variable (`KUBEFORGE_OPERATOR_*`) the operator cannot
+    work with, and what to do about it. Reconcilers read `field` and `message` (or `problem`) as they are.
+
+    A `KubeForgeError`, so one that escapes a reconciliation is permanent (`retry_semantics`); a
+    `ValueError`, as a builder's refusal of its arguments has always been."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+    @property
+    def problem(self) -> Problem:
+        """As one problem of a `SpecError`, the form the Invalid status is written from."""
+        return Problem(self.field, self.message)
 
 
 @contextmanager

@@ -13,8 +13,9 @@ from typing import Any
 import kopf
 
 from kubeforge_operator import GROUP, VERSION, deployment, pipeline
-from kubeforge_operator.builders import LABEL_DEPLOYMENT, LABEL_PIPELINE
 from kubeforge_operator.config import configure_kopf
+from kubeforge_operator.rayjob import LABEL_PIPELINE
+from kubeforge_operator.rayservice import LABEL_DEPLOYMENT
 
 
 @kopf.on.startup()

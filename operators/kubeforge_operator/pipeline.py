@@ -15,12 +15,25 @@ from typing import Any
 
 import kopf
 
-from kubeforge.errors import Problem, SpecError
+from kubeforge.errors import SpecError
 from kubeforge.spec.load import parse_manifest
 from kubeforge.spec.pipeline import API_VERSION, ModelPipeline
-from kubeforge_operator import builders, kube, metrics
+from kubeforge_operator import kube, metrics
 from kubeforge_operator.config import OperatorConfig
-from kubeforge_operator.errors import retry_semantics
+from kubeforge_operator.errors import FieldError, retry_semantics
+from kubeforge_operator.owner import Owner
+from kubeforge_operator.rayjob import (
+    LABEL_PIPELINE,
+    StageRun,
+    configmap_name,
+    manifest_configmap,
+    next_step,
+    pipeline_status,
+    require_cluster,
+    runs_to_look_up,
+    stage_rayjob,
+    stage_views,
+)
 from kubeforge_operator.reconciling import object_lock, write_invalid, write_status
 from kubeforge_operator.stage_runs import MlflowUnavailable, find_stage_runs
 
@@ -65,10 +78,9 @@ def validate(document: Mapping[str, Any]) -> ModelPipeline:
     """The parsed pipeline; `SpecError` listing every problem, each starting with its field."""
     pipeline = parse_manifest(dict(document), source=f"{KIND} {document['metadata'].get('name')}")
     try:
-        builders.require_cluster(pipeline)
-    except ValueError as exc:
-        field, _, message = str(exc).partition(": ")
-        raise SpecError([Problem(field, message)]) from None
+        require_cluster(pipeline)
+    except FieldError as exc:
+        raise SpecError([exc.problem]) from None
     return pipeline
 
 
@@ -102,20 +114,19 @@ async def _reconcile(
         await write_invalid(client, status_url, previous, exc, now=now, generation=generation, logger=logger)
         return
 
-    owner = builders.Owner(name=name, namespace=namespace, uid=meta["uid"])
-    await _ensure_configmap(client, builders.manifest_configmap(document, owner), logger)
+    owner = Owner(name=name, namespace=namespace, uid=meta["uid"])
+    await _ensure_configmap(client, manifest_configmap(document, owner), logger)
     rayjobs = await owned_rayjobs(client, owner)
 
-    views = builders.stage_views(pipeline, rayjobs, previous, now)
-    step = builders.next_step(views, now)
+    views = stage_views(pipeline, rayjobs, previous, now)
+    step = next_step(views, now)
     if step.stage is not None:
-        rayjob = builders.stage_rayjob(pipeline, step.stage, owner, config, attempt=step.attempt)
+        rayjob = stage_rayjob(pipeline, step.stage, owner, config, attempt=step.attempt)
         if await client.create(kube.rayjobs_url(namespace), rayjob):
             logger.info(f"created RayJob {rayjob['metadata']['name']} (stage {step.stage}, attempt {step.attempt})")
         rayjobs.append(rayjob)
-    found, unavailable = await _stage_runs(config, owner, builders.runs_to_look_up(views, previous))
-    status = builders.pipeline_status(pipeline, rayjobs, previous=previous, now=now, generation=generation,
-                                      found=found)
+    found, unavailable = await _stage_runs(config, owner, runs_to_look_up(views, previous))
+    status = pipeline_status(pipeline, rayjobs, previous=previous, now=now, generation=generation, found=found)
     await write_status(client, status_url, previous, status)
     if step.wait_s is not None:  # the next reconciliation looks MLflow up again too
         raise kopf.TemporaryError(f"next attempt in {step.wait_s:.0f}s", delay=max(step.wait_s, 0.1))
@@ -124,8 +135,8 @@ async def _reconcile(
 
 
 async def _stage_runs(
-    config: OperatorConfig, owner: builders.Owner, wanted: dict[str, str]
-) -> tuple[dict[str, builders.StageRun], str | None]:
+    config: OperatorConfig, owner: Owner, wanted: dict[str, str]
+) -> tuple[dict[str, StageRun], str | None]:
     """The MLflow runs of the `wanted` stages, and why none could be looked up (None when they could).
     Without a tracking URI the stages log to SQLite in the work volume, which the operator cannot read."""
     if not wanted or not config.mlflow_tracking_uri:
@@ -137,8 +148,8 @@ async def _stage_runs(
         return {}, str(exc)
 
 
-async def owned_rayjobs(client: kube.Client, owner: builders.Owner) -> list[dict[str, Any]]:
-    jobs = await client.list(kube.rayjobs_url(owner.namespace), {builders.LABEL_PIPELINE: owner.name})
+async def owned_rayjobs(client: kube.Client, owner: Owner) -> list[dict[str, Any]]:
+    jobs = await client.list(kube.rayjobs_url(owner.namespace), {LABEL_PIPELINE: owner.name})
     # A label anyone can set is not proof of ownership; the owner's uid is (and a pipeline deleted and
     # created again under the same name must not adopt its predecessor's RayJobs).
     return [job for job in jobs if any(ref.get("uid") == owner.uid
@@ -187,13 +198,13 @@ async def delete_children(
     running stages at once and leaves nothing behind when the pipeline is gone."""
     client = kube.Client(settings, logger)
     with metrics.observed(KIND), retry_semantics():
-        owner = builders.Owner(name=name, namespace=namespace, uid=uid)
+        owner = Owner(name=name, namespace=namespace, uid=uid)
         for job in await owned_rayjobs(client, owner):
             if await client.delete(kube.rayjobs_url(namespace, job["metadata"]["name"])):
                 logger.info(f"deleted RayJob {job['metadata']['name']}")
-        configmap = await client.get(kube.configmaps_url(namespace, builders.configmap_name(name)))
+        configmap = await client.get(kube.configmaps_url(namespace, configmap_name(name)))
         owned = configmap is not None and any(
             ref.get("uid") == uid for ref in configmap["metadata"].get("ownerReferences") or []
         )
-        if owned and await client.delete(kube.configmaps_url(namespace, builders.configmap_name(name))):
-            logger.info(f"deleted ConfigMap {builders.configmap_name(name)}")
+        if owned and await client.delete(kube.configmaps_url(namespace, configmap_name(name))):
+            logger.info(f"deleted ConfigMap {configmap_name(name)}")

@@ -13,7 +13,8 @@ from typing import Any
 import kopf
 
 from kubeforge.errors import SpecError
-from kubeforge_operator import builders, kube
+from kubeforge_operator import kube
+from kubeforge_operator.conditions import invalid_status
 
 # The create/update handler, timers and child-object events of one object must not interleave. Weak
 # values: a lock lives as long as someone holds or awaits it, so deleted objects leave nothing behind.
@@ -51,4 +52,4 @@ async def write_invalid(client: kube.Client, url: str, previous: dict[str, Any],
     problems = [str(p) for p in error.problems]
     logger.warning(f"invalid spec, nothing created: {'; '.join(problems)}")
     await write_status(client, url, previous,
-                       builders.invalid_status(problems, previous=previous, now=now, generation=generation))
+                       invalid_status(problems, previous=previous, now=now, generation=generation))

@@ -2,7 +2,7 @@
 
 The operator does not mount the work volume, and a RayJob's status says nothing of what its job
 produced. So each stage job tags its output's MLflow run `kubeforge.rayjob.<RayJob name>` = <pipeline
-uid> (`--report-tag`, set by `builders.entrypoint`; a stage reused from an earlier run tags that run),
+uid> (`--report-tag`, set by `rayjob.entrypoint`; a stage reused from an earlier run tags that run),
 and the operator searches the pipeline's experiment (named after the pipeline, as `kubeforge.tracking`
 names it) for that tag. The versions come from the registry, by run id.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from kubeforge_operator.builders import StageRun, report_tag
+from kubeforge_operator.rayjob import StageRun, report_tag
 
 
 class MlflowUnavailable(Exception):

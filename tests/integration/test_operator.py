@@ -23,9 +23,11 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from kubeforge_operator import builders, handlers, metrics
+from kubeforge_operator import handlers, metrics
 from kubeforge_operator.config import FINALIZER, OperatorConfig
+from kubeforge_operator.owner import Owner
 from kubeforge_operator.pipeline import manifest_document, validate
+from kubeforge_operator.rayjob import report_tag, stage_rayjob
 from tests.kopf_harness import eventually, get, send, serve_resources
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio, pytest.mark.timeout(120)]
@@ -108,8 +110,8 @@ async def test_stages_run_in_order_retry_fail_and_are_cleaned_up() -> None:
         await eventually(lambda: rayjob_names(api), "the data stage's RayJob")
         assert await rayjob_names(api) == ["quickstart-data-1"]
         job = await get(api, f"{RAYJOBS}/quickstart-data-1")
-        expected = builders.stage_rayjob(validate(manifest_document(pipeline_body())), "data",
-                                         builders.Owner("quickstart", NS, "uid-quickstart"), CONFIG)
+        expected = stage_rayjob(validate(manifest_document(pipeline_body())), "data",
+                                Owner("quickstart", NS, "uid-quickstart"), CONFIG)
         assert job["spec"] == expected["spec"] and job["metadata"]["labels"] == expected["metadata"]["labels"]
         assert job["metadata"]["ownerReferences"][0]["uid"] == "uid-quickstart"
         configmap = await get(api, f"{CONFIGMAPS}/quickstart-manifest")
@@ -176,8 +178,8 @@ async def test_an_invalid_spec_gets_a_condition_and_no_children() -> None:
 
 
 def stage_run(client: MlflowClient, experiment_id: str, rayjob: str, owner_uid: str) -> str:
-    """A finished MLflow run tagged as a stage job tags it (`jobs/*.py --report-tag`)."""
-    run = client.create_run(experiment_id, tags={builders.report_tag(rayjob): owner_uid})
+    """A finished MLflow run tagged as a stage job tags it (`jobs/stage.py --report-tag`)."""
+    run = client.create_run(experiment_id, tags={report_tag(rayjob): owner_uid})
     client.set_terminated(run.info.run_id, "FINISHED")
     return str(run.info.run_id)
 

@@ -27,9 +27,10 @@ from kubeforge.rollout import decision
 from kubeforge.rollout.controller import Subject
 from kubeforge.rollout.stats import ABComparison, compare_error_rates
 from kubeforge.spec.deployment import ABRollout, CanaryRollout
-from kubeforge_operator import builders, handlers
+from kubeforge_operator import handlers
 from kubeforge_operator.config import OperatorConfig
 from kubeforge_operator.deployment import ANNOTATION_ABORT, MEMO_KEY, Measurements
+from kubeforge_operator.rayservice import SERVE_TOKEN_ENV, serve_weight
 from tests.helpers import two_version_registry
 from tests.kopf_harness import eventually, get, send, serve_resources
 
@@ -95,7 +96,7 @@ def ab_body(name: str, *, promote_winner: bool) -> dict[str, Any]:
 def served(service: dict[str, Any]) -> tuple[list[tuple[str, str]], int | None]:
     """The RayService's variants as (variant, version), and the router's weight."""
     (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
-    return [(v["variant"], v["version"]) for v in app["args"]["variants"]], builders.serve_weight(service)
+    return [(v["variant"], v["version"]) for v in app["args"]["variants"]], serve_weight(service)
 
 
 async def unchanged_by_another_reconcile(api: kmock.KubernetesEmulator, name: str) -> None:
@@ -163,7 +164,7 @@ async def follow_weights(api: kmock.KubernetesEmulator, name: str, until: int, t
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         service = await get(api, f"{RAYSERVICES}/{name}")
-        weight = builders.serve_weight(service) if service else None
+        weight = serve_weight(service) if service else None
         if weight is not None and (not seen or seen[-1] != weight):
             seen.append(weight)
             # Patched, not recreated: the status KubeRay wrote is still there.
@@ -183,7 +184,7 @@ async def test_canaries_promote_and_roll_back_and_invalid_specs_create_nothing(t
         # Created: the RayService at the first step's weight, the versions resolved and pinned.
         await send(api, "POST", DEPLOYMENTS, deployment_body("good"))
         service = await eventually(lambda: get(api, f"{RAYSERVICES}/good"), "the RayService")
-        assert builders.serve_weight(service) == 20
+        assert serve_weight(service) == 20
         assert service["metadata"]["ownerReferences"][0]["uid"] == "uid-good"
         args = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]
         assert args["variants"] == [{"variant": "stable", "model": "good", "version": "1"},
@@ -257,7 +258,7 @@ async def test_an_abort_annotation_rolls_back_and_is_removed(tmp_path: Path) -> 
         status = await eventually(lambda: phase_is(api, "held", "RolledBack"), "phase RolledBack")
         assert status["weight"] == 0 and "aborted: latency regression" in status["rollout"]["reason"]
         service = await get(api, f"{RAYSERVICES}/held")
-        assert builders.serve_weight(service) == 0
+        assert serve_weight(service) == 0
         body = await eventually(
             lambda: _without_annotation(api, "held"), "the abort annotation to be removed")
         assert ANNOTATION_ABORT not in (body["metadata"].get("annotations") or {})
@@ -313,14 +314,14 @@ async def test_bearer_auth_comes_from_a_secret_and_other_sources_are_refused(tmp
         await send(api, "POST", DEPLOYMENTS,
                    deployment_body("locked", auth={"token_secret": {"name": "serve-token", "key": "token"}}))
         service = await eventually(lambda: get(api, f"{RAYSERVICES}/locked"), "the RayService")
-        reference = {"name": builders.SERVE_TOKEN_ENV,
+        reference = {"name": SERVE_TOKEN_ENV,
                      "valueFrom": {"secretKeyRef": {"name": "serve-token", "key": "token"}}}
         cluster_config = service["spec"]["rayClusterConfig"]
         for template in (cluster_config["headGroupSpec"]["template"],
                          cluster_config["workerGroupSpecs"][0]["template"]):
             assert reference in template["spec"]["containers"][0]["env"]
         (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
-        assert app["args"]["deployment"]["spec"]["auth"] == {"token_env": builders.SERVE_TOKEN_ENV}
+        assert app["args"]["deployment"]["spec"]["auth"] == {"token_env": SERVE_TOKEN_ENV}
 
         await send(api, "POST", DEPLOYMENTS, deployment_body("envtoken", auth={"token_env": "SERVE_TOKEN"}))
         status = await eventually(lambda: phase_is(api, "envtoken", "Invalid"), "phase Invalid")

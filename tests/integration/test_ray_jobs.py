@@ -16,7 +16,7 @@ import requests
 import yaml
 
 from kubeforge.workdir import Workdir
-from kubeforge_operator.builders import StageRun, report_tag
+from kubeforge_operator.rayjob import StageRun, report_tag
 from kubeforge_operator.stage_runs import find_stage_runs
 from tests.helpers import TINY_PRETRAIN, free_port, small_manifest
 

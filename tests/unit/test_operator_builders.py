@@ -17,9 +17,38 @@ import yaml
 from kubeforge.errors import SpecError
 from kubeforge.rollout.controller import RolloutRecord, Subject, begin
 from kubeforge.spec.load import parse_deployment, parse_manifest
-from kubeforge_operator import builders
+from kubeforge_operator.conditions import invalid_status
 from kubeforge_operator.config import ConfigError, OperatorConfig
+from kubeforge_operator.errors import FieldError
+from kubeforge_operator.owner import Owner
 from kubeforge_operator.pipeline import manifest_document, validate
+from kubeforge_operator.rayjob import (
+    LABEL_PIPELINE,
+    LABEL_STAGE,
+    MANIFEST_DIR,
+    MAX_RAYJOB_NAME,
+    WORKDIR,
+    NextStep,
+    StageRun,
+    manifest_configmap,
+    next_step,
+    pipeline_status,
+    rayjob_name,
+    require_cluster,
+    runs_to_look_up,
+    stage_rayjob,
+    stage_views,
+)
+from kubeforge_operator.rayservice import (
+    LABEL_DEPLOYMENT,
+    MAX_RAYSERVICE_NAME,
+    SERVE_TOKEN_ENV,
+    deployment_status,
+    pod_token_secret,
+    rayservice,
+    rayservice_name,
+    serve_weight,
+)
 from tests.k8s_schemas import (
     SchemaValidationError,
     crd_schema_for,
@@ -36,7 +65,7 @@ RAYJOB_CRD = KUBERAY / "ray.io_rayjobs.yaml"
 CONFIG = OperatorConfig(stage_image="ghcr.io/kubeforge/kubeforge-train:0.1.0",
                         quantize_image="ghcr.io/kubeforge/kubeforge-quantize:0.1.0",
                         mlflow_tracking_uri="http://mlflow.kubeforge-system:5000")
-OWNER = builders.Owner(name="quickstart", namespace="team-a", uid="0b7c5b53-5a8f-4b8e-9f1e-7d1d6f0b8a11")
+OWNER = Owner(name="quickstart", namespace="team-a", uid="0b7c5b53-5a8f-4b8e-9f1e-7d1d6f0b8a11")
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 CLUSTER = {
     "workdir_claim": "kubeforge-work",
@@ -61,7 +90,7 @@ def quickstart(**cluster: Any):
 
 
 def rayjob(stage: str, attempt: int, job_status: str | None = None, **status: Any) -> dict[str, Any]:
-    job = builders.stage_rayjob(quickstart(), stage, OWNER, CONFIG, attempt=attempt)
+    job = stage_rayjob(quickstart(), stage, OWNER, CONFIG, attempt=attempt)
     if job_status is not None:
         job["status"] = {"jobStatus": job_status, **status}
     return job
@@ -83,7 +112,7 @@ def rayjob_validator() -> jsonschema.Draft202012Validator:
 def test_every_stage_rayjob_validates_against_the_kuberay_crd(stage: str) -> None:
     if not RAYJOB_CRD.is_file():
         pytest.skip(f"KubeRay CRD schemas not found in {KUBERAY} (shared/fixtures/kuberay-v1.7.0)")
-    job = builders.stage_rayjob(quickstart(), stage, OWNER, CONFIG)
+    job = stage_rayjob(quickstart(), stage, OWNER, CONFIG)
     error = jsonschema.exceptions.best_match(rayjob_validator().iter_errors(job))
     assert error is None, f"{list(error.absolute_path)}: {error.message}"
     assert len(job["metadata"]["name"]) <= 63
@@ -92,7 +121,7 @@ def test_every_stage_rayjob_validates_against_the_kuberay_crd(stage: str) -> Non
 def test_the_crd_check_catches_a_misplaced_field() -> None:
     if not RAYJOB_CRD.is_file():
         pytest.skip(f"KubeRay CRD schemas not found in {KUBERAY} (shared/fixtures/kuberay-v1.7.0)")
-    job = builders.stage_rayjob(quickstart(), "data", OWNER, CONFIG)
+    job = stage_rayjob(quickstart(), "data", OWNER, CONFIG)
     job["spec"]["rayClusterSpec"]["headGroupSpec"]["replicas"] = 1  # only worker groups have replicas
     error = jsonschema.exceptions.best_match(rayjob_validator().iter_errors(job))
     assert error is not None and "headGroupSpec" in list(error.absolute_path)
@@ -100,7 +129,7 @@ def test_the_crd_check_catches_a_misplaced_field() -> None:
 
 @pytest.mark.parametrize("stage", ["data", "pretrain"])
 def test_pod_templates_are_valid_hardened_pods(stage: str) -> None:
-    job = builders.stage_rayjob(quickstart(), stage, OWNER, CONFIG)
+    job = stage_rayjob(quickstart(), stage, OWNER, CONFIG)
     cluster_spec = job["spec"]["rayClusterSpec"]
     templates = {
         "head": cluster_spec["headGroupSpec"]["template"],
@@ -125,24 +154,24 @@ def test_pod_templates_are_valid_hardened_pods(stage: str) -> None:
             assert {"hostPath"} & {k for v in spec["volumes"] for k in v} == set()
     head_mounts = {m["mountPath"]: m["name"] for m in templates["head"]["spec"]["containers"][0]["volumeMounts"]}
     worker_mounts = {m["mountPath"]: m["name"] for m in templates["worker"]["spec"]["containers"][0]["volumeMounts"]}
-    assert head_mounts[builders.MANIFEST_DIR] == "manifest" and head_mounts[builders.WORKDIR] == "work"
-    assert worker_mounts[builders.WORKDIR] == "work" and builders.MANIFEST_DIR not in worker_mounts
+    assert head_mounts[MANIFEST_DIR] == "manifest" and head_mounts[WORKDIR] == "work"
+    assert worker_mounts[WORKDIR] == "work" and MANIFEST_DIR not in worker_mounts
     claims = [v["persistentVolumeClaim"]["claimName"] for t in (templates["head"], templates["worker"])
               for v in t["spec"]["volumes"] if "persistentVolumeClaim" in v]
     assert claims == ["kubeforge-work", "kubeforge-work"]
 
 
 def test_the_rayjob_runs_the_stage_entrypoint_and_belongs_to_the_pipeline() -> None:
-    job = builders.stage_rayjob(quickstart(), "finetune", OWNER, CONFIG, attempt=2)
+    job = stage_rayjob(quickstart(), "finetune", OWNER, CONFIG, attempt=2)
     assert job["metadata"]["name"] == "quickstart-finetune-2"
-    assert job["metadata"]["labels"][builders.LABEL_PIPELINE] == "quickstart"
-    assert job["metadata"]["labels"][builders.LABEL_STAGE] == "finetune"
+    assert job["metadata"]["labels"][LABEL_PIPELINE] == "quickstart"
+    assert job["metadata"]["labels"][LABEL_STAGE] == "finetune"
     assert job["metadata"]["ownerReferences"] == [{
         "apiVersion": "kubeforge.io/v1alpha1", "kind": "ModelPipeline", "name": "quickstart", "uid": OWNER.uid,
         "controller": True, "blockOwnerDeletion": True,
     }]
     assert job["spec"]["entrypoint"] == (
-        "python jobs/finetune.py --manifest /etc/kubeforge/manifest.yaml --workdir /kubeforge/work "
+        "python jobs/stage.py finetune --manifest /etc/kubeforge/manifest.yaml --workdir /kubeforge/work "
         "--tracking-uri http://mlflow.kubeforge-system:5000 --metrics-port 9108 "
         f"--report-tag kubeforge.rayjob.quickstart-finetune-2={OWNER.uid}"
     )
@@ -154,7 +183,7 @@ def test_the_rayjob_runs_the_stage_entrypoint_and_belongs_to_the_pipeline() -> N
     assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == 2  # finetune.resources
     assert workers["template"]["spec"]["containers"][0]["resources"]["limits"] == {"cpu": "1", "memory": "8Gi"}
     no_uri = OperatorConfig(stage_image="a", quantize_image="b")
-    assert "--tracking-uri" not in builders.stage_rayjob(quickstart(), "data", OWNER, no_uri)["spec"]["entrypoint"]
+    assert "--tracking-uri" not in stage_rayjob(quickstart(), "data", OWNER, no_uri)["spec"]["entrypoint"]
 
 
 def test_gpu_stages_request_gpus_and_quantize_uses_its_image() -> None:
@@ -162,30 +191,30 @@ def test_gpu_stages_request_gpus_and_quantize_uses_its_image() -> None:
     doc["spec"]["pretrain"]["resources"] = {"workers": 4, "cpus_per_worker": 2.5, "use_gpu": True}
     doc["spec"]["quantize"]["use_gpu"] = True
     pipeline = parse_manifest(doc)
-    pretrain = builders.stage_rayjob(pipeline, "pretrain", OWNER, CONFIG)
+    pretrain = stage_rayjob(pipeline, "pretrain", OWNER, CONFIG)
     group = pretrain["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     assert group["replicas"] == 4
     assert group["template"]["spec"]["containers"][0]["resources"]["limits"] == {
         "cpu": "2500m", "memory": "8Gi", "nvidia.com/gpu": "1"}
-    quantize = builders.stage_rayjob(pipeline, "quantize", OWNER, CONFIG)
+    quantize = stage_rayjob(pipeline, "quantize", OWNER, CONFIG)
     q_container = quantize["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     assert q_container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert q_container["image"] == CONFIG.quantize_image
-    data = builders.stage_rayjob(pipeline, "data", OWNER, CONFIG)
+    data = stage_rayjob(pipeline, "data", OWNER, CONFIG)
     d_container = data["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in d_container["resources"]["limits"]
-    own_image = builders.stage_rayjob(quickstart(image="registry.local/kf:dev"), "quantize", OWNER, CONFIG)
+    own_image = stage_rayjob(quickstart(image="registry.local/kf:dev"), "quantize", OWNER, CONFIG)
     assert own_image["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] == (
         "registry.local/kf:dev")
 
 
 def test_names_fit_kuberay_and_stay_distinct() -> None:
     long_a, long_b = "a" * 60 + "-one", "a" * 60 + "-two"
-    names = {builders.rayjob_name(p, "promote", 3) for p in (long_a, long_b)}
+    names = {rayjob_name(p, "promote", 3) for p in (long_a, long_b)}
     assert len(names) == 2
-    assert all(len(n) <= builders.MAX_RAYJOB_NAME and n.endswith("-promote-3") for n in names)
-    assert builders.rayjob_name("7b-run", "data", 1) == "kf-7b-run-data-1"  # RayJob names start with a letter
-    assert builders.rayjob_name("quickstart", "data", 1) == "quickstart-data-1"
+    assert all(len(n) <= MAX_RAYJOB_NAME and n.endswith("-promote-3") for n in names)
+    assert rayjob_name("7b-run", "data", 1) == "kf-7b-run-data-1"  # RayJob names start with a letter
+    assert rayjob_name("quickstart", "data", 1) == "quickstart-data-1"
 
 
 def test_the_configmap_carries_the_exact_manifest() -> None:
@@ -195,7 +224,7 @@ def test_the_configmap_carries_the_exact_manifest() -> None:
     body["status"] = {"phase": "Running"}
     document = manifest_document(body)
     assert document["metadata"] == {"name": "quickstart", "namespace": "team-a", "annotations": {"team": "nlp"}}
-    configmap = builders.manifest_configmap(document, OWNER)
+    configmap = manifest_configmap(document, OWNER)
     validate_builtin(configmap)
     assert configmap["metadata"]["name"] == "quickstart-manifest"
     assert configmap["metadata"]["ownerReferences"][0]["uid"] == OWNER.uid
@@ -212,6 +241,48 @@ def test_a_pipeline_without_a_cluster_section_is_invalid_for_the_operator() -> N
     with pytest.raises(SpecError) as info:
         validate(doc)
     assert [p.where for p in info.value.problems] == ["spec.cluster"]
+
+
+def test_a_refusal_reaches_the_invalid_status_as_field_and_message() -> None:
+    """The builders' FieldError keeps the field apart from the message (which may hold ": " itself), and
+    the Invalid status reads exactly as it did when the field was cut back out of the text."""
+    from kubeforge_operator.deployment import validate as validate_deployment
+
+    doc = quickstart_document()
+    del doc["spec"]["cluster"]
+    with pytest.raises(FieldError) as refused:
+        require_cluster(parse_manifest(doc))
+    assert (refused.value.field, refused.value.message) == (
+        "spec.cluster", "required to run on Kubernetes (at least spec.cluster.workdir_claim)")
+    auth = parse_deployment(deployment_document(auth={"token_env": "TOKEN"})).spec.auth
+    with pytest.raises(FieldError) as refused:
+        pod_token_secret(auth)
+    assert (refused.value.field, refused.value.message) == (
+        "spec.auth.token_env",
+        "the RayService pods have no variable TOKEN; use spec.auth.token_secret: {name, key} of a Secret in the "
+        "deployment's namespace")
+
+    def invalid_message(check: Any, document: dict[str, Any]) -> str:
+        with pytest.raises(SpecError) as invalid:
+            check(document)
+        status = invalid_status([str(p) for p in invalid.value.problems], previous={}, now=NOW, generation=1)
+        (valid,) = status["conditions"]
+        return str(valid["message"])
+
+    assert invalid_message(validate, doc) == (
+        "spec.cluster: required to run on Kubernetes (at least spec.cluster.workdir_claim)")
+    assert invalid_message(validate_deployment, deployment_document(auth={"token_env": "TOKEN"})) == (
+        "spec.auth.token_env: the RayService pods have no variable TOKEN; use spec.auth.token_secret: {name, key} of "
+        "a Secret in the deployment's namespace")
+
+
+def test_serving_needs_the_tracking_uri_variable() -> None:
+    with pytest.raises(FieldError) as refused:
+        OperatorConfig(stage_image="a", quantize_image="b").serving_tracking_uri()
+    assert refused.value.field == "KUBEFORGE_OPERATOR_MLFLOW_TRACKING_URI"
+    assert str(refused.value) == ("KUBEFORGE_OPERATOR_MLFLOW_TRACKING_URI: required to serve ModelDeployments "
+                                  "(versions are resolved in, and replicas download them from, that MLflow)")
+    assert CONFIG.serving_tracking_uri() == "http://mlflow.kubeforge-system:5000"
 
 
 @pytest.mark.parametrize(("cluster", "where"), [
@@ -263,7 +334,7 @@ def test_replicas_draw_different_peering_priorities() -> None:
 # --- status from RayJob statuses ----------------------------------------------------------------------
 
 def status_of(jobs: list[dict[str, Any]], previous: dict[str, Any] | None = None, **cluster: Any) -> dict[str, Any]:
-    return builders.pipeline_status(quickstart(**cluster), jobs, previous=previous or {}, now=NOW, generation=2)
+    return pipeline_status(quickstart(**cluster), jobs, previous=previous or {}, now=NOW, generation=2)
 
 
 def conditions(status: dict[str, Any]) -> dict[str, str]:
@@ -278,28 +349,28 @@ def test_a_running_stage() -> None:
     assert status["stages"]["pretrain"] == {"phase": "Pending", "attempts": 0}
     assert status["observedGeneration"] == 2
     assert conditions(status)["DataSucceeded"] == "Unknown" and conditions(status)["Complete"] == "False"
-    views = builders.stage_views(quickstart(), [rayjob("data", 1, "RUNNING")], {}, NOW)
-    assert builders.next_step(views, NOW) == builders.NextStep()
+    views = stage_views(quickstart(), [rayjob("data", 1, "RUNNING")], {}, NOW)
+    assert next_step(views, NOW) == NextStep()
 
 
 def test_a_succeeded_stage_starts_the_next_and_carries_run_ids() -> None:
     data = rayjob("data", 1, "SUCCEEDED", endTime="2026-01-01T11:58:00Z", jobDeploymentStatus="Complete")
-    views = builders.stage_views(quickstart(), [data], {}, NOW)
-    assert builders.runs_to_look_up(views, {}) == {"data": "quickstart-data-1"}
-    status = builders.pipeline_status(quickstart(), [data], previous={}, now=NOW, generation=2,
-                                      found={"data": builders.StageRun("abc123")})
+    views = stage_views(quickstart(), [data], {}, NOW)
+    assert runs_to_look_up(views, {}) == {"data": "quickstart-data-1"}
+    status = pipeline_status(quickstart(), [data], previous={}, now=NOW, generation=2,
+                             found={"data": StageRun("abc123")})
     assert status["stages"]["data"]["phase"] == "Succeeded"
     assert status["stages"]["data"]["mlflowRunId"] == "abc123"
     assert status["stages"]["data"]["completionTime"] == "2026-01-01T11:58:00Z"
     assert conditions(status)["DataSucceeded"] == "True"
-    assert builders.next_step(views, NOW) == builders.NextStep("pretrain", 1)
+    assert next_step(views, NOW) == NextStep("pretrain", 1)
     # Once in the status, the run is kept and not looked up again.
-    assert builders.runs_to_look_up(views, status) == {}
+    assert runs_to_look_up(views, status) == {}
     assert status_of([data], previous=status)["stages"]["data"]["mlflowRunId"] == "abc123"
     # A new attempt of the stage is a new RayJob: what the status holds is of the old one.
     again = rayjob("data", 2, "SUCCEEDED", endTime="2026-01-01T11:59:00Z")
-    later = builders.stage_views(quickstart(), [data, again], status, NOW)
-    assert builders.runs_to_look_up(later, status) == {"data": "quickstart-data-2"}
+    later = stage_views(quickstart(), [data, again], status, NOW)
+    assert runs_to_look_up(later, status) == {"data": "quickstart-data-2"}
     assert "mlflowRunId" not in status_of([data, again], previous=status)["stages"]["data"]
 
 
@@ -310,11 +381,11 @@ def test_a_failed_stage_with_attempts_left_waits_then_retries() -> None:
     assert status["stages"]["data"]["phase"] == "Pending"
     assert "attempt 1 failed: OOMKilled; attempt 2 of 2 starts at 2026-01-01T12:00:20Z" in (
         status["stages"]["data"]["message"])
-    views = builders.stage_views(quickstart(), [failed], {}, NOW)
-    assert builders.next_step(views, NOW) == builders.NextStep(wait_s=20.0)
+    views = stage_views(quickstart(), [failed], {}, NOW)
+    assert next_step(views, NOW) == NextStep(wait_s=20.0)
     later = NOW + timedelta(seconds=21)
-    assert builders.next_step(builders.stage_views(quickstart(), [failed], {}, later), later) == (
-        builders.NextStep("data", 2))
+    assert next_step(stage_views(quickstart(), [failed], {}, later), later) == (
+        NextStep("data", 2))
 
 
 def test_a_failed_stage_without_an_end_time_waits_from_when_it_was_first_seen() -> None:
@@ -322,8 +393,8 @@ def test_a_failed_stage_without_an_end_time_waits_from_when_it_was_first_seen() 
     first = status_of([failed])
     assert first["stages"]["data"]["completionTime"] == "2026-01-01T12:00:00Z"
     later = NOW + timedelta(seconds=10)
-    views = builders.stage_views(quickstart(), [failed], first, later)
-    assert builders.next_step(views, later) == builders.NextStep(wait_s=20.0)
+    views = stage_views(quickstart(), [failed], first, later)
+    assert next_step(views, later) == NextStep(wait_s=20.0)
 
 
 def test_a_failed_stage_without_attempts_left_fails_the_pipeline() -> None:
@@ -335,16 +406,16 @@ def test_a_failed_stage_without_attempts_left_fails_the_pipeline() -> None:
     assert status["stages"]["data"]["phase"] == "Failed" and status["stages"]["data"]["attempts"] == 2
     assert status["stages"]["finetune"] == {"phase": "Skipped", "attempts": 0, "message": "not run: stage data failed"}
     assert conditions(status)["Failed"] == "True" and conditions(status)["DataSucceeded"] == "False"
-    views = builders.stage_views(quickstart(), jobs, {}, NOW)
-    assert builders.next_step(views, NOW) == builders.NextStep()
+    views = stage_views(quickstart(), jobs, {}, NOW)
+    assert next_step(views, NOW) == NextStep()
 
 
 def test_every_stage_succeeded() -> None:
     jobs = [rayjob(stage, 1, "SUCCEEDED", endTime="2026-01-01T11:00:00Z") for stage in STAGES]
     # Every model stage registers a version; the pipeline's is the last one's (promote registers none).
-    found = {stage: builders.StageRun(f"run-{stage}", str(i) if stage in ("pretrain", "finetune", "quantize")
-                                      else None) for i, stage in enumerate(STAGES)}
-    status = builders.pipeline_status(quickstart(), jobs, previous={}, now=NOW, generation=2, found=found)
+    found = {stage: StageRun(f"run-{stage}", str(i) if stage in ("pretrain", "finetune", "quantize")
+                             else None) for i, stage in enumerate(STAGES)}
+    status = pipeline_status(quickstart(), jobs, previous={}, now=NOW, generation=2, found=found)
     quantize = STAGES.index("quantize")
     assert status["stages"]["quantize"] == {
         **status["stages"]["quantize"], "mlflowRunId": "run-quantize", "modelVersion": str(quantize)}
@@ -369,15 +440,15 @@ def test_the_status_validates_against_the_modelpipeline_crd() -> None:
     crd = REPO / "charts" / "kubeforge" / "crds" / "modelpipelines.kubeforge.io.yaml"
     jobs = [rayjob("data", 1, "FAILED", endTime="2026-01-01T11:00:00Z"), rayjob("data", 2, "RUNNING")]
     for status in (status_of(jobs, retries=0),
-                   builders.invalid_status(["spec.cluster: required"], previous={}, now=NOW, generation=1)):
+                   invalid_status(["spec.cluster: required"], previous={}, now=NOW, generation=1)):
         validate_against_crd({**quickstart_document(), "status": status}, crd)
 
 
 # --- the RayService of a ModelDeployment --------------------------------------------------------------
 
 RAYSERVICE_CRD = KUBERAY / "ray.io_rayservices.yaml"
-DEPLOYMENT_OWNER = builders.Owner(name="quickstart", namespace="team-a", uid="5d0c2f8e-1b7a-4c53-9a0e-2f4b6c8d1e22",
-                                  kind="ModelDeployment")
+DEPLOYMENT_OWNER = Owner(name="quickstart", namespace="team-a", uid="5d0c2f8e-1b7a-4c53-9a0e-2f4b6c8d1e22",
+                         kind="ModelDeployment")
 VARIANTS = [{"variant": "stable", "model": "quickstart", "version": "1"},
             {"variant": "candidate", "model": "quickstart", "version": "2"}]
 
@@ -389,10 +460,15 @@ def deployment_document(**spec: Any) -> dict[str, Any]:
     return doc
 
 
+def build_rayservice(document: dict[str, Any], weight: int, config: OperatorConfig = CONFIG) -> dict[str, Any]:
+    """The RayService of `document`, given the deployment parsed from it as the reconciler gives it."""
+    return rayservice(parse_deployment(document), document, VARIANTS, weight, DEPLOYMENT_OWNER, config)
+
+
 def test_the_rayservice_validates_against_the_kuberay_crd() -> None:
     if not RAYSERVICE_CRD.is_file():
         pytest.skip(f"KubeRay CRD schemas not found in {KUBERAY} (shared/fixtures/kuberay-v1.7.0)")
-    service = builders.rayservice(deployment_document(), VARIANTS, 20, DEPLOYMENT_OWNER, CONFIG)
+    service = build_rayservice(deployment_document(), 20)
     validate_against_crd(service, RAYSERVICE_CRD)
     broken = copy.deepcopy(service)
     broken["spec"]["serveConfigV2"] = yaml.safe_load(broken["spec"]["serveConfigV2"])  # a string, not a map
@@ -402,9 +478,9 @@ def test_the_rayservice_validates_against_the_kuberay_crd() -> None:
 
 def test_the_rayservice_carries_the_router_weight_and_variants() -> None:
     document = deployment_document()
-    service = builders.rayservice(document, VARIANTS, 20, DEPLOYMENT_OWNER, CONFIG)
+    service = build_rayservice(document, 20)
     assert service["metadata"]["name"] == "quickstart"
-    assert service["metadata"]["labels"][builders.LABEL_DEPLOYMENT] == "quickstart"
+    assert service["metadata"]["labels"][LABEL_DEPLOYMENT] == "quickstart"
     assert service["metadata"]["ownerReferences"] == [{
         "apiVersion": "kubeforge.io/v1alpha1", "kind": "ModelDeployment", "name": "quickstart",
         "uid": DEPLOYMENT_OWNER.uid, "controller": True, "blockOwnerDeletion": True,
@@ -416,16 +492,16 @@ def test_the_rayservice_carries_the_router_weight_and_variants() -> None:
     assert app["args"]["variants"] == VARIANTS
     assert app["args"]["deployment"]["spec"] == document["spec"]
     assert app["deployments"] == [{"name": "Router", "user_config": {"weight": 20}}]
-    assert builders.serve_weight(service) == 20
+    assert serve_weight(service) == 20
     # Only serveConfigV2 depends on the weight: KubeRay applies a new one to the running cluster.
-    moved = builders.rayservice(document, VARIANTS, 50, DEPLOYMENT_OWNER, CONFIG)
-    assert builders.serve_weight(moved) == 50
+    moved = build_rayservice(document, 50)
+    assert serve_weight(moved) == 50
     assert moved["spec"]["rayClusterConfig"] == service["spec"]["rayClusterConfig"]
     assert moved["metadata"]["annotations"] != service["metadata"]["annotations"]  # the spec hash
 
 
 def test_rayservice_pods_are_hardened_sized_and_reach_mlflow() -> None:
-    service = builders.rayservice(deployment_document(), VARIANTS, 20, DEPLOYMENT_OWNER, CONFIG)
+    service = build_rayservice(deployment_document(), 20)
     cluster_config = service["spec"]["rayClusterConfig"]
     group = cluster_config["workerGroupSpecs"][0]
     assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 2  # 1 replica x 2 variants
@@ -453,7 +529,7 @@ def test_gpu_replicas_request_gpus_and_autoscaling_bounds_the_pods() -> None:
     document = deployment_document(resources={"cpus_per_replica": 4, "gpus_per_replica": 0.5},
                                    autoscaling={"min_replicas": 1, "max_replicas": 3}, port=8080)
     del document["spec"]["replicas"]
-    service = builders.rayservice(document, VARIANTS, 20, DEPLOYMENT_OWNER, CONFIG)
+    service = build_rayservice(document, 20)
     if RAYSERVICE_CRD.is_file():
         validate_against_crd(service, RAYSERVICE_CRD)
     cluster_config = service["spec"]["rayClusterConfig"]
@@ -470,25 +546,24 @@ def test_gpu_replicas_request_gpus_and_autoscaling_bounds_the_pods() -> None:
 
 def test_a_rayservice_needs_the_tracking_uri_and_a_kuberay_name() -> None:
     with pytest.raises(ValueError, match="KUBEFORGE_OPERATOR_MLFLOW_TRACKING_URI"):
-        builders.rayservice(deployment_document(), VARIANTS, 0, DEPLOYMENT_OWNER,
-                            OperatorConfig(stage_image="a", quantize_image="b"))
+        build_rayservice(deployment_document(), 0, OperatorConfig(stage_image="a", quantize_image="b"))
     long_a, long_b = "a" * 60 + "-one", "a" * 60 + "-two"
-    names = {builders.rayservice_name(n) for n in (long_a, long_b)}
-    assert len(names) == 2 and all(len(n) <= builders.MAX_RAYSERVICE_NAME for n in names)
-    assert builders.rayservice_name("7b-chat") == "kf-7b-chat"
-    assert builders.rayservice_name("quickstart") == "quickstart"
+    names = {rayservice_name(n) for n in (long_a, long_b)}
+    assert len(names) == 2 and all(len(n) <= MAX_RAYSERVICE_NAME for n in names)
+    assert rayservice_name("7b-chat") == "kf-7b-chat"
+    assert rayservice_name("quickstart") == "quickstart"
 
 
 def test_the_deployment_status_follows_kuberay_and_the_rollout() -> None:
     policy = parse_deployment(deployment_document()).spec.rollout
     assert policy is not None
     record = begin(policy, Subject("quickstart", "quickstart", "1", "quickstart", "2"), None, NOW.timestamp())
-    service = builders.rayservice(deployment_document(), VARIANTS, record.weight, DEPLOYMENT_OWNER, CONFIG)
+    service = build_rayservice(deployment_document(), record.weight)
 
     def status(body: dict[str, Any] | None, rec: RolloutRecord | None) -> dict[str, Any]:
-        return builders.deployment_status(owner=DEPLOYMENT_OWNER, port=8000, stable_version="1",
-                                          candidate_version="2" if rec else None, record=rec, rayservice_body=body,
-                                          previous={}, now=NOW, generation=3)
+        return deployment_status(owner=DEPLOYMENT_OWNER, port=8000, stable_version="1",
+                                 candidate_version="2" if rec else None, record=rec, rayservice_body=body,
+                                 previous={}, now=NOW, generation=3)
 
     starting = status(service, record)
     assert starting["phase"] == "Deploying" and starting["weight"] == 20
@@ -510,25 +585,26 @@ def test_the_deployment_status_follows_kuberay_and_the_rollout() -> None:
 
 def test_a_token_secret_reaches_every_rayservice_pod_and_the_router_reads_it_as_token_env() -> None:
     document = deployment_document(auth={"token_secret": {"name": "serve-token", "key": "token"}})
-    service = builders.rayservice(document, VARIANTS, 20, DEPLOYMENT_OWNER, CONFIG)
+    service = build_rayservice(document, 20)
     if RAYSERVICE_CRD.is_file():
         validate_against_crd(service, RAYSERVICE_CRD)
     cluster_config = service["spec"]["rayClusterConfig"]
-    reference = {"name": builders.SERVE_TOKEN_ENV,
+    reference = {"name": SERVE_TOKEN_ENV,
                  "valueFrom": {"secretKeyRef": {"name": "serve-token", "key": "token"}}}
     for template in (cluster_config["headGroupSpec"]["template"], cluster_config["workerGroupSpecs"][0]["template"]):
         validate_builtin({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x", **template["metadata"]},
                           "spec": template["spec"]})
         assert reference in template["spec"]["containers"][0]["env"]
     (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
-    assert app["args"]["deployment"]["spec"]["auth"] == {"token_env": builders.SERVE_TOKEN_ENV}
+    assert app["args"]["deployment"]["spec"]["auth"] == {"token_env": SERVE_TOKEN_ENV}
     assert "serve-token" not in service["spec"]["serveConfigV2"]
     # Without auth no pod gets the variable.
-    plain = builders.rayservice(deployment_document(), VARIANTS, 20, DEPLOYMENT_OWNER, CONFIG)
+    plain = build_rayservice(deployment_document(), 20)
     head_env = plain["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
-    assert all(e["name"] != builders.SERVE_TOKEN_ENV for e in head_env)
-    with pytest.raises(ValueError, match="only token_secret"):
-        builders.rayservice(deployment_document(auth={"token_env": "TOKEN"}), VARIANTS, 20, DEPLOYMENT_OWNER, CONFIG)
+    assert all(e["name"] != SERVE_TOKEN_ENV for e in head_env)
+    # The builder refuses a source the pods lack with the words of the Invalid status (pod_token_secret).
+    with pytest.raises(ValueError, match=r"use spec\.auth\.token_secret"):
+        build_rayservice(deployment_document(auth={"token_env": "TOKEN"}), 20)
 
 
 @pytest.mark.parametrize("source", ["token_env", "token_file"])
@@ -548,8 +624,8 @@ def test_the_served_version_is_the_candidate_once_promoted() -> None:
     record = begin(policy, Subject("quickstart", "quickstart", "1", "quickstart", "2"), None, NOW.timestamp())
 
     def status(rec: RolloutRecord) -> dict[str, Any]:
-        return builders.deployment_status(owner=DEPLOYMENT_OWNER, port=8000, stable_version="1", candidate_version="2",
-                                          record=rec, rayservice_body=None, previous={}, now=NOW, generation=3)
+        return deployment_status(owner=DEPLOYMENT_OWNER, port=8000, stable_version="1", candidate_version="2",
+                                 record=rec, rayservice_body=None, previous={}, now=NOW, generation=3)
 
     # The pinned versions stay (the next reconciliation reads them back); the promoted candidate takes every
     # request (weight 100), so it is the served version, while both variants keep running.
@@ -558,5 +634,5 @@ def test_the_served_version_is_the_candidate_once_promoted() -> None:
     assert status(replace(record, phase="rolled_back", weight=0))["servedVersion"] == "1"
     assert status(record)["servedVersion"] == "1"
     # Both variants' replicas stay after a rollout: the worker group is sized for the two variants.
-    service = builders.rayservice(deployment_document(), VARIANTS, 100, DEPLOYMENT_OWNER, CONFIG)
+    service = build_rayservice(deployment_document(), 100)
     assert service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] == 2
