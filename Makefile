@@ -17,11 +17,13 @@ demo: install
 test: install-test
 	$(BIN)/ruff check platform operators jobs tests benchmarks
 	$(BIN)/mypy
+	PYTHONPATH=platform:operators $(BIN)/lint-imports
 	$(BIN)/python -m pytest --timeout=1200 -ra $(PYTEST_ARGS)
 
 lint: install-test
 	$(BIN)/ruff check platform operators jobs tests benchmarks
 	$(BIN)/mypy
+	PYTHONPATH=platform:operators $(BIN)/lint-imports
 
 install:
 	bash infra/local/install.sh core

@@ -124,12 +124,12 @@ def compare(root: Path, data: Any, args: argparse.Namespace, seed: int) -> dict[
             "seed": seed,
             "best_val_loss": best[r["search"]],
             "steps_to_target": steps_to_reach(r["history"], target),
-            "total_trial_steps": result["total_trial_steps"],
-            "completed": result["completed_trials"],
-            "early_stopped": result["early_stopped_trials"],
-            "failed": result["failed_trials"],
+            "total_trial_steps": result.total_trial_steps,
+            "completed": result.completed_trials,
+            "early_stopped": result.early_stopped_trials,
+            "failed": result.failed_trials,
             "wall_seconds": r["wall_seconds"],
-            "best_config": result["best_config"],
+            "best_config": result.best_config,
         })
     asha, rand = rows
     ratio = asha["steps_to_target"] / rand["steps_to_target"] if asha["steps_to_target"] and rand[

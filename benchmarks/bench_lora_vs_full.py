@@ -2,8 +2,8 @@
 
 Same base model, same task examples, same batches, same number of optimizer steps, measured side by
 side in one run, each method in a fresh child process (so that one's memory cannot hide in the
-other's peak). No Ray: the fine-tuning loop (`kubeforge.finetune.loop.train_loop_per_worker`) runs
-in-process with `kubeforge.train.session.LocalSession`.
+other's peak). No Ray: the fine-tuning recipe (`kubeforge.finetune.recipe.FinetuneRecipe`) runs
+in-process with `kubeforge.engine.session.LocalSession`.
 
 * base: a randomly initialised Llama (default hidden 512, 4 layers: about 14M parameters) saved with a
   BPE tokenizer trained on standard-library files; its weights do not matter for speed or memory;
@@ -21,6 +21,7 @@ figure: non-padding tokens over time spent in optimizer steps (evaluation and st
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -36,12 +37,11 @@ SOURCE_FILES = 120
 
 def prepare(root: Path, hidden: int, layers: int) -> None:
     """Tokenizer, random base model and the task JSONL under `root`."""
-    from kubeforge.spec.data import stdlib_dir
     from kubeforge.data.tokenizer import special_token_ids, train_tokenizer
+    from kubeforge.engine.model import build_model
     from kubeforge.finetune.functions import extract_functions
-    from kubeforge.spec.data import TokenizerSpec
+    from kubeforge.spec.data import TokenizerSpec, stdlib_dir
     from kubeforge.spec.pretrain import ModelArchitecture, PretrainSpec
-    from kubeforge.train.model import build_model
 
     files = sorted(stdlib_dir().glob("*.py"))[:SOURCE_FILES]
     texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
@@ -78,12 +78,12 @@ def measure(root: str, method: str, steps: int, threads: int) -> dict[str, Any]:
     import torch
 
     from kubeforge.context import StageContext
-    from kubeforge.finetune.loop import train_loop_per_worker
+    from kubeforge.engine.session import LocalSession
+    from kubeforge.finetune.recipe import FinetuneRecipe
     from kubeforge.finetune.stage import loop_config
     from kubeforge.progress import LineReporter
-    from kubeforge.spec.load import parse_manifest
     from kubeforge.spec.finetune import FinetuneSpec
-    from kubeforge.train.session import LocalSession
+    from kubeforge.spec.load import parse_manifest
 
     torch.set_num_threads(threads)
     section = _section(method, steps)
@@ -95,10 +95,10 @@ def measure(root: str, method: str, steps: int, threads: int) -> dict[str, Any]:
     out_dir.mkdir()
     ctx = StageContext(pipeline=pipeline, stage="finetune", out_dir=out_dir, base_dir=Path(root),
                        tracker=None, reporter=LineReporter())  # type: ignore[arg-type]  # loop_config logs nothing
-    config = loop_config(FinetuneSpec.model_validate(section), ctx)
+    config = dataclasses.replace(loop_config(FinetuneSpec.model_validate(section), ctx), save_outputs=False)
     session = LocalSession()
     before = psutil.Process().memory_info().rss
-    train_loop_per_worker({**config, "session": session, "save_outputs": False})
+    FinetuneRecipe(config, session).run()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
     final = session.final
     return {
@@ -107,7 +107,7 @@ def measure(root: str, method: str, steps: int, threads: int) -> dict[str, Any]:
         "trainable_share": final["trainable_parameters"] / final["total_parameters"],
         "peak_memory_mib": (peak - before) / 2**20, "tokens_per_second": final["tokens_per_second"],
         "initial_val_loss": final["initial_val_loss"], "val_loss": final["val_loss"],
-        "train_examples": len(config["train_examples"]),
+        "train_examples": len(config.train_examples),
     }
 
 

@@ -82,20 +82,21 @@ def plain_pytorch(data: Any, steps: int, threads: int) -> dict[str, Any]:
     """The same model, batches, optimizer and schedule in one process, no Ray."""
     import torch
 
-    from kubeforge.train.loop import Batcher, RankSampler, TokenShards, build_optimizer, train_step
-    from kubeforge.train.model import build_model
-    from kubeforge.train.schedule import build_scheduler
+    from kubeforge.engine.batches import Batcher, RankSampler, TokenShards
+    from kubeforge.engine.model import build_model
+    from kubeforge.engine.optim import build_optimizer, build_scheduler
+    from kubeforge.engine.steps import train_step
 
     torch.set_num_threads(threads)
     started = time.perf_counter()
     spec = _spec(steps, 1, threads)
     result = data.result
-    model = build_model(spec, result["vocab_size"], result["special_tokens"])
-    optimizer = build_optimizer(model, spec)
+    model = build_model(spec, result.vocab_size, result.special_tokens)
+    optimizer = build_optimizer(model, spec.train)
     scheduler = build_scheduler(optimizer, spec.train)
-    shards = TokenShards([data.directory / f for f in result["shards"]["train"]])
+    shards = TokenShards([data.directory / f for f in result.shards["train"]])
     sampler = RankSampler(len(shards), 0, 1, spec.train.seed)
-    batcher = Batcher(spec, result["vocab_size"], result["special_tokens"])
+    batcher = Batcher(spec, result.vocab_size, result.special_tokens)
     device = torch.device("cpu")
     step_seconds = 0.0
     for step in range(steps):
@@ -111,15 +112,15 @@ def plain_pytorch(data: Any, steps: int, threads: int) -> dict[str, Any]:
 
 
 def ray_train(root: Path, data: Any, steps: int, workers: int, cpus: float) -> dict[str, Any]:
-    from kubeforge.train.stage import run
+    from kubeforge.pretrain.stage import run
 
     ctx = _context(root / f"ray-{workers}x{cpus:g}", "pretrain", {"data": data})
     started = time.perf_counter()
     result = run(_spec(steps, workers, cpus), ctx)
     wall = time.perf_counter() - started
-    tokens = int(result["tokens_seen"])
+    tokens = result.tokens_seen
     return {"config": f"Ray Train, {workers} worker(s) x {cpus:g} CPU", "tokens": tokens,
-            "tokens_per_second": result["tokens_per_second"], "end_to_end_tokens_per_second": tokens / wall,
+            "tokens_per_second": result.tokens_per_second, "end_to_end_tokens_per_second": tokens / wall,
             "wall_seconds": wall}
 
 

@@ -33,10 +33,10 @@ from common import REPO, pretrained_model
 SCHEMES = ("dynamic-int8", "w8a8-int8", "w4a16", "fp8")
 
 
-def split_tokens(data: dict[str, Any], split: str, count: int) -> np.ndarray:
-    from kubeforge.train.loop import TokenShards
+def split_tokens(data: Any, split: str, count: int) -> np.ndarray:
+    from kubeforge.engine.batches import TokenShards
 
-    shards = TokenShards([Path(data["_dir"]) / p for p in data["shards"][split]])
+    shards = TokenShards([data.directory / p for p in data.result.shards[split]])
     return shards.rows(list(range(min(count, len(shards)))))
 
 
@@ -53,15 +53,15 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from kubeforge.runtime import ensure_ray
     from kubeforge.quantize.dynamic import weights_size
     from kubeforge.quantize.engines import check_transformers, check_vllm
     from kubeforge.quantize.stage import quantize_model
+    from kubeforge.runtime import ensure_ray
     from kubeforge.spec.quantize import CALIBRATED, SERVES_ON_CPU, SERVING_ENGINE, QuantizeSpec
 
     ensure_ray(None, None)
     model_dir, data = pretrained_model(args.workdir, "bench_quantize")
-    pad_id = data.get("special_tokens", {}).get("pad_id")
+    pad_id = data.result.special_tokens.get("pad_id")
     calibration = split_tokens(data, "train", args.calibration_samples)
     evaluation = split_tokens(data, "test", args.eval_sequences)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -77,14 +77,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def validation_prompts(data: dict[str, Any], model_dir: Path, count: int, tokens: int) -> list[str]:
+def validation_prompts(data: Any, model_dir: Path, count: int, tokens: int) -> list[str]:
     """The first `tokens` tokens of `count` validation sequences, decoded: text the model has not
     trained on, all of the same token length."""
     from transformers import AutoTokenizer
 
-    from kubeforge.train.loop import TokenShards
+    from kubeforge.engine.batches import TokenShards
 
-    shards = TokenShards([Path(data["_dir"]) / p for p in data["shards"]["validation"]])
+    shards = TokenShards([data.directory / p for p in data.result.shards["validation"]])
     rows = shards.rows(list(range(min(count, len(shards)))))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return [str(tokenizer.decode(row[:tokens].tolist())) for row in rows]

@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 
 from kubeforge.promote.gates import evaluate_gates, report
+from kubeforge.spec.load import parse_manifest
+from kubeforge.spec.promotion import Gate
 from kubeforge.stages.evaluate import EvaluateResult
 from kubeforge.stages.quantize import QuantizeResult
 from kubeforge.stages.results import StageResult
-from kubeforge.spec.load import parse_manifest
-from kubeforge.spec.promotion import Gate
 from tests.unit.test_spec_stages import problems
 
 pytestmark = pytest.mark.unit

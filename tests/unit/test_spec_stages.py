@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from kubeforge.context import StageOutput
-from kubeforge.stages.tune import TuneResult
 from kubeforge.errors import SpecError
 from kubeforge.executor import plan, stage_section
 from kubeforge.spec.load import parse_manifest
+from kubeforge.stages.tune import TuneResult
 from tests.data_fixtures import RecordingReporter
 
 pytestmark = pytest.mark.unit

@@ -77,9 +77,9 @@ class Stage(Generic[SpecT, ResultT]):
     """The frozen dataclass `run` returns; stored in the stage folder's result.json."""
     run: str
     """`module:function` with `run(section, context) -> result`."""
-    reads: tuple[str, ...] = ()
-    """The stages whose outputs it reads, when the manifest has them. A section with
-    `hyperparameters_from` also reads the stage it names."""
+    reads: tuple[str, ...] | Callable[[], tuple[str, ...]] = ()
+    """The stages whose outputs it reads, when the manifest has them (or a function of the registry that
+    names them). A section with `hyperparameters_from` also reads the stage it names."""
     reads_like: Callable[[PipelineSpec], str] | None = None
     """Reads what another stage reads instead (the tune stage reads what its target reads)."""
     pod_size: Callable[[SpecT], PodSize] = field(default=lambda section: ONE_CPU_POD)
@@ -170,9 +170,9 @@ def inputs(spec: PipelineSpec, name: str) -> tuple[str, ...]:
 
 
 def _declared_reads(spec: PipelineSpec, stage: Stage[Any, Any]) -> tuple[str, ...]:
-    if stage.reads_like is None:
-        return stage.reads
-    return _declared_reads(spec, get(stage.reads_like(spec)))
+    if stage.reads_like is not None:
+        return _declared_reads(spec, get(stage.reads_like(spec)))
+    return stage.reads() if callable(stage.reads) else stage.reads
 
 
 def order(spec: PipelineSpec) -> list[str]:
@@ -200,6 +200,11 @@ def training_stages() -> list[Stage[Any, Any]]:
     return [s for s in _REGISTRY.values() if s.training is not None]
 
 
+def scored_stages() -> list[Stage[Any, Any]]:
+    """Stages that produce a model or metrics a promotion gate may name."""
+    return [s for s in _REGISTRY.values() if s.model_role is not None or s.metrics]
+
+
 def lower_is_better() -> frozenset[str]:
     return frozenset(m.name for s in _REGISTRY.values() for m in s.metrics if m.lower_is_better)
 
@@ -224,5 +229,6 @@ __all__ = [
     "present",
     "register",
     "registered",
+    "scored_stages",
     "training_stages",
 ]

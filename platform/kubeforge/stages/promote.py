@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubeforge.spec.promotion import PromotionSpec
-from kubeforge.stages import Stage
+from kubeforge.stages import Stage, scored_stages
 from kubeforge.stages.results import StageResult
 
 
@@ -30,7 +30,8 @@ PROMOTE: Stage[PromotionSpec, PromoteResult] = Stage(
     spec_type=PromotionSpec,
     result_type=PromoteResult,
     run="kubeforge.promote.stage:run",
-    # Its gates read any earlier stage's metrics, and it registers the last model.
-    reads=("data", "pretrain", "finetune", "evaluate", "quantize"),
+    # Its gates read any earlier stage's metrics, and it promotes the last model; the corpus's hash is
+    # part of the lineage it records.
+    reads=lambda: ("data", *(s.name for s in scored_stages())),
     needs_model="register",
 )
