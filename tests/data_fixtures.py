@@ -10,6 +10,7 @@ from typing import Any
 
 from kubeforge.context import StageContext
 from kubeforge.spec.pipeline import ModelPipeline, pipeline_model
+from kubeforge.stages.data import DataResult
 from kubeforge.tracking import Tracker, start_stage_run
 from kubeforge.workdir import Workdir
 
@@ -62,3 +63,14 @@ def data_context(tmp: Path, pipeline: ModelPipeline, out_name: str = "data.parti
         reporter=RecordingReporter(),
     )
     return ctx, tracker
+
+
+def data_result(**fields: Any) -> DataResult:
+    """A data stage's result for tests that build a stage folder by hand: `fields` over empty defaults."""
+    defaults: dict[str, Any] = {
+        "tokenizer_dir": "tokenizer", "shards": {"train": [], "validation": [], "test": []}, "seq_len": 8,
+        "vocab_size": 16, "special_tokens": {}, "num_sequences": {}, "num_tokens": {}, "num_documents": {},
+        "dataset_hash": "0" * 16, "documents": "documents.parquet", "removed_duplicates": "removed_duplicates.jsonl",
+        "card": "card.md", "funnel": [],
+    }
+    return DataResult(**{**defaults, **fields})

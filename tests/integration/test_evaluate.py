@@ -8,6 +8,7 @@ held-out records of the python-docstrings kind), so these tests do not depend on
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import shutil
@@ -19,6 +20,7 @@ import pytest
 from kubeforge.context import StageContext, StageOutput
 from kubeforge.errors import StageError
 from kubeforge.spec.load import parse_manifest
+from kubeforge.stages.finetune import FinetuneResult
 from tests.stage_fixtures import TinyLM
 
 pytestmark = pytest.mark.integration
@@ -55,7 +57,9 @@ RECORDS: list[dict[str, Any]] = [
 SECTION: dict[str, Any] = {"max_examples": 4, "max_new_tokens": 24, "perplexity_batches": 4, "batch_size": 4}
 
 
-def fake_finetune(tiny_lm: TinyLM, name: str, records: list[dict[str, Any]], copy_model: bool = True) -> StageOutput:
+def fake_finetune(
+    tiny_lm: TinyLM, name: str, records: list[dict[str, Any]], copy_model: bool = True
+) -> StageOutput[FinetuneResult]:
     """A finished fine-tuning stage as `kubeforge.finetune.stage` leaves it, without training."""
     directory = tiny_lm.root / f"{name}-finetune"
     base = tiny_lm.pretrain.directory / tiny_lm.pretrain.result.model_dir
@@ -64,10 +68,13 @@ def fake_finetune(tiny_lm: TinyLM, name: str, records: list[dict[str, Any]], cop
     (directory / "task").mkdir(parents=True)
     (directory / "task" / "train.jsonl").write_text("")
     (directory / "task" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    result = {
-        "model_dir": "merged", "adapter_dir": None, "task_dir": "task", "base_model_dir": str(base.resolve()),
-        "objective": "sft", "method": "full",
-    }
+    result = FinetuneResult(
+        model_dir="merged", adapter_dir=None, task_dir="task", base_model_dir=str(base.resolve()),
+        objective="sft", method="full", trainable_parameters=1, total_parameters=1, trainable_share=1.0,
+        initial_val_loss=1.0, val_loss=1.0, final_step=1, train_loss=1.0, tokens_per_second=1.0, tokens_seen=1,
+        resumed_from_step=0, restored_from_steps=[], num_train_examples=1, num_validation_examples=1,
+        num_test_examples=len(records), dropped_examples=0, workers=1,
+    )
     return StageOutput("finetune", "fixture", directory, result, None)
 
 
@@ -208,7 +215,9 @@ def test_a_prefix_tuned_candidate_is_scored_through_its_adapter(tiny_lm: TinyLM)
     )
     adapter.save_pretrained(str(finetune.directory / "adapter"))
     AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(finetune.directory / "adapter"))
-    finetune.result.update(model_dir=None, adapter_dir="adapter", method="prefix")
+    finetune = dataclasses.replace(
+        finetune, result=dataclasses.replace(finetune.result, model_dir=None, adapter_dir="adapter", method="prefix")
+    )
 
     ctx = finetune_context(tiny_lm, "evaluate-prefix", SECTION, finetune)
     result = run_stage(ctx)

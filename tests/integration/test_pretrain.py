@@ -18,13 +18,16 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from kubeforge.context import StageContext, StageOutput
+from kubeforge.engine.faults import HOLD_ENV
+from kubeforge.engine.state import SNAPSHOT_FILE
 from kubeforge.errors import StageError
 from kubeforge.progress import LineReporter
 from kubeforge.spec.load import parse_manifest
 from kubeforge.spec.pretrain import PretrainSpec
+from kubeforge.stages.data import DataResult
 from kubeforge.tracking import Tracker, start_stage_run
 from kubeforge.workdir import Workdir
-from tests.helpers import VLLM_SCRIPT
+from tests.helpers import VLLM_SCRIPT, stop_process_group, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -135,25 +138,17 @@ def _train_worker_pids() -> list[int]:
     return pids
 
 
-def _after_first_checkpoint(experiment_dir: Path, action, timeout: float = 240.0) -> threading.Thread:
-    """Run `action` once a complete checkpoint is on disk (from a thread, while the stage trains)."""
-
-    def watch() -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if list(experiment_dir.glob("checkpoint_*/state.pt")) and list(experiment_dir.glob("*snapshot*.json")):
-                action()
-                return
-            time.sleep(0.05)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
+def _recorded(experiment: Path) -> bool:
+    """Ray Train's snapshot of the run names a checkpoint: a restart (or a rerun) resumes from it."""
+    snapshot = experiment / SNAPSHOT_FILE
+    return snapshot.is_file() and "checkpoint_" in snapshot.read_text()
 
 
 def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(
-    ray_local, data_output: StageOutput, tmp_path: Path
+    ray_local, data_output: StageOutput, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Both workers hold after the checkpoint of step 10 (`kubeforge.engine.faults`); one is killed there,
+    once Ray Train has recorded that checkpoint."""
     from kubeforge.pretrain.stage import run
 
     ctx = _context(tmp_path, data_output)
@@ -161,26 +156,36 @@ def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(
         train={"max_steps": 40, "batch_size": 4}, checkpoint={"every_steps": 10}, eval={"every_steps": 40},
         max_failures=2,
     )
+    holds = tmp_path / "holds"
+    holds.mkdir()
+    monkeypatch.setenv(HOLD_ENV, f"10:{holds}")
     killed: list[int] = []
 
-    def kill_one_worker() -> None:
-        pids = _train_worker_pids()
-        if pids:
-            os.kill(pids[-1], signal.SIGKILL)
-            killed.append(pids[-1])
+    def kill_one_held_worker() -> None:
+        try:
+            wait_for(lambda: (holds / "held-1").exists() and _recorded(experiment),
+                     "Ray Train's record of the checkpoint of step 10, with both workers holding after it")
+            pids = _train_worker_pids()
+            if pids:
+                os.kill(pids[-1], signal.SIGKILL)
+                killed.append(pids[-1])
+        finally:
+            (holds / "release").touch()  # whatever happened, no worker waits for ever
 
-    watcher = _after_first_checkpoint(ctx.out_dir / "ray" / "pretrain", kill_one_worker)
+    experiment = ctx.out_dir / "ray" / "pretrain"
+
+    watcher = threading.Thread(target=kill_one_held_worker, daemon=True)
+    watcher.start()
     result = run(spec, ctx)
     watcher.join(timeout=1)
     print(f"killed worker {killed}; result {json.dumps(result.to_json())}")
     assert killed, "no Ray Train worker process was found to kill"
     assert result.final_step == 40
-    assert 10 <= result.resumed_from_step < 40
-    assert result.resumed_from_step % 10 == 0
-    assert result.restored_from_steps == [result.resumed_from_step]
+    assert result.resumed_from_step == 10
+    assert result.restored_from_steps == [10]
     assert result.val_perplexity < result.initial_val_perplexity
     history = MlflowClient(ctx.tracker.tracking_uri).get_metric_history(ctx.tracker.run_id, "resumed_from_step")
-    assert [m.value for m in history] == [result.resumed_from_step]
+    assert [m.value for m in history] == [10]
 
 
 def _child(argument_file: str) -> None:
@@ -191,8 +196,8 @@ def _child(argument_file: str) -> None:
 
     args = json.loads(Path(argument_file).read_text())
     ray.init(address=args["address"], logging_level="WARNING")
-    data = StageOutput(name="data", key="fixture", directory=Path(args["data_dir"]), result=args["data_result"],
-                       mlflow_run_id=None)
+    data = StageOutput(name="data", key="fixture", directory=Path(args["data_dir"]),
+                       result=DataResult.from_json(args["data_result"]), mlflow_run_id=None)
     ctx = _context(Path(args["root"]), data, out_dir=Path(args["out_dir"]), run_id=args["run_id"])
     run(PretrainSpec.model_validate(args["spec"]), ctx)
 
@@ -200,6 +205,8 @@ def _child(argument_file: str) -> None:
 def test_a_rerun_after_the_driver_was_killed_resumes_from_the_last_checkpoint(
     ray_local, data_output: StageOutput, tmp_path: Path
 ) -> None:
+    """The driver is killed while its worker holds after the checkpoint of step 10, once Ray Train has
+    recorded that checkpoint; the rerun continues from it."""
     from kubeforge.pretrain.stage import run
 
     ctx = _context(tmp_path, data_output)
@@ -208,29 +215,35 @@ def test_a_rerun_after_the_driver_was_killed_resumes_from_the_last_checkpoint(
         train={"max_steps": 30, "batch_size": 4}, checkpoint={"every_steps": 10}, eval={"every_steps": 30},
         resources={"workers": 1},
     )
+    holds = tmp_path / "holds"
+    holds.mkdir()
     arguments = tmp_path / "child.json"
     arguments.write_text(json.dumps({
         "address": ray_local.get_runtime_context().gcs_address, "data_dir": str(data_output.directory),
-        "data_result": data_output.result, "root": str(tmp_path), "out_dir": str(ctx.out_dir),
+        "data_result": data_output.result.to_json(), "root": str(tmp_path), "out_dir": str(ctx.out_dir),
         "run_id": ctx.tracker.run_id, "spec": spec.model_dump(mode="json"),
     }))
     child = subprocess.Popen(
         [sys.executable, "-c", f"from tests.integration.test_pretrain import _child; _child({str(arguments)!r})"],
-        cwd=REPO,
+        cwd=REPO, start_new_session=True, env={**os.environ, HOLD_ENV: f"10:{holds}"},
     )
-    watcher = _after_first_checkpoint(ctx.out_dir / "ray" / "pretrain", lambda: child.send_signal(signal.SIGKILL))
-    child.wait(timeout=300)
-    watcher.join(timeout=1)
-    assert child.returncode == -signal.SIGKILL, "the driver finished before it could be killed"
+    experiment = ctx.out_dir / "ray" / "pretrain"
+
+    def recorded() -> bool:
+        assert child.poll() is None, "the driver ended before it was killed"
+        return (holds / "held-0").exists() and _recorded(experiment)
+
+    try:
+        wait_for(recorded, "Ray Train's record of the checkpoint of step 10")
+    finally:
+        stop_process_group(child)
     # Ray tears down the dead driver's controller and workers; wait until their CPUs are free again.
-    deadline = time.monotonic() + 60
-    while ray_local.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
-        time.sleep(0.5)
+    wait_for(lambda: ray_local.available_resources().get("CPU", 0) >= 2, "the dead driver's workers' exit")
 
     result = run(spec, ctx)
     print(f"rerun result {json.dumps(result.to_json())}")
     assert result.final_step == 30
-    assert 10 <= result.resumed_from_step < 30
+    assert result.resumed_from_step == 10
     assert result.val_perplexity < result.initial_val_perplexity
 
 

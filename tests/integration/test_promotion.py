@@ -14,12 +14,20 @@ from kubeforge.errors import StageError
 from kubeforge.registry.lineage import register_stage_model
 from kubeforge.spec.load import parse_manifest
 from kubeforge.spec.promotion import PromotionSpec
+from kubeforge.stages.evaluate import EvaluateResult
+from kubeforge.stages.pretrain import PRETRAIN
+from kubeforge.stages.promote import PromoteResult
 from tests.data_fixtures import RecordingReporter
 from tests.stage_fixtures import TinyLM
 
 pytestmark = pytest.mark.integration
 
-EVALUATION = {"candidate": {"perplexity": 120.0, "rouge_l": 0.05}, "champion": {"perplexity": 100.0, "rouge_l": 0.04}}
+EVALUATION = EvaluateResult(
+    candidate={"perplexity": 120.0, "rouge_l": 0.05}, base=None, champion={"perplexity": 100.0, "rouge_l": 0.04},
+    champion_version="1", champion_scored_version="1", models={}, comparison="comparison.csv",
+    comparison_md="comparison.md", plots=[], samples="samples.jsonl", task=None, num_examples=0,
+    perplexity_split="test", doctest_isolation=None,
+)
 RUN_TAGS = {"kubeforge.spec_hash": "s123", "kubeforge.code_version": "0.1.0+gabc", "kubeforge.dataset_hash": "d456",
             "kubeforge.stage": "pretrain", "kubeforge.run": "run-1", "kubeforge.unrelated": "x"}
 
@@ -27,15 +35,14 @@ RUN_TAGS = {"kubeforge.spec_hash": "s123", "kubeforge.code_version": "0.1.0+gabc
 def registered_candidate(tiny_lm: TinyLM, model: str) -> StageOutput:
     """The tiny model registered as version of `model`, as the executor registers a finished stage."""
     pretrain = tiny_lm.pretrain
-    registered = register_stage_model(tiny_lm.tracking_uri, model, "pretrain", pretrain.result,
+    registered = register_stage_model(tiny_lm.tracking_uri, model, PRETRAIN, pretrain.result,
                                       str(pretrain.mlflow_run_id), RUN_TAGS, {"data": tiny_lm.data})
     assert registered is not None
-    return StageOutput("pretrain", "key", pretrain.directory, {**pretrain.result, "registered": registered},
-                       pretrain.mlflow_run_id)
+    return StageOutput("pretrain", "key", pretrain.directory, pretrain.result, pretrain.mlflow_run_id, registered)
 
 
 def promote(tiny_lm: TinyLM, model: str, section: dict[str, Any], candidate: StageOutput,
-            evaluation: dict[str, Any] | None = None) -> dict[str, Any]:
+            evaluation: EvaluateResult | None = None) -> PromoteResult:
     from kubeforge.promote.stage import run
 
     manifest = tiny_lm.pipeline.model_dump(mode="json", exclude_none=True)
@@ -62,7 +69,8 @@ def registry(tiny_lm: TinyLM) -> Any:
 def test_a_stage_model_becomes_one_version_with_its_lineage(tiny_lm: TinyLM) -> None:
     first = registered_candidate(tiny_lm, "lineage")
     again = registered_candidate(tiny_lm, "lineage")  # a resumed stage registers nothing new
-    assert first.result.registered["version"] == again.result.registered["version"] == "1"
+    assert first.registered is not None and again.registered is not None
+    assert first.registered.version == again.registered.version == "1"
     (version,) = registry(tiny_lm).versions("lineage")
     tags = version.tags
     assert tags["kubeforge.role"] == "base" and tags["kubeforge.method"] == "pretrain-causal"
@@ -109,8 +117,8 @@ def test_passing_gates_make_the_candidate_challenger_with_an_audit_record(tiny_l
 def test_manual_approval_pauses_the_pipeline_until_approved(tiny_lm: TinyLM) -> None:
     candidate = registered_candidate(tiny_lm, "approved")
     section = {"approval": {"poll_s": 0.2, "timeout_s": 120}, "alias": "champion"}
-    outcome: dict[str, Any] = {}
-    waiting = threading.Thread(target=lambda: outcome.update(promote(tiny_lm, "approved", section, candidate)))
+    outcome: dict[str, PromoteResult] = {}
+    waiting = threading.Thread(target=lambda: outcome.update(result=promote(tiny_lm, "approved", section, candidate)))
     waiting.start()
     reg = registry(tiny_lm)
     deadline = time.monotonic() + 60
@@ -120,7 +128,7 @@ def test_manual_approval_pauses_the_pipeline_until_approved(tiny_lm: TinyLM) -> 
     assert reg.alias("approved", "challenger") is None, "no alias moves before approval"
     reg.approve("approved", "1", reason="looks good", user="alice")
     waiting.join(timeout=60)
-    assert outcome["approved_by"] == "alice" and outcome["aliases"] == ["challenger", "champion"]
+    assert outcome["result"].approved_by == "alice" and outcome["result"].aliases == ["challenger", "champion"]
     assert reg.alias("approved", "champion").version == "1"  # type: ignore[union-attr]
     assert [r.action for r in reg.audit("approved")] == ["approve", "promote", "promote"]
 

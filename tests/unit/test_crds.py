@@ -18,15 +18,14 @@ from pydantic import BaseModel
 from kubeforge.spec.crd import (
     KINDS,
     REGENERATE,
-    CRDGenerationError,
     all_crds,
     crd,
     main,
     rendered,
-    structural_schema,
 )
 from kubeforge.spec.deployment import ModelDeployment
 from kubeforge.spec.pipeline import pipeline_model
+from kubeforge.spec.structural import CRDGenerationError, structural_schema
 
 pytestmark = pytest.mark.unit
 

@@ -9,6 +9,7 @@ import pytest
 
 from kubeforge.context import StageOutput
 from kubeforge.finetune.replay import replay_rows
+from tests.data_fixtures import data_result
 
 pytestmark = pytest.mark.unit
 
@@ -23,13 +24,10 @@ def data(tmp_path: Path) -> StageOutput:
     np.save(out / "shards" / "train" / "shard-00000.npy", train[:6])
     np.save(out / "shards" / "train" / "shard-00001.npy", train[6:])
     np.save(out / "shards" / "validation" / "shard-00000.npy", np.full((4, 8), -1, dtype=np.int32))
-    result = {
-        "seq_len": 8,
-        "shards": {
-            "train": ["shards/train/shard-00000.npy", "shards/train/shard-00001.npy"],
-            "validation": ["shards/validation/shard-00000.npy"], "test": [],
-        },
-    }
+    result = data_result(seq_len=8, shards={
+        "train": ["shards/train/shard-00000.npy", "shards/train/shard-00001.npy"],
+        "validation": ["shards/validation/shard-00000.npy"], "test": [],
+    })
     return StageOutput(name="data", key="k", directory=out, result=result, mlflow_run_id=None)
 
 

@@ -14,6 +14,7 @@ from kubeforge.errors import StageError
 from kubeforge.finetune.task_files import load_task
 from kubeforge.formats.splits import read_split, write_splits
 from kubeforge.spec.finetune import FinetuneSpec
+from tests.data_fixtures import data_result
 
 pytestmark = pytest.mark.unit
 
@@ -99,8 +100,7 @@ def data(tmp_path: Path) -> StageOutput:
         "split": ["train"] * len(DOCUMENTS),
     })
     frame.to_parquet(out / "documents.parquet", index=False)
-    return StageOutput(name="data", key="k", directory=out, result={"documents": "documents.parquet"},
-                       mlflow_run_id=None)
+    return StageOutput(name="data", key="k", directory=out, result=data_result(), mlflow_run_id=None)
 
 
 def _spec(**task: Any) -> FinetuneSpec:

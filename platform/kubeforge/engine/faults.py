@@ -1,9 +1,14 @@
 """TEST-ONLY fault injection in the training loops: KubeForge itself never sets it.
 
 `KUBEFORGE_TEST_HOLD=<step>:<folder>` makes every loop that has just reported the checkpoint of
-`<step>` claim the next free `<folder>/held-<n>` (n = 0, 1, ...) and wait until `<folder>/release-<n>`
-exists. A test uses it to act at moments it chooses instead of racing the loops: to let the first trial
-of a search go on and to kill the search while the second one is held (tests/integration/test_tune.py).
+`<step>` claim the next free `<folder>/held-<n>` (n = 0, 1, ...) and wait until
+`<folder>/release-<n>` or `<folder>/release` (every hold, present and future) exists. A test uses it
+to act at moments it chooses instead of racing the loops: to kill a worker or the driver while the
+loops wait after a checkpoint (tests/integration/test_pretrain.py), to let the first trial of a
+search go on and kill the search while the second one is held (test_tune.py).
+
+The setting reaches the loops through their environment: a Tune trial inherits its job's runtime
+environment, and `kubeforge.engine.fit` hands a driver's setting to its Ray Train workers.
 """
 
 from __future__ import annotations
@@ -15,6 +20,12 @@ from pathlib import Path
 
 HOLD_ENV = "KUBEFORGE_TEST_HOLD"
 _POLL_S = 0.05
+
+
+def worker_env() -> dict[str, str]:
+    """The setting as environment variables for the Ray Train workers (none when the driver has none)."""
+    setting = os.environ.get(HOLD_ENV)
+    return {HOLD_ENV: setting} if setting else {}
 
 
 def hold_after_checkpoint(step: int) -> None:
@@ -33,5 +44,5 @@ def hold_after_checkpoint(step: int) -> None:
         except FileExistsError:
             continue
         break
-    while not (folder / f"release-{n}").exists():
+    while not ((folder / f"release-{n}").exists() or (folder / "release").exists()):
         time.sleep(_POLL_S)

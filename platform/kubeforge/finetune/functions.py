@@ -20,6 +20,7 @@ from kubeforge.finetune.task_split import normalise
 
 if TYPE_CHECKING:
     from kubeforge.context import StageOutput
+    from kubeforge.stages.data import DataResult
 
 STAGE = "finetune"
 
@@ -59,11 +60,11 @@ class CorpusFunction:
                 "rejected": corrupt_body(self.header, self.body, rng), **self._metadata()}
 
 
-def corpus_functions(data: StageOutput) -> list[CorpusFunction]:
+def corpus_functions(data: StageOutput[DataResult]) -> list[CorpusFunction]:
     """Every usable function of the data stage's Python documents, ids made unique across the corpus."""
     import pyarrow.parquet as pq
 
-    documents = data.directory / str(data.result.get("documents", "documents.parquet"))
+    documents = data.directory / data.result.documents
     if not documents.is_file():
         raise StageError(
             STAGE, f"task 'python-docstrings' needs the data stage's documents, and {documents} does not exist"

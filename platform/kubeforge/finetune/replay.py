@@ -10,11 +10,12 @@ if TYPE_CHECKING:
     import numpy as np
 
     from kubeforge.context import StageOutput
+    from kubeforge.stages.data import DataResult
 
 STAGE = "finetune"
 
 
-def replay_rows(data: StageOutput, count: int, seed: int) -> np.ndarray:
+def replay_rows(data: StageOutput[DataResult], count: int, seed: int) -> np.ndarray:
     """`count` packed rows of the data stage's train shards (int64, (count, seq_len)).
 
     Drawn without replacement while the shards have enough rows; beyond that every row is used once more
@@ -22,8 +23,8 @@ def replay_rows(data: StageOutput, count: int, seed: int) -> np.ndarray:
     """
     import numpy as np
 
-    seq_len = int(data.result["seq_len"])
-    shards = [data.directory / p for p in data.result.get("shards", {}).get("train", [])]
+    seq_len = data.result.seq_len
+    shards = [data.directory / p for p in data.result.shards.get("train", [])]
     missing = [str(path) for path in shards if not path.is_file()]
     if missing:
         raise StageError(STAGE, f"replay: the data stage's shard {missing[0]} does not exist; rerun the data stage")

@@ -20,6 +20,7 @@ from kubeforge.formats.splits import TaskSplits
 if TYPE_CHECKING:
     from kubeforge.context import StageOutput
     from kubeforge.spec.finetune import FinetuneSpec
+    from kubeforge.stages.data import DataResult
 
 STAGE = "finetune"
 
@@ -30,7 +31,7 @@ _FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
-def load_task(spec: FinetuneSpec, base_dir: Path, data: StageOutput) -> TaskSplits:
+def load_task(spec: FinetuneSpec, base_dir: Path, data: StageOutput[DataResult]) -> TaskSplits:
     """Read or build the task's examples and split them into train and test."""
     kind: Literal["instruction", "preference"] = "preference" if spec.objective == "dpo" else "instruction"
     task = spec.task
