@@ -51,6 +51,7 @@ def friendly_errors(func: F) -> F:
         except KubeForgeError as exc:
             for line in str(exc).splitlines() or [type(exc).__name__]:
                 err.print(f"[red]error[/]: {escape(line)}")
+            print_notes(exc)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             err.print("interrupted: rerun the same command to resume where it stopped")
@@ -60,12 +61,19 @@ def friendly_errors(func: F) -> F:
                 traceback.print_exc()
             first = (str(exc).strip().splitlines() or [""])[0]
             err.print(f"[red]error[/]: {type(exc).__name__}: {escape(first)}")
+            print_notes(exc)
             err.print(
                 "rerun to resume from the last finished stage or checkpoint; KUBEFORGE_DEBUG=1 shows the traceback"
             )
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
+
+
+def print_notes(exc: BaseException) -> None:
+    """Notes the error gathered on its way up (PEP 678): the end of a failed stage's log (kubeforge.logs)."""
+    for note in getattr(exc, "__notes__", ()):
+        err.print(escape(note), style="dim")
 
 
 workdir_option = click.option(
