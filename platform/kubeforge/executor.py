@@ -22,6 +22,7 @@ from typing import Any
 from kubeforge import metrics
 from kubeforge.context import Reporter, StageContext, StageOutput
 from kubeforge.errors import KubeForgeError, StageError
+from kubeforge.logs import route_ray_output, stage_log
 from kubeforge.spec import ModelPipeline
 from kubeforge.tracking import TAG_PREFIX, code_version, end_stage_run, resolve_tracking_uri, start_stage_run
 from kubeforge.workdir import RunRecord, StageRecord, Workdir, now
@@ -114,6 +115,7 @@ def ensure_ray(address: str | None, num_cpus: int | None) -> None:
         # Read by Ray's processes at start: a runtime started here may serve a model later.
         use_serve_ingress()
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **common)
+    route_ray_output()
 
 
 def finished_output(pipeline: ModelPipeline, stage: PlannedStage, workdir: Workdir) -> StageOutput | None:
@@ -299,7 +301,8 @@ def execute_stage(
     )
     started = time.monotonic()
     try:
-        result = module.run(stage_section(pipeline, stage.name, inputs, reporter), context)
+        with stage_log(out_dir, stage.name, tracker):
+            result = module.run(stage_section(pipeline, stage.name, inputs, reporter), context)
     except BaseException as exc:
         stage_record.state = "failed"
         stage_record.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
