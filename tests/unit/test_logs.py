@@ -33,22 +33,30 @@ class FakeTracker:
 
 def batch(*lines: str, pid: int = 4242, actor: str = "RayTrainWorker") -> dict[str, Any]:
     """One batch of a worker's lines, as Ray's log monitor publishes it to the driver."""
-    return {"ip": "10.0.0.1", "localhost": "10.0.0.1", "pid": pid, "job": "01000000", "is_err": False,
+    return {"ip": "10.0.0.1", "localhost": "10.0.0.1", "pid": pid, "job": FAKE_JOB, "is_err": False,
             "lines": list(lines), "actor_name": actor, "task_name": None}
+
+
+FAKE_JOB = "ffffffff"
 
 
 @pytest.fixture
 def ray_terminal() -> Iterator[list[dict[str, Any]]]:
     """Stands in for the handler `ray.init` registers to print the workers' output on the terminal; yields
-    the batches it printed."""
+    the batches it printed. A runtime that the session's integration tests started keeps its own handler
+    (and its stray batches) out of the way meanwhile."""
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
     printed: list[dict[str, Any]] = []
-    dispatcher.add_handler(logs.RAY_HANDLER, printed.append)
+    session_handlers = [pair for pair in dispatcher.handlers if pair[0] == logs.RAY_HANDLER]
+    dispatcher.remove_handler(logs.RAY_HANDLER)
+    dispatcher.add_handler(logs.RAY_HANDLER, lambda data: printed.append(data) if data["job"] == FAKE_JOB else None)
     try:
         yield printed
     finally:
         dispatcher.remove_handler(logs.RAY_HANDLER)
+        for pair in session_handlers:
+            dispatcher.add_handler(*pair)
 
 
 def emit(data: dict[str, Any]) -> None:
