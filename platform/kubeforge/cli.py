@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from functools import wraps
 from pathlib import Path
@@ -20,7 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from kubeforge import __version__
+from kubeforge import __version__, logs
 from kubeforge.errors import KubeForgeError, SpecError
 from kubeforge.workdir import DEFAULT_WORKDIR, Workdir
 
@@ -51,6 +52,7 @@ def friendly_errors(func: F) -> F:
         except KubeForgeError as exc:
             for line in str(exc).splitlines() or [type(exc).__name__]:
                 err.print(f"[red]error[/]: {escape(line)}")
+            print_notes(exc)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             err.print("interrupted: rerun the same command to resume where it stopped")
@@ -60,6 +62,7 @@ def friendly_errors(func: F) -> F:
                 traceback.print_exc()
             first = (str(exc).strip().splitlines() or [""])[0]
             err.print(f"[red]error[/]: {type(exc).__name__}: {escape(first)}")
+            print_notes(exc)
             err.print(
                 "rerun to resume from the last finished stage or checkpoint; KUBEFORGE_DEBUG=1 shows the traceback"
             )
@@ -67,6 +70,36 @@ def friendly_errors(func: F) -> F:
 
     return wrapper  # type: ignore[return-value]
 
+
+def print_notes(exc: BaseException) -> None:
+    """Notes the error gathered on its way up (PEP 678): the end of a failed stage's log (kubeforge.logs)."""
+    for note in getattr(exc, "__notes__", ()):
+        err.print(escape(note), style="dim")
+
+
+@contextmanager
+def ray_output_to(log_file: Path, verbose: bool) -> Iterator[None]:
+    """Ray's output and its workers' to `log_file` (each stage's to the stage's own, see kubeforge.logs),
+    and, with `verbose` only, to the terminal too; this command's own lines reach the terminal either way."""
+    with logs.capture(log_file, verbose) as capture:
+        err.file, out.file = capture.stderr, capture.stdout
+        try:
+            yield
+        finally:
+            # None: follow sys.stderr and sys.stdout again, as the consoles did when they were made.
+            err.file = out.file = None  # type: ignore[assignment]
+
+
+def where_logs_go(log_file: Path, verbose: bool, stages: bool) -> str:
+    also = ", and each stage's logs/ray.log" if stages else ""
+    shown = "" if verbose else " (--verbose shows it here)"
+    return f"Ray's output: {log_file}{also}{shown}"
+
+
+verbose_option = click.option(
+    "--verbose", "-v", is_flag=True,
+    help="Show Ray's and its workers' output here as it comes (it goes to log files either way).",
+)
 
 workdir_option = click.option(
     "--workdir",
@@ -131,6 +164,7 @@ def validate(manifest: Path, no_check_files: bool) -> None:
 @click.option("--no-metrics", is_flag=True, help="Do not serve Prometheus metrics.")
 @click.option("--set", "overrides", multiple=True, metavar="PATH=VALUE",
               help="Override a spec field, e.g. --set finetune.train.max_steps=200 (repeatable; value read as YAML).")
+@verbose_option
 @friendly_errors
 def run(
     manifest: Path,
@@ -142,6 +176,7 @@ def run(
     metrics_addr: str,
     no_metrics: bool,
     overrides: tuple[str, ...],
+    verbose: bool,
 ) -> None:
     """Run every stage of MANIFEST on a local Ray runtime, skipping stages that already finished."""
     from kubeforge.executor import RunOptions, run_pipeline
@@ -159,8 +194,11 @@ def run(
         ray_address=ray_address,
         num_cpus=num_cpus,
     )
-    with RichReporter(err) as reporter:
-        record = run_pipeline(pipeline, options, reporter)
+    log_file = logs.session_log(options.workdir.logs, f"run-{pipeline.metadata.name}")
+    with ray_output_to(log_file, verbose):
+        err.print(escape(where_logs_go(log_file, verbose, stages=True)), style="dim")
+        with RichReporter(err, redirect_output=verbose) as reporter:
+            record = run_pipeline(pipeline, options, reporter)
     out.print(f"run {record.run_id}: {record.state}")
     print_stages(record)
 
@@ -460,9 +498,10 @@ def models_approve(
 @click.option("--no-metrics", is_flag=True, help="Do not serve the rollout's Prometheus metrics.")
 @click.option("--exit-when-done", is_flag=True,
               help="Stop serving once the rollout has ended (for scripts); without a rollout, stop at once.")
+@verbose_option
 @friendly_errors
 def serve(manifest: Path, workdir: Path, tracking_uri: str | None, ray_address: str | None, num_cpus: int | None,
-          host: str, metrics_port: int, no_metrics: bool, exit_when_done: bool) -> None:
+          host: str, metrics_port: int, no_metrics: bool, exit_when_done: bool, verbose: bool) -> None:
     """Serve the ModelDeployment MANIFEST (OpenAI-compatible HTTP on spec.port) until Ctrl-C.
 
     With spec.rollout, the candidate is served next to the stable model and the rollout runs to its
@@ -477,7 +516,10 @@ def serve(manifest: Path, workdir: Path, tracking_uri: str | None, ray_address: 
         start_metrics_server(metrics_port, host)
     options = ServeOptions(workdir=Workdir(workdir), registry=open_registry(workdir, tracking_uri),
                            ray_address=ray_address, num_cpus=num_cpus, host=host, exit_when_done=exit_when_done)
-    serve_deployment(document, options, lambda line: out.print(escape(line)))
+    log_file = logs.session_log(options.workdir.logs, f"serve-{document.metadata.name}")
+    with ray_output_to(log_file, verbose):
+        out.print(escape(where_logs_go(log_file, verbose, stages=False)))
+        serve_deployment(document, options, lambda line: out.print(escape(line)))
 
 
 # -- bench -------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     stage = args.stage
 
-    from kubeforge import metrics
+    from kubeforge import logs, metrics
     from kubeforge.executor import RunOptions, run_stage
     from kubeforge.progress import LineReporter
     from kubeforge.spec.load import load_manifest
@@ -48,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
             manifest=str(args.manifest),
             tracking_uri=args.tracking_uri,
         )
-        output = run_stage(pipeline, stage, options, LineReporter())
+        # A job's output is its log (`ray job logs`, the pod's): all of it stays on stdout and stderr, as
+        # with `kubeforge run --verbose`; the stage's share also goes to its folder and MLflow run.
+        with logs.capture(None, verbose=True):
+            output = run_stage(pipeline, stage, options, LineReporter())
         if args.report_tag and output.mlflow_run_id:
             _report(output.mlflow_run_id, args.report_tag, resolve_tracking_uri(args.tracking_uri, options.workdir))
     except SpecError as exc:

@@ -18,6 +18,7 @@ from typing import Any
 from kubeforge import metrics, stages
 from kubeforge.context import Registered, Reporter, StageContext, StageOutput, load_output, save_output
 from kubeforge.errors import KubeForgeError, StageError
+from kubeforge.logs import stage_log
 from kubeforge.runtime import ensure_ray
 from kubeforge.spec.pipeline import ModelPipeline
 from kubeforge.stages.results import ModelResult, StageResult
@@ -243,7 +244,8 @@ def execute_stage(
     )
     started = time.monotonic()
     try:
-        result = definition.load_run()(stage_section(pipeline, stage.name, inputs, reporter), context)
+        with stage_log(out_dir, stage.name, tracker):
+            result = definition.load_run()(stage_section(pipeline, stage.name, inputs, reporter), context)
     except BaseException as exc:
         stage_record.state = "failed"
         stage_record.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

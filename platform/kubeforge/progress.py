@@ -26,9 +26,14 @@ class _Task:
 
 
 class RichReporter:
-    """One live progress display for a whole `kubeforge run`; each stage step adds a bar."""
+    """One live progress display for a whole `kubeforge run`; each stage step adds a bar.
 
-    def __init__(self, console: Console | None = None) -> None:
+    With `redirect_output` (rich's default), what the process prints to sys.stdout and sys.stderr
+    shows above the bars; without it, it goes where those streams go (a log file under
+    `kubeforge.logs.capture`).
+    """
+
+    def __init__(self, console: Console | None = None, redirect_output: bool = True) -> None:
         self.console = console or Console(stderr=True)
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
@@ -37,6 +42,8 @@ class RichReporter:
             TimeElapsedColumn(),
             console=self.console,
             transient=False,
+            redirect_stdout=redirect_output,
+            redirect_stderr=redirect_output,
         )
 
     def __enter__(self) -> RichReporter:

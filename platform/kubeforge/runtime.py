@@ -22,6 +22,7 @@ import os
 from typing import Any
 
 from kubeforge.errors import KubeForgeError
+from kubeforge.logs import route_ray_output
 
 SERVE_INGRESS_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
@@ -62,3 +63,4 @@ def ensure_ray(address: str | None, num_cpus: int | None) -> None:
         # Read by Ray's processes at start: a runtime started here may serve a model later.
         use_serve_ingress()
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **common)
+    route_ray_output()

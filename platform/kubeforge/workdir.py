@@ -7,6 +7,8 @@ Layout (default root `.kubeforge/`)::
     pipelines/<name>/stages/<stage>-<key>/     a finished stage (has result.json)
     pipelines/<name>/stages/<stage>-<key>.partial/   a stage in progress, or killed mid-way
     pipelines/<name>/runs/<run-id>.json        one `kubeforge run`: stage states and MLflow run ids
+    logs/<run|serve>-<name>-<time>.log         what Ray printed outside any stage (kubeforge.logs);
+                                               a stage's own share is in its folder's logs/ray.log
 
 A stage's key hashes its manifest section, its inputs' keys and a fingerprint of its source
 files, so an unchanged stage is found again and skipped, and a changed one gets a fresh folder.
@@ -91,6 +93,10 @@ class Workdir:
     @property
     def artifacts(self) -> Path:
         return self.root / "mlartifacts"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
 
     def pipeline_dir(self, pipeline: str) -> Path:
         return self.root / "pipelines" / pipeline

@@ -122,6 +122,9 @@ def test_data_then_pretrain_jobs_run_the_stage_functions(ray_head: str, tmp_path
     result = json.loads((Path(pretrain["directory"]) / "result.json").read_text())
     assert result["final_step"] == 12
     assert (Path(pretrain["directory"]) / result["model_dir"] / "config.json").is_file()
+    # A job's log holds its workers' output, as always; the stage's folder keeps a copy (kubeforge.logs).
+    assert "(RayTrainWorker pid=" in logs
+    assert "(RayTrainWorker pid=" in (Path(pretrain["directory"]) / "logs" / "ray.log").read_text()
 
     # A second attempt of the data stage reuses the first one's output, and tags its run.
     logs = submit_and_wait(ray_head, f"{sys.executable} jobs/stage.py data {common} "

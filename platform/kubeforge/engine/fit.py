@@ -84,7 +84,8 @@ def fit_with_progress(
         scaling_config=ray.train.ScalingConfig(
             num_workers=res.workers, use_gpu=res.use_gpu, resources_per_worker={"CPU": res.cpus_per_worker}
         ),
-        run_config=ray.train.RunConfig(
+        # Ray Train V2's RunConfig (the type checker sees V1's, which has no worker_runtime_env).
+        run_config=ray.train.RunConfig(  # type: ignore[call-arg]
             name=stage,
             storage_path=str(storage),
             failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
