@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 # `kubeforge run`, with a pretraining stage that trains for real (two Ray Train workers) and then fails,
 # as a stage does when something breaks after its workers have had their say.
 KUBEFORGE_RUN_FAILING_AFTER_PRETRAIN = """
-import kubeforge.train.stage as pretrain
+import kubeforge.pretrain.stage as pretrain
 from kubeforge.cli import main
 
 real_run = pretrain.run
