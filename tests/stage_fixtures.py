@@ -15,6 +15,7 @@ import pytest
 from kubeforge.context import StageContext, StageOutput
 from kubeforge.spec.load import parse_manifest
 from kubeforge.spec.pipeline import ModelPipeline
+from kubeforge.stages.finetune import FinetuneResult
 from kubeforge.tracking import Tracker, start_stage_run
 from kubeforge.workdir import Workdir
 from tests.data_fixtures import RecordingReporter
@@ -93,3 +94,16 @@ def tiny_lm(ray_local, tmp_path_factory: pytest.TempPathFactory) -> TinyLM:
         result = run(section, ctx)  # type: ignore[operator]
         outputs[stage] = StageOutput(stage, "fixture", out_dir, result, ctx.tracker.run_id)
     return TinyLM(root, workdir, uri, pipeline, outputs["data"], outputs["pretrain"])
+
+
+def finetune_result(**fields: Any) -> FinetuneResult:
+    """A fine-tuning stage's result for tests that lay out its folder by hand: `fields` over defaults."""
+    defaults: dict[str, Any] = {
+        "model_dir": "merged", "adapter_dir": None, "task_dir": "task", "base_model_dir": "base",
+        "objective": "sft", "method": "full", "trainable_parameters": 1, "total_parameters": 1,
+        "trainable_share": 1.0, "initial_val_loss": 1.0, "val_loss": 1.0, "final_step": 1, "train_loss": 1.0,
+        "tokens_per_second": 1.0, "tokens_seen": 1, "resumed_from_step": 0, "restored_from_steps": [],
+        "num_train_examples": 1, "num_validation_examples": 1, "num_test_examples": 1, "dropped_examples": 0,
+        "workers": 1,
+    }
+    return FinetuneResult(**{**defaults, **fields})

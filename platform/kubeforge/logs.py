@@ -13,7 +13,7 @@ actor state", core_worker errors about actor restarts) as failures. Inside `capt
   get the workers' output all the same.
 
 Callers: `kubeforge.cli` (`run`, `serve`) and `kubeforge.entrypoint` (verbose) open a capture;
-`executor.ensure_ray` calls `route_ray_output` once Ray is connected; `executor.execute_stage` runs
+`runtime.ensure_ray` calls `route_ray_output` once Ray is connected; `executor.execute_stage` runs
 each stage inside `stage_log`, which also logs the file to the stage's MLflow run and, when the stage
 fails, adds the file's last lines to the error as a note (PEP 678), which the CLI prints after it.
 """

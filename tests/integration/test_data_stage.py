@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,16 +53,7 @@ AUTHOR_EMAILS = [
 
 
 @pytest.fixture(scope="module")
-def ray_runtime() -> Iterator[None]:
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def stdlib_run(ray_runtime: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def stdlib_run(ray_local: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("stdlib")
     pipeline = pipeline_with({"sources": [{"type": "python-stdlib"}], "tokenizer": {"vocab_size": 2048}})
     ctx, tracker = data_context(tmp, pipeline)
@@ -176,7 +166,7 @@ def test_result_shards_and_tokenizer(stdlib_run: dict[str, Any]) -> None:
     assert "| fuzzy_dedup | yes |" in (out / "card.md").read_text()
 
 
-def test_emptying_filter_names_the_step(ray_runtime: None, tmp_path: Path) -> None:
+def test_emptying_filter_names_the_step(ray_local: Any, tmp_path: Path) -> None:
     pipeline = pipeline_with({
         "sources": [{"type": "python-stdlib", "max_files": 30}],
         "quality": {"min_chars": 10_000_000, "max_chars": None},
@@ -186,7 +176,7 @@ def test_emptying_filter_names_the_step(ray_runtime: None, tmp_path: Path) -> No
         run(pipeline.spec.data, ctx)
 
 
-def test_perplexity_filter_and_unigram_on_files(ray_runtime: None, tmp_path: Path) -> None:
+def test_perplexity_filter_and_unigram_on_files(ray_local: Any, tmp_path: Path) -> None:
     rng = random.Random(0)
     modules = ["textwrap.py", "json/decoder.py", "json/encoder.py", "string.py", "bisect.py", "glob.py"]
     records = [{"body": (stdlib_dir() / name).read_text(encoding="utf-8"), "name": name} for name in modules]

@@ -21,7 +21,7 @@ from kubeforge.context import StageContext, StageOutput
 from kubeforge.errors import StageError
 from kubeforge.spec.load import parse_manifest
 from kubeforge.stages.finetune import FinetuneResult
-from tests.stage_fixtures import TinyLM
+from tests.stage_fixtures import TinyLM, finetune_result
 
 pytestmark = pytest.mark.integration
 
@@ -68,13 +68,7 @@ def fake_finetune(
     (directory / "task").mkdir(parents=True)
     (directory / "task" / "train.jsonl").write_text("")
     (directory / "task" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    result = FinetuneResult(
-        model_dir="merged", adapter_dir=None, task_dir="task", base_model_dir=str(base.resolve()),
-        objective="sft", method="full", trainable_parameters=1, total_parameters=1, trainable_share=1.0,
-        initial_val_loss=1.0, val_loss=1.0, final_step=1, train_loss=1.0, tokens_per_second=1.0, tokens_seen=1,
-        resumed_from_step=0, restored_from_steps=[], num_train_examples=1, num_validation_examples=1,
-        num_test_examples=len(records), dropped_examples=0, workers=1,
-    )
+    result = finetune_result(base_model_dir=str(base.resolve()), num_test_examples=len(records))
     return StageOutput("finetune", "fixture", directory, result, None)
 
 

@@ -19,7 +19,10 @@ from mlflow.tracking import MlflowClient
 from pydantic import ValidationError
 
 from kubeforge.errors import StageError
+from kubeforge.finetune.config import FinetuneLoop
 from kubeforge.spec.finetune import FinetuneSpec
+from kubeforge.stages.finetune import FinetuneResult
+from tests.stage_fixtures import finetune_result
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +48,7 @@ def _section(**overrides: Any) -> dict[str, Any]:
     return merged
 
 
-def _run(tiny_lm, section: dict[str, Any], name: str) -> tuple[Any, dict[str, Any], float]:
+def _run(tiny_lm, section: dict[str, Any], name: str) -> tuple[Any, FinetuneResult, float]:
     from kubeforge.finetune.stage import run
 
     ctx = tiny_lm.context("finetune", section, name)
@@ -56,7 +59,7 @@ def _run(tiny_lm, section: dict[str, Any], name: str) -> tuple[Any, dict[str, An
     return ctx, result, seconds
 
 
-def _local(tiny_lm, section: dict[str, Any], name: str, keep: Path) -> tuple[Any, dict[str, Any]]:
+def _local(tiny_lm, section: dict[str, Any], name: str, keep: Path) -> tuple[Any, FinetuneLoop]:
     """The loop in this process with its LocalSession (no Ray Train start-up: seconds instead of ~20 s);
     the final checkpoint, with the outputs, is copied under `keep`."""
     from kubeforge.engine.session import LocalSession
@@ -162,13 +165,13 @@ def test_the_merged_model_equals_base_plus_adapter_and_is_a_plain_llama_folder(t
 
 def test_a_rerun_in_the_same_folder_resumes_on_two_workers(lora_runs) -> None:
     (_, first, _), (ctx, second, _), _ = lora_runs
-    assert second["resumed_from_step"] == 12
-    assert second["restored_from_steps"] == [12]
-    assert second["final_step"] == 18
-    assert second["workers"] == 2
+    assert second.resumed_from_step == 12
+    assert second.restored_from_steps == [12]
+    assert second.final_step == 18
+    assert second.workers == 2
     # The resumed run keeps the first run's starting point and improves on where the first one ended.
-    assert second["initial_val_loss"] == pytest.approx(first["initial_val_loss"])
-    assert second["val_loss"] < first["initial_val_loss"]
+    assert second.initial_val_loss == pytest.approx(first.initial_val_loss)
+    assert second.val_loss < first.initial_val_loss
     assert any("resumed from the checkpoint of step 12" in line for line in ctx.reporter.lines)
 
 
@@ -199,7 +202,7 @@ def test_prefix_tuning_learns_and_loads_as_base_plus_adapter(tiny_lm, tmp_path: 
     assert output is not None and (output / "adapter").is_dir()
     assert not (output / "merged").exists()  # prefixes are attention inputs, not weights: nothing to merge
     # The result the stage returns for prefix tuning: no model_dir, so the loader stacks base + adapter.
-    result = {"model_dir": None, "adapter_dir": "adapter", "base_model_dir": config["base_model_dir"]}
+    result = finetune_result(model_dir=None, adapter_dir="adapter", base_model_dir=config.base_model_dir)
     model, tokenizer = load_for_inference(output, result)
     assert type(model).__name__.startswith("Peft")
     prompt = tokenizer("def main(", return_tensors="pt")
@@ -214,7 +217,7 @@ def test_dpo_with_full_fine_tuning_raises_reward_accuracy_and_margin(tiny_lm) ->
     assert result.val_loss < result.initial_val_loss
     assert result.reward_accuracy > result.initial_reward_accuracy
     assert result.reward_margin > result.initial_reward_margin
-    assert "val_perplexity" not in result
+    assert result.val_perplexity is None
     client = MlflowClient(ctx.tracker.tracking_uri)
     assert [m.step for m in client.get_metric_history(ctx.tracker.run_id, "reward_accuracy")] == [0, 6, 12]
 
@@ -238,7 +241,7 @@ def test_distillation_trains_a_smaller_student_on_the_teachers_tokenizer(tiny_lm
     assert session.final["val_loss"] < session.final["initial_val_loss"]
     assert session.last_checkpoint is not None
     model = AutoModelForCausalLM.from_pretrained(str(session.last_checkpoint / "merged"))
-    teacher = AutoModelForCausalLM.from_pretrained(config["base_model_dir"])
+    teacher = AutoModelForCausalLM.from_pretrained(config.base_model_dir)
     assert model.config.hidden_size == 64
     assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in teacher.parameters()) / 3
     assert model.config.vocab_size == teacher.config.vocab_size

@@ -1,4 +1,4 @@
-"""jobs/ entrypoints submitted through the Ray Jobs API to a `ray start --head` cluster."""
+"""The jobs/ entrypoint submitted through the Ray Jobs API to a `ray start --head` cluster."""
 
 from __future__ import annotations
 
@@ -146,10 +146,22 @@ def test_pretrain_job_before_data_says_what_to_do(tmp_path: Path) -> None:
     manifest = tmp_path / "pipeline.yaml"
     manifest.write_text(yaml.safe_dump(small_manifest("order", pretrain=TINY_PRETRAIN)))
     result = subprocess.run(
-        [sys.executable, str(REPO / "jobs" / "pretrain.py"), "--manifest", str(manifest), "--workdir", str(tmp_path)],
+        [sys.executable, str(REPO / "jobs" / "stage.py"), "pretrain", "--manifest", str(manifest), "--workdir",
+         str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 1
     assert "needs the 'data' stage of this manifest to have finished" in result.stderr
+
+
+def test_the_job_entrypoint_names_the_stages_it_runs(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "stage.py"), "pretrian", "--manifest", "m.yaml", "--workdir",
+         str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "invalid choice: 'pretrian' (choose from data, tune, pretrain, finetune, evaluate, quantize, promote)" in (
+        result.stderr)
