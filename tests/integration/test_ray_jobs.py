@@ -163,5 +163,5 @@ def test_the_job_entrypoint_names_the_stages_it_runs(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2
-    assert "invalid choice: 'pretrian' (choose from data, tune, pretrain, finetune, evaluate, quantize, promote)" in (
-        result.stderr)
+    assert "invalid choice: 'pretrian' (choose from 'data', 'tune', 'pretrain', 'finetune', 'evaluate', 'quantize', " \
+           "'promote')" in result.stderr
