@@ -109,7 +109,8 @@ def two_version_registry(root: Path, models: Iterable[str]) -> Registry:
     a registered dummy folder: what rollout tests need to move aliases and tag versions."""
     from mlflow.tracking import MlflowClient
 
-    from kubeforge.registry.client import CHAMPION, Registry
+    from kubeforge.registry.audit import CHAMPION
+    from kubeforge.registry.client import Registry
 
     uri = f"sqlite:///{root}/mlflow.db"
     client = MlflowClient(tracking_uri=uri)

@@ -29,7 +29,8 @@ from typing import Any, Final
 import kopf
 
 from kubeforge.errors import SpecError
-from kubeforge.registry.client import Registry, RegistryError
+from kubeforge.registry.audit import RegistryError
+from kubeforge.registry.client import Registry
 from kubeforge.rollout.controller import (
     Compare,
     Measure,

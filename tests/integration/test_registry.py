@@ -18,17 +18,16 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from kubeforge.cli import main
-from kubeforge.registry.client import (
+from kubeforge.registry.audit import (
     AUDIT_TAG_PREFIX,
     CHALLENGER,
     CHAMPION,
     MAX_AUDIT_CHARS,
     AuditRecord,
-    Registry,
     RegistryError,
-    VersionInfo,
     champion_history,
 )
+from kubeforge.registry.client import Registry, VersionInfo
 
 pytestmark = pytest.mark.integration
 

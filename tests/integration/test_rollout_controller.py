@@ -15,7 +15,8 @@ from click.testing import CliRunner
 
 from kubeforge import metrics
 from kubeforge.cli import main
-from kubeforge.registry.client import CHAMPION, Registry
+from kubeforge.registry.audit import CHAMPION
+from kubeforge.registry.client import Registry
 from kubeforge.rollout.controller import (
     TAG_REASON,
     TAG_RESULT,

@@ -21,7 +21,8 @@ import httpx
 import openai
 import pytest
 
-from kubeforge.registry.client import CHAMPION, Registry
+from kubeforge.registry.audit import CHAMPION
+from kubeforge.registry.client import Registry
 from kubeforge.rollout.controller import (
     TAG_RESULT,
     RolloutController,

@@ -13,7 +13,8 @@ import httpx
 import pytest
 from mlflow.tracking import MlflowClient
 
-from kubeforge.registry.client import CHALLENGER, CHAMPION, Registry
+from kubeforge.registry.audit import CHALLENGER, CHAMPION
+from kubeforge.registry.client import Registry
 from kubeforge.serve.local import ServeOptions, serve_deployment
 from kubeforge.spec.load import parse_deployment
 from kubeforge.workdir import Workdir

@@ -11,7 +11,8 @@ import pytest
 from kubeforge.evaluate.compare import comparison_rows, write_plots, write_table
 from kubeforge.evaluate.doctests import DoctestCase, network_isolation, run_doctests
 from kubeforge.evaluate.generation import corpus_bleu, exact_match, parse_rate, parses, rouge_l, text_metrics
-from kubeforge.evaluate.stage import _find_model_folder, _function_header
+from kubeforge.evaluate.sources import find_model_folder
+from kubeforge.evaluate.stage import _function_header
 
 pytestmark = pytest.mark.unit
 
@@ -214,12 +215,12 @@ def test_a_downloaded_model_folder_is_found_with_its_tokenizer(tmp_path: Path) -
     model = tmp_path / "artifacts" / "model"
     model.mkdir(parents=True)
     (model / "config.json").write_text("{}")
-    assert _find_model_folder(tmp_path) is None  # no weights
+    assert find_model_folder(tmp_path) is None  # no weights
     (model / "model.safetensors").write_bytes(b"")
-    assert _find_model_folder(tmp_path) is None  # no tokenizer
+    assert find_model_folder(tmp_path) is None  # no tokenizer
     tokenizer = tmp_path / "artifacts" / "components" / "tokenizer"
     tokenizer.mkdir(parents=True)
     (tokenizer / "tokenizer.json").write_text("{}")
-    assert _find_model_folder(tmp_path) == (model, tokenizer)
+    assert find_model_folder(tmp_path) == (model, tokenizer)
     (model / "tokenizer_config.json").write_text("{}")
-    assert _find_model_folder(tmp_path) == (model, model)
+    assert find_model_folder(tmp_path) == (model, model)

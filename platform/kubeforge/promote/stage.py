@@ -61,7 +61,8 @@ def _wait_for_approval(registry: Any, model: str, version: str, spec: ApprovalSp
 
 
 def run(spec: PromotionSpec, ctx: StageContext) -> PromoteResult:
-    from kubeforge.registry.client import CHALLENGER, CHAMPION, Registry, current_user
+    from kubeforge.registry.audit import CHALLENGER, CHAMPION, current_user
+    from kubeforge.registry.client import Registry
 
     source = ctx.latest_model()
     if source is None:

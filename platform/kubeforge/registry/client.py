@@ -15,22 +15,29 @@ MLflow is imported inside the methods: the CLI imports this module and must stay
 from __future__ import annotations
 
 import datetime as dt
-import getpass
-import json
-import os
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-from kubeforge.errors import KubeForgeError
+from kubeforge.registry.audit import (
+    APPROVE,
+    AUDIT_TAG_PREFIX,
+    CHAMPION,
+    MAX_USER_CHARS,
+    PROMOTE,
+    ROLLBACK,
+    AuditRecord,
+    RegistryError,
+    champion_history,
+    fit,
+    require_reason,
+)
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 
-CHALLENGER = "challenger"
-CHAMPION = "champion"
 
 # Lineage and state tags on model versions (written by the stages that register and gate models).
 TAG_ROLE = "kubeforge.role"  # base | finetuned | quantized
@@ -40,68 +47,6 @@ TAG_GATES = "kubeforge.gates"  # passed | failed
 TAG_APPROVAL = "kubeforge.approval"  # pending | approved | rejected
 TAG_APPROVED_BY = "kubeforge.approved_by"
 TAG_APPROVED_AT = "kubeforge.approved_at"
-
-AUDIT_TAG_PREFIX = "kubeforge.audit."
-# MLflow's validator accepts registered-model tag values up to 100,000 characters, but the database
-# column (`registered_model_tags.value`) is VARCHAR(5000): PostgreSQL and MySQL reject longer values
-# even though SQLite stores them, so records are kept within 5000 characters on every backend.
-MAX_AUDIT_CHARS = 5000
-MAX_USER_CHARS = 256
-
-PROMOTE = "promote"
-ROLLBACK = "rollback"
-APPROVE = "approve"
-
-
-class RegistryError(KubeForgeError):
-    """A registry operation was refused or named something that does not exist."""
-
-
-@dataclass(frozen=True)
-class AuditRecord:
-    """One alias move or approval: who did what, when and why."""
-
-    time: str
-    """ISO-8601 UTC."""
-    user: str
-    action: str
-    """promote | rollback | approve (other callers of `Registry.move_alias` may name their own)."""
-    alias: str | None
-    from_version: str | None
-    """The version that held `alias` before; None when the alias was unset (and for approvals)."""
-    to_version: str | None
-    reason: str
-
-    def to_json(self) -> str:
-        # ensure_ascii=False: a non-ASCII reason would otherwise take six characters per letter of
-        # the 5000 the tag column holds.
-        return json.dumps(asdict(self), separators=(",", ":"), ensure_ascii=False)
-
-    @classmethod
-    def from_json(cls, text: str) -> AuditRecord:
-        data = json.loads(text)
-        if not isinstance(data, dict):
-            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
-        names = [f.name for f in fields(cls)]
-        missing = [n for n in ("time", "user", "action", "reason") if not isinstance(data.get(n), str)]
-        if missing:
-            raise ValueError(f"missing or non-string fields: {', '.join(missing)}")
-        values: dict[str, Any] = {n: None if data.get(n) is None else str(data[n]) for n in names}
-        return cls(**values)
-
-    def summary(self) -> str:
-        """One line for people: `champion: version 2 -> 3 (by alice: better ROUGE-L)`."""
-        by = f"(by {self.user}: {self.reason})"
-        if self.action == APPROVE:
-            return f"version {self.to_version} approved {by}"
-        before = f"version {self.from_version}" if self.from_version is not None else "none"
-        after = self.to_version if self.from_version is not None else f"version {self.to_version}"
-        verb = " rolled back" if self.action == ROLLBACK else ""
-        return f"{self.alias}{verb}: {before} -> {after} {by}"
-
-    def touches(self, version: str) -> bool:
-        return version in (self.from_version, self.to_version)
-
 
 @dataclass(frozen=True)
 class VersionInfo:
@@ -152,18 +97,6 @@ class ModelSummary:
     updated: str
 
 
-def current_user() -> str:
-    """KUBEFORGE_USER (set it in CI or in the operator's pod), else the login name, else "unknown"."""
-    user = os.environ.get("KUBEFORGE_USER", "").strip()
-    if user:
-        return user
-    try:
-        # getpass raises when the uid has no passwd entry, which is common in containers.
-        return getpass.getuser() or "unknown"
-    except (OSError, KeyError, ImportError):
-        return "unknown"
-
-
 def _iso(seconds: float) -> str:
     return dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat(timespec="seconds")
 
@@ -174,40 +107,6 @@ def _quoted(value: str) -> str:
         if quote not in value:
             return f"{quote}{value}{quote}"
     raise RegistryError(f"name {value!r} holds both kinds of quote; MLflow cannot search for it")
-
-
-def _require_reason(action: str, reason: str) -> str:
-    reason = (reason or "").strip()
-    if not reason:
-        raise RegistryError(f"{action}: a reason is required (it goes into the audit trail)")
-    return reason
-
-
-def _fit(record: AuditRecord) -> AuditRecord:
-    """Shorten the reason until the record fits one tag value; the reason is the only free-length field."""
-    while (excess := len(record.to_json()) - MAX_AUDIT_CHARS) > 0:
-        if not record.reason:
-            raise RegistryError(f"audit record does not fit {MAX_AUDIT_CHARS} characters: {record.to_json()[:200]}")
-        kept = max(0, len(record.reason.rstrip("…")) - excess - 1)
-        record = replace(record, reason=record.reason[:kept] + "…")
-    return record
-
-
-def champion_history(records: list[AuditRecord]) -> list[str]:
-    """The champion's versions, oldest first, as the audit records leave them: a move to champion
-    pushes, a rollback pops back to the version it restored."""
-    stack: list[str] = []
-    for record in records:
-        if record.alias != CHAMPION or record.to_version is None:
-            continue
-        if record.action == ROLLBACK:
-            while stack and stack[-1] != record.to_version:
-                stack.pop()
-            if not stack:
-                stack.append(record.to_version)
-        else:
-            stack.append(record.to_version)
-    return stack
 
 
 class Registry:
@@ -344,7 +243,7 @@ class Registry:
 
     def move_alias(self, model: str, alias: str, version: str, *, action: str, reason: str, user: str) -> AuditRecord:
         """Point `alias` at `version` and record who moved it from where, and why."""
-        reason = _require_reason(action, reason)
+        reason = require_reason(action, reason)
         info = self.version(model, version)
         return self._move(model, alias, info.version, action=action, reason=reason, user=user)
 
@@ -352,7 +251,7 @@ class Registry:
         self, model: str, version: str, *, alias: str = CHAMPION, reason: str, user: str, force: bool = False
     ) -> AuditRecord:
         """Give `version` the alias, unless its gates failed or it still awaits (or was refused) approval."""
-        reason = _require_reason(PROMOTE, reason)
+        reason = require_reason(PROMOTE, reason)
         info = self.version(model, version)
         if alias in info.aliases:
             raise RegistryError(f"model '{model}' version {info.version} is already {alias}")
@@ -376,7 +275,7 @@ class Registry:
 
     def rollback(self, model: str, *, reason: str, user: str) -> AuditRecord:
         """Give `champion` back to the version that held it before the current one."""
-        reason = _require_reason(ROLLBACK, reason)
+        reason = require_reason(ROLLBACK, reason)
         rm = self._model(model)
         history = champion_history([record for _, record in self._audit(rm)])
         current = rm.aliases.get(CHAMPION)
@@ -404,7 +303,7 @@ class Registry:
 
     def approve(self, model: str, version: str, *, reason: str, user: str) -> AuditRecord:
         """Sign off a version that awaits approval (tag kubeforge.approval=pending)."""
-        reason = _require_reason(APPROVE, reason)
+        reason = require_reason(APPROVE, reason)
         info = self.version(model, version)
         state = info.approval
         if state != "pending":
@@ -486,7 +385,7 @@ class Registry:
         # machine's clock is behind the one that wrote the last record.
         last = max((int(key) for key, _ in self._audit_keys(rm)), default=0)
         stamp = max(time.time_ns(), last + 1)
-        return _fit(replace(record, time=_iso(stamp / 1e9))), stamp
+        return fit(replace(record, time=_iso(stamp / 1e9))), stamp
 
     def _write_audit(self, model: str, record: AuditRecord, stamp: int) -> AuditRecord:
         with self._mlflow(f"writing the audit record of model '{model}'"):

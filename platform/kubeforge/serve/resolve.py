@@ -10,7 +10,8 @@ from pathlib import Path
 
 from kubeforge.errors import KubeForgeError
 from kubeforge.quantize.serving import require_servable
-from kubeforge.registry.client import Registry, RegistryError
+from kubeforge.registry.audit import RegistryError
+from kubeforge.registry.client import Registry
 from kubeforge.spec.deployment import parse_model_uri
 
 COMPLETE = ".kubeforge-complete"
