@@ -238,8 +238,8 @@ def test_a_target_too_short_for_asha_fails_before_any_trial(tmp_path: Path) -> N
 
 
 def test_a_trials_error_is_told_by_its_last_line() -> None:
-    from kubeforge.tune.stage import _error_line
+    from kubeforge.tune.recorder import error_line
 
-    assert _error_line("Traceback (most recent call last):\n  File x\nTrialError: stage pretrain: bad\n\n") == (
+    assert error_line("Traceback (most recent call last):\n  File x\nTrialError: stage pretrain: bad\n\n") == (
         "TrialError: stage pretrain: bad")
-    assert _error_line(None) is None
+    assert error_line(None) is None
