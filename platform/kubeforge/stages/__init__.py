@@ -24,6 +24,7 @@ from kubeforge.stages.results import StageResult
 
 if TYPE_CHECKING:
     from kubeforge.spec.pipeline import PipelineSpec
+    from kubeforge.spec.pretrain import Resources
 
 SpecT = TypeVar("SpecT", bound=BaseModel)
 ResultT = TypeVar("ResultT", bound=StageResult)
@@ -36,6 +37,16 @@ class PodSize:
     workers: int
     cpus_per_worker: float
     gpus_per_worker: int
+
+    @classmethod
+    def of(cls, workers: int = 1, cpus_per_worker: float = 1.0, use_gpu: bool = False) -> PodSize:
+        """`workers` pods of `cpus_per_worker` CPUs, each with a whole GPU when `use_gpu`."""
+        return cls(workers, cpus_per_worker, 1 if use_gpu else 0)
+
+    @classmethod
+    def of_workers(cls, resources: Resources) -> PodSize:
+        """A pod per Ray Train worker of a training section's `resources`."""
+        return cls.of(resources.workers, resources.cpus_per_worker, resources.use_gpu)
 
 
 ONE_CPU_POD = PodSize(1, 1.0, 0)

@@ -46,10 +46,6 @@ class EvaluateResult(StageResult):
         return sorted(k for k, v in self.candidate.items() if finite(v) is not None)
 
 
-def _pods(spec: EvaluateSpec) -> PodSize:
-    return PodSize(1, 1.0, 1 if spec.use_gpu else 0)
-
-
 EVALUATE: Stage[EvaluateSpec, EvaluateResult] = Stage(
     name="evaluate",
     section="evaluate",
@@ -57,7 +53,7 @@ EVALUATE: Stage[EvaluateSpec, EvaluateResult] = Stage(
     result_type=EvaluateResult,
     run="kubeforge.evaluate.stage:run",
     reads=("data", "pretrain", "finetune"),
-    pod_size=_pods,
+    pod_size=lambda spec: PodSize.of(use_gpu=spec.use_gpu),
     needs_model="score",
     metrics=METRICS,
     scores_champion=True,

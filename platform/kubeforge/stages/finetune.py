@@ -60,11 +60,6 @@ class FinetuneResult(ModelResult):
         return ModelLineage(method=f"{self.objective}-{self.method}", format="hf" if self.model_dir else "peft-adapter")
 
 
-def _pods(spec: FinetuneSpec) -> PodSize:
-    resources = spec.resources
-    return PodSize(resources.workers, resources.cpus_per_worker, 1 if resources.use_gpu else 0)
-
-
 FINETUNE: Stage[FinetuneSpec, FinetuneResult] = Stage(
     name="finetune",
     section="finetune",
@@ -73,7 +68,7 @@ FINETUNE: Stage[FinetuneSpec, FinetuneResult] = Stage(
     run="kubeforge.finetune.stage:run",
     # The corpus (built-in tasks, replay) and the pretrained model when no base_model is given.
     reads=("data", "pretrain"),
-    pod_size=_pods,
+    pod_size=lambda spec: PodSize.of_workers(spec.resources),
     model_role="finetuned",
     metrics=(
         Metric("val_loss", lower_is_better=True), Metric("val_perplexity", lower_is_better=True),

@@ -36,11 +36,6 @@ class PretrainResult(ModelResult):
         return ModelLineage(method=f"pretrain-{self.objective}", format="hf")
 
 
-def _pods(spec: PretrainSpec) -> PodSize:
-    resources = spec.resources
-    return PodSize(resources.workers, resources.cpus_per_worker, 1 if resources.use_gpu else 0)
-
-
 PRETRAIN: Stage[PretrainSpec, PretrainResult] = Stage(
     name="pretrain",
     section="pretrain",
@@ -48,7 +43,7 @@ PRETRAIN: Stage[PretrainSpec, PretrainResult] = Stage(
     result_type=PretrainResult,
     run="kubeforge.pretrain.stage:run",
     reads=("data",),
-    pod_size=_pods,
+    pod_size=lambda spec: PodSize.of_workers(spec.resources),
     model_role="base",
     metrics=(Metric("val_loss", lower_is_better=True), Metric("val_perplexity", lower_is_better=True)),
     training=Training(

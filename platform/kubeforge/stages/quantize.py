@@ -38,10 +38,6 @@ class QuantizeResult(ModelResult):
         return ModelLineage(method=self.source_method, format=self.format, quantization=self.scheme)
 
 
-def _pods(spec: QuantizeSpec) -> PodSize:
-    return PodSize(1, 1.0, 1 if spec.use_gpu else 0)
-
-
 QUANTIZE: Stage[QuantizeSpec, QuantizeResult] = Stage(
     name="quantize",
     section="quantize",
@@ -49,7 +45,7 @@ QUANTIZE: Stage[QuantizeSpec, QuantizeResult] = Stage(
     result_type=QuantizeResult,
     run="kubeforge.quantize.stage:run",
     reads=("data", "pretrain", "finetune"),
-    pod_size=_pods,
+    pod_size=lambda spec: PodSize.of(use_gpu=spec.use_gpu),
     image="quantize",
     model_role="quantized",
     needs_model="quantize",
