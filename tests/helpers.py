@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,12 +15,29 @@ if TYPE_CHECKING:
     from kubeforge.registry.client import Registry
 
 
+def stop_process_group(proc: subprocess.Popen, sig: int = signal.SIGKILL, grace_s: float = 30.0) -> None:
+    """Send `sig` to the process group of `proc` (started with `start_new_session=True`) if it is still
+    there, and wait for `proc`; after `grace_s` without an exit the group gets SIGKILL.
+
+    Meant for `finally` blocks: the group may be gone already (the child exited, which is often what the
+    failing assertion is about), and the ProcessLookupError that `os.killpg` then raises would replace
+    that assertion's message with its own.
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 @contextmanager
 def running_prometheus(tmp_path: Path, *target_ports: int) -> Iterator[str]:
     """Debian's Prometheus scraping 127.0.0.1:<port>/metrics of each target port every second; yields its
     URL once ready."""
     import shutil
-    import subprocess
     import time
 
     import pytest
