@@ -34,9 +34,14 @@ def stop_process_group(proc: subprocess.Popen, sig: int = signal.SIGKILL, grace_
 
 
 @contextmanager
-def running_prometheus(tmp_path: Path, *target_ports: int) -> Iterator[str]:
-    """Debian's Prometheus scraping 127.0.0.1:<port>/metrics of each target port every second; yields its
-    URL once ready."""
+def running_prometheus(tmp_path: Path, *target_ports: int, scrape_interval_s: int = 1) -> Iterator[str]:
+    """Debian's Prometheus scraping 127.0.0.1:<port>/metrics of each target port every `scrape_interval_s`
+    seconds; yields its URL once ready.
+
+    Prometheus gives a scrape at most the scrape interval to answer, and a scrape that fails marks every
+    series of its target stale, so an instant query at that moment finds nothing. Tests that ask for
+    current values of something that does not change pass a longer interval.
+    """
     import shutil
     import time
 
@@ -50,7 +55,7 @@ def running_prometheus(tmp_path: Path, *target_ports: int) -> Iterator[str]:
     port = free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(yaml.safe_dump({
-        "global": {"scrape_interval": "1s"},
+        "global": {"scrape_interval": f"{scrape_interval_s}s", "scrape_timeout": f"{scrape_interval_s}s"},
         "scrape_configs": [{"job_name": "kubeforge",
                             "static_configs": [{"targets": [f"127.0.0.1:{port}" for port in target_ports]}]}],
     }))
@@ -60,14 +65,17 @@ def running_prometheus(tmp_path: Path, *target_ports: int) -> Iterator[str]:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/-/ready", timeout=2).ok:
-                break
-        except requests.ConnectionError:
-            time.sleep(0.5)
     try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, f"prometheus exited with {server.returncode} at start"
+            try:
+                if requests.get(f"{url}/-/ready", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "prometheus was not ready within 120 s"
+            time.sleep(0.5)  # also while it answers 503 (starting): a tight loop would slow that start
         yield url
     finally:
         server.terminate()
