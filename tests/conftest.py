@@ -42,6 +42,11 @@ def ray_local():
 
     if not ray.is_initialized():
         use_serve_ingress()  # the Serve tests run the ingress `kubeforge serve` runs
+        # Ray Serve's controller gives a starting proxy 5 s to report ready, then kills it and starts another
+        # (10 s, 15 s, ...); serve.start() fails with the first one. On a busy 2-core machine the proxy's
+        # worker and HAProxy take longer than that to start. The controller reads this when it starts, from
+        # the environment the runtime started here passes on.
+        os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "120")
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()

@@ -138,6 +138,18 @@ def queries_without_data(prometheus_url: str, queries: Iterable[tuple[str, str]]
     return empty
 
 
+def wait_for_panel_data(
+    prometheus_url: str, queries: Iterable[tuple[str, str]], since: float, limit_s: float = 120
+) -> list[str]:
+    """`queries_without_data`, asked again every second until every query has data or `limit_s` has passed:
+    what a test has just done reaches Prometheus only with the next scrape that succeeds."""
+    queries = list(queries)
+    deadline = time.monotonic() + limit_s
+    while (empty := queries_without_data(prometheus_url, queries, since)) and time.monotonic() < deadline:
+        time.sleep(1)
+    return empty
+
+
 def variable_queries(path: Path, values: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
     """(variable name, the series selector of its `label_values(selector, label)` query) per query variable."""
     found = []

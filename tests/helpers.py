@@ -16,12 +16,34 @@ if TYPE_CHECKING:
     from kubeforge.registry.client import Registry
 
 
+def stop_process_group(proc: subprocess.Popen, sig: int = signal.SIGKILL, grace_s: float = 30.0) -> None:
+    """Send `sig` to the process group of `proc` (started with `start_new_session=True`) if it is still
+    there, and wait for `proc`; after `grace_s` without an exit the group gets SIGKILL.
+
+    Meant for `finally` blocks: the group may be gone already (the child exited, which is often what the
+    failing assertion is about), and the ProcessLookupError that `os.killpg` then raises would replace
+    that assertion's message with its own.
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 @contextmanager
-def running_prometheus(tmp_path: Path, *target_ports: int) -> Iterator[str]:
-    """Debian's Prometheus scraping 127.0.0.1:<port>/metrics of each target port every second; yields its
-    URL once ready."""
+def running_prometheus(tmp_path: Path, *target_ports: int, scrape_interval_s: int = 1) -> Iterator[str]:
+    """Debian's Prometheus scraping 127.0.0.1:<port>/metrics of each target port every `scrape_interval_s`
+    seconds; yields its URL once ready.
+
+    Prometheus gives a scrape at most the scrape interval to answer, and a scrape that fails marks every
+    series of its target stale, so an instant query at that moment finds nothing. Tests that ask for
+    current values of something that does not change pass a longer interval.
+    """
     import shutil
-    import subprocess
     import time
 
     import pytest
@@ -34,7 +56,7 @@ def running_prometheus(tmp_path: Path, *target_ports: int) -> Iterator[str]:
     port = free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(yaml.safe_dump({
-        "global": {"scrape_interval": "1s"},
+        "global": {"scrape_interval": f"{scrape_interval_s}s", "scrape_timeout": f"{scrape_interval_s}s"},
         "scrape_configs": [{"job_name": "kubeforge",
                             "static_configs": [{"targets": [f"127.0.0.1:{port}" for port in target_ports]}]}],
     }))
@@ -44,14 +66,17 @@ def running_prometheus(tmp_path: Path, *target_ports: int) -> Iterator[str]:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/-/ready", timeout=2).ok:
-                break
-        except requests.ConnectionError:
-            time.sleep(0.5)
     try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, f"prometheus exited with {server.returncode} at start"
+            try:
+                if requests.get(f"{url}/-/ready", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "prometheus was not ready within 120 s"
+            time.sleep(0.5)  # also while it answers 503 (starting): a tight loop would slow that start
         yield url
     finally:
         server.terminate()
@@ -125,15 +150,6 @@ def two_version_registry(root: Path, models: Iterable[str]) -> Registry:
             registry.register(name, run_id=run, artifact_path="model", tags={})
         registry.promote(name, "1", alias=CHAMPION, reason="first release", user="test")
     return registry
-
-
-def stop_process_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
-    """Signal `proc`'s process group (started with start_new_session) if it is still there, and reap `proc`.
-
-    A group that already exited is no error: in a `finally`, that must not hide the assertion that failed."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, sig)
-    proc.wait()
 
 
 def wait_for(condition: Callable[[], Any], what: str, timeout_s: float = 600.0, poll_s: float = 0.2) -> Any:

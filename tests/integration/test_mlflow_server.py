@@ -21,7 +21,7 @@ from kubeforge.executor import RunOptions, run_pipeline
 from kubeforge.progress import LineReporter
 from kubeforge.spec.load import parse_manifest
 from kubeforge.workdir import Workdir
-from tests.helpers import free_port, small_manifest
+from tests.helpers import free_port, small_manifest, stop_process_group
 
 pytestmark = pytest.mark.integration
 
@@ -103,17 +103,13 @@ def mlflow_server(postgres_uri: str, tmp_path_factory: pytest.TempPathFactory) -
                 if requests.get(f"{url}/health", timeout=2).ok:
                     break
             except requests.ConnectionError:
-                time.sleep(1)
+                pass
+            time.sleep(1)
         else:
             pytest.fail("mlflow server did not answer /health within 300 s")
         yield url
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_process_group(server, signal.SIGTERM, grace_s=10)
         log.close()
 
 

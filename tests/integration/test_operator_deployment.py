@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,8 @@ REPO = Path(__file__).resolve().parents[2]
 NS = "team-a"
 DEPLOYMENTS = f"/apis/kubeforge.io/v1alpha1/namespaces/{NS}/modeldeployments"
 RAYSERVICES = f"/apis/ray.io/v1/namespaces/{NS}/rayservices"
+RAYSERVICE = "ray.io/v1/rayservices"
+"""The resource as kmock's object store names it (`api.objects[RAYSERVICE, NS, name]`)."""
 assert handlers.deployment_changed  # importing the module registered the handlers
 
 _server: list[str] = []
@@ -158,21 +159,29 @@ async def report_ready(api: kmock.KubernetesEmulator, name: str) -> None:
     await send(api, "PATCH", f"{RAYSERVICES}/{name}/status", {"status": {"conditions": [condition]}})
 
 
-async def follow_weights(api: kmock.KubernetesEmulator, name: str, until: int, timeout: float = 30.0) -> list[int]:
-    """Every distinct router weight the RayService shows, in order, until it reaches `until`."""
-    seen: list[int] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+async def follow_weights(api: kmock.KubernetesEmulator, name: str, until: int) -> list[int]:
+    """Every distinct router weight the RayService was written with, in order, once it reaches `until`.
+
+    Read from the fake API server's history of the object, not by polling it: a step's weight lasts only
+    until the next analysis, and a poll that comes late (a busy machine) would never see it."""
+
+    async def weight_is_until() -> bool:
         service = await get(api, f"{RAYSERVICES}/{name}")
-        weight = serve_weight(service) if service else None
+        return service is not None and serve_weight(service) == until
+
+    await eventually(weight_is_until, f"RayService {name} at weight {until}", timeout=30)
+    versions = [None if v is None else v.raw for v in api.objects[RAYSERVICE, NS, name].history]
+    assert None not in versions, "the RayService was deleted and created again instead of patched"
+    seen: list[int] = []
+    for version in versions:
+        weight = serve_weight(version)
         if weight is not None and (not seen or seen[-1] != weight):
             seen.append(weight)
-            # Patched, not recreated: the status KubeRay wrote is still there.
-            assert service["status"]["conditions"][0]["type"] == "Ready", service
-        if seen and seen[-1] == until:
-            return seen
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"RayService {name}: weight never reached {until} (seen {seen})")
+    # Patched, not recreated: once KubeRay has written its status, every later version keeps it.
+    ready = [bool(v.get("status")) for v in versions]
+    later = versions[ready.index(True):] if True in ready else []
+    assert later and all(v["status"]["conditions"][0]["type"] == "Ready" for v in later), versions
+    return seen
 
 
 async def test_canaries_promote_and_roll_back_and_invalid_specs_create_nothing(tmp_path: Path) -> None:
@@ -292,13 +301,21 @@ async def test_an_ab_test_promotes_its_winner_or_keeps_its_split(tmp_path: Path)
         # A win without promote_winner concludes: the split stands, both variants keep serving.
         status = await eventually(lambda: _rollout_phase_is(api, "abkeep", "concluded"), "abkeep concluded")
         assert "promote_winner is off" in status["rollout"]["reason"]
-        await asyncio.sleep(1.0)  # the settled world: the registry tagged, the RayService untouched
-        status = await status_of(api, "abkeep")
+        # The settled world. The record is saved as soon as the rollout concludes; the registry is tagged and
+        # the rest of the status (its Progressing condition) written only at the end of that reconciliation.
+        status = await eventually(lambda: _progressing_reason_is(api, "abkeep", "Concluded"),
+                                  "the end of the reconciliation that concluded abkeep")
         assert (status["phase"], status["weight"], status["servedVersion"]) == ("RollingOut", 30, "1")
         assert served(await get(api, f"{RAYSERVICES}/abkeep")) == ([("stable", "1"), ("candidate", "2")], 30)
         assert Registry(registry.tracking_uri).alias("abkeep", "champion").version == "1"
         assert Registry(registry.tracking_uri).version("abkeep", "2").tags["kubeforge.rollout"] == "concluded"
         await unchanged_by_another_reconcile(api, "abkeep")
+
+
+async def _progressing_reason_is(api: kmock.KubernetesEmulator, name: str, reason: str) -> dict[str, Any] | None:
+    status = await status_of(api, name)
+    progressing = next((c for c in status.get("conditions") or [] if c["type"] == "Progressing"), {})
+    return status if progressing.get("reason") == reason else None
 
 
 async def _rollout_phase_is(api: kmock.KubernetesEmulator, name: str, phase: str) -> dict[str, Any] | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import yaml
 from kubeforge.workdir import Workdir
 from kubeforge_operator.rayjob import StageRun, report_tag
 from kubeforge_operator.stage_runs import find_stage_runs
-from tests.helpers import TINY_PRETRAIN, free_port, small_manifest
+from tests.helpers import TINY_PRETRAIN, free_port, small_manifest, stop_process_group
 
 pytestmark = pytest.mark.integration
 
@@ -57,13 +56,13 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 if requests.get(f"{address}/api/version", timeout=2).ok:
                     break
             except requests.ConnectionError:
-                time.sleep(1)
+                pass
+            time.sleep(1)
         yield address
     finally:
         # A throwaway head: SIGKILL to the group takes GCS, raylet, dashboard and workers down at once
         # (`ray start --block` answers SIGTERM only after a long grace period).
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait()
+        stop_process_group(head)
 
 
 def submit_and_wait(address: str, entrypoint: str) -> str:

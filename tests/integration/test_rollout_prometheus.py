@@ -26,7 +26,10 @@ def test_values_buckets_no_data_and_bad_queries(tmp_path: Path) -> None:
     port = free_port()
     start_http_server(port, addr="127.0.0.1", registry=registry)
 
-    with running_prometheus(tmp_path, port) as url:
+    # The instant queries below read the exporter's current values; a scrape that missed the 1 s default
+    # (a busy machine) would make its series stale and every query empty until the next one. These values
+    # never change, so a 5 s scrape interval costs only the wait for the first scrape.
+    with running_prometheus(tmp_path, port, scrape_interval_s=5) as url:
         share = 'sum(demo_requests_total{status=~"5.."}) / sum(demo_requests_total)'
         deadline = time.monotonic() + 60
         while query_value(url, share) is None:  # until the first scrape lands

@@ -31,11 +31,13 @@ from kubeforge.rollout.controller import (
     Subject,
     measure_ab,
 )
+from kubeforge.rollout.prometheus import query_value
+from kubeforge.rollout.queries import CANDIDATE, REQUESTS_TOTAL, selector
 from kubeforge.serve.app import VariantModel, build_app
 from kubeforge.serve.local import ServeRouter
 from kubeforge.serve.router import VARIANT_HEADER
 from kubeforge.spec.deployment import ABRollout, CanaryRollout, DeploymentSpec
-from tests.dashboards import OPERATOR_ROW, dashboard_files, panel_queries, queries_without_data
+from tests.dashboards import OPERATOR_ROW, dashboard_files, panel_queries, wait_for_panel_data
 from tests.helpers import free_port, running_prometheus, two_version_registry
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -304,6 +306,16 @@ class Traffic:
     def by_variant(self, variant: str) -> int:
         return sum(n for (v, _), n in self.snapshot().items() if v == variant)
 
+    def wait_for(self, more: int, limit_s: float = 120) -> None:
+        """Until `more` requests beyond those answered now have been answered. The thread sends one request
+        at a time, so after one more answer every request still to come was sent after this call."""
+        target = self.snapshot().total() + more
+        deadline = time.monotonic() + limit_s
+        while self.snapshot().total() < target:
+            assert self.thread.is_alive(), "the traffic thread has stopped"
+            assert time.monotonic() < deadline, f"{more} more requests were not answered in {limit_s}s"
+            time.sleep(0.05)
+
     def __enter__(self) -> Traffic:
         self.thread.start()
         return self
@@ -319,6 +331,16 @@ def _canary(prometheus: str, steps: list[dict]) -> CanaryRollout:
         "analysis": {"prometheus": prometheus, "interval_s": 4, "window": "8s", "max_error_rate": 0.1,
                      "failure_limit": 2, "inconclusive_limit": 5},
     })
+
+
+def _wait_until_the_candidate_is_idle(prometheus: str, limit_s: float = 120) -> None:
+    """Until Prometheus holds no request to the candidate over a range longer than the analysis window (8 s).
+    A range, not the current value: a scrape that failed just now would make that look idle too."""
+    promql = f"sum(increase({REQUESTS_TOTAL}{selector(MODEL, '2', CANDIDATE)}[10s]))"
+    deadline = time.monotonic() + limit_s
+    while (value := query_value(prometheus, promql)) != 0:
+        assert time.monotonic() < deadline, f"the candidate still had requests after {limit_s}s: {promql} = {value}"
+        time.sleep(1)
 
 
 def _drive(controller: RolloutController, limit_s: float = 120) -> RolloutRecord:
@@ -360,15 +382,22 @@ def test_canary_of_a_failing_candidate_is_rolled_back_while_stable_serves(served
     policy = _canary(prometheus, [{"weight": 50, "pause_s": 0}])
     subject = Subject(APP, MODEL, "1", MODEL, "2")
     controller = RolloutController(policy, subject, ServeRouter(APP), registry, RolloutStore(tmp_path))
-    handle.set_faults.remote("candidate", fail_rate=0.5).result()
+    # Every candidate request fails, so every analysis that has data fails, however few requests this machine
+    # manages per window: with a share of failures, a window of a handful of requests could hold none and
+    # pass, promoting the candidate. Likewise the window must not still hold the successful requests the
+    # same candidate version answered in the test before.
+    _wait_until_the_candidate_is_idle(prometheus)
+    handle.set_faults.remote("candidate", fail_rate=1.0).result()
     try:
         with Traffic(url) as traffic:
             record = _drive(controller)
             weight = handle.get_weight.remote().result()
+            # The request in flight when the router moved to 0% may have gone to the candidate: let it end.
+            traffic.wait_for(1)
             candidate, stable = traffic.by_variant("candidate"), traffic.by_variant("stable")
-            time.sleep(2)
+            traffic.wait_for(5)
             assert traffic.by_variant("candidate") == candidate  # no new request reaches the candidate
-            assert traffic.by_variant("stable") > stable
+            assert traffic.by_variant("stable") >= stable + 5
     finally:
         handle.set_faults.remote("candidate").result()
         _set_weight(handle, 0)
@@ -384,8 +413,8 @@ def test_canary_of_a_failing_candidate_is_rolled_back_while_stable_serves(served
 
 
 def test_ab_comparison_reads_both_variants_from_prometheus(prometheus):
-    """Over the traffic of the two canaries above: the candidate failed a share of its requests in the
-    second one, the stable variant none."""
+    """Over the traffic of the two canaries above: the candidate failed every request of the second one,
+    the stable variant none."""
     policy = ABRollout.model_validate({"strategy": "ab", "candidate": f"models:/{MODEL}/2", "duration_s": 300,
                                        "metric": "error_rate", "min_samples": 5, "prometheus": prometheus})
     subject = Subject(APP, MODEL, "1", MODEL, "2")
@@ -407,14 +436,15 @@ def test_every_serving_and_rollout_panel_returns_data(served, prometheus):
         for model in (f"{MODEL}:stable", f"{MODEL}:candidate"):
             for _ in range(3):
                 assert http.post("/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 4}).is_success
-    time.sleep(3)  # two scrapes
     panels = [
         (f"{path.stem}: {title}", expr)
         for path in dashboard_files()
         if path.stem != "kubeforge-training"  # no pipeline runs here; tests/e2e/test_quickstart.py checks it
         for title, expr in panel_queries(path, exclude_rows={OPERATOR_ROW})
     ]
-    empty = queries_without_data(prometheus, panels, since)
+    # Those requests reach Prometheus at its next successful scrape of the application, which a busy
+    # machine delays (a scrape that takes longer than the 1 s interval fails).
+    empty = wait_for_panel_data(prometheus, panels, since)
     targets = httpx.get(f"{prometheus}/api/v1/targets").json()["data"]["activeTargets"]
     health = [(t["scrapeUrl"], t["health"], t["lastError"]) for t in targets]
     assert not empty, "panels without data:\n" + "\n".join(empty) + f"\ntargets: {health}"

@@ -1,12 +1,15 @@
 """The load generator against fake servers: what it counts, how it fails, and its percentile math.
 
 Most tests answer through `httpx.MockTransport` with a fake clock that the fake server advances, so
-every latency and time to first token is known exactly; the CLI tests use a real socket server.
+every latency and time to first token is known exactly; the CLI tests use a real socket server and a
+clock that ticks at every reading, so how many requests fit in `--duration` does not depend on this
+machine's speed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import random
 import threading
@@ -19,6 +22,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from kubeforge.serve import loadgen
 from kubeforge.serve.loadgen import LoadReport, load_command, percentile, run_load
 
 pytestmark = pytest.mark.unit
@@ -223,6 +227,26 @@ def test_bad_arguments_name_the_parameter(kwargs: dict[str, Any], message: str) 
 # -- the CLI, against a real socket server --
 
 
+class TickingClock:
+    """A clock that moves 50 ms at every reading."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 0.05
+        return self.now
+
+
+@pytest.fixture
+def ticking_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's load on a TickingClock instead of the wall clock. On the wall clock, a short `--duration`
+    can pass before the first request starts (building the HTTP client alone can take that long on a busy
+    machine), and the run then reports no request at all. On this clock each client starts its first
+    request at once, and a run of 0.2 "seconds" always holds a few requests."""
+    monkeypatch.setattr(loadgen, "run_load", functools.partial(loadgen.run_load, clock=TickingClock()))
+
+
 @pytest.fixture
 def server() -> Iterator[tuple[str, dict[str, Any]]]:
     """A threaded HTTP server answering /v1/completions; `state["status"]` picks its answer and
@@ -254,7 +278,7 @@ def server() -> Iterator[tuple[str, dict[str, Any]]]:
     httpd.server_close()
 
 
-def test_cli_succeeds_with_no_failed_request_and_sends_the_token(server, monkeypatch) -> None:
+def test_cli_succeeds_with_no_failed_request_and_sends_the_token(server, monkeypatch, ticking_clock) -> None:
     url, state = server
     monkeypatch.setenv("BENCH_TOKEN", "s3cret")
     result = CliRunner().invoke(load_command, [url, "--model", "m", "--clients", "2", "--duration", "0.3",
@@ -265,7 +289,7 @@ def test_cli_succeeds_with_no_failed_request_and_sends_the_token(server, monkeyp
     assert state["auth"] == "Bearer s3cret"
 
 
-def test_cli_exits_1_when_a_request_failed(server) -> None:
+def test_cli_exits_1_when_a_request_failed(server, ticking_clock) -> None:
     url, state = server
     state["status"] = 500
     result = CliRunner().invoke(load_command, [url, "--model", "m", "--clients", "1", "--duration", "0.2",
@@ -275,7 +299,7 @@ def test_cli_exits_1_when_a_request_failed(server) -> None:
     assert "requests failed" in result.stderr
 
 
-def test_cli_counts_a_refused_connection(unused_tcp_port_url: str) -> None:
+def test_cli_counts_a_refused_connection(unused_tcp_port_url: str, ticking_clock) -> None:
     result = CliRunner().invoke(load_command, [unused_tcp_port_url, "--model", "m", "--clients", "1",
                                                "--duration", "0.2", "-o", "json"])
     assert result.exit_code == 1
