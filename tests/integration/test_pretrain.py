@@ -129,13 +129,18 @@ def test_two_workers_learn_and_write_a_loadable_model(causal_run) -> None:
 
 
 def _train_worker_pids() -> list[int]:
-    """Ray names a Train worker's process after its actor class (`ray::RayTrainWorker...`)."""
+    """The Ray Train workers of this session's Ray runtime, by pid. Ray names a Train worker's process after
+    its actor class (`ray::RayTrainWorker...`). Only descendants of this process, which started the runtime:
+    workers of another Ray runtime on the machine (another test session) are not ours to kill."""
     pids = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            cmdline = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue  # gone meanwhile
         if "RayTrainWorker" in cmdline:
-            pids.append(proc.info["pid"])
-    return pids
+            pids.append(proc.pid)
+    return sorted(pids)
 
 
 def _recorded(experiment: Path) -> bool:
