@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,8 +20,10 @@ from pathlib import Path
 import pytest
 import requests
 
+from kubeforge.engine.faults import HOLD_ENV
+from kubeforge.engine.state import SNAPSHOT_FILE
 from tests.dashboards import DASHBOARDS, panel_queries, queries_without_data
-from tests.helpers import free_port, running_prometheus
+from tests.helpers import free_port, running_prometheus, stop_process_group, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -68,6 +69,39 @@ def training_panels_without_data(url: str, since: float) -> list[str]:
     return queries_without_data(url, panels, since)
 
 
+RESUME_STEP = 50
+"""The quickstart's first pretraining checkpoint (pretrain.checkpoint.every_steps)."""
+RUN_UNTIL_SCRAPED = """
+import atexit, datetime, json, sys, time, urllib.request
+
+prometheus, port = sys.argv.pop(1), sys.argv.pop(1)
+
+
+def until_scraped():
+    ended = time.time()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(prometheus + "/api/v1/targets", timeout=10) as response:
+            targets = json.load(response)["data"]["activeTargets"]
+        for target in targets:
+            started = datetime.datetime.fromisoformat(target["lastScrape"]).timestamp()
+            if target["scrapeUrl"].endswith(f":{port}/metrics") and target["health"] == "up" and started > ended:
+                return
+        time.sleep(0.2)
+    print(f"no scrape of :{port} by {prometheus} within 120 s of the end", file=sys.stderr)
+
+
+atexit.register(until_scraped)  # registered before kubeforge and Ray register theirs, so it runs last
+from kubeforge.cli import main
+
+sys.exit(main())
+"""
+"""`kubeforge ARGS...` as its console script runs it (`python -c RUN_UNTIL_SCRAPED PROMETHEUS_URL PORT ARGS...`),
+except that at exit the process keeps serving /metrics on PORT until Prometheus has scraped it once more.
+The run's last values (the promote stage's end) are set a moment before the process exits, and a scrape
+every second lands in that moment or not: without this, whether Prometheus ever saw them was luck."""
+
+
 def runs(workdir: str) -> list[dict]:
     """`kubeforge status -o json`: the recorded runs, oldest first."""
     return json.loads(kubeforge("status", "--workdir", workdir, "-o", "json").stdout)
@@ -82,30 +116,40 @@ def test_quickstart_killed_resumes_is_scraped_learns_and_a_rerun_skips_everythin
     command = [KUBEFORGE, "run", "examples/quickstart.yaml", "--workdir", workdir]
     stages = Path(workdir) / "pipelines" / "quickstart" / "stages"
 
-    # Its own process group, so the kill takes the local Ray runtime it started down with it.
-    first = subprocess.Popen(
-        [*command, "--no-metrics"], cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 900
+    # The first run's pretraining workers hold after their checkpoint of step 50 (kubeforge.engine.faults), and
+    # the run is killed once Ray Train has recorded that checkpoint: the rerun must resume from exactly there.
+    # Its own process group, so the kill takes the local Ray runtime it started down with it; its output goes to
+    # a file, since a pipe nobody reads until the end would stop the run once the pipe's buffer is full.
+    holds = tmp_path / "holds"
+    holds.mkdir()
+    log = tmp_path / "killed-run.log"
+    with log.open("w") as output:
+        first = subprocess.Popen(
+            [*command, "--no-metrics"], cwd=REPO, start_new_session=True, stdout=output, stderr=subprocess.STDOUT,
+            env={**os.environ, HOLD_ENV: f"{RESUME_STEP}:{holds}"},
+        )
+
+    def held_and_recorded() -> bool:
+        assert first.poll() is None, f"the run ended before it was killed: {log.read_text()[-3000:]}"
+        snapshots = list(stages.glob(f"pretrain-*.partial/ray/pretrain/{SNAPSHOT_FILE}"))
+        return (holds / "held-1").exists() and bool(snapshots) and "checkpoint_" in snapshots[0].read_text()
+
     try:
-        while not list(stages.glob("pretrain-*.partial/ray/**/checkpoint_*/state.pt")):
-            assert first.poll() is None, f"run ended before its first checkpoint: {first.stderr.read()[-3000:]}"  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, "no pretraining checkpoint within 15 minutes"
-            time.sleep(0.5)
-        time.sleep(1)  # let the checkpoint finish being written, as it would be in a real crash window
+        wait_for(held_and_recorded, f"both pretraining workers holding after the recorded checkpoint of step "
+                                    f"{RESUME_STEP}", timeout_s=1500)
     finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
+        stop_process_group(first)
     (killed,) = runs(workdir)
     assert killed["state"] == "interrupted"  # its process is gone without recording an end
 
     second = subprocess.run(
-        [*command, "--metrics-port", str(metrics_port)], cwd=REPO, capture_output=True, text=True, timeout=1500
+        [sys.executable, "-c", RUN_UNTIL_SCRAPED, url, str(metrics_port), *command[1:], "--metrics-port",
+         str(metrics_port)],
+        cwd=REPO, capture_output=True, text=True, timeout=1500,
     )
     assert second.returncode == 0, second.stderr[-4000:]
     assert "succeeded" in second.stdout
-    time.sleep(2)  # one more scrape interval, so the last values are stored
+    assert "no scrape of" not in second.stderr, second.stderr[-4000:]
 
     resumed = runs(workdir)[-1]
     assert resumed["state"] == "succeeded"
@@ -119,7 +163,7 @@ def test_quickstart_killed_resumes_is_scraped_learns_and_a_rerun_skips_everythin
     (pretrain_dir,) = stages.glob("pretrain-*")
     result = json.loads((pretrain_dir / "result.json").read_text())
     assert result["final_step"] == 300
-    assert 0 < result["resumed_from_step"] < 300
+    assert result["resumed_from_step"] == RESUME_STEP
     # "Well below its starting value": the untrained model is near-uniform over a 4096-token vocabulary.
     assert result["val_perplexity"] < 0.1 * result["initial_val_perplexity"], result
 
