@@ -41,16 +41,19 @@ FAKE_JOB = "ffffffff"
 
 
 @pytest.fixture
-def ray_terminal() -> Iterator[list[dict[str, Any]]]:
+def ray_terminal(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
     """Stands in for the handler `ray.init` registers to print the workers' output on the terminal; yields
     the batches it printed. A runtime that the session's integration tests started keeps its own handler
-    (and its stray batches) out of the way meanwhile."""
+    out of the way meanwhile, and its log thread's batches (a placement-group cleaner's warning, say)
+    are dropped before they reach any handler: only this test's fake job is dispatched."""
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
+    dispatch = dispatcher.emit
+    monkeypatch.setattr(dispatcher, "emit", lambda data: dispatch(data) if data["job"] == FAKE_JOB else None)
     printed: list[dict[str, Any]] = []
     session_handlers = [pair for pair in dispatcher.handlers if pair[0] == logs.RAY_HANDLER]
     dispatcher.remove_handler(logs.RAY_HANDLER)
-    dispatcher.add_handler(logs.RAY_HANDLER, lambda data: printed.append(data) if data["job"] == FAKE_JOB else None)
+    dispatcher.add_handler(logs.RAY_HANDLER, printed.append)
     try:
         yield printed
     finally:
