@@ -11,35 +11,22 @@ import pytest
 from kubeforge.errors import StageError
 from kubeforge.formats.chat import ASSISTANT_HEADER, CHAT_TEMPLATE, prompt_text
 from kubeforge.formats.splits import TaskSplits, read_split, write_splits
+from tests.chat_fixtures import RECORD
 
 pytestmark = pytest.mark.unit
-
-RECORD = {"id": "r", "instruction": "Write the body of this Python function.",
-          "input": 'def one():\n    """One."""\n', "output": "    return 1\n"}
-
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from kubeforge.data.tokenizer import train_tokenizer
-    from kubeforge.spec.data import TokenizerSpec
-
-    texts = [RECORD["input"] + RECORD["output"], "### User:\n### Assistant:\nWrite the body of this Python function."]
-    return train_tokenizer(texts, TokenizerSpec(type="bpe", vocab_size=400, min_frequency=2),
-                           tmp_path_factory.mktemp("tok"))
 
 
 # ---------------------------------------------------------------------------------------------
 # chat template
 
 
-def test_chat_template_renders_with_transformers_and_keeps_the_vocabulary(tokenizer: Any, tmp_path: Path) -> None:
+def test_chat_template_renders_with_transformers_and_keeps_the_vocabulary(chat_tokenizer: Any, tmp_path: Path) -> None:
     # The fast-tokenizer class AutoTokenizer (and vLLM) load these folders with; AutoTokenizer imports torch.
     from transformers import PreTrainedTokenizerFast
 
-    size = len(tokenizer)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    size = len(chat_tokenizer)
+    chat_tokenizer.chat_template = CHAT_TEMPLATE
+    chat_tokenizer.save_pretrained(str(tmp_path / "tok"))
     loaded = PreTrainedTokenizerFast.from_pretrained(str(tmp_path / "tok"))
     assert len(loaded) == size
     prompt = prompt_text(RECORD, loaded)
