@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from kubeforge.engine.faults import HOLD_ENV
 from kubeforge.engine.state import SNAPSHOT_FILE
+from kubeforge.faults import HOLD_ENV
 from tests.dashboards import DASHBOARDS, panel_queries, queries_without_data
 from tests.helpers import free_port, running_prometheus, stop_process_group, wait_for
 
@@ -116,7 +116,7 @@ def test_quickstart_killed_resumes_is_scraped_learns_and_a_rerun_skips_everythin
     command = [KUBEFORGE, "run", "examples/quickstart.yaml", "--workdir", workdir]
     stages = Path(workdir) / "pipelines" / "quickstart" / "stages"
 
-    # The first run's pretraining workers hold after their checkpoint of step 50 (kubeforge.engine.faults), and
+    # The first run's pretraining workers hold after their checkpoint of step 50 (kubeforge.faults), and
     # the run is killed once Ray Train has recorded that checkpoint: the rerun must resume from exactly there.
     # Its own process group, so the kill takes the local Ray runtime it started down with it; its output goes to
     # a file, since a pipe nobody reads until the end would stop the run once the pipe's buffer is full.

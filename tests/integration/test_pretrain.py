@@ -18,9 +18,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from kubeforge.context import StageContext, StageOutput
-from kubeforge.engine.faults import HOLD_ENV
 from kubeforge.engine.state import SNAPSHOT_FILE
 from kubeforge.errors import StageError
+from kubeforge.faults import HOLD_ENV
 from kubeforge.progress import LineReporter
 from kubeforge.spec.load import parse_manifest
 from kubeforge.spec.pretrain import PretrainSpec
@@ -152,7 +152,7 @@ def _recorded(experiment: Path) -> bool:
 def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(
     ray_local, data_output: StageOutput, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Both workers hold after the checkpoint of step 10 (`kubeforge.engine.faults`); one is killed there,
+    """Both workers hold after the checkpoint of step 10 (`kubeforge.faults`); one is killed there,
     once Ray Train has recorded that checkpoint."""
     from kubeforge.pretrain.stage import run
 

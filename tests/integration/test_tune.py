@@ -176,10 +176,10 @@ def test_a_killed_search_resumes_without_repeating_finished_trials(
     """The driver is SIGKILLed while the second of two trials runs; the rerun keeps the first trial and
     continues the second from its last checkpoint.
 
-    Every trial holds after its checkpoint of step 8 (`kubeforge.engine.faults`) until the test releases
+    Every trial holds after its checkpoint of step 8 (`kubeforge.faults`) until the test releases
     it: the test lets the first trial go on, and kills the search while the second is held once Tune's
     saved state holds that checkpoint, so no machine is too fast or too slow for the moment to come."""
-    from kubeforge.engine.faults import HOLD_ENV
+    from kubeforge.faults import HOLD_ENV
     from kubeforge.tune.stage import run
 
     steps, hold = 16, 8  # evaluations (and checkpoints) every 4 steps: the checkpoint of step 8 is the second

@@ -7,7 +7,14 @@ import random
 import numpy as np
 import pytest
 
-from kubeforge.data.dedup import exact_duplicates, near_duplicates, optimal_bands, signatures
+from kubeforge.data.dedup import (
+    MAX_MISS_AT_THRESHOLD,
+    exact_duplicates,
+    lsh_bands,
+    near_duplicates,
+    shingles_of,
+    signatures,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -37,12 +44,45 @@ def test_exact_duplicates_keep_first_occurrence() -> None:
     assert original == [None, None, 0, None, 1, 0]
 
 
-def test_optimal_bands_match_datasketch() -> None:
-    # Values datasketch 1.6.5's _optimal_param(threshold, num_perm, 0.5, 0.5) returns.
-    assert optimal_bands(0.7, 128) == (14, 9)
-    assert optimal_bands(0.5, 128) == (25, 5)
-    assert optimal_bands(0.8, 128) == (9, 13)
-    assert optimal_bands(0.9, 256) == (9, 28)
+@pytest.mark.parametrize(("threshold", "num_perm", "expected"), [
+    (0.7, 128, (32, 4)), (0.5, 128, (42, 3)), (0.8, 128, (21, 6)), (0.9, 256, (18, 14)),
+])
+def test_bands_catch_a_pair_at_the_threshold_with_the_fewest_chance_candidates(
+    threshold: float, num_perm: int, expected: tuple[int, int]
+) -> None:
+    bands, rows = lsh_bands(threshold, num_perm)
+    assert (bands, rows) == expected and bands * rows <= num_perm
+    assert (1 - threshold**rows) ** bands <= MAX_MISS_AT_THRESHOLD
+    # One more row per band would miss pairs at the threshold more often than allowed.
+    assert (1 - threshold ** (rows + 1)) ** (num_perm // (rows + 1)) > MAX_MISS_AT_THRESHOLD
+
+
+def _near(texts: list[str], threshold: float = 0.7, num_perm: int = 128):  # type: ignore[no-untyped-def]
+    sigs, has_words = signatures(texts, shingle_size=5, num_perm=num_perm, seed=1)
+    return near_duplicates(sigs, has_words, threshold, shingles_of(texts, 5))
+
+
+def _jaccard(a: str, b: str) -> float:
+    from kubeforge.data.dedup import jaccard, shingle_hashes
+
+    return jaccard(shingle_hashes(a, 5), shingle_hashes(b, 5))
+
+
+def test_pairs_just_above_and_below_the_threshold_are_told_apart_exactly() -> None:
+    # Copies whose true Jaccard similarity sits within a few points of the threshold, where the
+    # signature's estimate (standard error about 0.04 at 128 permutations) cannot tell them apart.
+    rng = random.Random(3)
+    originals = [_document(rng, words=600) for _ in range(40)]
+    copies, truth = [], []
+    for original in originals:
+        copy = _perturb(original, rng, 0.04)
+        copies.append(copy)
+        truth.append(_jaccard(original, copy))
+    assert sum(0.65 <= j < 0.7 for j in truth) >= 5 and sum(0.7 <= j < 0.75 for j in truth) >= 5
+    found = _near(originals + copies)
+    removed = [not keep for keep in found.keep[40:]]
+    assert removed == [j >= 0.7 for j in truth]
+    assert all(found.similarity[40 + k] == pytest.approx(truth[k]) for k in range(40) if removed[k])
 
 
 def test_signature_agreement_estimates_jaccard() -> None:
@@ -61,8 +101,7 @@ def test_planted_near_duplicates_removed_distinct_kept() -> None:
     # 1% of words edited touches about 5% of the 5-word shingles: Jaccard near 0.9.
     copies = [_perturb(originals[i], rng, 0.01) for i in range(10)]
     texts = originals + copies
-    sigs, has_words = signatures(texts, shingle_size=5, num_perm=128, seed=1)
-    found = near_duplicates(sigs, has_words, threshold=0.7)
+    found = _near(texts)
     assert found.keep[:30].all(), "a distinct document was removed"
     assert not found.keep[30:].any(), "a planted near-duplicate survived"
     assert found.kept_of[30:] == list(range(10))
@@ -75,8 +114,7 @@ def test_cluster_keeps_first_document_in_corpus_order() -> None:
     base = _document(rng)
     copy_first = _perturb(base, rng, 0.02)
     texts = [_document(rng), copy_first, base, _perturb(base, rng, 0.02)]
-    sigs, has_words = signatures(texts, shingle_size=5, num_perm=128, seed=1)
-    found = near_duplicates(sigs, has_words, threshold=0.7)
+    found = _near(texts)
     assert found.keep.tolist() == [True, True, False, False]
     assert found.kept_of == [None, None, 1, 1]
 
@@ -84,16 +122,14 @@ def test_cluster_keeps_first_document_in_corpus_order() -> None:
 def test_heavily_edited_copy_is_not_a_duplicate() -> None:
     rng = random.Random(5)
     base = _document(rng)
-    texts = [base, _perturb(base, rng, 0.4)]
-    sigs, has_words = signatures(texts, shingle_size=5, num_perm=128, seed=1)
-    assert near_duplicates(sigs, has_words, threshold=0.7).keep.all()
+    assert _near([base, _perturb(base, rng, 0.4)]).keep.all()
 
 
 def test_documents_without_words_never_cluster() -> None:
-    sigs, has_words = signatures(["...", "!!!", "real words here"], shingle_size=5, num_perm=64, seed=1)
+    texts = ["...", "!!!", "real words here"]
+    _, has_words = signatures(texts, shingle_size=5, num_perm=64, seed=1)
     assert has_words.tolist() == [False, False, True]
-    found = near_duplicates(sigs, has_words, threshold=0.5)
-    assert found.keep.all()
+    assert _near(texts, threshold=0.5, num_perm=64).keep.all()
 
 
 def test_seed_changes_signatures_deterministically() -> None:

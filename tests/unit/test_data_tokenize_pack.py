@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kubeforge.data.packing import assign_splits, pack, pack_splits, split_position
+from kubeforge.data.packing import ShardWriter, assign_splits, pack_splits, split_position
 from kubeforge.data.perplexity import train
 from kubeforge.data.tokenizer import special_token_ids, train_tokenizer
 from kubeforge.spec.data import PackingSpec, TokenizerSpec
@@ -80,11 +80,16 @@ def test_tiny_corpus_still_fills_requested_splits() -> None:
     assert assign_splits(["a", "b", "c"], PackingSpec(validation_fraction=0.0, test_fraction=0.0)) == ["train"] * 3
 
 
-def test_pack_joins_with_eos_and_pads_last_row() -> None:
-    rows, real = pack([[5, 6, 7], [8, 9]], eos_id=0, pad_id=1, seq_len=4)
-    assert rows.dtype == np.int32
-    assert rows.tolist() == [[5, 6, 7, 0], [8, 9, 0, 1]]
-    assert real == 7
+def test_documents_are_joined_with_eos_cut_into_shards_as_they_fill_and_the_last_row_padded(tmp_path: Path) -> None:
+    writer = ShardWriter(tmp_path, seq_len=4, per_shard=2, eos_id=0, pad_id=1)
+    for ids in ([5, 6, 7], [8, 9], [10, 11, 12, 13, 14]):
+        writer.add(ids)
+    assert [p.name for p in writer.paths] == ["shard-00000.npy"], "a full shard is written before the end"
+    writer.close()
+    shards = [np.load(p) for p in writer.paths]
+    assert all(shard.dtype == np.int32 for shard in shards)
+    assert [shard.tolist() for shard in shards] == [[[5, 6, 7, 0], [8, 9, 0, 10]], [[11, 12, 13, 14], [0, 1, 1, 1]]]
+    assert (writer.rows, writer.tokens, writer.documents) == (4, 13, 3)
 
 
 def test_pack_splits_writes_shards_without_sharing_documents(tmp_path: Path) -> None:

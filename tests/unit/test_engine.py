@@ -141,35 +141,3 @@ def test_precision_and_peak_flops() -> None:
     assert peak_flops("NVIDIA H100 PCIe", bf16=True) == 756e12
     assert peak_flops("NVIDIA A100-SXM4-80GB", bf16=False) == 156e12
     assert peak_flops("Tesla T4", bf16=True) is None
-
-
-def test_the_test_hold_waits_at_its_step_until_released(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import threading
-
-    from kubeforge.engine.faults import HOLD_ENV, hold_after_checkpoint
-
-    monkeypatch.setenv(HOLD_ENV, f"8:{tmp_path}")
-    hold_after_checkpoint(4)  # another step: no hold
-    assert list(tmp_path.iterdir()) == []
-
-    holders = [threading.Thread(target=hold_after_checkpoint, args=(8,)) for _ in range(2)]
-    for holder in holders:
-        holder.start()
-    while not (tmp_path / "held-1").exists():  # each loop claims its own number
-        holders[0].join(timeout=0.05)
-    (tmp_path / "release-0").touch()
-    while all(h.is_alive() for h in holders):
-        holders[0].join(timeout=0.05)
-    assert sum(h.is_alive() for h in holders) == 1, "release-0 lets exactly one loop go on"
-    (tmp_path / "release").touch()
-    for holder in holders:
-        holder.join(timeout=5)
-        assert not holder.is_alive()
-
-
-def test_a_malformed_test_hold_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kubeforge.engine.faults import HOLD_ENV, hold_after_checkpoint
-
-    monkeypatch.setenv(HOLD_ENV, "eight:/tmp")
-    with pytest.raises(ValueError, match=r"KUBEFORGE_TEST_HOLD='eight:/tmp': expected <step>:<folder>"):
-        hold_after_checkpoint(8)

@@ -87,7 +87,7 @@ def render_markdown(card: Mapping[str, Any]) -> str:
     lines += ["", "## Removed near-duplicates (sample)", ""]
     sample = card["near_duplicate_sample"]
     if sample:
-        lines += ["| removed | duplicate of | estimated Jaccard |", "|---|---|---:|"]
+        lines += ["| removed | duplicate of | Jaccard |", "|---|---|---:|"]
         lines += [f"| {d['id']} | {d['duplicate_of']} | {d['similarity']:.2f} |" for d in sample]
     else:
         lines.append("None.")

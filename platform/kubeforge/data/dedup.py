@@ -9,12 +9,14 @@ Near-duplicates, in four steps:
    `a_i, b_i < 2^32` drawn from `seed`, so `a_i x + b_i` never overflows 64 bits; the signature is
    each function's minimum over the shingle set (lower 32 bits). Two signatures agree in a given
    position with probability equal to the Jaccard similarity of the shingle sets.
-3. *LSH*: the signature is cut into `b` bands of `r` rows. `(b, r)` minimise the sum of the false
-   positive and false negative probability mass around `threshold`, as datasketch does; documents
-   sharing a band are candidates.
-4. *Verification and clustering*: a candidate pair is a duplicate when the share of agreeing
-   signature positions (the Jaccard estimate) is at least `threshold`. Pairs are joined with
-   union-find; each cluster keeps its first document in corpus order.
+3. *LSH*: the signature is cut into `b` bands of `r` rows; documents sharing a band are candidates.
+   `r` is the largest that still makes a pair exactly at `threshold` share some band with
+   probability at least 99 %: since every candidate is verified exactly, a chance candidate costs
+   one set intersection, while a missed pair is a duplicate kept.
+4. *Verification and clustering*: a candidate pair is a duplicate when the exact Jaccard similarity
+   of its shingle sets is at least `threshold` (the signature's estimate would lose pairs near the
+   threshold to its noise, in both directions). Pairs are joined with union-find; each cluster keeps
+   its first document in corpus order.
 
 A bucket of `k` documents yields `2k` candidate pairs (everyone against the bucket's first member,
 plus neighbours), not `k^2`: a real cluster shares many bands, so what one bucket misses another
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -125,18 +127,19 @@ def signatures(texts: Sequence[str], shingle_size: int, num_perm: int, seed: int
 # ----------------------------------------------------------------------------------------------
 # LSH parameters
 
+# Probability, at most, that a pair whose Jaccard similarity is exactly the threshold shares no band.
+MAX_MISS_AT_THRESHOLD = 0.01
 
-def optimal_bands(threshold: float, num_perm: int, grid: int = 1001) -> tuple[int, int]:
-    """(bands, rows) with bands*rows <= num_perm minimising false positive + false negative mass."""
-    pairs = np.array([(b, r) for b in range(1, num_perm + 1) for r in range(1, num_perm // b + 1)], dtype=float)
-    bands, rows = pairs[:, :1], pairs[:, 1:]
-    below = np.linspace(0.0, threshold, grid)[None, :]
-    above = np.linspace(threshold, 1.0, grid)[None, :]
-    false_positive = np.trapezoid(1 - (1 - below**rows) ** bands, below, axis=1)
-    false_negative = np.trapezoid((1 - above**rows) ** bands, above, axis=1)
-    error = 0.5 * false_positive + 0.5 * false_negative
-    best = int(np.argmin(error))
-    return int(pairs[best, 0]), int(pairs[best, 1])
+
+def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows): the most rows per band (the fewest chance candidates) with which a pair at
+    `threshold` is a candidate with probability at least `1 - MAX_MISS_AT_THRESHOLD`; one row per
+    band when even that misses more often."""
+    for rows in range(num_perm, 0, -1):
+        bands = num_perm // rows
+        if (1 - threshold**rows) ** bands <= MAX_MISS_AT_THRESHOLD:
+            return bands, rows
+    return num_perm, 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,7 +176,7 @@ class NearDuplicates:
     kept_of: list[int | None]
     """For each removed document, the index of its cluster's surviving document."""
     similarity: list[float | None]
-    """For each removed document, its estimated Jaccard similarity to that survivor."""
+    """For each removed document, the exact Jaccard similarity of its shingles to that survivor's."""
     clusters: list[list[int]] = field(default_factory=list)
     """Clusters of two or more documents, each sorted, in order of their first member."""
     candidate_pairs: int = 0
@@ -209,20 +212,37 @@ def candidate_pairs(sigs: np.ndarray, active: np.ndarray, bands: int, rows: int)
     return np.unique(pairs, axis=0) if len(pairs) else np.empty((0, 2), dtype=np.int64)
 
 
-def near_duplicates(sigs: np.ndarray, active: np.ndarray, threshold: float) -> NearDuplicates:
-    """Cluster documents by MinHash LSH; `active` is False for documents without any shingle."""
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """Jaccard similarity of two sets of distinct shingle hashes."""
+    shared = len(np.intersect1d(a, b, assume_unique=True))
+    union = len(a) + len(b) - shared
+    return shared / union if union else 0.0
+
+
+ShingleSets = Callable[[np.ndarray], Sequence[np.ndarray]]
+"""Given sorted document indexes, their shingle sets (`shingle_hashes`) in the same order."""
+
+
+def shingles_of(texts: Sequence[str], shingle_size: int) -> ShingleSets:
+    """Shingle sets computed in this process, from texts at hand."""
+    return lambda indexes: [shingle_hashes(texts[i], shingle_size) for i in indexes]
+
+
+def near_duplicates(
+    sigs: np.ndarray, active: np.ndarray, threshold: float, shingle_sets: ShingleSets
+) -> NearDuplicates:
+    """Cluster documents by MinHash LSH; `active` is False for documents without any shingle.
+
+    Only the documents of candidate pairs have their shingle sets computed, for the exact check.
+    """
     n, num_perm = sigs.shape
-    bands, rows = optimal_bands(threshold, num_perm)
+    bands, rows = lsh_bands(threshold, num_perm)
     pairs = candidate_pairs(sigs, active, bands, rows) if n else np.empty((0, 2), dtype=np.int64)
-    estimates = np.empty(0)
-    if len(pairs):
-        estimates = np.concatenate([
-            (sigs[pairs[s : s + 4096, 0]] == sigs[pairs[s : s + 4096, 1]]).mean(axis=1)
-            for s in range(0, len(pairs), 4096)
-        ])
-    # A tiny tolerance: with num_perm agreements the estimate is k/num_perm, and a threshold such
-    # as 0.7 is not exactly representable.
-    verified = pairs[estimates >= threshold - 1e-9] if len(pairs) else pairs
+    members = np.unique(pairs)
+    shingles = dict(zip(members.tolist(), shingle_sets(members), strict=True)) if len(members) else {}
+    similarities = np.array([jaccard(shingles[int(i)], shingles[int(j)]) for i, j in pairs])
+    # A tiny tolerance: a threshold such as 0.7 is not exactly representable as a ratio of counts.
+    verified = pairs[similarities >= threshold - 1e-9] if len(pairs) else pairs
     forest = _UnionFind(n)
     for i, j in verified:
         forest.union(int(i), int(j))
@@ -230,12 +250,12 @@ def near_duplicates(sigs: np.ndarray, active: np.ndarray, threshold: float) -> N
     keep = roots == np.arange(n)
     kept_of: list[int | None] = [None if keep[i] else int(roots[i]) for i in range(n)]
     similarity: list[float | None] = [
-        None if keep[i] else float((sigs[i] == sigs[roots[i]]).mean()) for i in range(n)
+        None if keep[i] else jaccard(shingles[i], shingles[int(roots[i])]) for i in range(n)
     ]
-    members: dict[int, list[int]] = {}
+    members_of: dict[int, list[int]] = {}
     for i in np.flatnonzero(~keep):
-        members.setdefault(int(roots[i]), [int(roots[i])]).append(int(i))
-    clusters = [sorted(m) for _, m in sorted(members.items())]
+        members_of.setdefault(int(roots[i]), [int(roots[i])]).append(int(i))
+    clusters = [sorted(m) for _, m in sorted(members_of.items())]
     return NearDuplicates(
         bands=bands, rows=rows, keep=keep, kept_of=kept_of, similarity=similarity, clusters=clusters,
         candidate_pairs=len(pairs), verified_pairs=len(verified),

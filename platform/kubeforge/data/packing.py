@@ -3,8 +3,9 @@
 Each document's split comes from a hash of `packing.seed` and its id, so it does not depend on
 which other documents survive cleaning: a document stays in its split across reruns. Within a split,
 documents (in corpus order) are tokenised, each followed by the eos token, concatenated and cut
-into rows of `seq_len` tokens. The last, partial row of a split is filled with the pad token
-rather than dropped, so a small validation split still yields a row; trainers mask `pad_id`.
+into rows of `seq_len` tokens, written shard by shard as they fill. The last, partial row of a split
+is filled with the pad token rather than dropped, so a small validation split still yields a row;
+trainers mask `pad_id`.
 """
 
 from __future__ import annotations
@@ -51,41 +52,74 @@ def assign_splits(doc_ids: Sequence[str], spec: PackingSpec) -> list[str]:
     return splits
 
 
-def pack(token_ids: Sequence[Sequence[int]], eos_id: int, pad_id: int, seq_len: int) -> tuple[np.ndarray, int]:
-    """Rows of shape (n, seq_len) and the number of real (non-pad) tokens in them."""
-    if not token_ids:
-        return np.empty((0, seq_len), dtype=np.int32), 0
-    stream = np.concatenate([np.append(np.asarray(ids, dtype=np.int32), np.int32(eos_id)) for ids in token_ids])
-    rows = -(-len(stream) // seq_len)
-    padded = np.full(rows * seq_len, pad_id, dtype=np.int32)
-    padded[: len(stream)] = stream
-    return padded.reshape(rows, seq_len), len(stream)
+# Documents tokenised at a time: the Rust tokenizer's batch parallelism without holding the corpus's
+# encodings (about 100 bytes a token in Python objects) at once.
+_ENCODE_CHUNK = 1024
 
 
-def write_shards(rows: np.ndarray, directory: Path, per_shard: int) -> list[Path]:
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for index, start in enumerate(range(0, len(rows), per_shard)):
-        path = directory / f"shard-{index:05d}.npy"
-        np.save(path, np.ascontiguousarray(rows[start : start + per_shard], dtype=np.int32))
-        paths.append(path)
-    return paths
+class ShardWriter:
+    """One split's documents, each followed by eos, as rows of `seq_len` tokens in `.npy` shards of
+    `per_shard` rows, written as they fill; the last, partial row is filled with `pad_id`."""
+
+    def __init__(self, directory: Path, seq_len: int, per_shard: int, eos_id: int, pad_id: int) -> None:
+        self.directory, self.seq_len, self.per_shard = directory, seq_len, per_shard
+        self.eos, self.pad_id = np.array([eos_id], dtype=np.int32), pad_id
+        self.pending: list[np.ndarray] = []
+        self.pending_tokens = 0
+        self.paths: list[Path] = []
+        self.rows = self.tokens = self.documents = 0
+
+    def add(self, ids: Sequence[int]) -> None:
+        self.pending += [np.asarray(ids, dtype=np.int32), self.eos]
+        self.pending_tokens += len(ids) + 1
+        self.tokens += len(ids) + 1
+        self.documents += 1
+        shard_tokens = self.seq_len * self.per_shard
+        if self.pending_tokens >= shard_tokens:
+            stream = np.concatenate(self.pending)
+            full = len(stream) // shard_tokens * shard_tokens
+            for start in range(0, full, shard_tokens):
+                self._write(stream[start : start + shard_tokens])
+            self.pending, self.pending_tokens = [stream[full:]], len(stream) - full
+
+    def close(self) -> None:
+        if self.pending_tokens:
+            stream = np.concatenate(self.pending)
+            padded = np.full(-(-len(stream) // self.seq_len) * self.seq_len, self.pad_id, dtype=np.int32)
+            padded[: len(stream)] = stream
+            self._write(padded)
+        self.pending, self.pending_tokens = [], 0
+
+    def _write(self, tokens: np.ndarray) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"shard-{len(self.paths):05d}.npy"
+        rows = tokens.reshape(-1, self.seq_len)
+        np.save(path, np.ascontiguousarray(rows, dtype=np.int32))
+        self.paths.append(path)
+        self.rows += len(rows)
 
 
 def pack_splits(
     texts: Sequence[str], splits: Sequence[str], tokenizer: Any, ids: dict[str, int], spec: PackingSpec, out_dir: Path,
 ) -> dict[str, Any]:
     """Tokenise, pack and write `shards/<split>/shard-*.npy` under `out_dir`; paths returned relative to it."""
-    # The Rust tokenizer directly, without offsets: several times faster than the transformers wrapper.
-    batch = tokenizer.backend_tokenizer.encode_batch_fast(list(texts), add_special_tokens=False) if texts else []
-    encoded = [item.ids for item in batch]
+    writers = {
+        split: ShardWriter(out_dir / "shards" / split, spec.seq_len, spec.sequences_per_shard, ids["eos_id"],
+                           ids["pad_id"])
+        for split in SPLITS
+    }
+    for start in range(0, len(texts), _ENCODE_CHUNK):
+        # The Rust tokenizer directly, without offsets: several times faster than the transformers wrapper.
+        encoded = tokenizer.backend_tokenizer.encode_batch_fast(
+            list(texts[start : start + _ENCODE_CHUNK]), add_special_tokens=False
+        )
+        for item, split in zip(encoded, splits[start : start + _ENCODE_CHUNK], strict=True):
+            writers[split].add(item.ids)
     result: dict[str, Any] = {"shards": {}, "num_sequences": {}, "num_tokens": {}, "num_documents": {}}
-    for split in SPLITS:
-        members = [encoded[i] for i, s in enumerate(splits) if s == split]
-        rows, real = pack(members, ids["eos_id"], ids["pad_id"], spec.seq_len)
-        paths = write_shards(rows, out_dir / "shards" / split, spec.sequences_per_shard)
-        result["shards"][split] = [p.relative_to(out_dir).as_posix() for p in paths]
-        result["num_sequences"][split] = len(rows)
-        result["num_tokens"][split] = int(real)
-        result["num_documents"][split] = len(members)
+    for split, writer in writers.items():
+        writer.close()
+        result["shards"][split] = [p.relative_to(out_dir).as_posix() for p in writer.paths]
+        result["num_sequences"][split] = writer.rows
+        result["num_tokens"][split] = writer.tokens
+        result["num_documents"][split] = writer.documents
     return result

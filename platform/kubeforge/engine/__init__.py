@@ -9,7 +9,6 @@
 * `optim`: AdamW and the learning-rate schedule;
 * `model`: the tiny Llama and BERT models built from a `model` section;
 * `fit`: running a recipe on Ray Train workers with progress (`hub`) to the driver;
-* `faults`: a test-only hook that holds a loop at a checkpoint.
 
 Stage packages import from here; nothing here imports a stage package.
 """

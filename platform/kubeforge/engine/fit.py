@@ -21,8 +21,8 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from kubeforge import faults
 from kubeforge.context import StageContext
-from kubeforge.engine import faults
 from kubeforge.engine.hub import HubPoller, ProgressHub
 from kubeforge.engine.recipe import ConfigT, Recipe, TrainingSection, train_worker
 from kubeforge.engine.state import latest_checkpoint, repair_snapshot
@@ -90,7 +90,7 @@ def fit_with_progress(
             storage_path=str(storage),
             failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.checkpoint.keep),
-            # Only a test's hold (kubeforge.engine.faults); an empty runtime env would still be one to set up.
+            # Only a test's hold (kubeforge.faults); an empty runtime env would still be one to set up.
             worker_runtime_env={"env_vars": faults.worker_env()} if faults.worker_env() else None,
         ),
     )

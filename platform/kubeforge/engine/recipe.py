@@ -24,11 +24,11 @@ from typing import Any, Generic, Protocol, TypeVar
 import torch
 
 from kubeforge.engine.config import LoopConfig
-from kubeforge.engine.faults import hold_after_checkpoint
 from kubeforge.engine.optim import build_optimizer, build_scheduler
 from kubeforge.engine.session import RayTrainSession, Session, checkpoint_dir
 from kubeforge.engine.state import report_checkpoint, restore, save_state, seed_everything
 from kubeforge.engine.steps import all_reduce_sum, resolve_bf16, train_step
+from kubeforge.faults import hold_after_checkpoint
 from kubeforge.spec.pretrain import CheckpointSettings, EvalSettings, Resources, TrainSettings
 
 

@@ -75,7 +75,8 @@ class FuzzyDedupStep(Toggle):
     """MinHash LSH near-duplicate removal: one document of each cluster is kept."""
 
     threshold: Annotated[float, Field(gt=0, le=1)] = 0.7
-    """Estimated Jaccard similarity of shingle sets at or above which two documents are duplicates."""
+    """Jaccard similarity of shingle sets at or above which two documents are duplicates (MinHash LSH finds
+    the candidate pairs, each is then checked exactly)."""
     num_perm: Annotated[int, Field(ge=16, le=1024)] = 128
     """Number of MinHash permutations (signature length)."""
     shingle_size: Annotated[int, Field(ge=1, le=32)] = 5

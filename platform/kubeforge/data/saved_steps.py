@@ -1,0 +1,90 @@
+"""The document steps' outputs under `<stage folder>/steps/`, so a killed data stage resumes after the
+last step it finished instead of from the start.
+
+`steps/<nn>-<step>/` holds the step's counts (`counts.json`, written last: a step is finished when it
+is there), the duplicates it removed (`removed.jsonl`) and, for the newest step that changed the
+documents, the documents it kept (`documents.parquet`); older ones are deleted once a newer one is
+written, so the folder holds at most two copies of the corpus, and none once the stage is done.
+A resumed stage runs with the manifest that started it: the stage folder's key covers it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kubeforge.data.card import StepCounts
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+_COUNTS = "counts.json"
+_REMOVED = "removed.jsonl"
+_DOCUMENTS = "documents.parquet"
+
+
+@dataclass
+class SavedStep:
+    counts: StepCounts
+    removed: list[dict[str, Any]]
+
+
+class SavedSteps:
+    def __init__(self, out_dir: Path, names: Sequence[str]) -> None:
+        self.root = out_dir / "steps"
+        self.names = list(names)
+
+    def _folder(self, name: str) -> Path:
+        return self.root / f"{self.names.index(name):02d}-{name}"
+
+    def saved(self, name: str) -> SavedStep | None:
+        """The step's counts and removed duplicates, if an earlier attempt finished it."""
+        folder = self._folder(name)
+        if not (folder / _COUNTS).is_file():
+            return None
+        counts = StepCounts(**json.loads((folder / _COUNTS).read_text()))
+        removed_path = folder / _REMOVED
+        removed = [json.loads(line) for line in removed_path.read_text().splitlines()] if removed_path.exists() else []
+        return SavedStep(counts, removed)
+
+    def documents(self) -> pd.DataFrame:
+        """The documents of the newest step that saved some."""
+        import pandas as pd
+
+        for name in reversed(self.names):
+            path = self._folder(name) / _DOCUMENTS
+            if path.is_file():
+                return pd.read_parquet(path)
+        raise FileNotFoundError(f"no step under {self.root} saved its documents")
+
+    def save(
+        self, name: str, counts: StepCounts, removed: list[dict[str, Any]], documents: pd.DataFrame | None
+    ) -> None:
+        """Record a finished step; `documents` is None when the step left them as they were."""
+        folder = self._folder(name)
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        if documents is not None:
+            documents.to_parquet(folder / _DOCUMENTS, index=False)
+        if removed:
+            with (folder / _REMOVED).open("w", encoding="utf-8") as handle:
+                handle.writelines(json.dumps(entry) + "\n" for entry in removed)
+        pending = folder / (_COUNTS + ".tmp")
+        pending.write_text(json.dumps(asdict(counts)))
+        os.replace(pending, folder / _COUNTS)
+        if documents is not None:
+            self._drop_documents(keep=name)
+
+    def _drop_documents(self, keep: str | None = None) -> None:
+        for name in self.names:
+            if name != keep:
+                (self._folder(name) / _DOCUMENTS).unlink(missing_ok=True)
+
+    def finish(self) -> None:
+        """The stage is done: its own documents.parquet holds what the steps kept."""
+        self._drop_documents()
