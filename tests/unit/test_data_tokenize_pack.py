@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 
 from kubeforge.data.packing import ShardWriter, assign_splits, pack_splits, split_position
 from kubeforge.data.perplexity import train
-from kubeforge.data.tokenizer import special_token_ids, train_tokenizer
+from kubeforge.data.tokenizer import special_token_ids, train_tokenizer, training_sample
 from kubeforge.spec.data import PackingSpec, TokenizerSpec
 
 pytestmark = pytest.mark.unit
@@ -126,3 +127,18 @@ def test_kneser_ney_is_a_distribution_and_ranks_text() -> None:
 def test_reference_model_respects_max_chars() -> None:
     small = train(CORPUS, order=2, max_chars=10)
     assert sum(small.counts[1].values()) == 10
+
+
+def test_the_tokenizer_learns_from_a_sample_of_about_the_asked_size_the_same_on_every_run() -> None:
+    rng = random.Random(0)
+    ids = [f"doc-{i}" for i in range(400)]
+    texts = [f"{doc_id} " + "x" * rng.randrange(50, 150) for doc_id in ids]
+    total = sum(map(len, texts))
+    assert training_sample(ids, texts, None) == texts
+    assert training_sample(ids, texts, total) == texts
+    sample = training_sample(ids, texts, total // 4)
+    assert 0.15 * total < sum(map(len, sample)) < 0.35 * total
+    order = list(range(len(ids)))
+    rng.shuffle(order)
+    shuffled = training_sample([ids[i] for i in order], [texts[i] for i in order], total // 4)
+    assert sorted(shuffled) == sorted(sample), "the sample depends on the documents, not on their order"

@@ -133,13 +133,17 @@ def _run(spec: DataSpec, ctx: StageContext) -> DataResult:
 
     # -- split, tokenizer, packing
     frame["split"] = packing.assign_splits(list(frame["id"]), spec.packing)
-    training_texts = list(frame.loc[frame["split"] == "train", "text"])
+    train = frame[frame["split"] == "train"]
+    training_texts = tokenizer.training_sample(
+        list(train["id"]), list(train["text"]), spec.tokenizer.max_training_characters
+    )
     with ctx.reporter.task("data: tokenizer", total=None):
         trained = tokenizer.train_tokenizer(training_texts, spec.tokenizer, out / "tokenizer")
     ids = tokenizer.special_token_ids(trained)
     funnel.record(passthrough("tokenizer", frame, enabled=True).counts)
     funnel.rows[-1].details = {
         "type": spec.tokenizer.type, "vocab_size": len(trained), "trained_on_documents": len(training_texts),
+        "trained_on_characters": sum(map(len, training_texts)),
     }
 
     with ctx.reporter.task("data: pack", total=len(frame)) as task:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -14,6 +15,20 @@ PAD = "<|pad|>"
 MASK = "<|mask|>"
 UNK = "<|unk|>"
 SPECIAL_TOKENS = [EOS, PAD, MASK, UNK]
+
+
+def training_sample(doc_ids: Sequence[str], texts: Sequence[str], max_characters: int | None) -> list[str]:
+    """The texts to learn from: all when they hold at most `max_characters`, otherwise each with
+    probability `max_characters / total`, decided by a hash of its id, so that the sample is the same on
+    every run whatever the order of the documents."""
+    total = sum(map(len, texts))
+    if max_characters is None or total <= max_characters:
+        return list(texts)
+    threshold = max_characters / total * 2**64
+    return [
+        text for doc_id, text in zip(doc_ids, texts, strict=True)
+        if int.from_bytes(hashlib.sha256(b"tokenizer\x00" + doc_id.encode()).digest()[:8], "big") < threshold
+    ]
 
 
 def _unigram_corpus(texts: Sequence[str], min_frequency: int) -> Iterator[str]:

@@ -148,6 +148,9 @@ class TokenizerSpec(StrictModel):
     """Largest vocabulary, special tokens included."""
     min_frequency: Annotated[int, Field(ge=1)] = 2
     """BPE: fewest occurrences of a merge; unigram: words rarer than this are left out of training."""
+    max_training_characters: Annotated[int, Field(gt=0)] | None = 50_000_000
+    """Learn from a sample of about this many characters of the training split (each document drawn by a
+    hash of its id, the same on every run); null learns from all of it."""
 
 
 class PackingSpec(StrictModel):
