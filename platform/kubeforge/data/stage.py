@@ -140,17 +140,17 @@ def _run(spec: DataSpec, ctx: StageContext) -> DataResult:
     with ctx.reporter.task("data: tokenizer", total=None):
         trained = tokenizer.train_tokenizer(training_texts, spec.tokenizer, out / "tokenizer")
     ids = tokenizer.special_token_ids(trained)
-    funnel.record(passthrough("tokenizer", frame, enabled=True).counts)
-    funnel.rows[-1].details = {
+    funnel.record(passthrough("tokenizer", frame, enabled=True, details={
         "type": spec.tokenizer.type, "vocab_size": len(trained), "trained_on_documents": len(training_texts),
         "trained_on_characters": sum(map(len, training_texts)),
-    }
+    }).counts)
 
     with ctx.reporter.task("data: pack", total=len(frame)) as task:
         packed = packing.pack_splits(list(frame["text"]), list(frame["split"]), trained, ids, spec.packing, out)
         task.update(len(frame))
-    funnel.record(passthrough("pack", frame, enabled=True).counts)
-    funnel.rows[-1].details = {"num_sequences": packed["num_sequences"], "num_tokens": packed["num_tokens"]}
+    funnel.record(passthrough("pack", frame, enabled=True, details={
+        "num_sequences": packed["num_sequences"], "num_tokens": packed["num_tokens"],
+    }).counts)
 
     frame[["id", "source", "text", "split"]].to_parquet(out / "documents.parquet", index=False)
     saved_steps.finish()

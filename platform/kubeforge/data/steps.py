@@ -119,9 +119,12 @@ def characters(frame: pd.DataFrame) -> int:
     return int(frame["text"].str.len().sum()) if len(frame) else 0
 
 
-def passthrough(step: str, frame: pd.DataFrame, enabled: bool = False) -> StepOutput:
+def passthrough(
+    step: str, frame: pd.DataFrame, enabled: bool = False, details: dict[str, Any] | None = None
+) -> StepOutput:
+    """The documents as they were: a disabled step, or one that makes something else of them."""
     n, chars = len(frame), characters(frame)
-    return StepOutput(frame, StepCounts(step, enabled, n, n, chars, chars))
+    return StepOutput(frame, StepCounts(step, enabled, n, n, chars, chars, details=details or {}))
 
 
 def _filtered(step: str, before: pd.DataFrame, keep: np.ndarray, details: dict[str, Any]) -> StepOutput:
