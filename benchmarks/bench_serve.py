@@ -52,7 +52,7 @@ from typing import Any
 import httpx
 from common import REPO, pretrained_model
 
-from kubeforge.runtime import use_serve_ingress
+from kubeforge.runtime import use_local_runtime_settings
 from kubeforge.serve.loadgen import LoadReport, run_load
 
 MODEL = "quickstart"
@@ -313,7 +313,7 @@ def main() -> None:
     # A Ray runtime of this process's own (never a shared one from RAY_ADDRESS): the engines' CPU
     # reservations below are sized for exactly 2 CPUs.
     os.environ.pop("RAY_ADDRESS", None)
-    use_serve_ingress()  # as `kubeforge serve` starts Ray: HAProxy in front of the router replica
+    use_local_runtime_settings()  # as `kubeforge serve` starts Ray: HAProxy in front of the router replica
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     model_dir, data = pretrained_model(args.workdir, "bench_serve")
     prompts = validation_prompts(data, model_dir, args.prompts, args.prompt_tokens)

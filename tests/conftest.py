@@ -38,10 +38,10 @@ def ray_local():
     """One local Ray runtime for the integration tests of a session (starting Ray costs seconds)."""
     import ray
 
-    from kubeforge.runtime import use_serve_ingress
+    from kubeforge.runtime import use_local_runtime_settings
 
     if not ray.is_initialized():
-        use_serve_ingress()  # the Serve tests run the ingress `kubeforge serve` runs
+        use_local_runtime_settings()  # the settings of `kubeforge run` and `kubeforge serve`
         # Ray Serve's controller gives a starting proxy 5 s to report ready, then kills it and starts another
         # (10 s, 15 s, ...); serve.start() fails with the first one. On a busy 2-core machine the proxy's
         # worker and HAProxy take longer than that to start. The controller reads this when it starts, from

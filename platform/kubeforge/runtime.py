@@ -34,10 +34,18 @@ SERVE_INGRESS_ENV = {
 }
 
 
-def use_serve_ingress() -> None:
-    """Put SERVE_INGRESS_ENV into this process's environment (a value already set wins), before it
-    starts a local Ray runtime, whose processes inherit it."""
-    for name, value in SERVE_INGRESS_ENV.items():
+# Ray lowers its workers' priority (niceness 15) so that its own daemons stay responsive under load. In a
+# runtime KubeForge starts, the workers are the run the user started: at niceness 15, any other busy process
+# takes nearly all the CPU from them (two busy loops on 2 cores made a 28 s pretraining run take more than
+# 15 minutes). They keep the niceness of the process that starts Ray instead: `nice kubeforge run` still
+# lowers the whole run.
+LOCAL_RUNTIME_ENV = {"RAY_worker_niceness": "0"}
+
+
+def use_local_runtime_settings() -> None:
+    """Put SERVE_INGRESS_ENV and LOCAL_RUNTIME_ENV into this process's environment (a value already set
+    wins), before it starts a local Ray runtime, whose processes inherit them."""
+    for name, value in (SERVE_INGRESS_ENV | LOCAL_RUNTIME_ENV).items():
         os.environ.setdefault(name, value)
 
 
@@ -61,6 +69,6 @@ def ensure_ray(address: str | None, num_cpus: int | None) -> None:
         ray.init(address=address, **common)
     else:
         # Read by Ray's processes at start: a runtime started here may serve a model later.
-        use_serve_ingress()
+        use_local_runtime_settings()
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **common)
     route_ray_output()

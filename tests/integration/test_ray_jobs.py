@@ -14,6 +14,7 @@ import pytest
 import requests
 import yaml
 
+from kubeforge.runtime import LOCAL_RUNTIME_ENV
 from kubeforge.workdir import Workdir
 from kubeforge_operator.rayjob import StageRun, report_tag
 from kubeforge_operator.stage_runs import find_stage_runs
@@ -43,8 +44,9 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
          "--disable-usage-stats"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         # Ray turns token auth on by itself when ~/.ray/auth_token exists; pin it off so that the
-        # head and this test's JobSubmissionClient agree on every machine.
-        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+        # head and this test's JobSubmissionClient agree on every machine. Its workers at the niceness
+        # of this process, as in the runtimes KubeForge starts (kubeforge.runtime.LOCAL_RUNTIME_ENV).
+        env={**os.environ, **LOCAL_RUNTIME_ENV, "RAY_AUTH_MODE": "disabled"},
     )
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
