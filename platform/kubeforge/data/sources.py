@@ -125,7 +125,8 @@ def read_source(source: Source, base_dir: Path) -> Iterator[Document]:
     paths = resolve_source_paths(source, base_dir)
     if not paths:
         raise KubeForgeError(f"no file matches {list(source.paths)} (looked in {base_dir})")
-    for path in paths:
+    for found in paths:
+        path = Path(found.path)
         fmt = _format_of(path, source.format)
         if fmt == "jsonl":
             yield from _read_jsonl(path, source.text_field)
@@ -164,7 +165,6 @@ def source_fingerprint(spec: DataSpec, base_dir: Path) -> str:
             for rel, path in stdlib_files(source):
                 digest.update(f"{rel} {path.stat().st_size}\n".encode())
         elif isinstance(source, FilesSource):
-            for path in resolve_source_paths(source, base_dir):
-                stat = path.stat()
-                digest.update(f"{path.resolve()} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+            for found in resolve_source_paths(source, base_dir):
+                digest.update(f"{found.path} {found.size} {found.mtime_ns}\n".encode())
     return digest.hexdigest()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import glob
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -13,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from kubeforge.errors import Problem, SpecError
+from kubeforge.filesystems import SourceFile, list_files
 from kubeforge.spec.data import SOURCE_TAGS, FilesSource
 from kubeforge.spec.deployment import ROLLOUT_STRATEGIES, ModelDeployment
 from kubeforge.spec.pipeline import DNS1123_LABEL, ModelPipeline, pipeline_model
@@ -134,17 +134,9 @@ def _parse(model: type[M], document: Any, source: str) -> M:
         raise SpecError(format_validation_error(exc, model), source=source) from None
 
 
-def resolve_source_paths(source: FilesSource, base_dir: Path) -> list[Path]:
+def resolve_source_paths(source: FilesSource, base_dir: Path) -> list[SourceFile]:
     """Files matched by a `files` source, sorted, in the order the data stage reads them."""
-    matched: set[Path] = set()
-    for pattern in source.paths:
-        matched.update(_matches(pattern, base_dir))
-    return sorted(matched)
-
-
-def _matches(pattern: str, base_dir: Path) -> list[Path]:
-    full = pattern if Path(pattern).is_absolute() else str(base_dir / pattern)
-    return [Path(p) for p in glob.glob(full, recursive=True) if Path(p).is_file()]
+    return list_files(source.paths, base_dir)
 
 
 def check_source_files(pipeline: ModelPipeline, base_dir: Path) -> None:
@@ -154,7 +146,7 @@ def check_source_files(pipeline: ModelPipeline, base_dir: Path) -> None:
         if not isinstance(source, FilesSource):
             continue
         for j, pattern in enumerate(source.paths):
-            if not _matches(pattern, base_dir):
+            if not list_files((pattern,), base_dir):
                 problems.append(
                     Problem(
                         f"spec.data.sources[{index}].paths[{j}]",
