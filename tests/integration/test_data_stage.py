@@ -68,7 +68,7 @@ def stdlib_run(ray_local: Any, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 
 def _documents(out: Path) -> pd.DataFrame:
-    return pd.read_parquet(out / "documents.parquet")
+    return pd.read_parquet(out / "documents")
 
 
 def _decoded_shards(out: Path, result: dict[str, Any]) -> str:
@@ -249,7 +249,7 @@ def test_a_stage_killed_after_fuzzy_dedup_resumes_there_and_ends_as_an_uninterru
     assert "data: quality: " in second.stderr, "the first step the killed run had not finished runs"
     done = partial.with_name(partial.name.removesuffix(".partial"))
     assert {name: (done / "steps" / name / "counts.json").stat().st_mtime_ns for name in finished} == finished
-    assert not list(done.glob("steps/*/documents.parquet")), "the steps' copies of the corpus are gone"
+    assert not list(done.glob("steps/*/documents")), "the steps' copies of the corpus are gone"
 
     pipeline = pipeline_with(section, name="killed")
     ctx, _ = data_context(tmp_path / "uninterrupted", pipeline)

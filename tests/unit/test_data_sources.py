@@ -10,15 +10,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kubeforge.data.sources import read_documents, source_fingerprint, stdlib_files
+from kubeforge.data import sources
+from kubeforge.data.sources import source_fingerprint, stdlib_files
 from kubeforge.errors import KubeForgeError
-from kubeforge.spec.data import DataSpec, FilesSource, StdlibSource
+from kubeforge.spec.data import DataSpec, FilesSource, Source, StdlibSource
 
 pytestmark = pytest.mark.unit
 
 
 def files(*paths: str, **options: str) -> FilesSource:
     return FilesSource(type="files", paths=paths, **options)  # type: ignore[arg-type]
+
+
+def read_documents(source_list: list[Source], base_dir: Path) -> list[dict[str, str]]:
+    return list(sources.read_documents(source_list, base_dir))
 
 
 def test_txt_one_document_per_file(tmp_path: Path) -> None:
@@ -76,11 +81,9 @@ def test_parquet_missing_column_names_file_and_field(tmp_path: Path) -> None:
 
 
 def test_vanished_file_is_a_clear_error(tmp_path: Path) -> None:
-    from kubeforge.data import sources
-
     path = tmp_path / "gone.txt"
     with pytest.raises(KubeForgeError, match=r"gone\.txt: file vanished"):
-        sources._read_text(path)
+        sources._read_whole(str(path))
 
 
 def test_stdlib_excludes_tests_and_honours_max_files() -> None:

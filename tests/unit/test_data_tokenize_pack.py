@@ -6,11 +6,20 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from kubeforge.data.packing import ShardWriter, assign_splits, pack_splits, split_position
+from kubeforge.data import tasks
+from kubeforge.data.packing import (
+    assign_splits,
+    plan_shards,
+    shard_pieces,
+    split_position,
+    tokenize_part,
+    write_shard,
+)
 from kubeforge.data.perplexity import train
-from kubeforge.data.tokenizer import special_token_ids, train_tokenizer, training_sample
+from kubeforge.data.tokenizer import sample, special_token_ids, train_tokenizer
 from kubeforge.spec.data import PackingSpec, TokenizerSpec
 
 pytestmark = pytest.mark.unit
@@ -81,37 +90,63 @@ def test_tiny_corpus_still_fills_requested_splits() -> None:
     assert assign_splits(["a", "b", "c"], PackingSpec(validation_fraction=0.0, test_fraction=0.0)) == ["train"] * 3
 
 
-def test_documents_are_joined_with_eos_cut_into_shards_as_they_fill_and_the_last_row_padded(tmp_path: Path) -> None:
-    writer = ShardWriter(tmp_path, seq_len=4, per_shard=2, eos_id=0, pad_id=1)
-    for ids in ([5, 6, 7], [8, 9], [10, 11, 12, 13, 14]):
-        writer.add(ids)
-    assert [p.name for p in writer.paths] == ["shard-00000.npy"], "a full shard is written before the end"
-    writer.close()
-    shards = [np.load(p) for p in writer.paths]
+def test_token_streams_are_cut_into_shards_across_parts_and_the_last_row_padded(tmp_path: Path) -> None:
+    # Three parts' streams (documents already followed by eos 0): 4 + 2 + 7 tokens, shards of 2 rows of 4.
+    streams = [[5, 6, 7, 0], [8, 0], [10, 11, 12, 13, 14, 0, 9]]
+    for n, stream in enumerate(streams):
+        np.save(tmp_path / f"p{n}.npy", np.array(stream, dtype=np.int32))
+    pieces = shard_pieces([len(s) for s in streams], 8)
+    assert pieces == [[(0, 0, 4), (1, 0, 2), (2, 0, 2)], [(2, 2, 7)]]
+    rows = [
+        write_shard({"path": f"s{k}.npy", "pieces": [[f"p{n}.npy", a, b] for n, a, b in shard]}, str(tmp_path),
+                    seq_len=4, pad_id=1, out=str(tmp_path))["rows"]
+        for k, shard in enumerate(pieces)
+    ]
+    shards = [np.load(tmp_path / f"s{k}.npy") for k in range(2)]
     assert all(shard.dtype == np.int32 for shard in shards)
-    assert [shard.tolist() for shard in shards] == [[[5, 6, 7, 0], [8, 9, 0, 10]], [[11, 12, 13, 14], [0, 1, 1, 1]]]
-    assert (writer.rows, writer.tokens, writer.documents) == (4, 13, 3)
+    assert [shard.tolist() for shard in shards] == [[[5, 6, 7, 0], [8, 0, 10, 11]], [[12, 13, 14, 0], [9, 1, 1, 1]]]
+    assert rows == [2, 2]
+    assert shard_pieces([], 8) == [] and shard_pieces([0, 0], 8) == []
 
 
-def test_pack_splits_writes_shards_without_sharing_documents(tmp_path: Path) -> None:
+def test_parts_are_packed_by_split_without_sharing_documents(tmp_path: Path) -> None:
     tokenizer = train_tokenizer(CORPUS, TokenizerSpec(vocab_size=400), tmp_path / "tok")
     ids = special_token_ids(tokenizer)
     spec = PackingSpec(seq_len=16, sequences_per_shard=50, validation_fraction=0.2, test_fraction=0.2, seed=1)
-    splits = assign_splits([f"d{i}" for i in range(len(CORPUS))], spec)
-    result = pack_splits(CORPUS, splits, tokenizer, ids, spec, tmp_path)
+    doc_ids = [f"d{i}" for i in range(len(CORPUS))]
+    splits = assign_splits(doc_ids, spec)
+    halves = [(0, 120), (120, len(CORPUS))]
+    stems = []
+    for n, (start, end) in enumerate(halves):
+        stems.append(f"part-{n}")
+        tasks.write_part(pd.DataFrame({
+            "idx": range(start, end), "id": doc_ids[start:end], "source": "s", "text": CORPUS[start:end],
+        }), tmp_path / f"part-{n}.parquet")
+    (tmp_path / "work").mkdir()
+    tokenized = [
+        tokenize_part({"part": str(tmp_path / f"{stem}.parquet")}, str(tmp_path / "tok"), spec, {}, ids["eos_id"],
+                      str(tmp_path / "documents"), str(tmp_path / "work"))
+        for stem in stems
+    ]
+    shards, writes = plan_shards(stems, tokenized, spec)
+    for item in writes:
+        write_shard(item, str(tmp_path / "work"), spec.seq_len, ids["pad_id"], str(tmp_path))
+    documents = pd.read_parquet(tmp_path / "documents")
+    assert list(documents["id"]) == doc_ids and list(documents["split"]) == splits
     decoded: dict[str, str] = {}
     for split in ("train", "validation", "test"):
-        arrays = [np.load(tmp_path / p) for p in result["shards"][split]]
+        arrays = [np.load(tmp_path / p) for p in shards[split]]
         assert all(a.dtype == np.int32 and a.shape[1] == 16 and a.shape[0] <= 50 for a in arrays)
-        assert sum(len(a) for a in arrays) == result["num_sequences"][split]
-        assert len(arrays) == -(-result["num_sequences"][split] // 50)
         tokens = np.concatenate(arrays).ravel()
-        assert int((tokens != ids["pad_id"]).sum()) == result["num_tokens"][split]
-        assert int((tokens == ids["eos_id"]).sum()) == result["num_documents"][split] == splits.count(split)
+        assert len(arrays) == -(-len(tokens) // 16 // 50)
+        assert int((tokens != ids["pad_id"]).sum()) == sum(part["tokens"][split] for part in tokenized)
+        assert int((tokens == ids["eos_id"]).sum()) == splits.count(split)
         decoded[split] = tokenizer.decode(tokens[tokens != ids["pad_id"]].tolist())
     for i, text in enumerate(CORPUS):
         homes = [split for split in decoded if text in decoded[split]]
         assert homes == [splits[i]], f"document {i} found in {homes}"
+    order = [decoded["train"].index(CORPUS[i]) for i in range(len(CORPUS)) if splits[i] == "train"]
+    assert order == sorted(order), "documents keep corpus order across parts"
 
 
 def test_kneser_ney_is_a_distribution_and_ranks_text() -> None:
@@ -134,11 +169,10 @@ def test_the_tokenizer_learns_from_a_sample_of_about_the_asked_size_the_same_on_
     ids = [f"doc-{i}" for i in range(400)]
     texts = [f"{doc_id} " + "x" * rng.randrange(50, 150) for doc_id in ids]
     total = sum(map(len, texts))
-    assert training_sample(ids, texts, None) == texts
-    assert training_sample(ids, texts, total) == texts
-    sample = training_sample(ids, texts, total // 4)
-    assert 0.15 * total < sum(map(len, sample)) < 0.35 * total
-    order = list(range(len(ids)))
-    rng.shuffle(order)
-    shuffled = training_sample([ids[i] for i in order], [texts[i] for i in order], total // 4)
-    assert sorted(shuffled) == sorted(sample), "the sample depends on the documents, not on their order"
+    assert all(map(sample(total, None), ids)) and all(map(sample(total, total), ids))
+    keep = sample(total, total // 4)
+    drawn = [text for doc_id, text in zip(ids, texts, strict=True) if keep(doc_id)]
+    assert 0.15 * total < sum(map(len, drawn)) < 0.35 * total
+    assert [doc_id for doc_id in ids if sample(total, total // 4)(doc_id)] == [d for d in ids if keep(d)], (
+        "the same documents on every run"
+    )

@@ -45,18 +45,40 @@ _CHUNK_ELEMENTS = 4_000_000
 # exact
 
 
+def exact_keys(texts: Sequence[str]) -> np.ndarray:
+    """(n, 2) uint64: the first 128 bits of each text's SHA-256, its identity for exact dedup."""
+    keys = np.empty((len(texts), 2), dtype=np.uint64)
+    for row, text in enumerate(texts):
+        keys[row] = np.frombuffer(hashlib.sha256(text.encode("utf-8")).digest()[:16], dtype="<u8")
+    return keys
+
+
+def pairs_in_groups(k1: np.ndarray, k2: np.ndarray, idx: np.ndarray, neighbours: bool) -> np.ndarray:
+    """Unique (i, j), i < j, pairs of documents `idx` that share a key (k1, k2): each member against its
+    group's first (smallest) member, and with `neighbours` also each against the next one."""
+    order = np.lexsort((idx, k2, k1))
+    k1, k2, members = k1[order], k2[order], idx[order].astype(np.int64)
+    same = (k1[1:] == k1[:-1]) & (k2[1:] == k2[:-1])
+    starts = np.flatnonzero(np.r_[True, ~same])
+    first = np.repeat(members[starts], np.diff(np.r_[starts, len(members)]))
+    same_as_previous = np.r_[False, same]
+    found = [np.stack([first[same_as_previous], members[same_as_previous]], axis=1)]
+    if neighbours:
+        found.append(np.stack([members[:-1][same], members[1:][same]], axis=1))
+    pairs = np.concatenate(found)
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    return np.unique(pairs, axis=0) if len(pairs) else np.empty((0, 2), dtype=np.int64)
+
+
 def exact_duplicates(texts: Sequence[str]) -> tuple[np.ndarray, list[int | None]]:
     """Keep mask and, for each dropped text, the index of the earlier identical one."""
-    first: dict[bytes, int] = {}
+    keys = exact_keys(texts)
+    pairs = pairs_in_groups(keys[:, 0], keys[:, 1], np.arange(len(texts)), neighbours=False)
     keep = np.ones(len(texts), dtype=bool)
     original: list[int | None] = [None] * len(texts)
-    for index, text in enumerate(texts):
-        digest = hashlib.sha256(text.encode("utf-8")).digest()
-        if digest in first:
-            keep[index] = False
-            original[index] = first[digest]
-        else:
-            first[digest] = index
+    for kept, removed in pairs:
+        keep[removed] = False
+        original[int(removed)] = int(kept)
     return keep, original
 
 
@@ -183,33 +205,42 @@ class NearDuplicates:
     verified_pairs: int = 0
 
 
-def _band_buckets(band: np.ndarray) -> np.ndarray:
-    """Bucket id of each row of a (n, r) uint32 band."""
-    as_bytes = np.ascontiguousarray(band).view(np.dtype((np.void, band.dtype.itemsize * band.shape[1])))
-    _, inverse = np.unique(as_bytes.ravel(), return_inverse=True)
-    return np.asarray(inverse).ravel()
+def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """(n, bands) uint64: a hash of each band of each signature. Documents that share a band share its
+    key; two bands that merely collide only add a candidate, which verification then drops."""
+    keys = np.empty((len(sigs), bands), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for band in range(bands):
+            key = np.full(len(sigs), band + 1, dtype=np.uint64)
+            for column in range(band * rows, (band + 1) * rows):
+                key = _mix64(key * _MULTIPLIER ^ sigs[:, column].astype(np.uint64))
+            keys[:, band] = key
+    return keys
 
 
 def candidate_pairs(sigs: np.ndarray, active: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """Unique (i, j), i < j, pairs of active documents that share at least one band."""
     index = np.flatnonzero(active)
-    found: list[np.ndarray] = []
-    for band in range(bands):
-        bucket = _band_buckets(sigs[index, band * rows : (band + 1) * rows])
-        order = np.argsort(bucket, kind="stable")
-        sorted_bucket = bucket[order]
-        members = index[order]
-        starts = np.flatnonzero(np.r_[True, sorted_bucket[1:] != sorted_bucket[:-1]])
-        first = np.repeat(members[starts], np.diff(np.r_[starts, len(members)]))
-        same_as_previous = np.r_[False, sorted_bucket[1:] == sorted_bucket[:-1]]
-        # Members are in ascending document order within a bucket (stable sort of ascending index).
-        found.append(np.stack([first[same_as_previous], members[same_as_previous]], axis=1))
-        found.append(np.stack([members[:-1][same_as_previous[1:]], members[1:][same_as_previous[1:]]], axis=1))
-    if not found:
-        return np.empty((0, 2), dtype=np.int64)
-    pairs = np.concatenate(found)
-    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
-    return np.unique(pairs, axis=0) if len(pairs) else np.empty((0, 2), dtype=np.int64)
+    keys = band_keys(sigs[index], bands, rows)
+    band_of = np.broadcast_to(np.arange(bands, dtype=np.uint64), keys.shape)
+    members = np.broadcast_to(index[:, None], keys.shape)
+    return pairs_in_groups(keys.ravel(), band_of.ravel(), members.ravel(), neighbours=True)
+
+
+def clusters_of(verified: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(removed, kept): for each document joined to an earlier one by the verified pairs, itself and
+    its cluster's first document (the one kept), in document order."""
+    nodes, inverse = np.unique(verified, return_inverse=True)
+    forest = _UnionFind(len(nodes))
+    for i, j in inverse.reshape(-1, 2):
+        forest.union(int(i), int(j))
+    roots = np.array([forest.find(i) for i in range(len(nodes))], dtype=np.int64)
+    removed = np.flatnonzero(roots != np.arange(len(nodes)))
+    return nodes[removed].astype(np.int64), nodes[roots[removed]].astype(np.int64)
+
+
+# A tiny tolerance: a threshold such as 0.7 is not exactly representable as a ratio of counts.
+VERIFY_TOLERANCE = 1e-9
 
 
 def jaccard(a: np.ndarray, b: np.ndarray) -> float:
@@ -241,20 +272,17 @@ def near_duplicates(
     members = np.unique(pairs)
     shingles = dict(zip(members.tolist(), shingle_sets(members), strict=True)) if len(members) else {}
     similarities = np.array([jaccard(shingles[int(i)], shingles[int(j)]) for i, j in pairs])
-    # A tiny tolerance: a threshold such as 0.7 is not exactly representable as a ratio of counts.
-    verified = pairs[similarities >= threshold - 1e-9] if len(pairs) else pairs
-    forest = _UnionFind(n)
-    for i, j in verified:
-        forest.union(int(i), int(j))
-    roots = np.array([forest.find(i) for i in range(n)], dtype=np.int64)
-    keep = roots == np.arange(n)
-    kept_of: list[int | None] = [None if keep[i] else int(roots[i]) for i in range(n)]
-    similarity: list[float | None] = [
-        None if keep[i] else jaccard(shingles[i], shingles[int(roots[i])]) for i in range(n)
-    ]
+    verified = pairs[similarities >= threshold - VERIFY_TOLERANCE] if len(pairs) else pairs
+    removed, kept = clusters_of(verified)
+    keep = np.ones(n, dtype=bool)
+    keep[removed] = False
+    kept_of: list[int | None] = [None] * n
+    similarity: list[float | None] = [None] * n
     members_of: dict[int, list[int]] = {}
-    for i in np.flatnonzero(~keep):
-        members_of.setdefault(int(roots[i]), [int(roots[i])]).append(int(i))
+    for i, root in zip(removed.tolist(), kept.tolist(), strict=True):
+        kept_of[i] = root
+        similarity[i] = jaccard(shingles[i], shingles[root])
+        members_of.setdefault(root, [root]).append(i)
     clusters = [sorted(m) for _, m in sorted(members_of.items())]
     return NearDuplicates(
         bands=bands, rows=rows, keep=keep, kept_of=kept_of, similarity=similarity, clusters=clusters,

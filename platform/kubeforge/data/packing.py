@@ -1,22 +1,29 @@
-"""Document-level split and packing into fixed-length token rows.
+"""Document-level split and packing into fixed-length token rows, in Ray workers.
 
 Each document's split comes from a hash of `packing.seed` and its id, so it does not depend on
 which other documents survive cleaning: a document stays in its split across reruns. Within a split,
 documents (in corpus order) are tokenised, each followed by the eos token, concatenated and cut
-into rows of `seq_len` tokens, written shard by shard as they fill. The last, partial row of a split
-is filled with the pad token rather than dropped, so a small validation split still yields a row;
-trainers mask `pad_id`.
+into rows of `seq_len` tokens, in shards of `sequences_per_shard` rows. The last, partial row of a
+split is filled with the pad token rather than dropped, so a small validation split still yields a
+row; trainers mask `pad_id`.
+
+Workers tokenise the parts (`tokenize_part`: one token stream per part and split), then write the
+shards (`write_shard`: each shard's rows, cut from the streams of the parts it spans), so no process
+holds more than a part's tokens and a shard.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from kubeforge.data import tasks
 from kubeforge.spec.data import PackingSpec
 
 SPLITS = ("train", "validation", "test")
@@ -28,98 +35,157 @@ def split_position(doc_id: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def assign_splits(doc_ids: Sequence[str], spec: PackingSpec) -> list[str]:
-    """The split of each document.
+def split_of(doc_id: str, spec: PackingSpec) -> str:
+    position = split_position(doc_id, spec.seed)
+    if position < spec.test_fraction:
+        return "test"
+    if position < spec.test_fraction + spec.validation_fraction:
+        return "validation"
+    return "train"
+
+
+def overrides(documents: Counter[str], first_train: Sequence[Sequence[Any]], spec: PackingSpec) -> dict[Any, str]:
+    """Documents moved out of training so that every split asked for has one.
 
     A split asked for (fraction > 0) that the hash leaves empty takes the training document whose
-    position is closest to that split's range, so every requested split has data while there are at
-    least as many documents as splits; this only happens for tiny corpora.
+    position is closest to that split's range, which is the training document of smallest position,
+    while at least two are left in training; this only happens for tiny corpora. `first_train` holds
+    the two training documents of smallest position, as sorted (position, key).
     """
-    positions = [split_position(i, spec.seed) for i in doc_ids]
-    splits = []
-    for u in positions:
-        if u < spec.test_fraction:
-            splits.append("test")
-        elif u < spec.test_fraction + spec.validation_fraction:
-            splits.append("validation")
-        else:
-            splits.append("train")
+    moved: dict[Any, str] = {}
+    train = documents["train"]
+    candidates = list(first_train)
     for name, fraction in (("test", spec.test_fraction), ("validation", spec.validation_fraction)):
-        if fraction > 0 and name not in splits:
-            train = [i for i, s in enumerate(splits) if s == "train"]
-            if len(train) >= 2:
-                splits[min(train, key=lambda i: positions[i])] = name
+        if fraction > 0 and documents[name] == 0 and train >= 2 and candidates:
+            moved[candidates.pop(0)[1]] = name
+            train -= 1
+    return moved
+
+
+def assign_splits(doc_ids: Sequence[str], spec: PackingSpec) -> list[str]:
+    """The split of each document of a corpus at hand (the stage's workers use `split_of` and `overrides`)."""
+    splits = [split_of(i, spec) for i in doc_ids]
+    first_train = sorted((split_position(i, spec.seed), n) for n, i in enumerate(doc_ids) if splits[n] == "train")
+    for n, split in overrides(Counter(splits), first_train[:2], spec).items():
+        splits[n] = split
     return splits
 
 
-# Documents tokenised at a time: the Rust tokenizer's batch parallelism without holding the corpus's
+def _splits_of(frame: Any, spec: PackingSpec, moved: dict[str, str]) -> list[str]:
+    """`moved` is keyed by the document's `idx` as a string (it travels as JSON)."""
+    pairs = zip(frame["idx"], frame["id"], strict=True)
+    return [moved.get(str(idx)) or split_of(doc_id, spec) for idx, doc_id in pairs]
+
+
+def count_splits(item: dict[str, Any], spec: PackingSpec) -> dict[str, Any]:
+    """A part's documents per split, its training characters, and its two training documents of
+    smallest position (for `overrides`)."""
+    frame = tasks.read_part(item["part"], ["idx", "id", "text"])
+    splits = [split_of(i, spec) for i in frame["id"]]
+    train = [n for n, split in enumerate(splits) if split == "train"]
+    first = sorted((split_position(frame["id"].iat[n], spec.seed), int(frame["idx"].iat[n])) for n in train)[:2]
+    return {
+        "documents_in": len(frame), "documents": dict(Counter(splits)),
+        "train_characters": int(frame["text"].iloc[train].str.len().sum()) if train else 0, "first_train": first,
+    }
+
+
+def training_texts(
+    parts: Sequence[str], spec: PackingSpec, moved: dict[str, str], keep: Callable[[str], bool]
+) -> list[str]:
+    """The texts of the training split's documents for which `keep(doc_id)`, in corpus order."""
+    texts: list[str] = []
+    for part in parts:
+        frame = tasks.read_part(part, ["idx", "id", "text"])
+        for doc_id, text, split in zip(frame["id"], frame["text"], _splits_of(frame, spec, moved), strict=True):
+            if split == "train" and keep(doc_id):
+                texts.append(text)
+    return texts
+
+
+# Documents tokenised at a time: the Rust tokenizer's batch parallelism without holding the part's
 # encodings (about 100 bytes a token in Python objects) at once.
 _ENCODE_CHUNK = 1024
 
 
-class ShardWriter:
-    """One split's documents, each followed by eos, as rows of `seq_len` tokens in `.npy` shards of
-    `per_shard` rows, written as they fill; the last, partial row is filled with `pad_id`."""
+@lru_cache(maxsize=2)
+def _load_tokenizer(directory: str) -> Any:
+    from transformers import PreTrainedTokenizerFast
 
-    def __init__(self, directory: Path, seq_len: int, per_shard: int, eos_id: int, pad_id: int) -> None:
-        self.directory, self.seq_len, self.per_shard = directory, seq_len, per_shard
-        self.eos, self.pad_id = np.array([eos_id], dtype=np.int32), pad_id
-        self.pending: list[np.ndarray] = []
-        self.pending_tokens = 0
-        self.paths: list[Path] = []
-        self.rows = self.tokens = self.documents = 0
-
-    def add(self, ids: Sequence[int]) -> None:
-        self.pending += [np.asarray(ids, dtype=np.int32), self.eos]
-        self.pending_tokens += len(ids) + 1
-        self.tokens += len(ids) + 1
-        self.documents += 1
-        shard_tokens = self.seq_len * self.per_shard
-        if self.pending_tokens >= shard_tokens:
-            stream = np.concatenate(self.pending)
-            full = len(stream) // shard_tokens * shard_tokens
-            for start in range(0, full, shard_tokens):
-                self._write(stream[start : start + shard_tokens])
-            self.pending, self.pending_tokens = [stream[full:]], len(stream) - full
-
-    def close(self) -> None:
-        if self.pending_tokens:
-            stream = np.concatenate(self.pending)
-            padded = np.full(-(-len(stream) // self.seq_len) * self.seq_len, self.pad_id, dtype=np.int32)
-            padded[: len(stream)] = stream
-            self._write(padded)
-        self.pending, self.pending_tokens = [], 0
-
-    def _write(self, tokens: np.ndarray) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / f"shard-{len(self.paths):05d}.npy"
-        rows = tokens.reshape(-1, self.seq_len)
-        np.save(path, np.ascontiguousarray(rows, dtype=np.int32))
-        self.paths.append(path)
-        self.rows += len(rows)
+    return PreTrainedTokenizerFast.from_pretrained(directory)
 
 
-def pack_splits(
-    texts: Sequence[str], splits: Sequence[str], tokenizer: Any, ids: dict[str, int], spec: PackingSpec, out_dir: Path,
+def tokenize_part(
+    item: dict[str, Any], tokenizer_dir: str, spec: PackingSpec, moved: dict[str, str], eos_id: int,
+    documents_out: str, work: str,
 ) -> dict[str, Any]:
-    """Tokenise, pack and write `shards/<split>/shard-*.npy` under `out_dir`; paths returned relative to it."""
-    writers = {
-        split: ShardWriter(out_dir / "shards" / split, spec.seq_len, spec.sequences_per_shard, ids["eos_id"],
-                           ids["pad_id"])
-        for split in SPLITS
-    }
+    """Tokenise a part: `<work>/<part>.<split>.npy` holds its documents of that split, each followed by
+    eos; and write the part's documents with their split, for the stage's `documents/`."""
+    tokenizer = _load_tokenizer(tokenizer_dir)
+    frame = tasks.read_part(item["part"], ["idx", "id", "source", "text"])
+    splits = _splits_of(frame, spec, moved)
+    texts = list(frame["text"])
+    streams: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+    eos = np.array([eos_id], dtype=np.int32)
     for start in range(0, len(texts), _ENCODE_CHUNK):
         # The Rust tokenizer directly, without offsets: several times faster than the transformers wrapper.
         encoded = tokenizer.backend_tokenizer.encode_batch_fast(
-            list(texts[start : start + _ENCODE_CHUNK]), add_special_tokens=False
+            texts[start : start + _ENCODE_CHUNK], add_special_tokens=False
         )
-        for item, split in zip(encoded, splits[start : start + _ENCODE_CHUNK], strict=True):
-            writers[split].add(item.ids)
-    result: dict[str, Any] = {"shards": {}, "num_sequences": {}, "num_tokens": {}, "num_documents": {}}
-    for split, writer in writers.items():
-        writer.close()
-        result["shards"][split] = [p.relative_to(out_dir).as_posix() for p in writer.paths]
-        result["num_sequences"][split] = writer.rows
-        result["num_tokens"][split] = writer.tokens
-        result["num_documents"][split] = writer.documents
-    return result
+        for encoding, split in zip(encoded, splits[start : start + _ENCODE_CHUNK], strict=True):
+            streams[split] += [np.asarray(encoding.ids, dtype=np.int32), eos]
+    stem = Path(item["part"]).stem
+    tokens = {}
+    for split, pieces in streams.items():
+        stream = np.concatenate(pieces) if pieces else np.empty(0, dtype=np.int32)
+        np.save(Path(work) / f"{stem}.{split}.npy", stream)
+        tokens[split] = len(stream)
+    documents = frame[["id", "source", "text"]].assign(split=splits)
+    tasks.write_part(documents, Path(documents_out) / Path(item["part"]).name)
+    return {"documents_in": len(frame), "documents": dict(Counter(splits)), "tokens": tokens}
+
+
+def shard_pieces(lengths: Sequence[int], shard_tokens: int) -> list[list[tuple[int, int, int]]]:
+    """For each shard of `shard_tokens` tokens (the last one shorter), the (stream, start, end) slices of
+    the consecutive token streams of `lengths` that make it."""
+    ends = np.cumsum(np.asarray(lengths, dtype=np.int64))
+    starts = ends - np.asarray(lengths, dtype=np.int64)
+    total = int(ends[-1]) if len(ends) else 0
+    shards = []
+    for first in range(0, total, shard_tokens):
+        last = min(first + shard_tokens, total)
+        shards.append([
+            (n, int(max(first, starts[n]) - starts[n]), int(min(last, ends[n]) - starts[n]))
+            for n in range(len(lengths)) if starts[n] < last and ends[n] > first
+        ])
+    return shards
+
+
+def plan_shards(
+    stems: Sequence[str], tokenized: Sequence[dict[str, Any]], spec: PackingSpec
+) -> tuple[dict[str, list[str]], list[dict[str, Any]]]:
+    """Each split's shard paths, and what `write_shard` writes for each: from the parts' names (`stems`)
+    and what `tokenize_part` said of them, in corpus order."""
+    shards: dict[str, list[str]] = {}
+    writes: list[dict[str, Any]] = []
+    for split in SPLITS:
+        lengths = [part["tokens"][split] for part in tokenized]
+        pieces = shard_pieces(lengths, spec.seq_len * spec.sequences_per_shard)
+        shards[split] = [f"shards/{split}/shard-{n:05d}.npy" for n in range(len(pieces))]
+        writes += [
+            {"path": path, "pieces": [[f"{stems[k]}.{split}.npy", start, end] for k, start, end in shard]}
+            for path, shard in zip(shards[split], pieces, strict=True)
+        ]
+    return shards, writes
+
+
+def write_shard(item: dict[str, Any], work: str, seq_len: int, pad_id: int, out: str) -> dict[str, Any]:
+    """One shard, from its slices of the parts' token streams, as rows of `seq_len` (the last one padded)."""
+    pieces = [np.load(Path(work) / name, mmap_mode="r")[start:end] for name, start, end in item["pieces"]]
+    stream = np.concatenate(pieces)
+    rows = np.full(-(-len(stream) // seq_len) * seq_len, pad_id, dtype=np.int32)
+    rows[: len(stream)] = stream
+    path = Path(out) / item["path"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, rows.reshape(-1, seq_len))
+    return {"rows": len(rows) // seq_len}

@@ -2,10 +2,11 @@
 last step it finished instead of from the start.
 
 `steps/<nn>-<step>/` holds the step's counts (`counts.json`, written last: a step is finished when it
-is there), the duplicates it removed (`removed.jsonl`) and, for the newest step that changed the
-documents, the documents it kept (`documents.parquet`); older ones are deleted once a newer one is
-written, so the folder holds at most two copies of the corpus, and none once the stage is done.
-A resumed stage runs with the manifest that started it: the stage folder's key covers it.
+is there), the duplicates it removed (`removed.jsonl`), its scratch files while it runs (`work/`)
+and, for the newest step that changed the documents, the documents it kept (`documents/`, Parquet
+parts); older ones are deleted once a newer one is finished, so the folder holds at most two copies of
+the corpus, and none once the stage is done. A resumed stage runs with the manifest that started it:
+the stage folder's key covers it.
 """
 
 from __future__ import annotations
@@ -16,16 +17,15 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kubeforge.data.card import StepCounts
-
-if TYPE_CHECKING:
-    import pandas as pd
+from kubeforge.data.tasks import parts_of
 
 _COUNTS = "counts.json"
 _REMOVED = "removed.jsonl"
-_DOCUMENTS = "documents.parquet"
+_DOCUMENTS = "documents"
+_WORK = "work"
 
 
 @dataclass
@@ -52,39 +52,39 @@ class SavedSteps:
         removed = [json.loads(line) for line in removed_path.read_text().splitlines()] if removed_path.exists() else []
         return SavedStep(counts, removed)
 
-    def documents(self) -> pd.DataFrame:
-        """The documents of the newest step that saved some."""
-        import pandas as pd
-
+    def parts(self) -> list[Path]:
+        """The parts of the newest finished step that wrote documents."""
         for name in reversed(self.names):
-            path = self._folder(name) / _DOCUMENTS
-            if path.is_file():
-                return pd.read_parquet(path)
+            folder = self._folder(name)
+            if (folder / _COUNTS).is_file() and (folder / _DOCUMENTS).is_dir():
+                return parts_of(folder / _DOCUMENTS)
         raise FileNotFoundError(f"no step under {self.root} saved its documents")
 
-    def save(
-        self, name: str, counts: StepCounts, removed: list[dict[str, Any]], documents: pd.DataFrame | None
-    ) -> None:
-        """Record a finished step; `documents` is None when the step left them as they were."""
+    def begin(self, name: str) -> tuple[Path, Path]:
+        """A clean folder for the step: (where its documents go, where its scratch files go)."""
         folder = self._folder(name)
         shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        if documents is not None:
-            documents.to_parquet(folder / _DOCUMENTS, index=False)
+        (folder / _WORK).mkdir(parents=True)
+        return folder / _DOCUMENTS, folder / _WORK
+
+    def save(self, name: str, counts: StepCounts, removed: list[dict[str, Any]]) -> None:
+        """Record a finished step; its documents, if it wrote any, are already in place."""
+        folder = self._folder(name)
+        shutil.rmtree(folder / _WORK, ignore_errors=True)
         if removed:
             with (folder / _REMOVED).open("w", encoding="utf-8") as handle:
                 handle.writelines(json.dumps(entry) + "\n" for entry in removed)
         pending = folder / (_COUNTS + ".tmp")
         pending.write_text(json.dumps(asdict(counts)))
         os.replace(pending, folder / _COUNTS)
-        if documents is not None:
+        if (folder / _DOCUMENTS).is_dir():
             self._drop_documents(keep=name)
 
     def _drop_documents(self, keep: str | None = None) -> None:
         for name in self.names:
             if name != keep:
-                (self._folder(name) / _DOCUMENTS).unlink(missing_ok=True)
+                shutil.rmtree(self._folder(name) / _DOCUMENTS, ignore_errors=True)
 
     def finish(self) -> None:
-        """The stage is done: its own documents.parquet holds what the steps kept."""
+        """The stage is done: its own `documents/` holds what the steps kept."""
         self._drop_documents()

@@ -1,8 +1,9 @@
 """Reading documents from the manifest's sources.
 
 A document is a dict with `id` (stable across runs: it seeds the train/validation/test split),
-`source` (the file it came from) and `text`. Files are read in the driver: the corpora this stage
-is made for fit in memory, and reading in one place gives errors that name one file and line.
+`source` (the file it came from) and `text`. The driver only lists the sources' files
+(`input_files`: names and sizes); Ray workers read them (`documents_of`), each file from start to
+end, so that an error names one file and line.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from kubeforge.errors import KubeForgeError
+from kubeforge.filesystems import open_input
 from kubeforge.spec.data import DataSpec, FilesSource, Source, StdlibSource, stdlib_dir
 from kubeforge.spec.load import resolve_source_paths
 
@@ -43,23 +46,25 @@ def stdlib_files(source: StdlibSource) -> list[tuple[str, Path]]:
     return found
 
 
-def _read_text(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise KubeForgeError(f"{path}: file vanished after the manifest was validated") from None
-    except OSError as exc:
-        raise KubeForgeError(f"{path}: cannot read ({exc.strerror})") from None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise KubeForgeError(f"{path}: not valid UTF-8 (byte {exc.start}: {exc.reason})") from None
+@dataclass(frozen=True)
+class InputFile:
+    """One file of the corpus, as the driver lists it for a reader."""
+
+    number: int
+    """Position of the file in the corpus: documents are ordered by file, then by line or row."""
+    path: str
+    format: str
+    """`txt`, `jsonl`, `parquet`, or `stdlib` (a `.py` file of the standard library, one document)."""
+    text_field: str
+    size: int
+    name: str = ""
+    """For `stdlib`: the path relative to the standard library, which makes the id."""
 
 
-def _format_of(path: Path, declared: str) -> str:
+def _format_of(path: str, declared: str) -> str:
     if declared != "auto":
         return declared
-    suffix = path.suffix.lower()
+    suffix = Path(path).suffix.lower()
     if suffix == ".jsonl":
         return "jsonl"
     if suffix == ".parquet":
@@ -67,86 +72,117 @@ def _format_of(path: Path, declared: str) -> str:
     return "txt"
 
 
-def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
-    text = _read_text(path)
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise KubeForgeError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(record, dict):
-            raise KubeForgeError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        if text_field not in record:
-            fields = ", ".join(sorted(map(str, record))) or "none"
-            raise KubeForgeError(
-                f"{path}:{number}: no field '{text_field}' in the record (fields: {fields}); "
-                "set text_field of this source"
-            )
-        value = record[text_field]
-        if not isinstance(value, str):
-            raise KubeForgeError(
-                f"{path}:{number}: field '{text_field}' must be a string (got {type(value).__name__})"
-            )
-        yield {"id": f"{path}:{number}", "source": str(path), "text": value}
+def input_files(sources: Sequence[Source], base_dir: Path) -> list[InputFile]:
+    """Every source's files in corpus order; a file listed by two sources is read once."""
+    found: list[InputFile] = []
+    seen: set[str] = set()
+    for index, source in enumerate(sources):
+        if isinstance(source, StdlibSource):
+            listed = [(str(path), path.stat().st_size, "stdlib", rel) for rel, path in stdlib_files(source)]
+        else:
+            matched = resolve_source_paths(source, base_dir)
+            if not matched:
+                raise KubeForgeError(
+                    f"spec.data.sources[{index}].paths: no file matches {list(source.paths)} (looked in {base_dir})"
+                )
+            listed = [(f.path, f.size, _format_of(f.path, source.format), "") for f in matched]
+        text_field = source.text_field if isinstance(source, FilesSource) else "text"
+        for path, size, fmt, name in listed:
+            if path in seen:
+                continue
+            seen.add(path)
+            found.append(InputFile(len(found), path, fmt, text_field, size, name))
+    return found
 
 
-def _read_parquet(path: Path, text_field: str) -> Iterator[Document]:
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise KubeForgeError(f"{where}: not valid UTF-8 (byte {exc.start}: {exc.reason})") from None
+
+
+def _read_whole(path: str) -> str:
+    with open_input(path) as handle:
+        return _decode(handle.read(), path)
+
+
+def _jsonl_documents(path: str, text_field: str) -> Iterator[tuple[int, Document]]:
+    with open_input(path) as handle:
+        for number, raw in enumerate(handle, start=1):
+            line = _decode(raw, f"{path}:{number}")
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise KubeForgeError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(record, dict):
+                raise KubeForgeError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            if text_field not in record:
+                fields = ", ".join(sorted(map(str, record))) or "none"
+                raise KubeForgeError(
+                    f"{path}:{number}: no field '{text_field}' in the record (fields: {fields}); "
+                    "set text_field of this source"
+                )
+            value = record[text_field]
+            if not isinstance(value, str):
+                raise KubeForgeError(
+                    f"{path}:{number}: field '{text_field}' must be a string (got {type(value).__name__})"
+                )
+            yield number, {"id": f"{path}:{number}", "source": path, "text": value}
+
+
+# Rows decoded at a time from a Parquet file: bounds a reader's memory whatever the file's size.
+_PARQUET_BATCH_ROWS = 4096
+
+
+def _parquet_documents(path: str, text_field: str) -> Iterator[tuple[int, Document]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if not path.is_file():
-        raise KubeForgeError(f"{path}: file vanished after the manifest was validated")
-    try:
-        schema = pq.read_schema(path)
-    except (OSError, pa.ArrowException) as exc:
-        raise KubeForgeError(f"{path}: not a readable Parquet file ({exc})") from None
-    if text_field not in schema.names:
-        raise KubeForgeError(
-            f"{path}: no column '{text_field}' (columns: {', '.join(schema.names)}); set text_field of this source"
-        )
-    column_type = schema.field(text_field).type
-    if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
-        raise KubeForgeError(f"{path}: column '{text_field}' must hold strings (got {column_type})")
-    values = pq.read_table(path, columns=[text_field]).column(text_field).to_pylist()
-    for row, value in enumerate(values):
-        if value is None:
-            raise KubeForgeError(f"{path}: row {row}: column '{text_field}' is null")
-        yield {"id": f"{path}#{row}", "source": str(path), "text": value}
+    with open_input(path) as handle:
+        try:
+            reader = pq.ParquetFile(handle)
+        except (OSError, pa.ArrowException) as exc:
+            raise KubeForgeError(f"{path}: not a readable Parquet file ({exc})") from None
+        names = reader.schema_arrow.names
+        if text_field not in names:
+            raise KubeForgeError(
+                f"{path}: no column '{text_field}' (columns: {', '.join(names)}); set text_field of this source"
+            )
+        column_type = reader.schema_arrow.field(text_field).type
+        if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+            raise KubeForgeError(f"{path}: column '{text_field}' must hold strings (got {column_type})")
+        row = 0
+        try:
+            for batch in reader.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[text_field]):
+                for value in batch.column(0).to_pylist():
+                    if value is None:
+                        raise KubeForgeError(f"{path}: row {row}: column '{text_field}' is null")
+                    yield row, {"id": f"{path}#{row}", "source": path, "text": value}
+                    row += 1
+        except (OSError, pa.ArrowException) as exc:
+            raise KubeForgeError(f"{path}: not a readable Parquet file (row {row}: {exc})") from None
 
 
-def read_source(source: Source, base_dir: Path) -> Iterator[Document]:
-    """Documents of one source, in a stable order (sorted files, then line or row order)."""
-    if isinstance(source, StdlibSource):
-        for rel, path in stdlib_files(source):
-            yield {"id": f"stdlib/{rel}", "source": str(path), "text": _read_text(path)}
-        return
-    paths = resolve_source_paths(source, base_dir)
-    if not paths:
-        raise KubeForgeError(f"no file matches {list(source.paths)} (looked in {base_dir})")
-    for found in paths:
-        path = Path(found.path)
-        fmt = _format_of(path, source.format)
-        if fmt == "jsonl":
-            yield from _read_jsonl(path, source.text_field)
-        elif fmt == "parquet":
-            yield from _read_parquet(path, source.text_field)
-        else:
-            yield {"id": str(path), "source": str(path), "text": _read_text(path)}
+def documents_of(file: InputFile) -> Iterator[tuple[int, Document]]:
+    """(row within the file, document) of one file, in order; streamed, so any file size fits."""
+    if file.format == "stdlib":
+        yield 0, {"id": f"stdlib/{file.name}", "source": file.path, "text": _read_whole(file.path)}
+    elif file.format == "jsonl":
+        yield from _jsonl_documents(file.path, file.text_field)
+    elif file.format == "parquet":
+        yield from _parquet_documents(file.path, file.text_field)
+    else:
+        yield 0, {"id": file.path, "source": file.path, "text": _read_whole(file.path)}
 
 
-def read_documents(sources: Sequence[Source], base_dir: Path) -> list[Document]:
-    """Every source's documents; an id seen twice (one file listed by two sources) is read once."""
-    seen: set[str] = set()
-    documents: list[Document] = []
-    for source in sources:
-        for document in read_source(source, base_dir):
-            if document["id"] in seen:
-                continue
-            seen.add(document["id"])
-            documents.append(document)
-    return documents
+def read_documents(sources: Sequence[Source], base_dir: Path) -> Iterator[Document]:
+    """Every source's documents, read here (small corpora: the perplexity filter's reference)."""
+    for file in input_files(sources, base_dir):
+        for _, document in documents_of(file):
+            yield document
 
 
 def source_fingerprint(spec: DataSpec, base_dir: Path) -> str:

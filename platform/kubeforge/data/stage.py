@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,9 +18,10 @@ from typing import Any
 
 from kubeforge import faults
 from kubeforge.context import StageContext
+from kubeforge.data import tasks
 from kubeforge.data.card import StepCounts, build_card, write_card
 from kubeforge.data.saved_steps import SavedSteps
-from kubeforge.data.steps import DOCUMENT_STEPS, passthrough
+from kubeforge.data.steps import DOCUMENT_STEPS, StepInput, passthrough
 from kubeforge.errors import StageError
 from kubeforge.spec.data import DataSpec
 from kubeforge.stages.data import DataResult
@@ -97,77 +99,102 @@ def run(spec: DataSpec, ctx: StageContext) -> DataResult:
         return _run(spec, ctx)
 
 
+def _document_steps(spec: DataSpec, ctx: StageContext, funnel: _Funnel, saved_steps: SavedSteps) -> StepInput:
+    """Run (or, on a resumed attempt, skip) the document steps; the documents they kept."""
+    documents = characters = 0
+    for name, step in DOCUMENT_STEPS:
+        saved = saved_steps.saved(name)
+        if saved is None:
+            parts = saved_steps.parts() if name != "read" else []
+            out, work = saved_steps.begin(name)
+            output = step(StepInput(parts, documents, characters, out, work), spec, ctx)
+            funnel.record(output.counts)
+            saved_steps.save(name, output.counts, output.removed)
+            faults.hold_at(f"data.{name}")
+            counts = output.counts
+        else:
+            funnel.record(saved.counts, resumed=True)
+            counts = saved.counts
+        documents, characters = counts.documents_out, counts.characters_out
+    return StepInput(saved_steps.parts(), documents, characters, ctx.out_dir / "documents", ctx.out_dir / "work")
+
+
+def _write_removed(saved_steps: SavedSteps, out: Path) -> list[dict[str, Any]]:
+    """All steps' removed duplicates in one file; the first near-duplicates, for the data card."""
+    near_sample: list[dict[str, Any]] = []
+    with (out / "removed_duplicates.jsonl").open("w", encoding="utf-8") as handle:
+        for name, _ in DOCUMENT_STEPS:
+            saved = saved_steps.saved(name)
+            for entry in saved.removed if saved is not None else []:
+                handle.write(json.dumps(entry) + "\n")
+                if entry["kind"] == "near" and len(near_sample) < _SAMPLE_SIZE:
+                    near_sample.append(entry)
+    return near_sample
+
+
 def _run(spec: DataSpec, ctx: StageContext) -> DataResult:
     from kubeforge.data import packing, tokenizer
 
     out = ctx.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    # A resumed `.partial` folder may hold shards of an earlier attempt.
-    for stale in ("shards", "tokenizer"):
+    # A resumed `.partial` folder may hold the packing of an earlier attempt.
+    for stale in ("shards", "tokenizer", "documents", "work"):
         shutil.rmtree(out / stale, ignore_errors=True)
     ctx.tracker.log_params({"data": spec.model_dump(mode="json")})
     funnel = _Funnel(ctx)
     saved_steps = SavedSteps(out, [name for name, _ in DOCUMENT_STEPS])
-    removed_log: list[dict[str, Any]] = []
-    frame = None
-    for name, step in DOCUMENT_STEPS:
-        saved = saved_steps.saved(name)
-        if saved is not None:
-            funnel.record(saved.counts, resumed=True)
-            removed_log.extend(saved.removed)
-            continue
-        if frame is None and name != "read":
-            frame = saved_steps.documents()
-        output = step(frame, spec, ctx)
-        funnel.record(output.counts)
-        saved_steps.save(name, output.counts, output.removed, output.frame if output.counts.enabled else None)
-        faults.hold_at(f"data.{name}")
-        removed_log.extend(output.removed)
-        frame = output.frame
-    if frame is None:
-        frame = saved_steps.documents()
-    near_sample = [entry for entry in removed_log if entry["kind"] == "near"][:_SAMPLE_SIZE]
-    with (out / "removed_duplicates.jsonl").open("w", encoding="utf-8") as handle:
-        for entry in removed_log:
-            handle.write(json.dumps(entry) + "\n")
+    kept = _document_steps(spec, ctx, funnel, saved_steps)
+    near_sample = _write_removed(saved_steps, out)
+    parts = [{"part": str(p)} for p in kept.parts]
 
     # -- split, tokenizer, packing
-    frame["split"] = packing.assign_splits(list(frame["id"]), spec.packing)
-    train = frame[frame["split"] == "train"]
-    training_texts = tokenizer.training_sample(
-        list(train["id"]), list(train["text"]), spec.tokenizer.max_training_characters
-    )
-    with ctx.reporter.task("data: tokenizer", total=None):
-        trained = tokenizer.train_tokenizer(training_texts, spec.tokenizer, out / "tokenizer")
-    ids = tokenizer.special_token_ids(trained)
-    funnel.record(passthrough("tokenizer", frame, enabled=True, details={
-        "type": spec.tokenizer.type, "vocab_size": len(trained), "trained_on_documents": len(training_texts),
-        "trained_on_characters": sum(map(len, training_texts)),
-    }).counts)
+    counted = tasks.run(parts, packing.count_splits, {"spec": spec.packing}, ctx, "split", kept.documents,
+                        "documents_in")
+    per_split: Counter[str] = Counter()
+    for counts in counted:
+        per_split.update(counts["documents"])
+    first_train = sorted(tuple(entry) for counts in counted for entry in counts["first_train"])[:2]
+    moved = {str(idx): split for idx, split in packing.overrides(per_split, first_train, spec.packing).items()}
+    [fitted] = tasks.run([{}], tokenizer.fit, {
+        "parts": [item["part"] for item in parts], "packing": spec.packing, "moved": moved,
+        "train_characters": sum(counts["train_characters"] for counts in counted), "spec": spec.tokenizer,
+        "out": str(out / "tokenizer"),
+    }, ctx, "tokenizer")
+    ids = {name: fitted.pop(name) for name in ("bos_id", "eos_id", "pad_id", "mask_id", "unk_id")}
+    funnel.record(passthrough("tokenizer", kept.documents, kept.characters, enabled=True,
+                              details={"type": spec.tokenizer.type, **fitted}).counts)
 
-    with ctx.reporter.task("data: pack", total=len(frame)) as task:
-        packed = packing.pack_splits(list(frame["text"]), list(frame["split"]), trained, ids, spec.packing, out)
-        task.update(len(frame))
-    funnel.record(passthrough("pack", frame, enabled=True, details={
-        "num_sequences": packed["num_sequences"], "num_tokens": packed["num_tokens"],
+    kept.work.mkdir(parents=True)
+    tokenized = tasks.run(parts, packing.tokenize_part, {
+        "tokenizer_dir": str(out / "tokenizer"), "spec": spec.packing, "moved": moved, "eos_id": ids["eos_id"],
+        "documents_out": str(kept.out), "work": str(kept.work),
+    }, ctx, "pack", kept.documents, "documents_in")
+    shards, writes = packing.plan_shards([Path(item["part"]).stem for item in parts], tokenized, spec.packing)
+    shards_written = tasks.run(writes, packing.write_shard, {
+        "work": str(kept.work), "seq_len": spec.packing.seq_len, "pad_id": ids["pad_id"], "out": str(out),
+    }, ctx, "pack shards")
+    shutil.rmtree(kept.work)
+    rows_of = {item["path"]: shard["rows"] for item, shard in zip(writes, shards_written, strict=True)}
+    num_sequences = {split: sum(rows_of[path] for path in shards[split]) for split in packing.SPLITS}
+    num_tokens = {split: sum(part["tokens"][split] for part in tokenized) for split in packing.SPLITS}
+    num_documents = {split: sum(part["documents"].get(split, 0) for part in tokenized) for split in packing.SPLITS}
+    funnel.record(passthrough("pack", kept.documents, kept.characters, enabled=True, details={
+        "num_sequences": num_sequences, "num_tokens": num_tokens,
     }).counts)
-
-    frame[["id", "source", "text", "split"]].to_parquet(out / "documents.parquet", index=False)
     saved_steps.finish()
 
-    shard_paths = [p for split in packing.SPLITS for p in packed["shards"][split]]
-    dataset_hash = _dataset_digest(out, shard_paths)
+    dataset_hash = _dataset_digest(out, [path for split in packing.SPLITS for path in shards[split]])
     result = DataResult(
         tokenizer_dir="tokenizer",
-        shards=packed["shards"],
+        shards=shards,
         seq_len=spec.packing.seq_len,
-        vocab_size=len(trained),
-        special_tokens={name: token for name, token in ids.items()},
-        num_sequences=packed["num_sequences"],
-        num_tokens=packed["num_tokens"],
-        num_documents=packed["num_documents"],
+        vocab_size=fitted["vocab_size"],
+        special_tokens=dict(ids),
+        num_sequences=num_sequences,
+        num_tokens=num_tokens,
+        num_documents=num_documents,
         dataset_hash=dataset_hash,
-        documents="documents.parquet",
+        documents="documents",
         removed_duplicates="removed_duplicates.jsonl",
         card="card.md",
         funnel=[row.as_dict() for row in funnel.rows],
@@ -182,15 +209,15 @@ def _run(spec: DataSpec, ctx: StageContext) -> DataResult:
     ctx.tracker.log_artifact(out / "removed_duplicates.jsonl", "data")
     ctx.tracker.log_artifact(out / "tokenizer", "data/tokenizer")
     ctx.tracker.log_metrics(
-        {f"data.num_tokens.{split}": n for split, n in packed["num_tokens"].items()}
-        | {f"data.num_sequences.{split}": n for split, n in packed["num_sequences"].items()}
+        {f"data.num_tokens.{split}": n for split, n in num_tokens.items()}
+        | {f"data.num_sequences.{split}": n for split, n in num_sequences.items()}
     )
     ctx.tracker.set_tags({"kubeforge.dataset_hash": dataset_hash})
     ctx.tracker.log_dataset(
         name=f"{ctx.pipeline_name}-corpus", digest=dataset_hash, source=str(out), context="training",
         profile={
-            "num_documents": packed["num_documents"], "num_sequences": packed["num_sequences"],
-            "num_tokens": packed["num_tokens"], "seq_len": spec.packing.seq_len, "vocab_size": len(trained),
+            "num_documents": num_documents, "num_sequences": num_sequences,
+            "num_tokens": num_tokens, "seq_len": spec.packing.seq_len, "vocab_size": fitted["vocab_size"],
         },
     )
     return result

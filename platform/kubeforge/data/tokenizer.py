@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from kubeforge.spec.data import TokenizerSpec
+from kubeforge.spec.data import PackingSpec, TokenizerSpec
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -17,18 +17,33 @@ UNK = "<|unk|>"
 SPECIAL_TOKENS = [EOS, PAD, MASK, UNK]
 
 
-def training_sample(doc_ids: Sequence[str], texts: Sequence[str], max_characters: int | None) -> list[str]:
-    """The texts to learn from: all when they hold at most `max_characters`, otherwise each with
-    probability `max_characters / total`, decided by a hash of its id, so that the sample is the same on
-    every run whatever the order of the documents."""
-    total = sum(map(len, texts))
-    if max_characters is None or total <= max_characters:
-        return list(texts)
-    threshold = max_characters / total * 2**64
-    return [
-        text for doc_id, text in zip(doc_ids, texts, strict=True)
-        if int.from_bytes(hashlib.sha256(b"tokenizer\x00" + doc_id.encode()).digest()[:8], "big") < threshold
-    ]
+def sample(total_characters: int, max_characters: int | None) -> Callable[[str], bool]:
+    """Whether a document (by id) is in the texts to learn from: all when they hold at most
+    `max_characters`, otherwise each with probability `max_characters / total`, decided by a hash of its
+    id, so that the sample is the same on every run whatever the order of the documents."""
+    if max_characters is None or total_characters <= max_characters:
+        return lambda doc_id: True
+    threshold = max_characters / total_characters * 2**64
+
+    def keep(doc_id: str) -> bool:
+        return int.from_bytes(hashlib.sha256(b"tokenizer\x00" + doc_id.encode()).digest()[:8], "big") < threshold
+
+    return keep
+
+
+def fit(
+    item: dict[str, Any], parts: list[str], packing: PackingSpec, moved: dict[str, str], train_characters: int,
+    spec: TokenizerSpec, out: str,
+) -> dict[str, Any]:
+    """Train the tokenizer on a sample of the training split, in a Ray worker, and save it to `out`."""
+    from kubeforge.data.packing import training_texts
+
+    texts = training_texts(parts, packing, moved, sample(train_characters, spec.max_training_characters))
+    trained = train_tokenizer(texts, spec, Path(out))
+    return {
+        "vocab_size": len(trained), "trained_on_documents": len(texts),
+        "trained_on_characters": sum(map(len, texts)), **special_token_ids(trained),
+    }
 
 
 def _unigram_corpus(texts: Sequence[str], min_frequency: int) -> Iterator[str]:

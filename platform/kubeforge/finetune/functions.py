@@ -65,7 +65,7 @@ def corpus_functions(data: StageOutput[DataResult]) -> list[CorpusFunction]:
     import pyarrow.parquet as pq
 
     documents = data.directory / data.result.documents
-    if not documents.is_file():
+    if not documents.exists():
         raise StageError(
             STAGE, f"task 'python-docstrings' needs the data stage's documents, and {documents} does not exist"
         )

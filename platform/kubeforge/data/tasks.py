@@ -1,0 +1,98 @@
+"""Running the data stage's work in Ray workers, and the Parquet parts it flows through.
+
+The corpus lives on disk as *parts*: Parquet files of at most about `PART_BYTES` of text, named so
+that sorting their names gives corpus order, with the columns `idx` (the document's position in the
+corpus: its file's number times 2^32 plus its line or row), `id`, `source` and `text`. A step is a
+function of one work item (a part, a bucket of keys, a shard to write) that a worker runs and that
+writes its own output next to the others'; it returns a small dict of counts, and all the driver
+ever holds are those dicts. Ray Data schedules the items (`from_items` and `map_batches`), one block
+each, so every core is busy and the driver sees each result as it finishes.
+
+A worker reports bad input (a `KubeForgeError`) as a value: Ray would otherwise wrap it in a
+`RayTaskError` whose message is a remote stack trace, where users need one line naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kubeforge.context import StageContext
+from kubeforge.errors import KubeForgeError, StageError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+PART_BYTES = 8 << 20
+"""Text per part: small enough that a worker holds a few parts' frames, large enough that reading
+and writing a part costs far more than scheduling it."""
+COLUMNS = ("idx", "id", "source", "text")
+
+Work = Callable[..., dict[str, Any]]
+
+
+def part_name(file_number: int, sequence: int) -> str:
+    return f"part-{file_number:07d}-{sequence:05d}.parquet"
+
+
+def parts_of(folder: Path) -> list[Path]:
+    """The parts of a folder, in corpus order."""
+    return sorted(folder.glob("part-*.parquet"))
+
+
+def read_part(path: str | Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path, columns=list(columns) if columns is not None else None).to_pandas()
+
+
+def write_part(frame: pd.DataFrame, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(path, index=False)
+
+
+def _run_items(batch: pd.DataFrame, work: Work, kwargs: dict[str, Any]) -> pd.DataFrame:
+    import pandas as pd
+
+    rows = []
+    for position, item in zip(batch["position"], batch["item"], strict=True):
+        try:
+            result, error = work(json.loads(item), **kwargs), ""
+        except KubeForgeError as exc:
+            result, error = {}, str(exc)
+        rows.append({"position": int(position), "result": json.dumps(result), "error": error})
+    return pd.DataFrame(rows, columns=["position", "result", "error"])
+
+
+_RUN_ITEMS: Callable[..., Any] = _run_items
+
+
+def run(
+    items: Sequence[dict[str, Any]], work: Work, kwargs: dict[str, Any], ctx: StageContext, label: str,
+    total: int | None = None, progress_key: str | None = None,
+) -> list[dict[str, Any]]:
+    """`work(item, **kwargs)` for every item, in Ray workers; the results in the items' order.
+
+    Items and results are JSON: small descriptions of work (a part's path, a bucket number), never
+    documents. The progress bar advances by `result[progress_key]`, or by one an item.
+    """
+    import ray
+
+    if not items:
+        return []
+    dataset = ray.data.from_items(
+        [{"position": n, "item": json.dumps(item)} for n, item in enumerate(items)], override_num_blocks=len(items)
+    ).map_batches(_RUN_ITEMS, fn_kwargs={"work": work, "kwargs": kwargs}, batch_format="pandas", batch_size=None)
+    results: list[dict[str, Any] | None] = [None] * len(items)
+    done = 0
+    with ctx.reporter.task(f"data: {label}", total=total if progress_key else len(items)) as task:
+        for row in dataset.iter_rows():
+            if row["error"]:
+                raise StageError("data", row["error"])
+            result = json.loads(row["result"])
+            results[int(row["position"])] = result
+            done += int(result.get(progress_key, 0)) if progress_key else 1
+            task.update(done)
+    return [result for result in results if result is not None]
