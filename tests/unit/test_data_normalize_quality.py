@@ -73,7 +73,8 @@ def test_digit_ratio() -> None:
 
 
 def test_alpha_word_fraction() -> None:
-    assert alpha_word_fraction(["abc", "123", "a1", "--"]) == 0.5
+    assert alpha_word_fraction("abc 123\ta1  --", ["abc", "123", "a1", "--"]) == 0.5
+    assert alpha_word_fraction("", []) == 0.0
     assert failed_rule("12 34 56 word", only(min_alpha_word_fraction=0.4)) == "min_alpha_word_fraction"
     assert failed_rule(PROSE, only(min_alpha_word_fraction=1.0)) is None
 

@@ -112,3 +112,16 @@ def test_fingerprint_follows_file_changes(tmp_path: Path) -> None:
     assert source_fingerprint(spec, tmp_path) != before
     stdlib = DataSpec(sources=(StdlibSource(type="python-stdlib", max_files=10),))
     assert source_fingerprint(stdlib, tmp_path) == source_fingerprint(stdlib, Path(sys.prefix))
+
+
+@pytest.mark.parametrize("piece_bytes", [1, 7, 64, 10_000])
+def test_a_jsonl_file_read_in_pieces_gives_the_documents_of_reading_it_whole(tmp_path: Path, piece_bytes: int) -> None:
+    lines = [json.dumps({"text": f"document {n} " + "é" * (n % 5)}) if n % 4 else "" for n in range(40)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    file = sources.InputFile(0, str(path), "jsonl", "text", path.stat().st_size)
+    whole = list(sources.documents_of(file))
+    newlines = [sources.count_newlines(str(path), a, b) for a, b in sources.split_into_pieces(file.size, piece_bytes)]
+    pieced = [d for piece in sources.pieces(file.size, piece_bytes, newlines) for d in sources.documents_of(file, piece)]
+    assert pieced == whole
+    assert [row for row, _ in whole] == [n + 1 for n in range(40) if n % 4]

@@ -122,13 +122,19 @@ def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
+def _mod_mersenne(x: np.ndarray) -> np.ndarray:
+    """`x mod (2^61 - 1)` for uint64 `x`, with shifts and masks instead of a division."""
+    x = (x & _MERSENNE) + (x >> np.uint64(61))
+    return np.where(x >= _MERSENNE, x - _MERSENNE, x)
+
+
 def minhash(shingles: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """MinHash signature (uint32, length num_perm) of a set of 32-bit shingle hashes."""
     signature = np.full(len(a), 0xFFFFFFFF, dtype=np.uint64)
     step = max(1, _CHUNK_ELEMENTS // len(a))
     for start in range(0, len(shingles), step):
         chunk = shingles[start : start + step]
-        values = (a[:, None] * chunk[None, :] + b[:, None]) % _MERSENNE & _LOW32
+        values = _mod_mersenne(a[:, None] * chunk[None, :] + b[:, None]) & _LOW32
         np.minimum(signature, values.min(axis=1), out=signature)
     return signature.astype(np.uint32)
 

@@ -14,28 +14,25 @@ import numpy as np
 
 from kubeforge.spec.data import QualityStep
 
-_ALNUM = re.compile(r"[^\W_]")
-_SPACE = re.compile(r"\s")
+_SYMBOL = re.compile(r"[^\w\s]|_")
 _DIGIT = re.compile(r"\d")
+# A whitespace-separated word with at least one letter, found in one pass over the text.
+_ALPHA_WORD = re.compile(r"(?<!\S)(?=\S*?[^\W\d_])\S+")
 
 
 def symbol_ratio(text: str) -> float:
     """Share of characters that are neither letters, digits nor whitespace."""
-    if not text:
-        return 0.0
-    plain = _ALNUM.subn("", text)[1] + _SPACE.subn("", text)[1]
-    return (len(text) - plain) / len(text)
+    return len(_SYMBOL.findall(text)) / len(text) if text else 0.0
 
 
 def digit_ratio(text: str) -> float:
     return _DIGIT.subn("", text)[1] / len(text) if text else 0.0
 
 
-def alpha_word_fraction(words: list[str]) -> float:
-    """Share of words with at least one letter; a text without words has none."""
-    if not words:
-        return 0.0
-    return sum(1 for w in words if any(c.isalpha() for c in w)) / len(words)
+def alpha_word_fraction(text: str, words: list[str]) -> float:
+    """Share of the text's words (`words`, its whitespace-separated tokens) with at least one letter; a
+    text without words has none."""
+    return len(_ALPHA_WORD.findall(text)) / len(words) if words else 0.0
 
 
 def duplicate_line_fraction(text: str) -> float:
@@ -49,18 +46,29 @@ class _Words:
     """A document's words as integer ids and character lengths, for vectorised n-gram statistics."""
 
     def __init__(self, words: list[str]) -> None:
-        ids: dict[str, int] = {}
-        self.ids = np.fromiter((ids.setdefault(w, len(ids)) for w in words), dtype=np.int64, count=len(words))
-        self.lengths = np.fromiter((len(w) for w in words), dtype=np.int64, count=len(words))
+        ids = {word: n for n, word in enumerate(dict.fromkeys(words))}
+        self.ids = np.array([ids[w] for w in words], dtype=np.int64)
+        self.lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
         self.total = int(self.lengths.sum())
+        self._grams: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def grams(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """(first position of each distinct n-gram, distinct n-gram index of every position)."""
-        count = len(self.ids) - n + 1
-        windows = np.stack([self.ids[k : k + count] for k in range(n)], axis=1)
-        rows = np.ascontiguousarray(windows).view(np.dtype((np.void, 8 * n))).ravel()
-        _, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
-        return first, np.asarray(inverse).ravel()
+        if n not in self._grams:
+            count = len(self.ids) - n + 1
+            bits = max(1, int(self.ids.max()).bit_length())
+            if bits * n <= 64:  # the n word ids packed side by side
+                keys = self.ids[:count].astype(np.uint64)
+                for k in range(1, n):
+                    keys = (keys << np.uint64(bits)) | self.ids[k : k + count].astype(np.uint64)
+            else:  # an n-gram is its two halves, each a distinct-gram index below 2^32
+                half = n // 2
+                left = self.grams(n - half)[1][:count].astype(np.uint64)
+                right = self.grams(half)[1][n - half : n - half + count].astype(np.uint64)
+                keys = (left << np.uint64(32)) | right
+            _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+            self._grams[n] = (first, np.asarray(inverse).ravel())
+        return self._grams[n]
 
     def covered_fraction(self, starts: np.ndarray, n: int) -> float:
         """Characters of the words inside n-grams starting at `starts`, each word counted once."""
@@ -113,7 +121,7 @@ def failed_rule(text: str, step: QualityStep) -> str | None:
     if step.max_digit_ratio is not None and digit_ratio(text) > step.max_digit_ratio:
         return "max_digit_ratio"
     words = text.split()
-    if step.min_alpha_word_fraction is not None and alpha_word_fraction(words) < step.min_alpha_word_fraction:
+    if step.min_alpha_word_fraction is not None and alpha_word_fraction(text, words) < step.min_alpha_word_fraction:
         return "min_alpha_word_fraction"
     line_limit = step.max_duplicate_line_fraction
     if line_limit is not None and duplicate_line_fraction(text) > line_limit:

@@ -61,6 +61,16 @@ class InputFile:
     """For `stdlib`: the path relative to the standard library, which makes the id."""
 
 
+@dataclass(frozen=True)
+class Piece:
+    """The lines of a JSONL file that start in bytes [start, end); the first of them is number
+    `first_line` of the file. Big files are read in pieces, by several workers at once."""
+
+    start: int
+    end: int
+    first_line: int
+
+
 def _format_of(path: str, declared: str) -> str:
     if declared != "auto":
         return declared
@@ -107,30 +117,47 @@ def _read_whole(path: str) -> str:
         return _decode(handle.read(), path)
 
 
-def _jsonl_documents(path: str, text_field: str) -> Iterator[tuple[int, Document]]:
+def _lines(path: str, piece: Piece) -> Iterator[tuple[int, bytes]]:
+    """(number, line) of the lines that start in the piece's byte range."""
     with open_input(path) as handle:
-        for number, raw in enumerate(handle, start=1):
-            line = _decode(raw, f"{path}:{number}")
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise KubeForgeError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(record, dict):
-                raise KubeForgeError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            if text_field not in record:
-                fields = ", ".join(sorted(map(str, record))) or "none"
-                raise KubeForgeError(
-                    f"{path}:{number}: no field '{text_field}' in the record (fields: {fields}); "
-                    "set text_field of this source"
-                )
-            value = record[text_field]
-            if not isinstance(value, str):
-                raise KubeForgeError(
-                    f"{path}:{number}: field '{text_field}' must be a string (got {type(value).__name__})"
-                )
-            yield number, {"id": f"{path}:{number}", "source": path, "text": value}
+        position = piece.start
+        if position > 0:
+            handle.seek(position - 1)
+            if handle.read(1) != b"\n":  # the range starts inside a line, which the piece before reads
+                position += len(handle.readline())
+        number = piece.first_line
+        while position < piece.end:
+            raw = handle.readline()
+            if not raw:
+                return
+            yield number, raw
+            position += len(raw)
+            number += 1
+
+
+def _jsonl_documents(path: str, text_field: str, piece: Piece) -> Iterator[tuple[int, Document]]:
+    for number, raw in _lines(path, piece):
+        line = _decode(raw, f"{path}:{number}")
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise KubeForgeError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(record, dict):
+            raise KubeForgeError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        if text_field not in record:
+            fields = ", ".join(sorted(map(str, record))) or "none"
+            raise KubeForgeError(
+                f"{path}:{number}: no field '{text_field}' in the record (fields: {fields}); "
+                "set text_field of this source"
+            )
+        value = record[text_field]
+        if not isinstance(value, str):
+            raise KubeForgeError(
+                f"{path}:{number}: field '{text_field}' must be a string (got {type(value).__name__})"
+            )
+        yield number, {"id": f"{path}:{number}", "source": path, "text": value}
 
 
 # Rows decoded at a time from a Parquet file: bounds a reader's memory whatever the file's size.
@@ -166,12 +193,47 @@ def _parquet_documents(path: str, text_field: str) -> Iterator[tuple[int, Docume
             raise KubeForgeError(f"{path}: not a readable Parquet file (row {row}: {exc})") from None
 
 
-def documents_of(file: InputFile) -> Iterator[tuple[int, Document]]:
-    """(row within the file, document) of one file, in order; streamed, so any file size fits."""
+def split_into_pieces(size: int, piece_bytes: int) -> list[tuple[int, int]]:
+    """The byte ranges of a file's pieces, and, for each, the range whose newlines `pieces` needs."""
+    ranges = [(start, min(start + piece_bytes, size)) for start in range(0, size, piece_bytes)]
+    return [(max(start - 1, 0), end - 1) for start, end in ranges]
+
+
+def pieces(size: int, piece_bytes: int, newlines: list[int]) -> list[Piece]:
+    """A file's pieces, given `count_newlines` of each range of `split_into_pieces`: a piece's first line
+    is the line after those that start before it, which the newlines before its first byte end."""
+    found = []
+    before = 0
+    for (start, end), counted in zip(
+        [(s, min(s + piece_bytes, size)) for s in range(0, size, piece_bytes)], newlines, strict=True
+    ):
+        found.append(Piece(start, end, 2 + before if start else 1))
+        before += counted
+    return found
+
+
+def count_newlines(path: str, start: int, end: int) -> int:
+    """Newlines in bytes [start, end) of a file, read a block at a time."""
+    count = 0
+    with open_input(path) as handle:
+        handle.seek(start)
+        left = end - start
+        while left > 0:
+            block = handle.read(min(left, 1 << 24))
+            if not block:
+                break
+            count += block.count(b"\n")
+            left -= len(block)
+    return count
+
+
+def documents_of(file: InputFile, piece: Piece | None = None) -> Iterator[tuple[int, Document]]:
+    """(row within the file, document) of one file, or of the lines of a JSONL file that start in a
+    piece of it, in order; streamed, so any file size fits."""
     if file.format == "stdlib":
         yield 0, {"id": f"stdlib/{file.name}", "source": file.path, "text": _read_whole(file.path)}
     elif file.format == "jsonl":
-        yield from _jsonl_documents(file.path, file.text_field)
+        yield from _jsonl_documents(file.path, file.text_field, piece or Piece(0, file.size, 1))
     elif file.format == "parquet":
         yield from _parquet_documents(file.path, file.text_field)
     else:

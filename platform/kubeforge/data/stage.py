@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -55,6 +56,7 @@ class _Funnel:
     def __init__(self, ctx: StageContext) -> None:
         self.ctx = ctx
         self.rows: list[StepCounts] = []
+        self.since = time.monotonic()
 
     def record(self, row: StepCounts, resumed: bool = False) -> None:
         from kubeforge.metrics import DATA_CHARACTERS, DATA_DOCUMENTS
@@ -72,10 +74,12 @@ class _Funnel:
             prefix + "removed": row.removed, prefix + "changed": row.changed,
         }
         self.ctx.tracker.log_metrics(metrics, step=STEPS.index(row.step))
+        now, started = time.monotonic(), self.since
+        self.since = now
         state = (" (disabled)" if not row.enabled else "") + (" (done by an earlier attempt)" if resumed else "")
         self.ctx.reporter.log(
             f"data: {row.step}{state}: {row.documents_in:,} -> {row.documents_out:,} documents, "
-            f"{row.removed:,} removed, {row.changed:,} changed"
+            f"{row.removed:,} removed, {row.changed:,} changed" + ("" if resumed else f" in {now - started:.1f} s")
         )
         if row.documents_in > 0 and row.documents_out == 0:
             raise StageError(

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from kubeforge.data.perplexity import CharNgramModel
-    from kubeforge.data.sources import InputFile
+    from kubeforge.data.sources import InputFile, Piece
 
 
 @dataclass
@@ -69,13 +69,13 @@ def _characters(frame: pd.DataFrame) -> int:
     return int(frame["text"].str.len().sum()) if len(frame) else 0
 
 
-def _part_rows(file: InputFile) -> Iterator[list[tuple[int, str, str, str]]]:
-    """A file's documents as rows of parts of about `PART_BYTES` of text each."""
+def _part_rows(file: InputFile, piece: Piece | None) -> Iterator[list[tuple[int, str, str, str]]]:
+    """A file's (or a piece's) documents as rows of parts of about `PART_BYTES` of text each."""
     from kubeforge.data.sources import documents_of
 
     rows: list[tuple[int, str, str, str]] = []
     size = 0
-    for row, document in documents_of(file):
+    for row, document in documents_of(file, piece):
         rows.append(((file.number << 32) | row, document["id"], document["source"], document["text"]))
         size += len(document["text"])
         if size >= tasks.PART_BYTES:
@@ -88,14 +88,15 @@ def _part_rows(file: InputFile) -> Iterator[list[tuple[int, str, str, str]]]:
 def _read_files(item: dict[str, Any], out: str) -> dict[str, Any]:
     import pandas as pd
 
-    from kubeforge.data.sources import InputFile
+    from kubeforge.data.sources import InputFile, Piece
 
+    piece = Piece(item["start"], item["end"], item["first_line"]) if "piece" in item else None
     documents = characters = 0
     for entry in item["files"]:
         file = InputFile(**entry)
-        for sequence, rows in enumerate(_part_rows(file)):
+        for sequence, rows in enumerate(_part_rows(file, piece)):
             frame = pd.DataFrame(rows, columns=list(tasks.COLUMNS))
-            tasks.write_part(frame, Path(out) / tasks.part_name(file.number, sequence))
+            tasks.write_part(frame, Path(out) / tasks.part_name(file.number, item.get("piece", 0), sequence))
             documents += len(frame)
             characters += _characters(frame)
     return {"documents_in": documents, "characters": characters}
@@ -327,13 +328,38 @@ def _remove(
 # the steps
 
 
-def _read_items(spec: DataSpec, ctx: StageContext) -> list[dict[str, Any]]:
-    """The sources' files, grouped into items of about a part's worth of bytes (a bigger file alone)."""
-    from kubeforge.data.sources import input_files
+def _count_newlines(item: dict[str, Any]) -> dict[str, Any]:
+    from kubeforge.data.sources import count_newlines
 
+    return {"newlines": count_newlines(item["path"], item["start"], item["end"])}
+
+
+def _read_items(spec: DataSpec, ctx: StageContext) -> list[dict[str, Any]]:
+    """What each reader reads: JSONL files bigger than two parts in pieces of a part's worth of bytes,
+    each piece alone; other files grouped into items of about a part's worth of bytes (a bigger file alone).
+
+    A piece needs the number of its first line, for the documents' ids: workers count the newlines
+    before each piece first (a fast pass that reads the bytes and parses nothing).
+    """
+    from kubeforge.data.sources import input_files, pieces, split_into_pieces
+
+    files = input_files(spec.sources, ctx.base_dir)
+    big = [f for f in files if f.format == "jsonl" and f.size > 2 * tasks.PART_BYTES]
+    counts = [(f, split_into_pieces(f.size, tasks.PART_BYTES)) for f in big]
+    counted = iter(tasks.run(
+        [{"path": f.path, "start": start, "end": end} for f, ranges in counts for start, end in ranges],
+        _count_newlines, {}, ctx, "read: lines",
+    ))
+    pieced = {
+        f.number: pieces(f.size, tasks.PART_BYTES, [next(counted)["newlines"] for _ in ranges]) for f, ranges in counts
+    }
     items: list[dict[str, Any]] = []
     size = tasks.PART_BYTES
-    for file in input_files(spec.sources, ctx.base_dir):
+    for file in files:
+        if file.number in pieced:
+            items += [{"files": [asdict(file)], "piece": n, **asdict(p)} for n, p in enumerate(pieced[file.number])]
+            size = tasks.PART_BYTES
+            continue
         if size + file.size > tasks.PART_BYTES:
             items.append({"files": []})
             size = 0

@@ -33,8 +33,8 @@ COLUMNS = ("idx", "id", "source", "text")
 Work = Callable[..., dict[str, Any]]
 
 
-def part_name(file_number: int, sequence: int) -> str:
-    return f"part-{file_number:07d}-{sequence:05d}.parquet"
+def part_name(file_number: int, piece: int, sequence: int) -> str:
+    return f"part-{file_number:07d}-{piece:05d}-{sequence:05d}.parquet"
 
 
 def parts_of(folder: Path) -> list[Path]:
