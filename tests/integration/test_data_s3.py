@@ -112,3 +112,27 @@ def test_a_bucket_glob_that_matches_nothing_and_refused_credentials_are_one_line
     assert (f"error: s3://{bucket}/corpora/**/*.jsonl: access denied (ACCESS_DENIED during ListObjectsV2): the "
             "credentials are wrong or may not list it\n") in denied.stderr, denied.stderr[-4000:]
     assert "Traceback" not in denied.stderr
+
+
+def test_a_ray_worker_lists_and_reads_objects_with_the_variables_it_is_given(
+    ray_local: Any, object_store: ObjectStore, tmp_path: Path
+) -> None:
+    """What the stage's readers do in Ray workers: each process builds its own client from its environment.
+    The session's runtime started before this test, so the variables go in the task's runtime environment."""
+    bucket = object_store.new_bucket({"corpus/a.jsonl": '{"text": "one"}\n', "corpus/b.jsonl": '{"text": "two"}\n'})
+
+    @ray_local.remote
+    def read(pattern: str) -> list[tuple[str, bytes]]:
+        from kubeforge.filesystems import list_files, open_input
+
+        out = []
+        for found in list_files([pattern], Path(".")):
+            with open_input(found.path) as file:
+                out.append((found.path, file.read()))
+        return out
+
+    env = isolated_aws_env(tmp_path, object_store.env())
+    task = read.options(runtime_env={"env_vars": env})
+    assert ray_local.get(task.remote(f"s3://{bucket}/corpus/*.jsonl"), timeout=120) == [
+        (f"s3://{bucket}/corpus/a.jsonl", b'{"text": "one"}\n'), (f"s3://{bucket}/corpus/b.jsonl", b'{"text": "two"}\n'),
+    ]
