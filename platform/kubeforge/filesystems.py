@@ -137,7 +137,7 @@ def input_error(path: str, exc: OSError) -> KubeForgeError:
             return KubeForgeError(f"{path}: file vanished after the manifest was validated")
         return KubeForgeError(f"{path}: cannot read ({exc.strerror or exc})")
     # An object deleted while it is read fails as "INTERNAL_FAILURE during GetObject: Failed to flush
-    # response stream" (pyarrow writes the 404's body into the reader's buffer): ask whether it is there.
+    # response stream" (pyarrow 25 against moto's server), which says nothing: ask whether it is there.
     match = _AWS_ERROR.search(str(exc))
     plausible = match is None or match.group(1) not in _NETWORK_ERRORS | _AUTH_ERRORS
     if isinstance(exc, FileNotFoundError) or (plausible and _gone(path)):
