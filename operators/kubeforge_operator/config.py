@@ -44,6 +44,11 @@ class OperatorConfig:
     """Port of kopf's liveness endpoint /healthz (_HEALTH_PORT)."""
     log_format: Literal["plain", "json"] = "plain"
     """kopf's log format (_LOG_FORMAT)."""
+    stage_env_secret: str | None = None
+    """Secret, in each pipeline's namespace, whose keys become environment variables of every stage pod
+    (_STAGE_ENV_SECRET): object-store credentials and endpoint such as AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL. Optional in the pods: a namespace without it runs its stages
+    without them."""
 
     @property
     def clusterwide(self) -> bool:
@@ -91,6 +96,11 @@ class OperatorConfig:
         log_format = get("LOG_FORMAT") or "plain"
         if log_format not in ("plain", "json"):
             raise ConfigError(f"{PREFIX}LOG_FORMAT: must be plain or json (got {log_format!r})")
+        stage_env_secret = get("STAGE_ENV_SECRET") or None
+        if stage_env_secret is not None and (
+            len(stage_env_secret) > 253 or not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", stage_env_secret)
+        ):
+            raise ConfigError(f"{PREFIX}STAGE_ENV_SECRET: {stage_env_secret!r} is not a Secret name")
         metrics_port, health_port = port("METRICS_PORT", 9090), port("HEALTH_PORT", 8080)
         if metrics_port == health_port:
             raise ConfigError(f"{PREFIX}HEALTH_PORT: must differ from {PREFIX}METRICS_PORT ({metrics_port})")
@@ -103,6 +113,7 @@ class OperatorConfig:
             metrics_port=metrics_port,
             health_port=health_port,
             log_format="json" if log_format == "json" else "plain",
+            stage_env_secret=stage_env_secret,
         )
 
 

@@ -43,6 +43,7 @@ def pod_template(
     mounts: list[dict[str, Any]],
     ports: list[dict[str, Any]],
     env: Sequence[Mapping[str, Any]] = (),
+    env_from: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """A Ray head or worker pod: one container `container` of `image`, with exactly `resources`."""
     main: dict[str, Any] = {
@@ -50,6 +51,7 @@ def pod_template(
         "image": image,
         # Ray, Python and the libraries write caches under HOME; the root filesystem is read-only.
         "env": [{"name": "HOME", "value": "/tmp"}, *(dict(e) for e in env)],
+        **({"envFrom": [dict(e) for e in env_from]} if env_from else {}),
         "resources": {"requests": dict(resources), "limits": dict(resources)},
         "securityContext": dict(_CONTAINER_SECURITY),
         "volumeMounts": [*mounts, {"name": "tmp", "mountPath": "/tmp"}, {"name": "shm", "mountPath": "/dev/shm"}],
@@ -94,6 +96,14 @@ def submitter_template(image: str, cluster: ClusterSpec, labels: Mapping[str, st
             "volumes": [{"name": "tmp", "emptyDir": {}}],
         },
     }
+
+
+def secret_env(secret: str | None) -> list[dict[str, Any]]:
+    """`envFrom` of a container that takes every key of Secret `secret` as a variable, when there is one.
+
+    Optional: the operator's Secret serves the pipelines that read an object store, and a namespace
+    without it still runs the others (a stage that needs the variables then says which are missing)."""
+    return [{"secretRef": {"name": secret, "optional": True}}] if secret else []
 
 
 def scheduling(cluster: ClusterSpec) -> dict[str, Any]:

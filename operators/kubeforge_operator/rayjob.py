@@ -31,7 +31,14 @@ from kubeforge_operator.conditions import (
 from kubeforge_operator.config import OperatorConfig
 from kubeforge_operator.errors import FieldError
 from kubeforge_operator.owner import MANAGED_BY, Owner
-from kubeforge_operator.pods import RAY_VERSION, cpu_quantity, pod_template, scheduling, submitter_template
+from kubeforge_operator.pods import (
+    RAY_VERSION,
+    cpu_quantity,
+    pod_template,
+    scheduling,
+    secret_env,
+    submitter_template,
+)
 
 LABEL_PIPELINE = "kubeforge.io/pipeline"
 LABEL_STAGE = "kubeforge.io/stage"
@@ -148,10 +155,13 @@ def stage_rayjob(
         mounts=[{"name": "manifest", "mountPath": MANIFEST_DIR, "readOnly": True},
                 {"name": "work", "mountPath": WORKDIR}],
         ports=[{"name": "stage-metrics", "containerPort": STAGE_METRICS_PORT, "protocol": "TCP"}],
+        env_from=secret_env(config.stage_env_secret),
     )
+    # The head (the stage's driver) and the workers may both open the sources: both get the store's variables.
     worker = pod_template(
         "ray-worker", image, worker_resources, scheduling(cluster), labels,
         volumes=[work], mounts=[{"name": "work", "mountPath": WORKDIR}], ports=[],
+        env_from=secret_env(config.stage_env_secret),
     )
     spec: dict[str, Any] = {
         "entrypoint": entrypoint(stage, config, rayjob_name(owner.name, stage, attempt), owner.uid),

@@ -14,6 +14,7 @@ from kubeforge.data import sources
 from kubeforge.data.sources import source_fingerprint, stdlib_files
 from kubeforge.errors import KubeForgeError
 from kubeforge.spec.data import DataSpec, FilesSource, Source, StdlibSource
+from tests.s3_fixtures import ObjectStore
 
 pytestmark = pytest.mark.unit
 
@@ -22,8 +23,8 @@ def files(*paths: str, **options: str) -> FilesSource:
     return FilesSource(type="files", paths=paths, **options)  # type: ignore[arg-type]
 
 
-def read_documents(source_list: list[Source], base_dir: Path) -> list[dict[str, str]]:
-    return list(sources.read_documents(source_list, base_dir))
+def read_documents(source_list: list[Source], base_dir: Path, *field: str) -> list[dict[str, str]]:
+    return list(sources.read_documents(source_list, base_dir, *field))
 
 
 def test_txt_one_document_per_file(tmp_path: Path) -> None:
@@ -125,3 +126,59 @@ def test_a_jsonl_file_read_in_pieces_gives_the_documents_of_reading_it_whole(tmp
     pieced = [d for piece in sources.pieces(file.size, piece_bytes, newlines) for d in sources.documents_of(file, piece)]
     assert pieced == whole
     assert [row for row, _ in whole] == [n + 1 for n in range(40) if n % 4]
+
+
+# --- object-store sources (moto's S3 server, tests/s3_fixtures.py) --------------------------------
+
+def _corpus(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "a.jsonl").write_text(json.dumps({"body": "one"}) + "\n\n" + json.dumps({"body": "two"}) + "\n")
+    pq.write_table(pa.table({"body": ["three", "four"]}), folder / "b.parquet")
+    (folder / "c.txt").write_text("five")
+
+
+def test_object_store_sources_read_like_the_same_local_files(s3_env: ObjectStore, tmp_path: Path) -> None:
+    _corpus(tmp_path / "corpus")
+    bucket = s3_env.new_bucket()
+    s3_env.upload_dir(bucket, tmp_path / "corpus", prefix="corpus/")
+    local = read_documents([files("corpus/*", text_field="body")], tmp_path)
+    remote = read_documents([files(f"s3://{bucket}/corpus/*", text_field="body")], tmp_path)
+    assert [d["text"] for d in remote] == [d["text"] for d in local] == ["one", "two", "three", "four", "five"]
+    assert [d["id"] for d in remote] == [
+        f"s3://{bucket}/corpus/a.jsonl:1", f"s3://{bucket}/corpus/a.jsonl:3", f"s3://{bucket}/corpus/b.parquet#0",
+        f"s3://{bucket}/corpus/b.parquet#1", f"s3://{bucket}/corpus/c.txt",
+    ]
+    assert {d["source"] for d in remote} == {f"s3://{bucket}/corpus/{n}" for n in ("a.jsonl", "b.parquet", "c.txt")}
+
+
+def test_an_object_store_glob_that_matches_nothing_names_the_field(s3_env: ObjectStore, tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("x")
+    bucket = s3_env.new_bucket({"corpus/a.jsonl": json.dumps({"text": "x"}) + "\n"})
+    with pytest.raises(KubeForgeError, match=(
+        rf"^spec\.data\.sources\[1\]\.paths: no file matches 's3://{bucket}/corpus/\*\.parquet', "
+        rf"'s3://{bucket}/other/\*'$"
+    )):
+        read_documents([files("a.txt"), files(f"s3://{bucket}/corpus/*.parquet", f"s3://{bucket}/other/*")], tmp_path)
+    with pytest.raises(KubeForgeError, match=r"^spec\.data\.perplexity\.reference\[0\]\.paths: no file matches 'b\.txt' "):
+        read_documents([files("b.txt")], tmp_path, "spec.data.perplexity.reference")
+
+
+def test_fingerprint_of_an_object_store_source_reads_no_contents(
+    s3_env: ObjectStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kubeforge import filesystems
+
+    bucket = s3_env.new_bucket({"corpus/a.jsonl": json.dumps({"text": "one"}) + "\n"})
+    spec = DataSpec(sources=(files(f"s3://{bucket}/corpus/*.jsonl"),))
+
+    def no_reading(path: str) -> None:
+        raise AssertionError(f"the fingerprint opened {path}")
+
+    from kubeforge.data import sources
+
+    monkeypatch.setattr(filesystems, "open_input", no_reading)
+    monkeypatch.setattr(sources, "open_input", no_reading)
+    before = source_fingerprint(spec, tmp_path)
+    assert source_fingerprint(spec, tmp_path) == before
+    s3_env.upload(bucket, {"corpus/a.jsonl": json.dumps({"text": "one, longer"}) + "\n"})
+    assert source_fingerprint(spec, tmp_path) != before

@@ -330,6 +330,7 @@ def test_operator_environment_per_mode() -> None:
     assert full["KUBEFORGE_OPERATOR_NAMESPACES"] == ""  # empty: cluster-wide
     assert full["KUBEFORGE_OPERATOR_PEERING"] == "kubeforge-prod"
     assert full["KUBEFORGE_OPERATOR_LOG_FORMAT"] == "json"
+    assert full["KUBEFORGE_OPERATOR_STAGE_ENV_SECRET"] == "object-store"
     assert full["KUBEFORGE_OPERATOR_MLFLOW_TRACKING_URI"] == "http://kf-kubeforge-mlflow.kubeforge-system.svc:5000"
     assert full["TZ"] == "UTC"
     two = env_of(operator_container(render(CHART, (CHART / "ci" / "namespaced-two-values.yaml",))))
@@ -396,6 +397,7 @@ def test_mlflow_artifacts_on_a_claim() -> None:
         ("replicaCount=0", "replicaCount"),
         ("replicas=2", "replicas"),
         ("operator.logFormat=xml", "logFormat"),
+        ("operator.stageEnvSecret=Object_Store", "stageEnvSecret"),
         ("operator.watchNamespace[0]=a", "watchNamespace"),
         ("operator.resources.limits=null", "limits"),
         ("podSecurity.runAsUser=0", "runAsUser"),

@@ -186,6 +186,32 @@ def test_the_rayjob_runs_the_stage_entrypoint_and_belongs_to_the_pipeline() -> N
     assert "--tracking-uri" not in stage_rayjob(quickstart(), "data", OWNER, no_uri)["spec"]["entrypoint"]
 
 
+def test_the_stage_env_secret_reaches_the_head_and_workers_of_every_stage() -> None:
+    config = replace(CONFIG, stage_env_secret="object-store")
+    expected = [{"secretRef": {"name": "object-store", "optional": True}}]
+    for stage in STAGES:
+        job = stage_rayjob(quickstart(), stage, OWNER, config)
+        if RAYJOB_CRD.is_file():
+            error = jsonschema.exceptions.best_match(rayjob_validator().iter_errors(job))
+            assert error is None, f"{list(error.absolute_path)}: {error.message}"
+        cluster = job["spec"]["rayClusterSpec"]
+        for template in (cluster["headGroupSpec"]["template"], cluster["workerGroupSpecs"][0]["template"]):
+            validate_builtin({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x", **template["metadata"]},
+                              "spec": template["spec"]})
+            assert template["spec"]["containers"][0]["envFrom"] == expected, stage
+        # The submitter only runs `ray job submit`.
+        assert "envFrom" not in job["spec"]["submitterPodTemplate"]["spec"]["containers"][0]
+    plain = stage_rayjob(quickstart(), "data", OWNER, CONFIG)["spec"]["rayClusterSpec"]
+    assert "envFrom" not in plain["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "envFrom" not in plain["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    env = {"KUBEFORGE_OPERATOR_STAGE_IMAGE": "s:1", "KUBEFORGE_OPERATOR_QUANTIZE_IMAGE": "q:1"}
+    assert OperatorConfig.from_env(env).stage_env_secret is None
+    assert OperatorConfig.from_env({**env, "KUBEFORGE_OPERATOR_STAGE_ENV_SECRET": "object-store"}).stage_env_secret == (
+        "object-store")
+    with pytest.raises(ConfigError, match="KUBEFORGE_OPERATOR_STAGE_ENV_SECRET: 'Object_Store' is not a Secret name"):
+        OperatorConfig.from_env({**env, "KUBEFORGE_OPERATOR_STAGE_ENV_SECRET": "Object_Store"})
+
+
 def test_gpu_stages_request_gpus_and_quantize_uses_its_image() -> None:
     doc = quickstart_document()
     doc["spec"]["pretrain"]["resources"] = {"workers": 4, "cpus_per_worker": 2.5, "use_gpu": True}

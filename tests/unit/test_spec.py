@@ -161,6 +161,29 @@ def test_missing_source_file_is_named(tmp_path: Path) -> None:
     assert load_manifest(path).spec.data.sources[0].type == "files"
 
 
+def test_object_store_sources_validate_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubeforge import filesystems
+
+    def no_store() -> None:
+        raise AssertionError("validation contacted the object store")
+
+    monkeypatch.setattr(filesystems, "_s3", no_store)
+    paths = ["s3://corpus/web/**/*.jsonl", "gs://corpus/a.jsonl", "s3://corpus-*/a.jsonl"]
+    doc = manifest(**{"spec.data.sources": [{"type": "files", "paths": paths}]})
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(SpecError) as info:
+        load_manifest(path)
+    assert [str(p) for p in info.value.problems] == [
+        "spec.data.sources[0].paths[1]: 'gs://corpus/a.jsonl': unsupported scheme 'gs://' (supported: s3://)",
+        "spec.data.sources[0].paths[2]: 's3://corpus-*/a.jsonl': the bucket name cannot be a glob ('corpus-*'); "
+        "globs go in the key",
+    ]
+    doc["spec"]["data"]["sources"][0]["paths"] = paths[:1]
+    path.write_text(yaml.safe_dump(doc))
+    assert load_manifest(path).spec.data.sources[0].paths == ("s3://corpus/web/**/*.jsonl",)
+
+
 def test_yaml_syntax_error_names_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "broken.yaml"
     path.write_text("apiVersion: kubeforge.io/v1alpha1\nkind: [ModelPipeline\n")

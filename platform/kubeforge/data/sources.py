@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import io
 import json
 import os
 import sys
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kubeforge.errors import KubeForgeError
-from kubeforge.filesystems import open_input
+from kubeforge.filesystems import input_error, is_uri, open_input
 from kubeforge.spec.data import DataSpec, FilesSource, Source, StdlibSource, stdlib_dir
 from kubeforge.spec.load import resolve_source_paths
 
@@ -82,8 +83,9 @@ def _format_of(path: str, declared: str) -> str:
     return "txt"
 
 
-def input_files(sources: Sequence[Source], base_dir: Path) -> list[InputFile]:
-    """Every source's files in corpus order; a file listed by two sources is read once."""
+def input_files(sources: Sequence[Source], base_dir: Path, field: str = "spec.data.sources") -> list[InputFile]:
+    """Every source's files in corpus order; a file listed by two sources is read once. `field` is the
+    manifest field the sources come from, which an error names."""
     found: list[InputFile] = []
     seen: set[str] = set()
     for index, source in enumerate(sources):
@@ -92,8 +94,10 @@ def input_files(sources: Sequence[Source], base_dir: Path) -> list[InputFile]:
         else:
             matched = resolve_source_paths(source, base_dir)
             if not matched:
+                # Local paths were checked when the manifest was loaded; object-store URIs are listed only now.
+                looked = "" if all(is_uri(p) for p in source.paths) else f" (looked in {base_dir})"
                 raise KubeForgeError(
-                    f"spec.data.sources[{index}].paths: no file matches {list(source.paths)} (looked in {base_dir})"
+                    f"{field}[{index}].paths: no file matches {', '.join(map(repr, source.paths))}{looked}"
                 )
             listed = [(f.path, f.size, _format_of(f.path, source.format), "") for f in matched]
         text_field = source.text_field if isinstance(source, FilesSource) else "text"
@@ -114,12 +118,24 @@ def _decode(raw: bytes, where: str) -> str:
 
 def _read_whole(path: str) -> str:
     with open_input(path) as handle:
-        return _decode(handle.read(), path)
+        try:
+            raw = handle.read()
+        except OSError as exc:  # an object store failing mid-read
+            raise input_error(path, exc) from None
+    return _decode(raw, path)
 
 
 def _lines(path: str, piece: Piece) -> Iterator[tuple[int, bytes]]:
     """(number, line) of the lines that start in the piece's byte range."""
-    with open_input(path) as handle:
+    try:
+        yield from _lines_of(path, piece)
+    except OSError as exc:  # an object store failing mid-read
+        raise input_error(path, exc) from None
+
+
+def _lines_of(path: str, piece: Piece) -> Iterator[tuple[int, bytes]]:
+    # Object-store files have no readline of their own; a buffer also makes local reads fewer and larger.
+    with io.BufferedReader(open_input(path), buffer_size=1 << 20) as handle:  # type: ignore[arg-type,type-var]
         position = piece.start
         if position > 0:
             handle.seek(position - 1)
@@ -171,7 +187,9 @@ def _parquet_documents(path: str, text_field: str) -> Iterator[tuple[int, Docume
     with open_input(path) as handle:
         try:
             reader = pq.ParquetFile(handle)
-        except (OSError, pa.ArrowException) as exc:
+        except OSError as exc:
+            raise input_error(path, exc) from None
+        except pa.ArrowException as exc:
             raise KubeForgeError(f"{path}: not a readable Parquet file ({exc})") from None
         names = reader.schema_arrow.names
         if text_field not in names:
@@ -189,7 +207,9 @@ def _parquet_documents(path: str, text_field: str) -> Iterator[tuple[int, Docume
                         raise KubeForgeError(f"{path}: row {row}: column '{text_field}' is null")
                     yield row, {"id": f"{path}#{row}", "source": path, "text": value}
                     row += 1
-        except (OSError, pa.ArrowException) as exc:
+        except OSError as exc:  # an object store failing mid-read
+            raise input_error(path, exc) from None
+        except pa.ArrowException as exc:
             raise KubeForgeError(f"{path}: not a readable Parquet file (row {row}: {exc})") from None
 
 
@@ -219,7 +239,10 @@ def count_newlines(path: str, start: int, end: int) -> int:
         handle.seek(start)
         left = end - start
         while left > 0:
-            block = handle.read(min(left, 1 << 24))
+            try:
+                block = handle.read(min(left, 1 << 24))
+            except OSError as exc:  # an object store failing mid-read
+                raise input_error(path, exc) from None
             if not block:
                 break
             count += block.count(b"\n")
@@ -240,9 +263,9 @@ def documents_of(file: InputFile, piece: Piece | None = None) -> Iterator[tuple[
         yield 0, {"id": file.path, "source": file.path, "text": _read_whole(file.path)}
 
 
-def read_documents(sources: Sequence[Source], base_dir: Path) -> Iterator[Document]:
+def read_documents(sources: Sequence[Source], base_dir: Path, field: str = "spec.data.sources") -> Iterator[Document]:
     """Every source's documents, read here (small corpora: the perplexity filter's reference)."""
-    for file in input_files(sources, base_dir):
+    for file in input_files(sources, base_dir, field):
         for _, document in documents_of(file):
             yield document
 

@@ -447,7 +447,7 @@ def _reference_texts(spec: DataSpec, base_dir: Path) -> Iterator[str]:
     from kubeforge.data.normalize import normalize_text
     from kubeforge.data.sources import read_documents
 
-    for document in read_documents(spec.perplexity.reference, base_dir):
+    for document in read_documents(spec.perplexity.reference, base_dir, "spec.data.perplexity.reference"):
         text = document["text"]
         # The model must see text as the filtered documents look at this point of the pipeline.
         yield normalize_text(text, spec.normalize) if spec.normalize.enabled else text

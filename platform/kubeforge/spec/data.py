@@ -6,8 +6,9 @@ import sysconfig
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
+from kubeforge.filesystems import check_uri, is_uri
 from kubeforge.spec.base import StrictModel, Toggle
 
 # Directories of the standard library that are tests or vendored tooling, not library code:
@@ -37,12 +38,24 @@ class StdlibSource(StrictModel):
     """Read at most this many files (sorted by path) — for quick experiments."""
 
 
+def _source_path(path: str) -> str:
+    # An object-store URI's form is checked here, offline; whether it matches objects is known only when
+    # the data stage lists it, with the store's credentials.
+    if is_uri(path):
+        problem = check_uri(path)
+        if problem is not None:
+            raise ValueError(f"'{path}': {problem}")
+    return path
+
+
 class FilesSource(StrictModel):
-    """Local files or globs of `.txt`, `.jsonl` or `.parquet`."""
+    """Files or globs of `.txt`, `.jsonl` or `.parquet`, local or in an object store (`s3://`)."""
 
     type: Literal["files"]
-    paths: Annotated[tuple[str, ...], Field(min_length=1)]
-    """Files or glob patterns; relative paths are resolved against the manifest's directory."""
+    paths: Annotated[tuple[Annotated[str, AfterValidator(_source_path)], ...], Field(min_length=1)]
+    """Files or glob patterns (`*`, `?`, `**`); relative paths are resolved against the manifest's directory.
+    `s3://bucket/key` URIs (globs in the key) are read from S3 or an S3-compatible store with the credentials,
+    region and endpoint of the standard AWS environment variables (docs/stages.md)."""
     format: Literal["auto", "txt", "jsonl", "parquet"] = "auto"
     """`auto` picks the reader from each file's extension."""
     text_field: Annotated[str, Field(min_length=1)] = "text"

@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from kubeforge.errors import Problem, SpecError
-from kubeforge.filesystems import SourceFile, list_files
+from kubeforge.filesystems import SourceFile, is_uri, list_files
 from kubeforge.spec.data import SOURCE_TAGS, FilesSource
 from kubeforge.spec.deployment import ROLLOUT_STRATEGIES, ModelDeployment
 from kubeforge.spec.pipeline import DNS1123_LABEL, ModelPipeline, pipeline_model
@@ -25,7 +25,8 @@ def load_manifest(path: str | Path, check_files: bool = True, overrides: Sequenc
     """Parse and validate a manifest file; raises `SpecError` listing every problem found.
 
     With `check_files`, every local source path must match at least one file (relative paths
-    are resolved against the manifest's directory, as `kubectl` users expect of sibling files).
+    are resolved against the manifest's directory, as `kubectl` users expect of sibling files);
+    object-store URIs are left to the data stage, which lists them with the store's credentials.
     `overrides` are `kubeforge run --set` items, applied before validation (`apply_overrides`).
     """
     path = Path(path)
@@ -146,6 +147,10 @@ def check_source_files(pipeline: ModelPipeline, base_dir: Path) -> None:
         if not isinstance(source, FilesSource):
             continue
         for j, pattern in enumerate(source.paths):
+            if is_uri(pattern):
+                # Validation stays offline (the operator has no credentials for the store; its form is checked
+                # by the model): the data stage reports a URI that matches nothing when it lists the source.
+                continue
             if not list_files((pattern,), base_dir):
                 problems.append(
                     Problem(
