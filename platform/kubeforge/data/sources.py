@@ -135,7 +135,7 @@ def _lines(path: str, piece: Piece) -> Iterator[tuple[int, bytes]]:
 
 def _lines_of(path: str, piece: Piece) -> Iterator[tuple[int, bytes]]:
     # Object-store files have no readline of their own; a buffer also makes local reads fewer and larger.
-    with io.BufferedReader(open_input(path), buffer_size=1 << 20) as handle:  # type: ignore[arg-type,type-var]
+    with io.BufferedReader(open_input(path), buffer_size=1 << 20) as handle:  # type: ignore[type-var]
         position = piece.start
         if position > 0:
             handle.seek(position - 1)
