@@ -87,7 +87,7 @@ def test_a_bucket_corpus_goes_through_the_funnel_like_the_same_local_files(runs:
     assert by_step["exact_dedup"]["documents_in"] - by_step["exact_dedup"]["documents_out"] == 1
     assert by_step["fuzzy_dedup"]["documents_in"] - by_step["fuzzy_dedup"]["documents_out"] == 2
     assert by_step["redact"]["changed"] >= 1
-    documents = {k: pd.read_parquet(runs[k] / "documents.parquet") for k in ("remote", "local")}
+    documents = {k: pd.read_parquet(runs[k] / "documents") for k in ("remote", "local")}
     assert sorted(documents["remote"]["text"]) == sorted(documents["local"]["text"])
     bucket = runs["bucket"]
     assert sorted(documents["remote"]["source"].unique()) == [
