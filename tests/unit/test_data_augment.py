@@ -239,7 +239,7 @@ def paraphrase_spec(url: str, **fields: Any) -> ParaphraseSpec:
 def test_paraphrases_are_new_documents_from_chat_completions(endpoint, monkeypatch) -> None:
     fake = endpoint(echo)
     monkeypatch.setenv("AUGMENT_TEST_KEY", "sk-test-123")
-    spec = paraphrase_spec(fake.url, api_key_env="AUGMENT_TEST_KEY", max_tokens=64, temperature=0.5)
+    spec = paraphrase_spec(fake.url, api_key_env="AUGMENT_TEST_KEY", max_tokens=64, temperature=0.5, sampling_seed=9)
     out, stats = paraphrase_documents(docs("first text", "second text", "third text"), spec)
     assert tuple(out.columns) == COLUMNS
     assert list(out["id"]) == ["doc0#paraphrase", "doc1#paraphrase", "doc2#paraphrase"]
@@ -254,7 +254,7 @@ def test_paraphrases_are_new_documents_from_chat_completions(endpoint, monkeypat
     assert request["path"] == "/v1/chat/completions"
     assert request["headers"]["authorization"] == "Bearer sk-test-123"
     assert request["body"]["model"] == "tiny" and request["body"]["max_tokens"] == 64
-    assert request["body"]["temperature"] == 0.5
+    assert request["body"]["temperature"] == 0.5 and request["body"]["seed"] == 9
     assert sorted(r["body"]["messages"][0]["content"] for r in fake.requests) == [
         "Rewrite: first text", "Rewrite: second text", "Rewrite: third text"]
 
@@ -271,6 +271,7 @@ def test_the_template_keeps_other_braces(endpoint) -> None:
     spec = ParaphraseSpec(endpoint=fake.url, model="tiny", prompt_template='Answer as {"text": ...}: {text}')
     paraphrase_documents(docs("a {b} c"), spec)
     assert fake.requests[0]["body"]["messages"][0]["content"] == 'Answer as {"text": ...}: a {b} c'
+    assert "seed" not in fake.requests[0]["body"]  # sampling_seed null: servers that reject it still answer
 
 
 def test_failed_requests_are_retried_then_succeed(endpoint) -> None:

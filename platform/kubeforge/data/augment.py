@@ -275,7 +275,7 @@ def paraphrase_documents(frame: pd.DataFrame, spec: ParaphraseSpec) -> tuple[pd.
     stats = dict.fromkeys(PARAPHRASE_STATS, 0)
     stats["documents_in"] = len(frame)
     chosen = [
-        (str(doc_id), source, text)
+        (doc_id, source, text)
         for doc_id, source, text in zip(frame["id"], frame["source"], frame["text"], strict=True)
         if paraphrase_selected(str(doc_id), spec)
     ]
@@ -318,7 +318,7 @@ class _Answer:
     completion_tokens: int
 
 
-def _paraphrase(client: openai.OpenAI, spec: ParaphraseSpec, doc_id: str, text: str) -> _Answer:
+def _paraphrase(client: openai.OpenAI, spec: ParaphraseSpec, doc_id: object, text: str) -> _Answer:
     import openai
 
     where = f"augment.paraphrase: {spec.endpoint}"
@@ -327,6 +327,7 @@ def _paraphrase(client: openai.OpenAI, spec: ParaphraseSpec, doc_id: str, text: 
         raw = client.chat.completions.with_raw_response.create(
             model=spec.model, messages=[{"role": "user", "content": prompt}],
             max_tokens=spec.max_tokens, temperature=spec.temperature,
+            seed=openai.omit if spec.sampling_seed is None else spec.sampling_seed,
         )
         completion = raw.parse()
     except openai.APIStatusError as error:

@@ -191,6 +191,9 @@ class ParaphraseSpec(StrictModel):
     """Most tokens generated for one paraphrase."""
     temperature: Annotated[float, Field(ge=0, le=2)] = 0.7
     """Sampling temperature of the paraphrases."""
+    sampling_seed: int | None = None
+    """Sent with each request as `seed`, for servers that sample reproducibly with it (OpenAI, vLLM,
+    `kubeforge serve`); null sends none."""
     max_concurrency: Annotated[int, Field(ge=1, le=256)] = 4
     """Requests in flight at once for each batch of documents a worker paraphrases."""
     max_retries: Annotated[int, Field(ge=0, le=20)] = 3
