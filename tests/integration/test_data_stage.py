@@ -258,3 +258,72 @@ def test_a_stage_killed_after_fuzzy_dedup_resumes_there_and_ends_as_an_uninterru
     assert resumed["funnel"] == uninterrupted.funnel
     assert resumed["dataset_hash"] == uninterrupted.dataset_hash
     assert (done / "removed_duplicates.jsonl").read_text() == (ctx.out_dir / "removed_duplicates.jsonl").read_text()
+
+
+def _prose_corpus(path: Path, documents: int) -> list[str]:
+    rng = random.Random(1)
+    words = ["river", "stone", "quiet", "morning", "garden", "window", "people", "letter", "simple", "happy",
+             "journey", "answer", "story"]
+    texts = [
+        " ".join(rng.choice(words).capitalize() if k % 9 == 0 else rng.choice(words) for k in range(60)) + "."
+        for _ in range(documents)
+    ]
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    return texts
+
+
+def test_augmented_copies_follow_their_originals_into_the_split_documents_and_funnel(
+    ray_local: Any, tmp_path: Path
+) -> None:
+    _prose_corpus(tmp_path / "prose.jsonl", 40)
+    pipeline = pipeline_with({
+        "sources": [{"type": "files", "paths": ["prose.jsonl"]}],
+        "fuzzy_dedup": {"enabled": False}, "quality": {"min_chars": 50},
+        "augment": {"enabled": True, "synonyms": {"replace_fraction": 0.3, "copies": 2}},
+        "tokenizer": {"vocab_size": 400}, "packing": {"seq_len": 32, "validation_fraction": 0.2, "test_fraction": 0.2},
+    })
+    ctx, _ = data_context(tmp_path, pipeline)
+    result = run(pipeline.spec.data, ctx)
+    row = {r["step"]: r for r in result.funnel}["augment"]
+    documents = _documents(ctx.out_dir)
+    copies = documents[documents["augmentation"] == "synonyms"]
+    assert row["enabled"] and row["documents_out"] - row["documents_in"] == len(copies) > 0
+    assert row["details"]["made"]["synonyms.documents_out"] == len(copies)
+    originals = documents[documents["augmentation"].isna()].set_index("id")
+    assert len(originals) == row["documents_in"]
+    assert all(c.startswith(f"{o}#synonyms-") for c, o in zip(copies["id"], copies["augmented_from"], strict=True))
+    assert list(copies["split"]) == list(originals.loc[copies["augmented_from"], "split"]), "a copy in another split"
+    assert (copies["text"].to_numpy() != originals.loc[copies["augmented_from"], "text"].to_numpy()).all()
+    ids = list(documents["id"])
+    assert all(ids.index(copy) > ids.index(origin) for copy, origin in zip(copies["id"], copies["augmented_from"], strict=True))
+    assert sum(result.num_documents.values()) == len(documents)
+
+
+def test_bad_input_read_by_a_worker_fails_the_stage_with_one_line_naming_the_file(
+    ray_local: Any, tmp_path: Path
+) -> None:
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 this is not a parquet file PAR1")
+    pipeline = pipeline_with({"sources": [{"type": "files", "paths": ["broken.parquet"]}]})
+    ctx, _ = data_context(tmp_path, pipeline)
+    with pytest.raises(StageError) as failed:
+        run(pipeline.spec.data, ctx)
+    assert str(failed.value).startswith(f"stage data: {tmp_path / 'broken.parquet'}: not a readable Parquet file")
+    assert "Traceback" not in str(failed.value) and "\n" not in str(failed.value)
+    assert not list(ctx.out_dir.glob("steps/*/counts.json")), "no step counted as finished"
+
+
+def test_a_big_jsonl_file_is_read_in_pieces_and_a_bad_line_is_named_with_its_number(
+    ray_local: Any, tmp_path: Path
+) -> None:
+    from kubeforge.data import tasks
+
+    _prose_corpus(tmp_path / "big.jsonl", 300)
+    # Big enough for three pieces: the bad line is in the last one, read by its own worker.
+    copies = -(-3 * tasks.PART_BYTES // (tmp_path / "big.jsonl").stat().st_size)
+    lines = (tmp_path / "big.jsonl").read_text().splitlines() * copies
+    lines[-5] = "{not json"
+    (tmp_path / "big.jsonl").write_text("\n".join(lines) + "\n")
+    pipeline = pipeline_with({"sources": [{"type": "files", "paths": ["big.jsonl"]}]})
+    ctx, _ = data_context(tmp_path, pipeline)
+    with pytest.raises(StageError, match=rf"^stage data: {tmp_path / 'big.jsonl'}:{len(lines) - 4}: not valid JSON \("):
+        run(pipeline.spec.data, ctx)

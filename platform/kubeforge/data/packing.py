@@ -71,19 +71,30 @@ def assign_splits(doc_ids: Sequence[str], spec: PackingSpec) -> list[str]:
     return splits
 
 
+def _split_ids(frame: Any) -> list[str]:
+    """The id that decides each document's split: a copy's is its original's, so that the two share it."""
+    if "augmented_from" not in frame.columns:
+        return list(frame["id"])
+    return list(frame["augmented_from"].fillna(frame["id"]))
+
+
 def _splits_of(frame: Any, spec: PackingSpec, moved: dict[str, str]) -> list[str]:
-    """`moved` is keyed by the document's `idx` as a string (it travels as JSON)."""
-    pairs = zip(frame["idx"], frame["id"], strict=True)
-    return [moved.get(str(idx)) or split_of(doc_id, spec) for idx, doc_id in pairs]
+    """`moved` is keyed by the original document's `idx` as a string (it travels as JSON)."""
+    pairs = zip(frame["idx"], _split_ids(frame), strict=True)
+    return [moved.get(str(idx & tasks.ORIGINAL)) or split_of(doc_id, spec) for idx, doc_id in pairs]
 
 
 def count_splits(item: dict[str, Any], spec: PackingSpec) -> dict[str, Any]:
     """A part's documents per split, its training characters, and its two training documents of
     smallest position (for `overrides`)."""
-    frame = tasks.read_part(item["part"], ["idx", "id", "text"])
-    splits = [split_of(i, spec) for i in frame["id"]]
+    frame = tasks.read_part(item["part"], ["idx", "id", "text", "augmented_from"])
+    split_ids = _split_ids(frame)
+    splits = [split_of(i, spec) for i in split_ids]
     train = [n for n, split in enumerate(splits) if split == "train"]
-    first = sorted((split_position(frame["id"].iat[n], spec.seed), int(frame["idx"].iat[n])) for n in train)[:2]
+    first = sorted(
+        (split_position(split_ids[n], spec.seed), int(frame["idx"].iat[n])) for n in train
+        if frame["idx"].iat[n] == frame["idx"].iat[n] & tasks.ORIGINAL
+    )[:2]
     return {
         "documents_in": len(frame), "documents": dict(Counter(splits)),
         "train_characters": int(frame["text"].iloc[train].str.len().sum()) if train else 0, "first_train": first,
@@ -96,7 +107,7 @@ def training_texts(
     """The texts of the training split's documents for which `keep(doc_id)`, in corpus order."""
     texts: list[str] = []
     for part in parts:
-        frame = tasks.read_part(part, ["idx", "id", "text"])
+        frame = tasks.read_part(part, ["idx", "id", "text", "augmented_from"])
         for doc_id, text, split in zip(frame["id"], frame["text"], _splits_of(frame, spec, moved), strict=True):
             if split == "train" and keep(doc_id):
                 texts.append(text)
@@ -122,7 +133,7 @@ def tokenize_part(
     """Tokenise a part: `<work>/<part>.<split>.npy` holds its documents of that split, each followed by
     eos; and write the part's documents with their split, for the stage's `documents/`."""
     tokenizer = _load_tokenizer(tokenizer_dir)
-    frame = tasks.read_part(item["part"], ["idx", "id", "source", "text"])
+    frame = tasks.read_part(item["part"], ["idx", "id", "source", "text", "augmented_from", "augmentation"])
     splits = _splits_of(frame, spec, moved)
     texts = list(frame["text"])
     streams: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
@@ -140,7 +151,7 @@ def tokenize_part(
         stream = np.concatenate(pieces) if pieces else np.empty(0, dtype=np.int32)
         np.save(Path(work) / f"{stem}.{split}.npy", stream)
         tokens[split] = len(stream)
-    documents = frame[["id", "source", "text"]].assign(split=splits)
+    documents = frame.drop(columns="idx").assign(split=splits)
     tasks.write_part(documents, Path(documents_out) / Path(item["part"]).name)
     return {"documents_in": len(frame), "documents": dict(Counter(splits)), "tokens": tokens}
 

@@ -1,5 +1,5 @@
 """The data stage's document steps: read -> normalize -> exact_dedup -> fuzzy_dedup -> quality ->
-perplexity -> redact.
+perplexity -> redact -> augment.
 
 Each step reads the parts the step before kept and writes the parts it keeps (`kubeforge.data.tasks`),
 every part in a Ray worker; the driver receives counts. Deduplication is a hash aggregation across
@@ -25,7 +25,7 @@ from kubeforge.context import StageContext
 from kubeforge.data import tasks
 from kubeforge.data.card import StepCounts
 from kubeforge.errors import StageError
-from kubeforge.spec.data import DataSpec, NormalizeStep, QualityStep, RedactStep
+from kubeforge.spec.data import AugmentStep, DataSpec, NormalizeStep, QualityStep, RedactStep
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -148,6 +148,33 @@ def _redact(frame: pd.DataFrame, step: RedactStep) -> tuple[pd.DataFrame, dict[s
         for kind in KINDS:
             totals[kind] += found[kind]
     return frame.assign(text=texts), {"changed": changed, "replacements": totals}
+
+
+def _augment(frame: pd.DataFrame, step: AugmentStep) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The part's documents, each followed by its copies (`kubeforge.data.augment`)."""
+    import pandas as pd
+
+    from kubeforge.data.augment import paraphrase_documents, synonym_documents
+
+    made: list[pd.DataFrame] = []
+    stats: dict[str, int] = {}
+    if step.synonyms is not None:
+        copies, counts = synonym_documents(frame, step.synonyms)
+        number = copies["id"].str.rsplit("-", n=1).str[-1].astype(int)
+        made.append(copies.assign(copy=number))
+        stats |= {f"synonyms.{name}": value for name, value in counts.items()}
+    if step.paraphrase is not None:
+        copies, counts = paraphrase_documents(frame, step.paraphrase)
+        made.append(copies.assign(copy=(step.synonyms.copies if step.synonyms else 0) + 1))
+        stats |= {f"paraphrase.{name}": value for name, value in counts.items()}
+    originals = frame.assign(augmented_from=None, augmentation=None, copy=0)
+    copies = pd.concat(made, ignore_index=True)
+    position = dict(zip(frame["id"], frame["idx"], strict=True))
+    copies["idx"] = [position[origin] | (copy << tasks.COPY_SHIFT)
+                     for origin, copy in zip(copies["augmented_from"], copies["copy"], strict=True)]
+    both = pd.concat([originals, copies[originals.columns]], ignore_index=True)
+    both = both.assign(original=both["idx"] & tasks.ORIGINAL).sort_values(["original", "copy"], kind="stable")
+    return both.drop(columns=["original", "copy"]).reset_index(drop=True), {"made": stats}
 
 
 def _drop(frame: pd.DataFrame, drop: str, look_up: str) -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -480,7 +507,18 @@ def redact(step_in: StepInput, spec: DataSpec, ctx: StageContext) -> StepOutput:
     return StepOutput(counts)
 
 
+def augment(step_in: StepInput, spec: DataSpec, ctx: StageContext) -> StepOutput:
+    from kubeforge.data.augment import preflight
+
+    if not spec.augment.enabled:
+        return _unchanged("augment", step_in)
+    preflight(spec.augment)
+    results, counts = _map_parts(step_in, _augment, {"step": spec.augment}, ctx, "augment")
+    counts.details = {"made": _add_up(results, "made")}
+    return StepOutput(counts)
+
+
 DOCUMENT_STEPS: tuple[tuple[str, Step], ...] = (
     ("read", read), ("normalize", normalize), ("exact_dedup", exact_dedup), ("fuzzy_dedup", fuzzy_dedup),
-    ("quality", quality), ("perplexity", perplexity), ("redact", redact),
+    ("quality", quality), ("perplexity", perplexity), ("redact", redact), ("augment", augment),
 )

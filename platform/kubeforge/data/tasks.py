@@ -2,7 +2,9 @@
 
 The corpus lives on disk as *parts*: Parquet files of at most about `PART_BYTES` of text, named so
 that sorting their names gives corpus order, with the columns `idx` (the document's position in the
-corpus: its file's number times 2^32 plus its line or row), `id`, `source` and `text`. A step is a
+corpus: its file's number times 2^32 plus its line or row; a copy made by the augment step adds its
+copy number times 2^56), `id`, `source` and `text`, and after the augment step `augmented_from` and
+`augmentation` (null for the documents read). A step is a
 function of one work item (a part, a bucket of keys, a shard to write) that a worker runs and that
 writes its own output next to the others'; it returns a small dict of counts, and all the driver
 ever holds are those dicts. Ray Data schedules the items (`from_items` and `map_batches`), one block
@@ -29,6 +31,9 @@ PART_BYTES = 8 << 20
 """Text per part: small enough that a worker holds a few parts' frames, large enough that reading
 and writing a part costs far more than scheduling it."""
 COLUMNS = ("idx", "id", "source", "text")
+COPY_SHIFT = 56
+ORIGINAL = (1 << COPY_SHIFT) - 1
+"""`idx & ORIGINAL`: the position of the document a copy was made from (itself for an original)."""
 
 Work = Callable[..., dict[str, Any]]
 
@@ -43,9 +48,13 @@ def parts_of(folder: Path) -> list[Path]:
 
 
 def read_part(path: str | Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """The part's documents; of `columns`, those it has (the augment step's come after it only)."""
     import pyarrow.parquet as pq
 
-    return pq.read_table(path, columns=list(columns) if columns is not None else None).to_pandas()
+    if columns is not None:
+        present = set(pq.read_schema(path).names)
+        columns = [column for column in columns if column in present]
+    return pq.read_table(path, columns=columns).to_pandas()
 
 
 def write_part(frame: pd.DataFrame, path: str | Path) -> None:
