@@ -24,9 +24,14 @@ dropped from its environment). Reported per size:
   GCS), sampled with psutil every 50 ms; "shared" is the shared part (file-backed and shm pages,
   the object store's included) of RSS at that peak sample; the ratio is against the smallest size.
 
-Run (the defaults take a few minutes on a 2-core machine; 300 MB needs a few GB of free memory):
+With `--nodes N`, the script starts a Ray cluster of N nodes on this machine first (`ray start
+--head` and N-1 `ray start --address`, each with `--num-cpus` CPUs, its own raylet and object store),
+runs every size on it (`RAY_ADDRESS`), and reports each node's share of the data stage's Ray tasks
+and their busy seconds, read from Ray's state API (`ray.util.state.list_tasks`).
 
-    .venv/bin/python benchmarks/bench_data_scale.py [--sizes 30,121,300] [--num-cpus N] [--keep DIR]
+Run (the defaults take a few minutes on a 2-core machine):
+
+    .venv/bin/python benchmarks/bench_data_scale.py [--sizes 30,121,1000] [--num-cpus N] [--nodes N] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import argparse
 import contextlib
 import importlib.metadata
 import json
+import logging
 import os
 import platform
 import shutil
@@ -148,7 +154,53 @@ def write_corpus(path: Path, megabytes: float, duplicates: float, seed: int) -> 
     return stats
 
 
-def run_data_stage(root: Path, corpus: Path, num_cpus: int | None) -> dict[str, Any]:
+def start_cluster(nodes: int, num_cpus: int, root: Path) -> tuple[str, list[str]]:
+    """A head node and `nodes - 1` worker nodes on this machine; (address, node ids)."""
+    import ray
+
+    port = 6390
+    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0"}
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    common = [f"--num-cpus={num_cpus}", "--disable-usage-stats"]
+    subprocess.run([ray_cli, "start", "--head", f"--port={port}", f"--temp-dir={root / 'ray'}", *common],
+                   check=True, env=env, capture_output=True)
+    address = f"127.0.0.1:{port}"
+    for _ in range(nodes - 1):
+        subprocess.run([ray_cli, "start", f"--address={address}", *common], check=True, env=env, capture_output=True)
+    ray.init(address=address, logging_level=logging.ERROR)
+    node_ids = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
+    ray.shutdown()
+    return address, node_ids
+
+
+def stop_cluster() -> None:
+    subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], capture_output=True)
+
+
+def work_per_node(address: str) -> dict[str, tuple[int, float]]:
+    """(tasks, busy seconds) per node of the finished data-stage tasks (Ray Data's `MapBatches` tasks)."""
+    import ray
+    from ray.util.state import list_tasks
+
+    ray.init(address=address, logging_level=logging.ERROR)
+    try:
+        found = list_tasks(
+            filters=[("state", "=", "FINISHED")], limit=100_000, detail=True, raise_on_missing_output=False
+        )
+    finally:
+        ray.shutdown()
+    per_node: dict[str, tuple[int, float]] = {}
+    for task in found:
+        if not str(task.name).startswith("MapBatches"):
+            continue
+        busy = (task.end_time_ms - task.start_time_ms) / 1000 if task.end_time_ms and task.start_time_ms else 0.0
+        node = str(task.node_id)
+        count, seconds = per_node.get(node, (0, 0.0))
+        per_node[node] = (count + 1, seconds + busy)
+    return per_node
+
+
+def run_data_stage(root: Path, corpus: Path, num_cpus: int | None, address: str | None = None) -> dict[str, Any]:
     """`kubeforge run` on a data-only manifest in a fresh work directory under `root`, sampling the
     driver's RSS; returns the data stage's result.json with the samples' peak and the wall time."""
     manifest = root / "manifest.yaml"
@@ -158,9 +210,11 @@ def run_data_stage(root: Path, corpus: Path, num_cpus: int | None) -> dict[str, 
     }))
     workdir = root / "work"
     command = [sys.executable, "-m", "kubeforge.cli", "run", str(manifest), "--workdir", str(workdir), "--no-metrics"]
-    if num_cpus:
+    if num_cpus and not address:
         command += ["--num-cpus", str(num_cpus)]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    if address:
+        env["RAY_ADDRESS"] = address
     log = root / "run.log"
     peak_rss = peak_shared = 0
     started = time.monotonic()
@@ -209,6 +263,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray runtime (default: all)")
     parser.add_argument("--keep", type=Path, help="keep corpora, manifests, logs and work directories here")
+    parser.add_argument("--nodes", type=int, help="run on a Ray cluster of this many nodes on this machine")
     args = parser.parse_args()
     sizes = sorted(float(s) for s in args.sizes.split(","))
 
@@ -216,27 +271,16 @@ def main() -> None:
           f"{platform.python_version()}, Ray {importlib.metadata.version('ray')}")
     with tempfile.TemporaryDirectory(prefix="bench-data-scale-") as tmp:
         base = args.keep or Path(tmp)
+        address = None
+        if args.nodes:
+            address, node_ids = start_cluster(args.nodes, args.num_cpus or 1, Path(tmp))
+            print(f"cluster: {len(node_ids)} nodes of {args.num_cpus or 1} CPUs at {address}")
         rows = []
-        for size in sizes:
-            root = base / f"{size:g}MB"
-            shutil.rmtree(root, ignore_errors=True)
-            root.mkdir(parents=True)
-            corpus = root / "corpus.jsonl"
-            cpu = time.process_time()
-            made = write_corpus(corpus, size, args.duplicates, args.seed)
-            print(f"{size:g} MB: {made['documents']:,} documents ({made['exact']:,} exact and {made['near']:,} "
-                  f"near copies) generated in {time.process_time() - cpu:.1f} CPU s; running the data stage")
-            result = run_data_stage(root, corpus, args.num_cpus)
-            removed = {row["step"]: row["removed"] for row in result["funnel"]}
-            rows.append({
-                "mb": made["bytes"] / 1e6, "docs_in": result["funnel"][0]["documents_in"],
-                "docs_out": result["funnel"][-1]["documents_out"], "exact": removed["exact_dedup"],
-                "near": removed["fuzzy_dedup"], "quality": removed["quality"],
-                "stage_s": result["_kubeforge"]["duration_seconds"], "wall_s": result["wall_seconds"],
-                "rss": result["peak_rss"] / 2**20, "shared": result["peak_shared"] / 2**20,
-            })
-            if not args.keep:
-                shutil.rmtree(root)
+        try:
+            rows = run_sizes(sizes, base, args, address)
+        finally:
+            if args.nodes:
+                stop_cluster()
 
     print(f"{'MB':>7}{'docs in':>10}{'docs out':>10}{'exact rm':>9}{'near rm':>8}{'qual rm':>8}{'stage s':>9}"
           f"{'wall s':>8}{'MB/s':>7}{'peak RSS MiB':>13}{'shared':>8}{'RSS ratio':>10}")
@@ -244,7 +288,37 @@ def main() -> None:
         print(f"{r['mb']:>7.1f}{r['docs_in']:>10,}{r['docs_out']:>10,}{r['exact']:>9,}{r['near']:>8,}"
               f"{r['quality']:>8,}{r['stage_s']:>9.1f}{r['wall_s']:>8.1f}{r['mb'] / r['stage_s']:>7.2f}"
               f"{r['rss']:>13.0f}{r['shared']:>8.0f}{r['rss'] / rows[0]['rss']:>10.2f}")
+        for node, (tasks, busy) in sorted(r.get("nodes", {}).items()):
+            print(f"        node {node[:12]}: {tasks} tasks, {busy:.1f} s busy")
 
 
-if __name__ == "__main__":
-    main()
+def run_sizes(sizes: list[float], base: Path, args: argparse.Namespace, address: str | None) -> list[dict[str, Any]]:
+    rows = []
+    before: dict[str, tuple[int, float]] = {}
+    for size in sizes:
+        root = base / f"{size:g}MB"
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        corpus = root / "corpus.jsonl"
+        cpu = time.process_time()
+        made = write_corpus(corpus, size, args.duplicates, args.seed)
+        print(f"{size:g} MB: {made['documents']:,} documents ({made['exact']:,} exact and {made['near']:,} "
+              f"near copies) generated in {time.process_time() - cpu:.1f} CPU s; running the data stage")
+        result = run_data_stage(root, corpus, args.num_cpus, address)
+        nodes = {}
+        if address:  # the cluster's task history is cumulative: this size's share is the difference
+            now = work_per_node(address)
+            nodes = {node: (tasks - before.get(node, (0, 0.0))[0], busy - before.get(node, (0, 0.0))[1])
+                     for node, (tasks, busy) in now.items()}
+            before = now
+        removed = {row["step"]: row["removed"] for row in result["funnel"]}
+        rows.append({
+            "mb": made["bytes"] / 1e6, "docs_in": result["funnel"][0]["documents_in"],
+            "docs_out": result["funnel"][-1]["documents_out"], "exact": removed["exact_dedup"],
+            "near": removed["fuzzy_dedup"], "quality": removed["quality"],
+            "stage_s": result["_kubeforge"]["duration_seconds"], "wall_s": result["wall_seconds"],
+            "rss": result["peak_rss"] / 2**20, "shared": result["peak_shared"] / 2**20, "nodes": nodes,
+        })
+        if not args.keep:
+            shutil.rmtree(root)
+    return rows

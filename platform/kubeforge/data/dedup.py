@@ -56,6 +56,8 @@ def exact_keys(texts: Sequence[str]) -> np.ndarray:
 def pairs_in_groups(k1: np.ndarray, k2: np.ndarray, idx: np.ndarray, neighbours: bool) -> np.ndarray:
     """Unique (i, j), i < j, pairs of documents `idx` that share a key (k1, k2): each member against its
     group's first (smallest) member, and with `neighbours` also each against the next one."""
+    if not len(idx):
+        return np.empty((0, 2), dtype=np.int64)
     order = np.lexsort((idx, k2, k1))
     k1, k2, members = k1[order], k2[order], idx[order].astype(np.int64)
     same = (k1[1:] == k1[:-1]) & (k2[1:] == k2[:-1])
