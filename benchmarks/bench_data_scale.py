@@ -322,3 +322,7 @@ def run_sizes(sizes: list[float], base: Path, args: argparse.Namespace, address:
         if not args.keep:
             shutil.rmtree(root)
     return rows
+
+
+if __name__ == "__main__":
+    main()
