@@ -321,11 +321,16 @@ def _unchanged(step: str, step_in: StepInput, details: dict[str, Any] | None = N
     return passthrough(step, step_in.documents, step_in.characters, enabled=details is not None, details=details)
 
 
+_PARTITION_KEYS = 4_000_000
+
+
 def _group_pairs(step_in: StepInput, ctx: StageContext, label: str, kind: str, options: dict[str, Any]) -> np.ndarray:
     """(i, j) pairs of documents that share a key, from keys emitted part by part and grouped by partition."""
     import ray
 
-    buckets = max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    # Every core busy, and no partition of more than about _PARTITION_KEYS keys (a worker's memory).
+    keys = step_in.documents * options.get("bands", 1)
+    buckets = max(2 * int(ray.cluster_resources().get("CPU", 1)), -(-keys // _PARTITION_KEYS))
     work = str(step_in.work)
     tasks.run(
         [{"part": str(p)} for p in step_in.parts], _emit_keys,
