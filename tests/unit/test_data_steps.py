@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kubeforge.data import steps, tasks
+from kubeforge.data import dedup_steps, step_io, steps, tasks
 from kubeforge.data.perplexity import train
 from kubeforge.spec.data import NormalizeStep, QualityStep, RedactStep
 
@@ -32,14 +32,14 @@ def part(tmp_path: Path, texts: list[str], first: int = 0, name: str = "part-a.p
 
 def test_a_part_is_transformed_into_a_part_of_the_same_name_with_its_counts(tmp_path: Path) -> None:
     path = part(tmp_path, ["a  \r\nb", "clean", "x\t \n"])
-    counts = steps._transform_part({"part": str(path)}, steps._normalize, {"step": NormalizeStep()}, str(tmp_path / "out"))
+    counts = step_io.transform_part({"part": str(path)}, steps._normalize, {"step": NormalizeStep()}, str(tmp_path / "out"))
     assert counts == {"documents_in": 3, "documents_out": 3, "characters_in": 15, "characters_out": 10, "changed": 2}
     assert list(tasks.read_part(tmp_path / "out" / path.name)["text"]) == ["a\nb", "clean", "x\n"]
 
 
 def test_a_part_that_keeps_nothing_writes_nothing(tmp_path: Path) -> None:
     path = part(tmp_path, ["short", "tiny"])
-    counts = steps._transform_part({"part": str(path)}, steps._quality, {"step": QualityStep()}, str(tmp_path / "out"))
+    counts = step_io.transform_part({"part": str(path)}, steps._quality, {"step": QualityStep()}, str(tmp_path / "out"))
     assert (counts["documents_out"], counts["removed_by_rule"]) == (0, {"min_chars": 2})
     assert not (tmp_path / "out").exists()
 
@@ -64,9 +64,9 @@ def test_exact_duplicates_across_parts_are_grouped_by_partition_keeping_the_firs
     work = tmp_path / "work"
     work.mkdir()
     for path in (first, second):
-        steps._emit_keys({"part": str(path)}, "exact", {}, 3, str(work))
+        dedup_steps._emit_keys({"part": str(path)}, "exact", {}, 3, str(work))
     pairs = np.concatenate([
-        np.load(work / f"pairs-{b:05d}.npy") if steps._group_partition(
+        np.load(work / f"pairs-{b:05d}.npy") if dedup_steps._group_partition(
             {"bucket": b}, [first.stem, second.stem], False, str(work))["pairs"] else np.empty((0, 2), dtype=np.int64)
         for b in range(3)
     ])
@@ -77,7 +77,7 @@ def test_drop_removes_the_given_documents_and_looks_up_the_ids_asked_for(tmp_pat
     frame = tasks.read_part(part(tmp_path, ["a", "b", "c", "d"]))
     np.save(tmp_path / "drop.npy", np.array([1, 3]))
     np.save(tmp_path / "look_up.npy", np.array([0, 3]))
-    kept, counts = steps._drop(frame, str(tmp_path / "drop.npy"), str(tmp_path / "look_up.npy"))
+    kept, counts = dedup_steps._drop(frame, str(tmp_path / "drop.npy"), str(tmp_path / "look_up.npy"))
     assert list(kept["idx"]) == [0, 2]
     assert counts["found"] == [[0, "d0", "s"], [3, "d3", "s"]]
 

@@ -22,7 +22,8 @@ from kubeforge.context import StageContext
 from kubeforge.data import tasks
 from kubeforge.data.card import StepCounts, build_card, write_card
 from kubeforge.data.saved_steps import SavedSteps
-from kubeforge.data.steps import DOCUMENT_STEPS, StepInput, passthrough
+from kubeforge.data.step_io import StepInput, passthrough
+from kubeforge.data.steps import DOCUMENT_STEPS
 from kubeforge.errors import StageError
 from kubeforge.spec.data import DataSpec
 from kubeforge.stages.data import DataResult

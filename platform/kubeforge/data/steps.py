@@ -2,20 +2,15 @@
 perplexity -> redact -> augment.
 
 Each step reads the parts the step before kept and writes the parts it keeps (`kubeforge.data.tasks`),
-every part in a Ray worker; the driver receives counts. Deduplication is a hash aggregation across
-workers: each part's keys (a text's digest, or the bands of its MinHash signature) go to files
-partitioned by key, each partition is grouped by its own worker, and only the pairs of documents that
-share a key come back to the driver: their number grows with the duplicates, not with the corpus.
-Near-duplicate candidates are then verified by the exact Jaccard similarity of their shingle sets,
-computed in workers for the candidates' documents only, and clustered in the driver; each cluster
-keeps its first document in corpus order.
+every part in a Ray worker; the driver receives counts. The deduplication steps are in
+`kubeforge.data.dedup_steps`.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +18,8 @@ import numpy as np
 
 from kubeforge.context import StageContext
 from kubeforge.data import tasks
-from kubeforge.data.card import StepCounts
+from kubeforge.data.dedup_steps import exact_dedup, fuzzy_dedup
+from kubeforge.data.step_io import Step, StepInput, StepOutput, add_up, characters, map_parts, passthrough, unchanged
 from kubeforge.errors import StageError
 from kubeforge.spec.data import AugmentStep, DataSpec, NormalizeStep, QualityStep, RedactStep
 
@@ -34,39 +30,8 @@ if TYPE_CHECKING:
     from kubeforge.data.sources import InputFile, Piece
 
 
-@dataclass
-class StepInput:
-    parts: list[Path]
-    """The documents of the step before, as parts in corpus order (none for `read`)."""
-    documents: int
-    """How many documents they hold..."""
-    characters: int
-    """... and characters."""
-    out: Path
-    """Where the step writes the parts it keeps."""
-    work: Path
-    """The step's scratch folder."""
-
-
-@dataclass
-class StepOutput:
-    counts: StepCounts
-    removed: list[dict[str, Any]] = field(default_factory=list)
-    """The duplicates the step removed, each with the document it duplicates."""
-
-
-Step = Callable[[StepInput, DataSpec, StageContext], StepOutput]
-
-Transform = Callable[..., "tuple[pd.DataFrame, dict[str, Any]]"]
-"""A step's work on one part's documents: the documents it keeps, and counts to add up."""
-
-
 # ---------------------------------------------------------------------------------------------
 # work on one item, in a Ray worker: module-level, so that workers import them by name
-
-
-def _characters(frame: pd.DataFrame) -> int:
-    return int(frame["text"].str.len().sum()) if len(frame) else 0
 
 
 def _part_rows(file: InputFile, piece: Piece | None) -> Iterator[list[tuple[int, str, str, str]]]:
@@ -91,26 +56,15 @@ def _read_files(item: dict[str, Any], out: str) -> dict[str, Any]:
     from kubeforge.data.sources import InputFile, Piece
 
     piece = Piece(item["start"], item["end"], item["first_line"]) if "piece" in item else None
-    documents = characters = 0
+    documents = text = 0
     for entry in item["files"]:
         file = InputFile(**entry)
         for sequence, rows in enumerate(_part_rows(file, piece)):
             frame = pd.DataFrame(rows, columns=list(tasks.COLUMNS))
             tasks.write_part(frame, Path(out) / tasks.part_name(file.number, item.get("piece", 0), sequence))
             documents += len(frame)
-            characters += _characters(frame)
-    return {"documents_in": documents, "characters": characters}
-
-
-def _transform_part(item: dict[str, Any], transform: Transform, options: dict[str, Any], out: str) -> dict[str, Any]:
-    before = tasks.read_part(item["part"])
-    after, counts = transform(before, **options)
-    if len(after):
-        tasks.write_part(after, Path(out) / Path(item["part"]).name)
-    return {
-        "documents_in": len(before), "documents_out": len(after),
-        "characters_in": _characters(before), "characters_out": _characters(after), **counts,
-    }
+            text += characters(frame)
+    return {"documents_in": documents, "characters": text}
 
 
 def _normalize(frame: pd.DataFrame, step: NormalizeStep) -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -195,185 +149,6 @@ def _augment(frame: pd.DataFrame, step: AugmentStep) -> tuple[pd.DataFrame, dict
     return both.drop(columns=["original", "copy"]).reset_index(drop=True), {"made": stats}
 
 
-def _drop(frame: pd.DataFrame, drop: str, look_up: str) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The documents not in `drop`, and the id and source of those in `look_up` (both .npy of idx)."""
-    idx = frame["idx"].to_numpy()
-    wanted = frame[np.isin(idx, np.load(look_up))]
-    found = [[int(i), str(d), str(s)] for i, d, s in zip(wanted["idx"], wanted["id"], wanted["source"], strict=True)]
-    return frame[~np.isin(idx, np.load(drop))], {"found": found}
-
-
-_BUCKETED = np.dtype([("k1", "<u8"), ("k2", "<u8"), ("idx", "<i8")])
-
-
-def _emit_keys(item: dict[str, Any], kind: str, options: dict[str, Any], buckets: int, work: str) -> dict[str, Any]:
-    """A part's keys, sorted by partition (`k1 % buckets`), and where each partition starts."""
-    from kubeforge.data import dedup
-
-    frame = tasks.read_part(item["part"], ["idx", "text"])
-    texts, idx = list(frame["text"]), frame["idx"].to_numpy(dtype=np.int64)
-    if kind == "exact":
-        keys = dedup.exact_keys(texts)
-        k1, k2, members = keys[:, 0], keys[:, 1], idx
-    else:
-        sigs, has_words = dedup.signatures(texts, options["shingle_size"], options["num_perm"], options["seed"])
-        bands = dedup.band_keys(sigs[has_words], options["bands"], options["rows"])
-        k1 = bands.ravel()
-        k2 = np.broadcast_to(np.arange(options["bands"], dtype=np.uint64), bands.shape).ravel()
-        members = np.broadcast_to(idx[has_words][:, None], bands.shape).ravel()
-    records = np.empty(len(k1), dtype=_BUCKETED)
-    records["k1"], records["k2"], records["idx"] = k1, k2, members
-    partition = records["k1"] % np.uint64(buckets)
-    order = np.argsort(partition, kind="stable")
-    stem = Path(item["part"]).stem
-    np.save(Path(work) / f"{stem}.keys.npy", records[order])
-    np.save(Path(work) / f"{stem}.starts.npy", np.searchsorted(partition[order], np.arange(buckets + 1)))
-    return {"documents_in": len(frame)}
-
-
-def _group_partition(item: dict[str, Any], stems: list[str], neighbours: bool, work: str) -> dict[str, Any]:
-    from kubeforge.data.dedup import pairs_in_groups
-
-    bucket = item["bucket"]
-    chunks = []
-    for stem in stems:
-        starts = np.load(Path(work) / f"{stem}.starts.npy")
-        keys = np.load(Path(work) / f"{stem}.keys.npy", mmap_mode="r")
-        chunks.append(np.asarray(keys[starts[bucket] : starts[bucket + 1]]))
-    records = np.concatenate(chunks)
-    pairs = pairs_in_groups(records["k1"], records["k2"], records["idx"], neighbours)
-    np.save(Path(work) / f"pairs-{bucket:05d}.npy", pairs)
-    return {"pairs": len(pairs)}
-
-
-def _shingle_part(item: dict[str, Any], nodes: str, shingle_size: int, work: str) -> dict[str, Any]:
-    """The shingle sets of the part's documents in `nodes`, as (idx, offsets, values)."""
-    from kubeforge.data.dedup import shingle_hashes
-
-    frame = tasks.read_part(item["part"], ["idx", "text"])
-    wanted = frame[np.isin(frame["idx"].to_numpy(), np.load(nodes))]
-    sets = [shingle_hashes(text, shingle_size) for text in wanted["text"]]
-    if sets:
-        np.savez(
-            Path(work) / f"{Path(item['part']).stem}.shingles.npz", idx=wanted["idx"].to_numpy(dtype=np.int64),
-            offsets=np.cumsum([0, *map(len, sets)]), values=np.concatenate(sets),
-        )
-    return {"documents_in": len(frame)}
-
-
-def _similarities(item: dict[str, Any], work: str) -> dict[str, Any]:
-    """The exact Jaccard similarity of each pair of a chunk, from the shingle sets of `_shingle_part`."""
-    from kubeforge.data.dedup import jaccard
-
-    pairs = np.load(Path(work) / f"{item['chunk']}.npy")
-    needed = np.unique(pairs)
-    sets: dict[int, np.ndarray] = {}
-    for path in sorted(Path(work).glob("*.shingles.npz")):
-        with np.load(path) as saved:
-            offsets, values = saved["offsets"], saved["values"]
-            for row in np.flatnonzero(np.isin(saved["idx"], needed)):
-                sets[int(saved["idx"][row])] = values[offsets[row] : offsets[row + 1]]
-    similarity = np.array([jaccard(sets[int(i)], sets[int(j)]) for i, j in pairs], dtype=np.float64)
-    np.save(Path(work) / f"{item['chunk']}.similarity.npy", similarity)
-    return {"pairs": len(pairs)}
-
-
-# ---------------------------------------------------------------------------------------------
-# driver-side plumbing
-
-
-def _add_up(results: list[dict[str, Any]], key: str) -> Any:
-    """Sum of a count over items; counts that are dicts are summed key by key, lists concatenated."""
-    values = [result[key] for result in results if key in result]
-    if values and isinstance(values[0], dict):
-        total: Counter[str] = Counter()
-        for value in values:
-            total.update(value)
-        return dict(sorted(total.items()))
-    if values and isinstance(values[0], list):
-        return [entry for value in values for entry in value]
-    return sum(values)
-
-
-def _map_parts(
-    step_in: StepInput, transform: Transform, options: dict[str, Any], ctx: StageContext, label: str
-) -> tuple[list[dict[str, Any]], StepCounts]:
-    results = tasks.run(
-        [{"part": str(p)} for p in step_in.parts], _transform_part,
-        {"transform": transform, "options": options, "out": str(step_in.out)}, ctx, label,
-        total=step_in.documents, progress_key="documents_in",
-    )
-    counts = StepCounts(
-        label, True, _add_up(results, "documents_in"), _add_up(results, "documents_out"),
-        _add_up(results, "characters_in"), _add_up(results, "characters_out"), _add_up(results, "changed"),
-    )
-    return results, counts
-
-
-def passthrough(step: str, documents: int, characters: int, enabled: bool = False,
-                details: dict[str, Any] | None = None) -> StepOutput:
-    """The documents as they were: a disabled step, or one that makes something else of them."""
-    return StepOutput(StepCounts(step, enabled, documents, documents, characters, characters, details=details or {}))
-
-
-def _unchanged(step: str, step_in: StepInput, details: dict[str, Any] | None = None) -> StepOutput:
-    """The step left the documents as they were: disabled (without details), or found nothing to do."""
-    return passthrough(step, step_in.documents, step_in.characters, enabled=details is not None, details=details)
-
-
-_PARTITION_KEYS = 4_000_000
-
-
-def _group_pairs(step_in: StepInput, ctx: StageContext, label: str, kind: str, options: dict[str, Any]) -> np.ndarray:
-    """(i, j) pairs of documents that share a key, from keys emitted part by part and grouped by partition."""
-    import ray
-
-    # Every core busy, and no partition of more than about _PARTITION_KEYS keys (a worker's memory).
-    keys = step_in.documents * options.get("bands", 1)
-    buckets = max(2 * int(ray.cluster_resources().get("CPU", 1)), -(-keys // _PARTITION_KEYS))
-    work = str(step_in.work)
-    tasks.run(
-        [{"part": str(p)} for p in step_in.parts], _emit_keys,
-        {"kind": kind, "options": options, "buckets": buckets, "work": work}, ctx, label,
-        total=step_in.documents, progress_key="documents_in",
-    )
-    tasks.run(
-        [{"bucket": b} for b in range(buckets)], _group_partition,
-        {"stems": [p.stem for p in step_in.parts], "neighbours": kind != "exact", "work": work}, ctx,
-        f"{label} groups",
-    )
-    found = [np.load(step_in.work / f"pairs-{b:05d}.npy") for b in range(buckets)]
-    pairs = np.concatenate(found)
-    return np.unique(pairs, axis=0) if len(pairs) else np.empty((0, 2), dtype=np.int64)
-
-
-def _remove(
-    step: str, step_in: StepInput, ctx: StageContext, removed: np.ndarray, kept: np.ndarray,
-    kind: str, similarity: np.ndarray, details: dict[str, Any],
-) -> StepOutput:
-    """Write the parts without the `removed` documents; each removed one is logged with its `kept` one."""
-    if not len(removed):
-        return _unchanged(step, step_in, details)
-    np.save(step_in.work / "drop.npy", np.sort(removed))
-    np.save(step_in.work / "look_up.npy", np.unique(np.concatenate([removed, kept])))
-    results, counts = _map_parts(
-        step_in, _drop, {"drop": str(step_in.work / "drop.npy"), "look_up": str(step_in.work / "look_up.npy")},
-        ctx, step,
-    )
-    counts.details = details
-    names = {i: (d, s) for i, d, s in _add_up(results, "found")}
-    order = np.argsort(removed, kind="stable")
-    log = [
-        {
-            "kind": kind, "id": names[int(removed[n])][0], "source": names[int(removed[n])][1],
-            "duplicate_of": names[int(kept[n])][0], "duplicate_of_source": names[int(kept[n])][1],
-            "similarity": round(float(similarity[n]), 4),
-        }
-        for n in order
-    ]
-    return StepOutput(counts, log)
-
-
 # ---------------------------------------------------------------------------------------------
 # the steps
 
@@ -420,76 +195,24 @@ def _read_items(spec: DataSpec, ctx: StageContext) -> list[dict[str, Any]]:
 
 def read(step_in: StepInput, spec: DataSpec, ctx: StageContext) -> StepOutput:
     results = tasks.run(_read_items(spec, ctx), _read_files, {"out": str(step_in.out)}, ctx, "read")
-    documents = _add_up(results, "documents_in")
+    documents = add_up(results, "documents_in")
     if not documents:
         raise StageError("data", "the sources hold no documents; check spec.data.sources")
-    return passthrough("read", documents, _add_up(results, "characters"), enabled=True)
+    return passthrough("read", documents, add_up(results, "characters"), enabled=True)
 
 
 def normalize(step_in: StepInput, spec: DataSpec, ctx: StageContext) -> StepOutput:
     if not spec.normalize.enabled:
-        return _unchanged("normalize", step_in)
-    _, counts = _map_parts(step_in, _normalize, {"step": spec.normalize}, ctx, "normalize")
+        return unchanged("normalize", step_in)
+    _, counts = map_parts(step_in, _normalize, {"step": spec.normalize}, ctx, "normalize")
     return StepOutput(counts)
-
-
-def exact_dedup(step_in: StepInput, spec: DataSpec, ctx: StageContext) -> StepOutput:
-    if not spec.exact_dedup.enabled:
-        return _unchanged("exact_dedup", step_in)
-    pairs = _group_pairs(step_in, ctx, "exact_dedup", "exact", {})
-    return _remove("exact_dedup", step_in, ctx, pairs[:, 1], pairs[:, 0], "exact", np.ones(len(pairs)), {})
-
-
-def _verify(pairs: np.ndarray, step_in: StepInput, ctx: StageContext, name: str) -> np.ndarray:
-    """The exact Jaccard similarity of each pair, computed in workers."""
-    import ray
-
-    chunks = np.array_split(np.arange(len(pairs)), max(1, min(len(pairs), int(ray.cluster_resources().get("CPU", 1)))))
-    names = [f"{name}-{n:05d}" for n in range(len(chunks))]
-    for chunk, rows in zip(names, chunks, strict=True):
-        np.save(step_in.work / f"{chunk}.npy", pairs[rows])
-    tasks.run([{"chunk": n} for n in names], _similarities, {"work": str(step_in.work)}, ctx, "fuzzy_dedup verify")
-    return np.concatenate([np.load(step_in.work / f"{name}.similarity.npy") for name in names])
-
-
-def fuzzy_dedup(step_in: StepInput, spec: DataSpec, ctx: StageContext) -> StepOutput:
-    from kubeforge.data.dedup import VERIFY_TOLERANCE, clusters_of, lsh_bands
-
-    fuzzy = spec.fuzzy_dedup
-    if not fuzzy.enabled:
-        return _unchanged("fuzzy_dedup", step_in)
-    bands, rows = lsh_bands(fuzzy.threshold, fuzzy.num_perm)
-    options = {"shingle_size": fuzzy.shingle_size, "num_perm": fuzzy.num_perm, "seed": fuzzy.seed,
-               "bands": bands, "rows": rows}
-    candidates = _group_pairs(step_in, ctx, "fuzzy_dedup", "bands", options)
-    details: dict[str, Any] = {"bands": bands, "rows": rows, "candidate_pairs": len(candidates)}
-    removed = kept = similarity = np.empty(0)
-    verified = candidates
-    if len(candidates):
-        np.save(step_in.work / "nodes.npy", np.unique(candidates))
-        tasks.run(
-            [{"part": str(p)} for p in step_in.parts], _shingle_part,
-            {"nodes": str(step_in.work / "nodes.npy"), "shingle_size": fuzzy.shingle_size, "work": str(step_in.work)},
-            ctx, "fuzzy_dedup shingles", total=step_in.documents, progress_key="documents_in",
-        )
-        verified = candidates[_verify(candidates, step_in, ctx, "candidates") >= fuzzy.threshold - VERIFY_TOLERANCE]
-        removed, kept = clusters_of(verified)
-        if len(removed):
-            similarity = _verify(np.stack([removed, kept], axis=1), step_in, ctx, "kept")
-    removed_with = Counter(kept.tolist())
-    details |= {
-        "verified_pairs": len(verified), "clusters": len(removed_with),
-        "largest_cluster": 1 + max(removed_with.values()) if removed_with else 0,
-    }
-    return _remove("fuzzy_dedup", step_in, ctx, removed.astype(np.int64), kept.astype(np.int64), "near", similarity,
-                   details)
 
 
 def quality(step_in: StepInput, spec: DataSpec, ctx: StageContext) -> StepOutput:
     if not spec.quality.enabled:
-        return _unchanged("quality", step_in)
-    results, counts = _map_parts(step_in, _quality, {"step": spec.quality}, ctx, "quality")
-    counts.details = {"removed_by_rule": _add_up(results, "removed_by_rule")}
+        return unchanged("quality", step_in)
+    results, counts = map_parts(step_in, _quality, {"step": spec.quality}, ctx, "quality")
+    counts.details = {"removed_by_rule": add_up(results, "removed_by_rule")}
     return StepOutput(counts)
 
 
@@ -508,14 +231,14 @@ def perplexity(step_in: StepInput, spec: DataSpec, ctx: StageContext) -> StepOut
 
     step = spec.perplexity
     if not step.enabled:
-        return _unchanged("perplexity", step_in)
+        return unchanged("perplexity", step_in)
     with ctx.reporter.task("data: perplexity reference model", total=None):
         model = train(_reference_texts(spec, ctx.base_dir), step.order, step.max_reference_chars)
-    results, counts = _map_parts(
+    results, counts = map_parts(
         step_in, _perplexity, {"model": model, "limit": step.max_perplexity}, ctx, "perplexity"
     )
     counts.details = {
-        "median_perplexity": _median_of_bins(_add_up(results, "log_perplexity_bins")),
+        "median_perplexity": _median_of_bins(add_up(results, "log_perplexity_bins")),
         "max_perplexity": step.max_perplexity, "reference_vocabulary": model.vocabulary_size,
     }
     return StepOutput(counts)
@@ -523,9 +246,9 @@ def perplexity(step_in: StepInput, spec: DataSpec, ctx: StageContext) -> StepOut
 
 def redact(step_in: StepInput, spec: DataSpec, ctx: StageContext) -> StepOutput:
     if not spec.redact.enabled:
-        return _unchanged("redact", step_in)
-    results, counts = _map_parts(step_in, _redact, {"step": spec.redact}, ctx, "redact")
-    counts.details = {"replacements": _add_up(results, "replacements")}
+        return unchanged("redact", step_in)
+    results, counts = map_parts(step_in, _redact, {"step": spec.redact}, ctx, "redact")
+    counts.details = {"replacements": add_up(results, "replacements")}
     return StepOutput(counts)
 
 
@@ -533,10 +256,10 @@ def augment(step_in: StepInput, spec: DataSpec, ctx: StageContext) -> StepOutput
     from kubeforge.data.augment import preflight
 
     if not spec.augment.enabled:
-        return _unchanged("augment", step_in)
+        return unchanged("augment", step_in)
     preflight(spec.augment)
-    results, counts = _map_parts(step_in, _augment, {"step": spec.augment}, ctx, "augment")
-    counts.details = {"made": _add_up(results, "made")}
+    results, counts = map_parts(step_in, _augment, {"step": spec.augment}, ctx, "augment")
+    counts.details = {"made": add_up(results, "made")}
     return StepOutput(counts)
 
 
