@@ -123,7 +123,8 @@ def test_funnel_is_consistent_and_logged(stdlib_run: dict[str, Any]) -> None:
     result, out, tracker = stdlib_run["result"], stdlib_run["out"], stdlib_run["tracker"]
     funnel = result.funnel
     assert [row["step"] for row in funnel] == [
-        "read", "normalize", "exact_dedup", "fuzzy_dedup", "quality", "perplexity", "redact", "tokenizer", "pack",
+        "read", "normalize", "exact_dedup", "fuzzy_dedup", "quality", "perplexity", "redact", "augment", "tokenizer",
+        "pack",
     ]
     for before, after in itertools.pairwise(funnel):
         assert before["documents_out"] == after["documents_in"], after["step"]
@@ -136,6 +137,7 @@ def test_funnel_is_consistent_and_logged(stdlib_run: dict[str, Any]) -> None:
     assert by_step["redact"]["changed"] > 0 and by_step["redact"]["details"]["replacements"]["emails"] > 0
     assert by_step["quality"]["removed"] == sum(by_step["quality"]["details"]["removed_by_rule"].values())
     assert not by_step["perplexity"]["enabled"] and by_step["perplexity"]["removed"] == 0
+    assert not by_step["augment"]["enabled"] and by_step["augment"]["documents_out"] == by_step["redact"]["documents_out"]
     documents = len(_documents(out))
     assert documents == funnel[-1]["documents_out"] == sum(result.num_documents.values())
 
