@@ -68,7 +68,7 @@ def perturb(text: str, rng: random.Random, fraction: float) -> str:
 
 def build_corpus(planted: int, edit: float, seed: int) -> tuple[list[str], list[str], dict[int, int]]:
     """(ids, texts, {copy index: original index})."""
-    docs = read_documents([StdlibSource(type="python-stdlib")], Path("."))
+    docs = list(read_documents([StdlibSource(type="python-stdlib")], Path(".")))
     texts = [normalize_text(d["text"], NormalizeStep()) for d in docs]
     ids = [d["id"] for d in docs]
     # Exact copies are the exact-dedup step's job; both tools would remove them trivially.
