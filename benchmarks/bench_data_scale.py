@@ -155,26 +155,41 @@ def write_corpus(path: Path, megabytes: float, duplicates: float, seed: int) -> 
 
 
 def start_cluster(nodes: int, num_cpus: int, root: Path) -> tuple[str, list[str]]:
-    """A head node and `nodes - 1` worker nodes on this machine; (address, node ids)."""
+    """A head node and `nodes - 1` worker nodes on this machine; (address, node ids).
+
+    Ray 2.59+ turns token authentication on for a local head when a token exists (`ray.init()` writes
+    one to ~/.ray/auth_token): every process of the benchmark, and the run it starts, sets
+    RAY_AUTH_MODE=token so that they all present it.
+    """
     import ray
 
     port = 6390
-    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0"}
+    os.environ["RAY_AUTH_MODE"] = "token"
     ray_cli = str(Path(sys.executable).with_name("ray"))
+    subprocess.run([ray_cli, "get-auth-token", "--generate"], check=True, capture_output=True)
     common = [f"--num-cpus={num_cpus}", "--disable-usage-stats"]
     subprocess.run([ray_cli, "start", "--head", f"--port={port}", f"--temp-dir={root / 'ray'}", *common],
-                   check=True, env=env, capture_output=True)
+                   check=True, capture_output=True)
     address = f"127.0.0.1:{port}"
     for _ in range(nodes - 1):
-        subprocess.run([ray_cli, "start", f"--address={address}", *common], check=True, env=env, capture_output=True)
+        subprocess.run([ray_cli, "start", f"--address={address}", *common], check=True, capture_output=True)
     ray.init(address=address, logging_level=logging.ERROR)
     node_ids = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
     ray.shutdown()
     return address, node_ids
 
 
-def stop_cluster() -> None:
-    subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], capture_output=True)
+def stop_cluster(root: Path) -> None:
+    """Stop the cluster's processes: those whose command line names its temporary folder (`ray stop`
+    would stop every Ray process on the machine, a test run's included)."""
+    ours = [p for p in psutil.process_iter(["cmdline"]) if str(root / "ray") in " ".join(p.info["cmdline"] or [])]
+    for process in ours:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    _, alive = psutil.wait_procs(ours, timeout=30)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
 
 
 def work_per_node(address: str) -> dict[str, tuple[int, float]]:
@@ -280,7 +295,7 @@ def main() -> None:
             rows = run_sizes(sizes, base, args, address)
         finally:
             if args.nodes:
-                stop_cluster()
+                stop_cluster(Path(tmp))
 
     print(f"{'MB':>7}{'docs in':>10}{'docs out':>10}{'exact rm':>9}{'near rm':>8}{'qual rm':>8}{'stage s':>9}"
           f"{'wall s':>8}{'MB/s':>7}{'peak RSS MiB':>13}{'shared':>8}{'RSS ratio':>10}")
