@@ -161,10 +161,10 @@ def start_cluster(nodes: int, num_cpus: int, root: Path) -> tuple[str, list[str]
     one to ~/.ray/auth_token): every process of the benchmark, and the run it starts, sets
     RAY_AUTH_MODE=token so that they all present it.
     """
+    os.environ["RAY_AUTH_MODE"] = "token"  # before Ray is imported: its configuration is read then
     import ray
 
     port = 6390
-    os.environ["RAY_AUTH_MODE"] = "token"
     ray_cli = str(Path(sys.executable).with_name("ray"))
     subprocess.run([ray_cli, "get-auth-token", "--generate"], check=True, capture_output=True)
     common = [f"--num-cpus={num_cpus}", "--disable-usage-stats"]
@@ -173,9 +173,13 @@ def start_cluster(nodes: int, num_cpus: int, root: Path) -> tuple[str, list[str]
     address = f"127.0.0.1:{port}"
     for _ in range(nodes - 1):
         subprocess.run([ray_cli, "start", f"--address={address}", *common], check=True, capture_output=True)
-    ray.init(address=address, logging_level=logging.ERROR)
-    node_ids = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
-    ray.shutdown()
+    try:
+        ray.init(address=address, logging_level=logging.ERROR)
+        node_ids = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
+        ray.shutdown()
+    except BaseException:
+        stop_cluster(root)
+        raise
     return address, node_ids
 
 
@@ -200,7 +204,8 @@ def work_per_node(address: str) -> dict[str, tuple[int, float]]:
     ray.init(address=address, logging_level=logging.ERROR)
     try:
         found = list_tasks(
-            filters=[("state", "=", "FINISHED")], limit=100_000, detail=True, raise_on_missing_output=False
+            address=address, filters=[("state", "=", "FINISHED")], limit=10_000, detail=True,
+            raise_on_missing_output=False,
         )
     finally:
         ray.shutdown()
@@ -305,6 +310,8 @@ def main() -> None:
               f"{r['rss']:>13.0f}{r['shared']:>8.0f}{r['rss'] / rows[0]['rss']:>10.2f}")
         for node, (tasks, busy) in sorted(r.get("nodes", {}).items()):
             print(f"        node {node[:12]}: {tasks} tasks, {busy:.1f} s busy")
+        if args.nodes and not r.get("nodes"):
+            print("        Ray's state API listed none of the stage's MapBatches tasks: no per-node figures")
 
 
 def run_sizes(sizes: list[float], base: Path, args: argparse.Namespace, address: str | None) -> list[dict[str, Any]]:
