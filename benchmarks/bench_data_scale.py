@@ -26,8 +26,8 @@ dropped from its environment). Reported per size:
 
 With `--nodes N`, the script starts a Ray cluster of N nodes on this machine first (`ray start
 --head` and N-1 `ray start --address`, each with `--num-cpus` CPUs, its own raylet and object store),
-runs every size on it (`RAY_ADDRESS`), and reports each node's share of the data stage's Ray tasks
-and their busy seconds, read from Ray's state API (`ray.util.state.list_tasks`).
+runs every size on it (`RAY_ADDRESS`). Every run reports each node's work items and their busy
+seconds, from the data card's `work_per_node`.
 
 Run (the defaults take a few minutes on a 2-core machine):
 
@@ -196,30 +196,6 @@ def stop_cluster(root: Path) -> None:
             process.kill()
 
 
-def work_per_node(address: str) -> dict[str, tuple[int, float]]:
-    """(tasks, busy seconds) per node of the finished data-stage tasks (Ray Data's `MapBatches` tasks)."""
-    import ray
-    from ray.util.state import list_tasks
-
-    ray.init(address=address, logging_level=logging.ERROR)
-    try:
-        found = list_tasks(
-            address=address, filters=[("state", "=", "FINISHED")], limit=10_000, detail=True,
-            raise_on_missing_output=False,
-        )
-    finally:
-        ray.shutdown()
-    per_node: dict[str, tuple[int, float]] = {}
-    for task in found:
-        if not str(task.name).startswith("MapBatches"):
-            continue
-        busy = (task.end_time_ms - task.start_time_ms) / 1000 if task.end_time_ms and task.start_time_ms else 0.0
-        node = str(task.node_id)
-        count, seconds = per_node.get(node, (0, 0.0))
-        per_node[node] = (count + 1, seconds + busy)
-    return per_node
-
-
 def run_data_stage(root: Path, corpus: Path, num_cpus: int | None, address: str | None = None) -> dict[str, Any]:
     """`kubeforge run` on a data-only manifest in a fresh work directory under `root`, sampling the
     driver's RSS; returns the data stage's result.json with the samples' peak and the wall time."""
@@ -259,9 +235,12 @@ def run_data_stage(root: Path, corpus: Path, num_cpus: int | None, address: str 
     if process.returncode != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
         raise SystemExit(f"kubeforge run exited with status {process.returncode}; {log} ends with:\n{tail}")
-    (result_file,) = (workdir / "pipelines" / PIPELINE / "stages").glob("data-*/result.json")
-    result: dict[str, Any] = json.loads(result_file.read_text())
-    return result | {"peak_rss": peak_rss, "peak_shared": peak_shared, "wall_seconds": wall}
+    (stage,) = (workdir / "pipelines" / PIPELINE / "stages").glob("data-*")
+    result: dict[str, Any] = json.loads((stage / "result.json").read_text())
+    card = json.loads((stage / "card.json").read_text())
+    return result | {
+        "peak_rss": peak_rss, "peak_shared": peak_shared, "wall_seconds": wall, "nodes": card["work_per_node"],
+    }
 
 
 def stop(process: subprocess.Popen[bytes], sig: int, grace_s: float = 60.0) -> None:
@@ -308,15 +287,12 @@ def main() -> None:
         print(f"{r['mb']:>7.1f}{r['docs_in']:>10,}{r['docs_out']:>10,}{r['exact']:>9,}{r['near']:>8,}"
               f"{r['quality']:>8,}{r['stage_s']:>9.1f}{r['wall_s']:>8.1f}{r['mb'] / r['stage_s']:>7.2f}"
               f"{r['rss']:>13.0f}{r['shared']:>8.0f}{r['rss'] / rows[0]['rss']:>10.2f}")
-        for node, (tasks, busy) in sorted(r.get("nodes", {}).items()):
-            print(f"        node {node[:12]}: {tasks} tasks, {busy:.1f} s busy")
-        if args.nodes and not r.get("nodes"):
-            print("        Ray's state API listed none of the stage's MapBatches tasks: no per-node figures")
+        for node, work in r["nodes"].items():
+            print(f"        node {node}: {work['items']} work items, {work['seconds']:.1f} s busy")
 
 
 def run_sizes(sizes: list[float], base: Path, args: argparse.Namespace, address: str | None) -> list[dict[str, Any]]:
     rows = []
-    before: dict[str, tuple[int, float]] = {}
     for size in sizes:
         root = base / f"{size:g}MB"
         shutil.rmtree(root, ignore_errors=True)
@@ -327,19 +303,13 @@ def run_sizes(sizes: list[float], base: Path, args: argparse.Namespace, address:
         print(f"{size:g} MB: {made['documents']:,} documents ({made['exact']:,} exact and {made['near']:,} "
               f"near copies) generated in {time.process_time() - cpu:.1f} CPU s; running the data stage")
         result = run_data_stage(root, corpus, args.num_cpus, address)
-        nodes = {}
-        if address:  # the cluster's task history is cumulative: this size's share is the difference
-            now = work_per_node(address)
-            nodes = {node: (tasks - before.get(node, (0, 0.0))[0], busy - before.get(node, (0, 0.0))[1])
-                     for node, (tasks, busy) in now.items()}
-            before = now
         removed = {row["step"]: row["removed"] for row in result["funnel"]}
         rows.append({
             "mb": made["bytes"] / 1e6, "docs_in": result["funnel"][0]["documents_in"],
             "docs_out": result["funnel"][-1]["documents_out"], "exact": removed["exact_dedup"],
             "near": removed["fuzzy_dedup"], "quality": removed["quality"],
             "stage_s": result["_kubeforge"]["duration_seconds"], "wall_s": result["wall_seconds"],
-            "rss": result["peak_rss"] / 2**20, "shared": result["peak_shared"] / 2**20, "nodes": nodes,
+            "rss": result["peak_rss"] / 2**20, "shared": result["peak_shared"] / 2**20, "nodes": result["nodes"],
         })
         if not args.keep:
             shutil.rmtree(root)

@@ -104,6 +104,19 @@ def test_cp_codec_clusters_reduced_to_one_survivor(stdlib_run: dict[str, Any]) -
     assert sample["stdlib/encodings/cp865.py"] == "stdlib/encodings/cp437.py"
 
 
+def test_card_shows_the_work_each_node_did(stdlib_run: dict[str, Any]) -> None:
+    import ray
+
+    out = stdlib_run["out"]
+    work = json.loads((out / "card.json").read_text())["work_per_node"]
+    # The local runtime is one node; every step's items ran there.
+    [(node, done)] = work.items()
+    assert node == f"{ray.util.get_node_ip_address()} {ray.get_runtime_context().get_node_id()[:8]}"
+    parts = len(list((out / "documents").glob("part-*.parquet")))
+    assert done["items"] >= 7 * parts and done["seconds"] > 0
+    assert f"| {node} | {done['items']:,} |" in (out / "card.md").read_text()
+
+
 def test_author_emails_redacted_from_documents_and_shards(stdlib_run: dict[str, Any]) -> None:
     out, result = stdlib_run["out"], stdlib_run["result"]
     docs = _documents(out).set_index("id")

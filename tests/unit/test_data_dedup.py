@@ -7,11 +7,16 @@ import random
 import numpy as np
 import pytest
 
+from kubeforge.data import dedup
 from kubeforge.data.dedup import (
     MAX_MISS_AT_THRESHOLD,
     exact_duplicates,
     lsh_bands,
+    minhashes,
     near_duplicates,
+    permutations,
+    shingle_hashes,
+    shingle_sets,
     shingles_of,
     signatures,
 )
@@ -130,6 +135,31 @@ def test_documents_without_words_never_cluster() -> None:
     _, has_words = signatures(texts, shingle_size=5, num_perm=64, seed=1)
     assert has_words.tolist() == [False, False, True]
     assert _near(texts, threshold=0.5, num_perm=64).keep.all()
+
+
+def test_a_batch_of_shingle_sets_is_each_texts_own() -> None:
+    rng = random.Random(13)
+    # Texts shorter than one shingle, without words, and ending in the words the next one starts with:
+    # no shingle may span two texts.
+    texts = ["", "one two", "...", _document(rng, 30), "w1 w2 w3 w4 w5 w6", "w7 w8 w9", "Word word WORD", "solo"]
+    present, values, offsets = shingle_sets(texts, 5)
+    expected = [n for n, text in enumerate(texts) if len(shingle_hashes(text, 5))]
+    assert present.tolist() == expected == [1, 3, 4, 5, 6, 7]
+    for k, n in enumerate(present):
+        assert values[offsets[k] : offsets[k + 1]].tolist() == shingle_hashes(texts[n], 5).tolist()
+
+
+def test_minhashes_are_each_sets_minimum_whatever_the_slicing(monkeypatch: pytest.MonkeyPatch) -> None:
+    sets = [[5, 9, 1 << 31], [7], [3, 4, 5, 6, 8, 0xFFFFFFFF], [2, 11]]
+    a, b = permutations(4, seed=2)
+    expected = [
+        [min(((int(a[i]) * x + int(b[i])) % (1 << 64)) >> 32 for x in values) for i in range(4)] for values in sets
+    ]
+    values = np.array([x for values in sets for x in values], dtype=np.uint64)
+    offsets = np.cumsum([0, *map(len, sets)])
+    for elements in (1 << 20, 4 * 3, 4):  # all at once; slices that cut sets; one value a slice
+        monkeypatch.setattr(dedup, "_CHUNK_ELEMENTS", elements)
+        assert minhashes(values, offsets, a, b).tolist() == expected
 
 
 def test_seed_changes_signatures_deterministically() -> None:

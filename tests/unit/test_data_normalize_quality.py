@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+from collections import Counter
+
 import pytest
 
 from kubeforge.data.normalize import normalize_batch, normalize_text
@@ -10,6 +13,7 @@ from kubeforge.data.quality import (
     duplicate_line_fraction,
     duplicate_ngram_fraction,
     failed_rule,
+    quality_batch,
     top_ngram_fraction,
 )
 from kubeforge.spec.data import NormalizeStep, QualityStep
@@ -18,8 +22,14 @@ pytestmark = pytest.mark.unit
 
 # Every rule off: each test switches on exactly the rule it checks.
 OFF = QualityStep(
-    min_chars=None, max_chars=None, max_symbol_ratio=None, max_digit_ratio=None, min_alpha_word_fraction=None,
-    max_duplicate_line_fraction=None, max_top_ngram_fraction={}, max_duplicate_ngram_fraction={},
+    min_chars=None,
+    max_chars=None,
+    max_symbol_ratio=None,
+    max_digit_ratio=None,
+    min_alpha_word_fraction=None,
+    max_duplicate_line_fraction=None,
+    max_top_ngram_fraction={},
+    max_duplicate_ngram_fraction={},
 )
 PROSE = "The quick brown fox jumps over the lazy dog while seven wizards quietly judge boxing contests nearby."
 
@@ -114,3 +124,110 @@ def test_default_rules_keep_ordinary_stdlib_modules() -> None:
         assert module.__file__ is not None
         with open(module.__file__, encoding="utf-8") as handle:
             assert failed_rule(handle.read(), QualityStep()) is None
+
+
+def test_top_ngram_tie_goes_to_the_first_occurrence() -> None:
+    # "a a" and "b c" both occur twice with 2 characters, but the overlapping "a a" covers 3 words of
+    # 8 and "b c" covers 4: the one that occurs first is chosen.
+    first_aa, first_bc = "a a a b c d b c", "b c d b c a a a"
+    assert top_ngram_fraction(first_aa.split(), 2) == pytest.approx(3 / 8)
+    assert top_ngram_fraction(first_bc.split(), 2) == pytest.approx(4 / 8)
+    step = only(max_top_ngram_fraction={2: 0.45})
+    assert quality_batch([first_aa, first_bc, first_aa], step) == [None, "max_top_ngram_fraction[2]", None]
+
+
+def reference_fractions(words: list[str], n: int) -> tuple[float, float]:
+    """Top and duplicate n-gram fractions straight from their definitions, one n-gram at a time."""
+    total = sum(map(len, words))
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    counts = Counter(grams)
+    first: dict[tuple[str, ...], int] = {}
+    for i, gram in enumerate(grams):
+        first.setdefault(gram, i)
+
+    def covered(starts: list[int]) -> float:
+        inside = {i + k for i in starts for k in range(n)}
+        return sum(len(words[i]) for i in inside) / total if total else 0.0
+
+    repeated = [gram for gram, count in counts.items() if count >= 2]
+    top = 0.0
+    if repeated:
+        best = max(repeated, key=lambda gram: (counts[gram], sum(map(len, gram)), -first[gram]))
+        top = covered([i for i, gram in enumerate(grams) if gram == best])
+    return top, covered([i for i, gram in enumerate(grams) if first[gram] != i])
+
+
+def reference_failed_rule(text: str, step: QualityStep) -> str | None:
+    """`failed_rule` with the n-gram rules from `reference_fractions`."""
+    text_rules = step.model_copy(update={"max_top_ngram_fraction": {}, "max_duplicate_ngram_fraction": {}})
+    if (reason := failed_rule(text, text_rules)) is not None:
+        return reason
+    words = text.split()
+    for n, limit in sorted(step.max_top_ngram_fraction.items()):
+        if reference_fractions(words, n)[0] > limit:
+            return f"max_top_ngram_fraction[{n}]"
+    for n, limit in sorted(step.max_duplicate_ngram_fraction.items()):
+        if reference_fractions(words, n)[1] > limit:
+            return f"max_duplicate_ngram_fraction[{n}]"
+    return None
+
+
+def random_documents(count: int) -> list[str]:
+    rng = random.Random(0)
+    vocabularies = [
+        ["a", "b"],
+        ["spam", "eggs", "ham", "é", "日本語", "naïve"],
+        [f"w{i}" for i in range(40)],
+        ["1234", "$$", "--", "x1", "café", "ok", "+", "7"],
+    ]
+    fixed = ["", " \n\t ", "one", "two words", "three small words", "a a a a", "日本語 日本語 日本語"]
+    documents = list(fixed)
+    while len(documents) < count:
+        vocabulary = rng.choice(vocabularies)
+        words = [rng.choice(vocabulary) for _ in range(rng.choice([1, 3, 6, 12, 40, 120]))]
+        if rng.random() < 0.3:  # a passage repeated, so that the duplicate n-gram rules fire
+            passage = ["".join(rng.choices("abcdefgh", k=rng.randrange(2, 7))) for _ in range(rng.randrange(5, 25))]
+            words = [*words, *passage * rng.randrange(2, 4), *words]
+        lines = [" ".join(words[i : i + 10]) for i in range(0, len(words), 10)]
+        documents.append("\n".join(lines))
+    return documents
+
+
+def test_batch_matches_per_document_definitions() -> None:
+    documents = random_documents(300)
+    steps = [
+        QualityStep(),
+        QualityStep(min_chars=None, max_duplicate_line_fraction=None, min_alpha_word_fraction=None),
+        only(max_top_ngram_fraction={3: 0.2, 4: 0.15}),
+        only(max_top_ngram_fraction={4: 0.1}, max_duplicate_ngram_fraction={2: 0.5, 5: 0.3}),
+        only(max_duplicate_ngram_fraction={5: 0.5, 10: 0.2}),
+        only(max_duplicate_ngram_fraction={7: 0.2}),
+    ]
+    seen: set[str | None] = set()
+    for step in steps:
+        reasons = quality_batch(documents, step)
+        assert reasons == [failed_rule(text, step) for text in documents]
+        assert reasons == [reference_failed_rule(text, step) for text in documents]
+        seen.update(reasons)
+    assert {
+        None,
+        "min_chars",
+        "max_symbol_ratio",
+        "max_digit_ratio",
+        "min_alpha_word_fraction",
+        "max_duplicate_line_fraction",
+        "max_top_ngram_fraction[2]",
+        "max_top_ngram_fraction[3]",
+        "max_top_ngram_fraction[4]",
+        "max_duplicate_ngram_fraction[2]",
+        "max_duplicate_ngram_fraction[5]",
+        "max_duplicate_ngram_fraction[7]",
+        "max_duplicate_ngram_fraction[10]",
+    } <= seen
+
+
+def test_ngram_fractions_match_definitions_on_short_and_repetitive_words() -> None:
+    for text in random_documents(150):
+        words = text.split()
+        for n in (1, 2, 3, 5):
+            assert (top_ngram_fraction(words, n), duplicate_ngram_fraction(words, n)) == reference_fractions(words, n)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -73,13 +74,26 @@ def test_exact_duplicates_across_parts_are_grouped_by_partition_keeping_the_firs
     assert sorted(map(tuple, pairs.tolist())) == [(0, 2), (0, 12), (1, 10)]
 
 
-def test_drop_removes_the_given_documents_and_looks_up_the_ids_asked_for(tmp_path: Path) -> None:
-    frame = tasks.read_part(part(tmp_path, ["a", "b", "c", "d"]))
-    np.save(tmp_path / "drop.npy", np.array([1, 3]))
-    np.save(tmp_path / "look_up.npy", np.array([0, 3]))
-    kept, counts = dedup_steps._drop(frame, str(tmp_path / "drop.npy"), str(tmp_path / "look_up.npy"))
-    assert list(kept["idx"]) == [0, 2]
-    assert counts["found"] == [[0, "d0", "s"], [3, "d3", "s"]]
+def test_drop_removes_the_given_documents_and_workers_log_each_with_the_one_it_duplicates(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    np.save(work / "drop.npy", np.array([1, 3, 11]))
+    np.save(work / "look_up.npy", np.array([0, 1, 3, 11]))
+    options = {"drop": str(work / "drop.npy"), "look_up": str(work / "look_up.npy"), "names": str(work / "names")}
+    first = tasks.read_part(part(tmp_path, ["a", "b", "c", "d"], 0, "part-a.parquet"))
+    second = tasks.read_part(part(tmp_path, ["e", "f"], 10, "part-b.parquet"))
+    assert list(dedup_steps._drop(first, **options)[0]["idx"]) == [0, 2]
+    assert list(dedup_steps._drop(second, **options)[0]["idx"]) == [10]
+    # Given out of corpus order, as clustering gives them; one kept document is in the other part.
+    links = np.array([(11, 0, 0.75), (1, 0, 1.0), (3, 1, 0.8)], dtype=dedup_steps._LINK)
+    np.save(work / "links-00000.npy", np.sort(links, order="removed"))
+    assert dedup_steps._log_removed({"chunk": 0}, "near", str(work)) == {"entries": 3}
+    log = [json.loads(line) for line in (work / "removed-00000.jsonl").read_text().splitlines()]
+    assert [(e["id"], e["duplicate_of"], e["similarity"]) for e in log] == [
+        ("d1", "d0", 1.0), ("d3", "d1", 0.8), ("d11", "d0", 0.75)
+    ]
+    assert log[0] == {"kind": "near", "id": "d1", "source": "s", "duplicate_of": "d0", "duplicate_of_source": "s",
+                      "similarity": 1.0}
 
 
 def test_perplexity_is_reported_as_a_histogram_whose_median_is_close(tmp_path: Path) -> None:

@@ -6,7 +6,10 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kubeforge.data.tasks import NodeWork
 
 
 @dataclass
@@ -55,13 +58,14 @@ def write_funnel_plot(funnel: Sequence[StepCounts], path: Path) -> None:
 
 def build_card(
     pipeline: str, funnel: Sequence[StepCounts], duplicates_sample: Sequence[Mapping[str, Any]],
-    outputs: Mapping[str, Any],
+    outputs: Mapping[str, Any], work_per_node: Mapping[str, NodeWork],
 ) -> dict[str, Any]:
     return {
         "pipeline": pipeline,
         "funnel": [row.as_dict() for row in funnel],
         "near_duplicate_sample": list(duplicates_sample),
         "outputs": dict(outputs),
+        "work_per_node": {node: asdict(work) for node, work in sorted(work_per_node.items())},
     }
 
 
@@ -94,6 +98,9 @@ def render_markdown(card: Mapping[str, Any]) -> str:
     outputs = card["outputs"]
     lines += ["", "## Outputs", ""]
     lines += [f"* {key}: `{json.dumps(value, sort_keys=True)}`" for key, value in outputs.items()]
+    lines += ["", "## Work per node (this attempt's; steps an earlier attempt finished are not counted)", ""]
+    lines += ["| node | work items | busy seconds |", "|---|---:|---:|"]
+    lines += [f"| {node} | {w['items']:,} | {w['seconds']:.1f} |" for node, w in card["work_per_node"].items()]
     return "\n".join(lines) + "\n"
 
 

@@ -10,6 +10,7 @@ document in corpus order. A last pass over the parts drops the duplicates.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,19 +19,43 @@ import numpy as np
 
 from kubeforge.context import StageContext
 from kubeforge.data import tasks
-from kubeforge.data.step_io import StepInput, StepOutput, add_up, map_parts, unchanged
+from kubeforge.data.step_io import StepInput, StepOutput, map_parts, unchanged
 from kubeforge.spec.data import DataSpec
 
 if TYPE_CHECKING:
     import pandas as pd
 
 
-def _drop(frame: pd.DataFrame, drop: str, look_up: str) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The documents not in `drop`, and the id and source of those in `look_up` (both .npy of idx)."""
+def _drop(frame: pd.DataFrame, drop: str, look_up: str, names: str) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The documents not in `drop`; the idx, id and source of those in `look_up` (both .npy of idx) go to
+    a file of the folder `names`, for `_log_removed`."""
     idx = frame["idx"].to_numpy()
-    wanted = frame[np.isin(idx, np.load(look_up))]
-    found = [[int(i), str(d), str(s)] for i, d, s in zip(wanted["idx"], wanted["id"], wanted["source"], strict=True)]
-    return frame[~np.isin(idx, np.load(drop))], {"found": found}
+    wanted = frame.loc[np.isin(idx, np.load(look_up)), ["idx", "id", "source"]]
+    if len(wanted):
+        tasks.write_part(wanted, Path(names) / f"{int(idx[0]):020d}.parquet")
+    return frame[~np.isin(idx, np.load(drop))], {}
+
+
+# Entries of the removed-duplicates log written by one worker: about 20 MB of JSON.
+_LOG_CHUNK = 100_000
+_LINK = np.dtype([("removed", "<i8"), ("kept", "<i8"), ("similarity", "<f8")])
+
+
+def _log_removed(item: dict[str, Any], kind: str, work: str) -> dict[str, Any]:
+    """The log entries of a chunk of removed documents, with the ids and sources `_drop` looked up."""
+    import pyarrow.parquet as pq
+
+    links = np.load(Path(work) / f"links-{item['chunk']:05d}.npy")
+    names = pq.read_table(Path(work) / "names").to_pandas().set_index("idx")
+    removed, kept = names.loc[links["removed"]], names.loc[links["kept"]]
+    rows = zip(removed["id"], removed["source"], kept["id"], kept["source"], links["similarity"], strict=True)
+    with (Path(work) / f"removed-{item['chunk']:05d}.jsonl").open("w", encoding="utf-8") as log:
+        for doc_id, source, kept_id, kept_source, similarity in rows:
+            log.write(json.dumps({
+                "kind": kind, "id": doc_id, "source": source, "duplicate_of": kept_id,
+                "duplicate_of_source": kept_source, "similarity": round(float(similarity), 4),
+            }) + "\n")
+    return {"entries": len(links)}
 
 
 _BUCKETED = np.dtype([("k1", "<u8"), ("k2", "<u8"), ("idx", "<i8")])
@@ -138,27 +163,28 @@ def _remove(
     step: str, step_in: StepInput, ctx: StageContext, removed: np.ndarray, kept: np.ndarray,
     kind: str, similarity: np.ndarray, details: dict[str, Any],
 ) -> StepOutput:
-    """Write the parts without the `removed` documents; each removed one is logged with its `kept` one."""
+    """Write the parts without the `removed` documents; each removed one is logged with its `kept` one,
+    in corpus order, by workers: the driver never holds the log."""
     if not len(removed):
         return unchanged(step, step_in, details)
-    np.save(step_in.work / "drop.npy", np.sort(removed))
-    np.save(step_in.work / "look_up.npy", np.unique(np.concatenate([removed, kept])))
-    results, counts = map_parts(
-        step_in, _drop, {"drop": str(step_in.work / "drop.npy"), "look_up": str(step_in.work / "look_up.npy")},
+    work = step_in.work
+    np.save(work / "drop.npy", np.sort(removed))
+    np.save(work / "look_up.npy", np.unique(np.concatenate([removed, kept])))
+    _, counts = map_parts(
+        step_in, _drop,
+        {"drop": str(work / "drop.npy"), "look_up": str(work / "look_up.npy"), "names": str(work / "names")},
         ctx, step,
     )
     counts.details = details
-    names = {i: (d, s) for i, d, s in add_up(results, "found")}
-    order = np.argsort(removed, kind="stable")
-    log = [
-        {
-            "kind": kind, "id": names[int(removed[n])][0], "source": names[int(removed[n])][1],
-            "duplicate_of": names[int(kept[n])][0], "duplicate_of_source": names[int(kept[n])][1],
-            "similarity": round(float(similarity[n]), 4),
-        }
-        for n in order
-    ]
-    return StepOutput(counts, log)
+    links = np.empty(len(removed), dtype=_LINK)
+    links["removed"], links["kept"], links["similarity"] = removed, kept, similarity
+    links = links[np.argsort(removed, kind="stable")]
+    chunks = range(-(-len(links) // _LOG_CHUNK))
+    for chunk in chunks:
+        np.save(work / f"links-{chunk:05d}.npy", links[chunk * _LOG_CHUNK : (chunk + 1) * _LOG_CHUNK])
+    tasks.run([{"chunk": chunk} for chunk in chunks], _log_removed, {"kind": kind, "work": str(work)}, ctx,
+              f"{step} log")
+    return StepOutput(counts, [work / f"removed-{chunk:05d}.jsonl" for chunk in chunks])
 
 
 def exact_dedup(step_in: StepInput, spec: DataSpec, ctx: StageContext) -> StepOutput:

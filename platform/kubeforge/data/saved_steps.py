@@ -17,7 +17,6 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from kubeforge.data.card import StepCounts
 from kubeforge.data.tasks import parts_of
@@ -31,7 +30,8 @@ _WORK = "work"
 @dataclass
 class SavedStep:
     counts: StepCounts
-    removed: list[dict[str, Any]]
+    removed: Path | None
+    """The log of the duplicates the step removed (JSONL), if it removed any."""
 
 
 class SavedSteps:
@@ -48,9 +48,8 @@ class SavedSteps:
         if not (folder / _COUNTS).is_file():
             return None
         counts = StepCounts(**json.loads((folder / _COUNTS).read_text()))
-        removed_path = folder / _REMOVED
-        removed = [json.loads(line) for line in removed_path.read_text().splitlines()] if removed_path.exists() else []
-        return SavedStep(counts, removed)
+        removed = folder / _REMOVED
+        return SavedStep(counts, removed if removed.is_file() else None)
 
     def parts(self) -> list[Path]:
         """The parts of the newest finished step that wrote documents."""
@@ -67,13 +66,16 @@ class SavedSteps:
         (folder / _WORK).mkdir(parents=True)
         return folder / _DOCUMENTS, folder / _WORK
 
-    def save(self, name: str, counts: StepCounts, removed: list[dict[str, Any]]) -> None:
-        """Record a finished step; its documents, if it wrote any, are already in place."""
+    def save(self, name: str, counts: StepCounts, removed: Sequence[Path]) -> None:
+        """Record a finished step; its documents, if it wrote any, are already in place, and its log of
+        removed duplicates is in the files `removed`, which are joined in their order."""
         folder = self._folder(name)
-        shutil.rmtree(folder / _WORK, ignore_errors=True)
         if removed:
-            with (folder / _REMOVED).open("w", encoding="utf-8") as handle:
-                handle.writelines(json.dumps(entry) + "\n" for entry in removed)
+            with (folder / _REMOVED).open("wb") as joined:
+                for path in removed:
+                    with path.open("rb") as piece:
+                        shutil.copyfileobj(piece, joined)
+        shutil.rmtree(folder / _WORK, ignore_errors=True)
         pending = folder / (_COUNTS + ".tmp")
         pending.write_text(json.dumps(asdict(counts)))
         os.replace(pending, folder / _COUNTS)

@@ -100,8 +100,8 @@ def _dataset_digest(out_dir: Path, shard_paths: list[str]) -> str:
 
 
 def run(spec: DataSpec, ctx: StageContext) -> DataResult:
-    with _quiet_ray_data():
-        return _run(spec, ctx)
+    with _quiet_ray_data(), tasks.counting_work() as work:
+        return _run(spec, ctx, work)
 
 
 def _document_steps(spec: DataSpec, ctx: StageContext, funnel: _Funnel, saved_steps: SavedSteps) -> StepInput:
@@ -130,14 +130,17 @@ def _write_removed(saved_steps: SavedSteps, out: Path) -> list[dict[str, Any]]:
     with (out / "removed_duplicates.jsonl").open("w", encoding="utf-8") as handle:
         for name, _ in DOCUMENT_STEPS:
             saved = saved_steps.saved(name)
-            for entry in saved.removed if saved is not None else []:
-                handle.write(json.dumps(entry) + "\n")
-                if entry["kind"] == "near" and len(near_sample) < _SAMPLE_SIZE:
-                    near_sample.append(entry)
+            if saved is None or saved.removed is None:
+                continue
+            with saved.removed.open(encoding="utf-8") as log:
+                for line in log:
+                    handle.write(line)
+                    if len(near_sample) < _SAMPLE_SIZE and (entry := json.loads(line))["kind"] == "near":
+                        near_sample.append(entry)
     return near_sample
 
 
-def _run(spec: DataSpec, ctx: StageContext) -> DataResult:
+def _run(spec: DataSpec, ctx: StageContext, work: dict[str, tasks.NodeWork]) -> DataResult:
     from kubeforge.data import packing, tokenizer
 
     out = ctx.out_dir
@@ -208,7 +211,10 @@ def _run(spec: DataSpec, ctx: StageContext) -> DataResult:
         "num_documents": result.num_documents, "num_sequences": result.num_sequences,
         "num_tokens": result.num_tokens, "vocab_size": result.vocab_size, "dataset_hash": result.dataset_hash,
     }
-    card = build_card(ctx.pipeline_name, funnel.rows, near_sample, outputs)
+    ctx.reporter.log("data: work per node: " + "; ".join(
+        f"{node}: {done.items} items, {done.seconds:.1f} s" for node, done in sorted(work.items())
+    ))
+    card = build_card(ctx.pipeline_name, funnel.rows, near_sample, outputs, work)
     for path in write_card(card, funnel.rows, out):
         ctx.tracker.log_artifact(path, "data")
     ctx.tracker.log_artifact(out / "removed_duplicates.jsonl", "data")

@@ -35,8 +35,9 @@ class StepInput:
 @dataclass
 class StepOutput:
     counts: StepCounts
-    removed: list[dict[str, Any]] = field(default_factory=list)
-    """The duplicates the step removed, each with the document it duplicates."""
+    removed: list[Path] = field(default_factory=list)
+    """JSONL files that log the duplicates the step removed, each with the document it duplicates, in
+    corpus order (one entry a line)."""
 
 
 Step = Callable[[StepInput, DataSpec, StageContext], StepOutput]

@@ -12,12 +12,18 @@ each, so every core is busy and the driver sees each result as it finishes.
 
 A worker reports bad input (a `KubeForgeError`) as a value: Ray would otherwise wrap it in a
 `RayTaskError` whose message is a remote stack trace, where users need one line naming the file.
+Each result also says which node ran the item and for how long: within `counting_work`, `run` adds
+them up per node, so a stage on a Ray cluster can show how its work spread.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,17 +68,45 @@ def write_part(frame: pd.DataFrame, path: str | Path) -> None:
     frame.to_parquet(path, index=False)
 
 
+@dataclass
+class NodeWork:
+    items: int = 0
+    seconds: float = 0.0
+    """Wall seconds the node's workers spent on the items."""
+
+
+_COUNTED: ContextVar[dict[str, NodeWork] | None] = ContextVar("kubeforge_data_work", default=None)
+
+
+@contextmanager
+def counting_work() -> Iterator[dict[str, NodeWork]]:
+    """Within it, `run` adds each item to the work of the node that ran it, keyed `<IP> <node id>`
+    (the id's first 8 hex digits: nodes of a local cluster share their IP)."""
+    work: dict[str, NodeWork] = {}
+    token = _COUNTED.set(work)
+    try:
+        yield work
+    finally:
+        _COUNTED.reset(token)
+
+
 def _run_items(batch: pd.DataFrame, work: Work, kwargs: dict[str, Any]) -> pd.DataFrame:
     import pandas as pd
+    import ray
 
+    context = ray.get_runtime_context()
+    node = f"{ray.util.get_node_ip_address()} {context.get_node_id()[:8]}"
     rows = []
     for position, item in zip(batch["position"], batch["item"], strict=True):
+        started = time.perf_counter()
         try:
             result, error = work(json.loads(item), **kwargs), ""
         except KubeForgeError as exc:
             result, error = {}, str(exc)
-        rows.append({"position": int(position), "result": json.dumps(result), "error": error})
-    return pd.DataFrame(rows, columns=["position", "result", "error"])
+        seconds = time.perf_counter() - started
+        rows.append({"position": int(position), "result": json.dumps(result), "error": error, "node": node,
+                     "seconds": seconds})
+    return pd.DataFrame(rows, columns=["position", "result", "error", "node", "seconds"])
 
 
 _RUN_ITEMS: Callable[..., Any] = _run_items
@@ -95,6 +129,7 @@ def run(
         [{"position": n, "item": json.dumps(item)} for n, item in enumerate(items)], override_num_blocks=len(items)
     ).map_batches(_RUN_ITEMS, fn_kwargs={"work": work, "kwargs": kwargs}, batch_format="pandas", batch_size=None)
     results: list[dict[str, Any] | None] = [None] * len(items)
+    counted = _COUNTED.get()
     done = 0
     with ctx.reporter.task(f"data: {label}", total=total if progress_key else len(items)) as task:
         for row in dataset.iter_rows():
@@ -102,6 +137,10 @@ def run(
                 raise StageError("data", row["error"])
             result = json.loads(row["result"])
             results[int(row["position"])] = result
+            if counted is not None:
+                node = counted.setdefault(row["node"], NodeWork())
+                node.items += 1
+                node.seconds += float(row["seconds"])
             done += int(result.get(progress_key, 0)) if progress_key else 1
             task.update(done)
     return [result for result in results if result is not None]
