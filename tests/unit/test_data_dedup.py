@@ -149,6 +149,15 @@ def test_a_batch_of_shingle_sets_is_each_texts_own() -> None:
         assert values[offsets[k] : offsets[k + 1]].tolist() == shingle_hashes(texts[n], 5).tolist()
 
 
+def test_ascii_texts_split_into_the_same_words_as_the_regex() -> None:
+    # The fast path for ASCII text must agree with `\\w+` on underscores, digits and punctuation; the
+    # non-word "∎" sends the second text down the regex path without adding a word.
+    ascii_text = "Alpha beta_gamma, DELTA-7 (epsilon)! zeta's_9 eta\tTHETA\n"
+    assert dedup._words(ascii_text) == [b"alpha", b"beta_gamma", b"delta", b"7", b"epsilon", b"zeta", b"s_9", b"eta",
+                                        b"theta"]
+    assert shingle_hashes(ascii_text, 3).tolist() == shingle_hashes(ascii_text + " ∎", 3).tolist()
+
+
 def test_minhashes_are_each_sets_minimum_whatever_the_slicing(monkeypatch: pytest.MonkeyPatch) -> None:
     sets = [[5, 9, 1 << 31], [7], [3, 4, 5, 6, 8, 0xFFFFFFFF], [2, 11]]
     a, b = permutations(4, seed=2)

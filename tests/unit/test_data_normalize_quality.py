@@ -231,3 +231,18 @@ def test_ngram_fractions_match_definitions_on_short_and_repetitive_words() -> No
         words = text.split()
         for n in (1, 2, 3, 5):
             assert (top_ngram_fraction(words, n), duplicate_ngram_fraction(words, n)) == reference_fractions(words, n)
+
+
+def test_ascii_fast_path_counts_characters_as_the_regexes_do() -> None:
+    from kubeforge.data import quality
+
+    rng = random.Random(17)
+    alphabet = [chr(c) for c in range(128)] + [" "] * 40 + list("abcXYZ019_") * 4
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 120))) for _ in range(400)]
+    texts += ["word\x1cword", "a1 22 _x_ ..b"]
+    for text in texts:
+        words = text.split()
+        assert quality.symbol_ratio(text) == len(quality._SYMBOL.findall(text)) / len(text), repr(text)
+        assert quality.digit_ratio(text) == len(quality._DIGIT.findall(text)) / len(text), repr(text)
+        expected = len(quality._ALPHA_WORD.findall(text)) / len(words) if words else 0.0
+        assert alpha_word_fraction(text, words) == expected, repr(text)

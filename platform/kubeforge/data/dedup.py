@@ -38,6 +38,8 @@ import numpy as np
 
 _LOW32 = np.uint64(0xFFFFFFFF)
 _WORD = re.compile(r"\w+")
+# ASCII bytes that are not `\w` become spaces: on ASCII text, splitting that is `_WORD` three times faster.
+_ASCII_NON_WORD_TO_SPACE = bytes(c if chr(c).isascii() and _WORD.fullmatch(chr(c)) else 0x20 for c in range(256))
 _MULTIPLIER = np.uint64(0x100000001B3)
 # The (num_perm x shingles) intermediate of `minhashes`: 8 MB, which measured about twice as fast as
 # 32 MB (fewer trips to main memory), and bounded however long a document is.
@@ -101,13 +103,21 @@ def _mix64(x: np.ndarray) -> np.ndarray:
 
 
 @lru_cache(maxsize=1 << 18)
-def _word_hash(word: str) -> int:
-    return int.from_bytes(hashlib.blake2b(word.encode("utf-8"), digest_size=8).digest(), "little")
+def _word_hash(word: str | bytes) -> int:
+    encoded = word if isinstance(word, bytes) else word.encode("utf-8")
+    return int.from_bytes(hashlib.blake2b(encoded, digest_size=8).digest(), "little")
+
+
+def _words(text: str) -> list[str] | list[bytes]:
+    """The lower-cased `\\w+` words of a text (as UTF-8 bytes when it is ASCII, which is faster)."""
+    if text.isascii():
+        return text.encode("ascii").lower().translate(_ASCII_NON_WORD_TO_SPACE).split()
+    return _WORD.findall(text.lower())
 
 
 def _word_hashes(text: str) -> np.ndarray:
-    words = _WORD.findall(text.lower())
-    return np.fromiter((_word_hash(w) for w in words), dtype=np.uint64, count=len(words))
+    words = _words(text)
+    return np.fromiter(map(_word_hash, words), dtype=np.uint64, count=len(words))
 
 
 def _combine(hashes: np.ndarray, width: int) -> np.ndarray:
@@ -139,7 +149,7 @@ def shingle_sets(texts: Sequence[str], shingle_size: int) -> tuple[np.ndarray, n
     each set starts). A few passes of numpy over the whole batch instead of a few calls per text."""
     import pandas as pd
 
-    words = [_WORD.findall(text.lower()) for text in texts]
+    words = [_words(text) for text in texts]
     counts = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
     # Each distinct word of the batch is hashed once.
     codes, vocabulary = pd.factorize(np.fromiter(chain.from_iterable(words), dtype=object, count=int(counts.sum())))

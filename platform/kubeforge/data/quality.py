@@ -31,19 +31,43 @@ _Floats = np.ndarray[Any, np.dtype[np.float64]]
 _Bools = np.ndarray[Any, np.dtype[np.bool_]]
 
 
+# On ASCII text (most of any corpus) the character rules are counted with `bytes.translate`, which
+# deletes the bytes a rule does not count: several times faster than a regex scan. The tables are
+# built from the regexes themselves, so both paths count the same characters.
+_ASCII = [chr(c) for c in range(128)]
+_NOT_SYMBOL = "".join(c for c in _ASCII if not _SYMBOL.fullmatch(c)).encode("ascii")
+_NOT_DIGIT = "".join(c for c in _ASCII if not _DIGIT.fullmatch(c)).encode("ascii")
+# Letters stay, whitespace (as `str.split` knows it) becomes a space, anything else goes: what is left
+# of a word is empty exactly when it has no letter.
+_LETTERS_AND_SPACES = bytes(ord(" ") if chr(c).isspace() else c for c in range(256))
+_NOT_LETTER_OR_SPACE = "".join(c for c in _ASCII if not (c.isspace() or re.fullmatch(r"[^\W\d_]", c))).encode("ascii")
+
+
 def symbol_ratio(text: str) -> float:
     """Share of characters that are neither letters, digits nor whitespace."""
-    return len(_SYMBOL.findall(text)) / len(text) if text else 0.0
+    if not text:
+        return 0.0
+    if text.isascii():
+        return len(text.encode("ascii").translate(None, _NOT_SYMBOL)) / len(text)
+    return len(_SYMBOL.findall(text)) / len(text)
 
 
 def digit_ratio(text: str) -> float:
-    return _DIGIT.subn("", text)[1] / len(text) if text else 0.0
+    if not text:
+        return 0.0
+    if text.isascii():
+        return len(text.encode("ascii").translate(None, _NOT_DIGIT)) / len(text)
+    return _DIGIT.subn("", text)[1] / len(text)
 
 
 def alpha_word_fraction(text: str, words: list[str]) -> float:
     """Share of the text's words (`words`, its whitespace-separated tokens) with at least one letter; a
     text without words has none."""
-    return len(_ALPHA_WORD.findall(text)) / len(words) if words else 0.0
+    if not words:
+        return 0.0
+    if text.isascii():
+        return len(text.encode("ascii").translate(_LETTERS_AND_SPACES, _NOT_LETTER_OR_SPACE).split()) / len(words)
+    return len(_ALPHA_WORD.findall(text)) / len(words)
 
 
 def duplicate_line_fraction(text: str) -> float:

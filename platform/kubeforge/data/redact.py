@@ -56,6 +56,7 @@ _ASSIGNED_SECRET = re.compile(
     r"(?P<sep>['\"]?\s*[:=]\s*)(?P<quote>['\"])(?P<value>[^'\"\s%{}]{8,})(?P=quote)"
 )
 _NUMBERING_WORDS = ("version", "section", "release", "§")
+_DIGIT = re.compile(r"\d")
 _KEEP_IPV4 = {"127.0.0.1", "0.0.0.0", "255.255.255.255"}
 
 
@@ -119,10 +120,13 @@ def redact_text(text: str, step: RedactStep) -> tuple[str, dict[str, int]]:
             counts["secrets"] += n
     if step.emails and "@" in text:
         text, counts["emails"] = _substitute(_EMAIL, text, lambda m: PLACEHOLDER["emails"])
+    # What an address or a phone number cannot do without, checked first: most prose has no digit
+    # (IPv4, phones) or too few colons (IPv6), and a full regex scan costs several times more.
+    has_digit = _DIGIT.search(text) is not None
     if step.ip_addresses:
-        text, v4 = _substitute(_IPV4, text, _ipv4)
-        text, v6 = _substitute(_IPV6, text, _ipv6)
+        text, v4 = _substitute(_IPV4, text, _ipv4) if has_digit and "." in text else (text, 0)
+        text, v6 = _substitute(_IPV6, text, _ipv6) if text.count(":") >= 2 else (text, 0)
         counts["ip_addresses"] = v4 + v6
-    if step.phone_numbers:
+    if step.phone_numbers and has_digit:
         text, counts["phone_numbers"] = _substitute(_PHONE, text, _phone)
     return text, counts

@@ -178,11 +178,13 @@ def _run(spec: DataSpec, ctx: StageContext, work: dict[str, tasks.NodeWork]) -> 
         "documents_out": str(kept.out), "work": str(kept.work),
     }, ctx, "pack", kept.documents, "documents_in")
     shards, writes = packing.plan_shards([Path(item["part"]).stem for item in parts], tokenized, spec.packing)
-    shards_written = tasks.run(writes, packing.write_shard, {
+    per_item = packing.SHARDS_PER_ITEM
+    grouped = [{"shards": writes[n : n + per_item]} for n in range(0, len(writes), per_item)]
+    shards_written = tasks.run(grouped, packing.write_shards, {
         "work": str(kept.work), "seq_len": spec.packing.seq_len, "pad_id": ids["pad_id"], "out": str(out),
     }, ctx, "pack shards")
     shutil.rmtree(kept.work)
-    rows_of = {item["path"]: shard["rows"] for item, shard in zip(writes, shards_written, strict=True)}
+    rows_of = {path: rows for written in shards_written for path, rows in written["rows"].items()}
     num_sequences = {split: sum(rows_of[path] for path in shards[split]) for split in packing.SPLITS}
     num_tokens = {split: sum(part["tokens"][split] for part in tokenized) for split in packing.SPLITS}
     num_documents = {split: sum(part["documents"].get(split, 0) for part in tokenized) for split in packing.SPLITS}
