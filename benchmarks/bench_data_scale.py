@@ -238,9 +238,9 @@ def run_data_stage(root: Path, corpus: Path, num_cpus: int | None, address: str 
     (stage,) = (workdir / "pipelines" / PIPELINE / "stages").glob("data-*")
     result: dict[str, Any] = json.loads((stage / "result.json").read_text())
     card = json.loads((stage / "card.json").read_text())
-    return result | {
-        "peak_rss": peak_rss, "peak_shared": peak_shared, "wall_seconds": wall, "nodes": card["work_per_node"],
-    }
+    # Versions before the card's `work_per_node` (the "before" of a side-by-side run) report no nodes.
+    nodes = card.get("work_per_node", {})
+    return result | {"peak_rss": peak_rss, "peak_shared": peak_shared, "wall_seconds": wall, "nodes": nodes}
 
 
 def stop(process: subprocess.Popen[bytes], sig: int, grace_s: float = 60.0) -> None:
