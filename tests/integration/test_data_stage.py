@@ -1,4 +1,4 @@
-"""The data stage end to end on Ray Data, over the Python standard library."""
+"""The data stage end to end in Ray workers, over the Python standard library."""
 
 from __future__ import annotations
 

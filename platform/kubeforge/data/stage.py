@@ -12,8 +12,6 @@ import json
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,20 +35,6 @@ _HINTS = {
     "quality": " (relax or null its rules)",
     "perplexity": " (raise max_perplexity)",
 }
-
-
-@contextmanager
-def _quiet_ray_data() -> Iterator[None]:
-    """Our own progress bars replace Ray Data's, which would interleave with them on the terminal."""
-    from ray.data import DataContext
-
-    context = DataContext.get_current()
-    before = context.enable_progress_bars
-    context.enable_progress_bars = False
-    try:
-        yield
-    finally:
-        context.enable_progress_bars = before
 
 
 class _Funnel:
@@ -100,7 +84,7 @@ def _dataset_digest(out_dir: Path, shard_paths: list[str]) -> str:
 
 
 def run(spec: DataSpec, ctx: StageContext) -> DataResult:
-    with _quiet_ray_data(), tasks.counting_work() as work:
+    with tasks.counting_work() as work:
         return _run(spec, ctx, work)
 
 
