@@ -8,9 +8,7 @@ copy number times 2^56), `id`, `source` and `text`, and after the augment step `
 function of one work item (a part, a bucket of keys, a shard to write) that a worker runs and that
 writes its own output next to the others'; it returns a small dict of counts, and all the driver
 ever holds are those dicts. Each item is a Ray task of one CPU, all submitted at once, so every core
-is busy and the driver sees each result as it finishes. (Ray Data scheduled them until it was
-measured leaving each worker idle about 0.2 s between items: 8 one-second items took 6.1 s on two
-CPUs through `from_items(...).map_batches`, 4.2 s as tasks.)
+is busy and the driver sees each result as it finishes (why not Ray Data: `docs/decisions.md`).
 
 A worker reports bad input (a `KubeForgeError`) as a value: Ray would otherwise wrap it in a
 `RayTaskError` whose message is a remote stack trace, where users need one line naming the file.
@@ -125,19 +123,17 @@ def run(
     try:
         with ctx.reporter.task(f"data: {label}", total=total if progress_key else len(items)) as task:
             while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                for ref in ready:
-                    row = ray.get(ref)
-                    if row["error"]:
-                        raise StageError("data", row["error"])
-                    result = row["result"]
-                    results[pending.pop(ref)] = result
-                    if counted is not None:
-                        node = counted.setdefault(row["node"], NodeWork())
-                        node.items += 1
-                        node.seconds += float(row["seconds"])
-                    done += int(result.get(progress_key, 0)) if progress_key else 1
-                    task.update(done)
+                [ref], _ = ray.wait(list(pending), num_returns=1)
+                row = ray.get(ref)
+                if row["error"]:
+                    raise StageError("data", row["error"])
+                result = results[pending.pop(ref)] = row["result"]
+                if counted is not None:
+                    node = counted.setdefault(row["node"], NodeWork())
+                    node.items += 1
+                    node.seconds += float(row["seconds"])
+                done += int(result.get(progress_key, 0)) if progress_key else 1
+                task.update(done)
     finally:
         for ref in pending:  # a failed item, or Ctrl-C: the rest is not wanted
             ray.cancel(ref)
