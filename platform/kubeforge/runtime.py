@@ -19,6 +19,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from kubeforge.errors import KubeForgeError
@@ -49,8 +53,12 @@ def use_local_runtime_settings() -> None:
         os.environ.setdefault(name, value)
 
 
-def ensure_ray(address: str | None, num_cpus: int | None) -> None:
-    """Connect to the Ray cluster at `address`/RAY_ADDRESS, or start a local one for this run."""
+def ensure_ray(address: str | None, num_cpus: int | None, *, join_running: bool = True) -> bool:
+    """Connect to the Ray cluster at `address`/RAY_ADDRESS, or start a local one for this run; True when
+    this call started a local runtime (which the caller then stops: `ray.shutdown()`).
+
+    Without an address, Ray's own default joins a runtime already running on this machine, if any;
+    `join_running=False` starts a new one regardless (for a caller that must own what it stops)."""
     import ray
 
     # Checked before anything else so a conflicting pair is refused even when Ray is already up.
@@ -61,14 +69,69 @@ def ensure_ray(address: str | None, num_cpus: int | None) -> None:
             "(--ray-address or RAY_ADDRESS); drop one of them"
         )
     if ray.is_initialized():
-        return
+        return False
     # Runs are often offline (laptops, air-gapped clusters): do not try to phone home.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     common: dict[str, Any] = {"logging_level": logging.WARNING, "configure_logging": True}
     if address:
         ray.init(address=address, **common)
+        started = False
     else:
         # Read by Ray's processes at start: a runtime started here may serve a model later.
         use_local_runtime_settings()
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **common)
+        ray.init(address=None if join_running else "local", num_cpus=num_cpus or os.cpu_count(),
+                 include_dashboard=False, **common)
+        started = True
     route_ray_output()
+    return started
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM (what `kill`, systemd, supervisors and Kubernetes send) raises
+    KeyboardInterrupt like Ctrl-C, so that the `finally` blocks that stop what was started run; by
+    default Python dies on SIGTERM without running them."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers (and only it receives signals)
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+RAY_NODE_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+"""The titles of the agents a raylet starts next to itself on each node."""
+
+
+def reap_orphans() -> list[str]:
+    """Stop what a Ray runtime that crashed or was killed left behind on this machine: Serve's HAProxy
+    (an orphan keeps the application's port and answers "Internal Server Error", and the next Serve
+    cannot start its own) and the node's agents. Returns what was stopped, as `<name> <pid>`.
+
+    Each of them runs under its node's raylet while its runtime lives; after a crash the raylet goes
+    first. A process that still has a raylet above it belongs to a live runtime and is left alone."""
+    import psutil
+    from ray.serve._private.constants import RAY_SERVE_HAPROXY_CONFIG_FILE_LOC
+
+    # Serve writes each node's config under the configured file's folder: <folder>/<node id>/haproxy.cfg.
+    folder = os.path.dirname(RAY_SERVE_HAPROXY_CONFIG_FILE_LOC) + os.sep
+    reaped = []
+    for process in psutil.process_iter(["name", "cmdline"]):
+        try:
+            cmdline = process.info["cmdline"] or []
+            haproxy = process.info["name"] == "haproxy" and any(arg.startswith(folder) for arg in cmdline)
+            agent = bool(cmdline) and cmdline[0] in RAY_NODE_AGENTS
+            if not (haproxy or agent) or any(ancestor.name() == "raylet" for ancestor in process.parents()):
+                continue
+            process.kill()
+            process.wait(timeout=10)
+            reaped.append(f"{'haproxy' if haproxy else cmdline[0]} {process.pid}")
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.TimeoutExpired):
+            continue
+    return reaped

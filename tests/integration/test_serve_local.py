@@ -5,11 +5,18 @@ and a canary judged by Debian's Prometheus scraping it and promoted.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -86,3 +93,89 @@ def test_serve_resolves_serves_and_promotes_a_canary(ray_local, tiny_lm, tmp_pat
     for version in ("1", "2"):
         assert (tmp_path / "work" / "serve-models" / MODEL / version / ".kubeforge-complete").is_file()
     assert (tmp_path / "work" / "deployments" / "local" / "rollout.json").is_file()
+
+
+def _start(manifest: Path, workdir: Path, registry: Registry, log: Path) -> subprocess.Popen[bytes]:
+    # Unbuffered: the test reads its progress lines, and a killed process would lose buffered ones.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONUNBUFFERED": "1"}
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "kubeforge.cli", "serve", str(manifest), "--workdir", str(workdir),
+             "--tracking-uri", registry.tracking_uri, "--num-cpus", "1", "--no-metrics"],
+            stdout=out, stderr=out, env=env, start_new_session=True)
+
+
+def _wait_serving(url: str, process: subprocess.Popen[bytes], log: Path, starts: int) -> None:
+    """Until the `starts`-th start says it serves and answers (a crashed one may still answer a moment)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        assert process.poll() is None, log.read_text()[-3000:]
+        if log.read_text().count("serving 'signals'") < starts:
+            time.sleep(1)
+            continue
+        try:
+            response = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "def", "max_tokens": 2},
+                                  timeout=30)
+            if response.status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise AssertionError(log.read_text()[-3000:])
+
+
+def _tree(process: subprocess.Popen[bytes]) -> list[psutil.Process]:
+    return [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+
+
+def test_serve_starts_after_a_crash_and_leaves_nothing_after_sigterm(tiny_lm, tmp_path: Path) -> None:
+    registry = registry_of(tiny_lm.pretrain.directory / "model", tmp_path)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    manifest = tmp_path / "deployment.yaml"
+    manifest.write_text(json.dumps({
+        "apiVersion": "kubeforge.io/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": "signals"},
+        "spec": {"model": f"models:/{MODEL}@champion", "port": port,
+                 "engine": {"name": "transformers", "max_model_len": 128}, "resources": {"cpus_per_replica": 0.25}},
+    }))
+    log = tmp_path / "serve.log"
+    crashed = _start(manifest, tmp_path / "work", registry, log)
+    running = [crashed]
+    first: list[psutil.Process] = []
+    tree: list[psutil.Process] = []
+    try:
+        _wait_serving(url, crashed, log, 1)
+        first = _tree(crashed)
+        crashed.kill()  # a crash: no handler runs, and Serve's HAProxy outlives its parent actor
+        crashed.wait(30)
+        second = _start(manifest, tmp_path / "work", registry, log)
+        running.append(second)
+        _wait_serving(url, second, log, 2)
+        # The second start stopped what the crashed runtime left (HAProxy, Ray's agents), before it said it serves.
+        assert not [(p.pid, p.name()) for p in first if _alive(p)]
+        tree = _tree(second)
+        assert any(p.name() == "haproxy" for p in tree)  # a runtime of its own, with its own proxy
+        second.send_signal(signal.SIGTERM)
+        second.wait(120)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and [p for p in tree if _alive(p)]:
+            time.sleep(1)
+        assert not [(p.pid, p.name()) for p in tree if _alive(p)]
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(url + "/healthz", timeout=5)
+    finally:
+        for popen in running:
+            if popen.poll() is None:
+                tree += _tree(popen)
+        for process in [*first, *tree]:  # whatever a failed assertion left running
+            if _alive(process):
+                with contextlib.suppress(psutil.Error):
+                    process.kill()
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+

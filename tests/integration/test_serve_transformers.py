@@ -8,14 +8,17 @@ rather than written down: the expected answer is then known exactly, whatever th
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kubeforge.errors import KubeForgeError
+from kubeforge.formats.chat import ASSISTANT_HEADER
 from kubeforge.serve.hf_engine import TransformersServer
 from kubeforge.serve.prompting import plain_chat_prompt
+from kubeforge.serve.relay import ForwardedRequest
 from kubeforge.spec.deployment import DeploymentSpec, EngineSpec
 from tests.stage_fixtures import TinyLM
 
@@ -111,13 +114,34 @@ def test_greedy_matches_generate_token_for_token(server: Any, greedy: tuple[list
     assert sum(e["tokens"] for e in events if e["type"] == "delta") == NEW_TOKENS
 
 
-def test_chat_messages_use_the_plain_prompt_without_a_template(server: Any) -> None:
+def test_chat_messages_use_the_chat_template_or_the_plain_prompt_without_one(server: Any) -> None:
     messages = [{"role": "user", "content": "import os"}]
-    assert not getattr(server.tokenizer, "chat_template", None)  # the tiny model is pretrained only
+    rendered = server.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert rendered.endswith(ASSISTANT_HEADER)  # the data stage's tokenizer carries the fine-tuning format
     with Steps(server) as steps:
         events = run(server, request(None, messages=messages, max_tokens=4))
+    assert events[0]["prompt_tokens"] == len(server.tokenizer.encode(rendered))
+    assert steps.tokens == reference(server, rendered, 4)
+    template, server.tokenizer.chat_template = server.tokenizer.chat_template, None
+    try:
+        events = run(server, request(None, messages=messages, max_tokens=4))
+    finally:
+        server.tokenizer.chat_template = template
     assert events[0]["prompt_tokens"] == len(server.tokenizer.encode(plain_chat_prompt(messages)))
-    assert steps.tokens == reference(server, plain_chat_prompt(messages), 4)
+
+
+def test_fields_the_engine_does_not_implement_are_refused_by_name(server: Any) -> None:
+    async def answer(path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        forwarded = ForwardedRequest("POST", path, [], json.dumps(body).encode())
+        events = [event async for event in server.forward(forwarded)]
+        status = next(e["status"] for e in events if "status" in e)  # after the first token's event, if any
+        return status, json.loads(b"".join(e.get("body", b"") for e in events))
+
+    status, body = asyncio.run(answer("/v1/completions", {"model": "tinylm", "prompt": "x", "logprobs": 2}))
+    assert (status, body["error"]["param"]) == (400, "logprobs")
+    status, body = asyncio.run(answer("/v1/chat/completions", {"model": "tinylm:stable", "messages": [
+        {"role": "user", "content": "x"}], "max_tokens": 2, "temperature": 0}))
+    assert status == 200 and body["object"] == "chat.completion" and body["usage"]["completion_tokens"] == 2
 
 
 def test_stop_strings_end_the_text_before_them(server: Any, greedy: tuple[list[int], str]) -> None:
@@ -206,7 +230,7 @@ def test_requests_run_one_at_a_time_and_both_complete(server: Any, greedy: tuple
 
 def _drain(server: Any) -> None:
     """Wait until the forward thread has finished whatever it was running."""
-    server.forward.submit(lambda: None).result(timeout=30)
+    server.forward_thread.submit(lambda: None).result(timeout=30)
 
 
 def test_a_client_that_goes_away_stops_the_generation(server: Any, greedy: tuple[list[int], str]) -> None:

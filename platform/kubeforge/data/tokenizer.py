@@ -65,6 +65,8 @@ def train_tokenizer(texts: Sequence[str], spec: TokenizerSpec, out_dir: Path) ->
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    from kubeforge.formats.chat import CHAT_TEMPLATE
+
     if spec.type == "bpe":
         tokenizer = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -88,6 +90,9 @@ def train_tokenizer(texts: Sequence[str], spec: TokenizerSpec, out_dir: Path) ->
         tokenizer.train_from_iterator(_unigram_corpus(texts, spec.min_frequency), trainer=unigram_trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token=EOS, eos_token=EOS, pad_token=PAD, mask_token=MASK, unk_token=UNK,
+        # The chat format fine-tuning trains on: a pretrained model is then served for chat (vLLM refuses
+        # chat requests to a model without a template) with the turns its fine-tuned versions will know.
+        chat_template=CHAT_TEMPLATE,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out_dir))

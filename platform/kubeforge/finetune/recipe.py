@@ -266,12 +266,12 @@ class FinetuneRecipe(Recipe[FinetuneLoop]):
             return
         from transformers import AutoTokenizer
 
-        from kubeforge.formats.chat import CHAT_TEMPLATE
+        from kubeforge.formats.chat import chat_template_of
 
         spec, models = self.spec, self.models
         policy = unwrap(self.model)
         tokenizer = AutoTokenizer.from_pretrained(self.config.base_model_dir)
-        tokenizer.chat_template = CHAT_TEMPLATE
+        tokenizer.chat_template = chat_template_of(tokenizer)  # a base model's own template is kept
         base_model = Path(self.config.base_model_dir)
         policy_config: Any = policy.config
         policy_config.use_cache = True  # off during training (no generation); on for whoever loads the output

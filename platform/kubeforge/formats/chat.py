@@ -41,10 +41,15 @@ def user_message(record: dict[str, Any]) -> str:
     return f"{record['instruction']}\n\n{extra}" if extra else str(record["instruction"])
 
 
+def chat_template_of(tokenizer: Any) -> str:
+    """The tokenizer's own chat template (a base model that has one keeps it), else `CHAT_TEMPLATE`."""
+    return str(getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE)
+
+
 def prompt_text(record: dict[str, Any], tokenizer: Any) -> str:
-    """The chat-formatted prompt, ending with the assistant header the model continues."""
+    """The chat-formatted prompt (in the template fine-tuning saves), ending with the header the model continues."""
     messages = [{"role": "user", "content": user_message(record)}]
     rendered = tokenizer.apply_chat_template(
-        messages, chat_template=CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True
+        messages, chat_template=chat_template_of(tokenizer), tokenize=False, add_generation_prompt=True
     )
     return str(rendered)

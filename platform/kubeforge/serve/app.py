@@ -1,25 +1,31 @@
-"""The Ray Serve application behind `kubeforge serve`: one vLLM deployment per variant, one router.
+"""The Ray Serve application behind `kubeforge serve`: one deployment per variant, one router.
 
 ```
  client --HTTP--> Router (FastAPI ingress, ONE replica) --handle, streaming--> ModelServer "stable"
                   /v1/completions, /v1/chat/completions,                       ModelServer "candidate"
-                  /v1/models, /healthz, /metrics
+                  /v1/models, /openapi.json, /healthz, /metrics
 ```
 
-* `ModelServer` (`engine.py`) wraps vLLM's `AsyncLLM` for one variant. It tokenizes and checks what
-  depends on the model (context length, chat template) and streams events to the router.
-* `Router` (`router.py`) authenticates, validates the request body, picks a variant (weighted random,
-  or sticky on a header), speaks the OpenAI wire format (SSE for `stream: true`) and records the
-  metrics that `kubeforge.rollout.queries` reads. The candidate weight changes live through a handle
-  call, `serve.get_app_handle(app_name).set_weight.remote(30)`, without restarting any replica.
+* `ModelServer` (`engine.py`) runs vLLM's own OpenAI server app over vLLM's engine, in the replica's
+  process: every field, default, error and stream chunk of a generation request is vLLM's.
+  (`TransformersServer`, `hf_engine.py`, is the engine for what vLLM cannot load.)
+* `Router` (`router.py`) authenticates, picks a variant from the body's `model` (weighted random, or
+  sticky on a header), hands the request over unchanged and relays the response's bytes
+  (`relay.py`), and records the metrics that `kubeforge.rollout.queries` reads from what it relays.
+  The candidate weight changes live through a handle call,
+  `serve.get_app_handle(app_name).set_weight.remote(30)`, without restarting any replica.
 
 The router runs exactly one replica, on purpose: the metrics live in its process (its own
 `prometheus_client` registry, served at `/metrics`), and so does the weight; a second replica would
-split both. It does only I/O and JSON, so one replica keeps up with many engines.
+split both. It only moves bytes, so one replica keeps up with many engines.
 
 A request's `model` is the registered model name (split between the variants by weight), or
-`<name>:stable` / `<name>:candidate` to pin one variant (smoke tests, debugging); anything else is a
-404. Responses carry `x-kubeforge-variant` and `x-kubeforge-version` headers.
+`<name>:stable` / `<name>:candidate` to pin one variant (smoke tests, debugging); each variant's vLLM
+serves under both names. Any other name goes to the stable variant, which answers vLLM's 404.
+Responses carry `x-kubeforge-variant` and `x-kubeforge-version` headers.
+
+`/healthz` is readiness: 200 when every variant answers with a live engine, else 503 naming the
+others. A variant replica whose engine died fails Ray Serve's health check and is replaced.
 
 Fault injection (`handle.set_faults.remote("candidate", fail_rate, delay_s)`: `fail_rate` answers that
 share of the variant's requests with 503, `delay_s` adds latency before the first token) is for tests of
@@ -48,6 +54,9 @@ DEFAULT_MAX_ONGOING = 64
 """Requests a replica accepts at once when engine.max_num_seqs is unset: vLLM batches them itself."""
 ENGINE_START_S = 300
 """Health-check timeout of a variant replica: vLLM takes tens of seconds to start on a small CPU."""
+HEALTH_CHECK_PERIOD_S = 2.0
+"""How often Serve checks a variant's engine: a dead one fails every request routed to its replica until
+Serve replaces it, so look more often than Serve's default 10 s (the check reads a flag: it costs nothing)."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,7 @@ def build_app(
             },
             max_ongoing_requests=max_ongoing,
             health_check_timeout_s=ENGINE_START_S,
+            health_check_period_s=HEALTH_CHECK_PERIOD_S,
             **scaling,
         )
         label = {"model": variant.model, "version": variant.version, "variant": variant.variant}

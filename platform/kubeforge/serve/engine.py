@@ -1,37 +1,63 @@
-"""`ModelServer`: one variant's Ray Serve deployment, wrapping vLLM's AsyncLLM over a local model folder.
+"""`ModelServer`: one variant's Ray Serve deployment, serving a model folder through vLLM's own OpenAI server.
 
-It tokenizes (with the model's own tokenizer and chat template) and checks what depends on the model,
-then streams events to the router: `{"type": "start", "prompt_tokens"}`, `{"type": "delta", "text",
-"tokens"}` per engine step (several steps in one when they come faster than `STREAM_INTERVAL_S`),
-`{"type": "done", "finish_reason", "completion_tokens"}`; or a single
-`{"type": "error", "status", "message", "field"}`. Errors travel as events rather than exceptions so
-that the router answers them with their status instead of a generic 500.
+The replica builds exactly what `vllm serve` builds: its arguments go through vLLM's own argument
+parser (`vllm_args`, shared with the benchmark's `vllm serve` baseline), then vLLM's engine client,
+FastAPI app and serving state (`OpenAIServingCompletion`, `OpenAIServingChat`, `OpenAIServingModels`,
+the model's own chat template). The router hands each request over unchanged and the replica runs it
+through that app in its own process (`relay.call_asgi`): every field, default, error and stream chunk
+is vLLM's. What KubeForge adds is the model's served names (`<name>` and `<name>:<variant>`), token
+counts for the router's metrics, and a health check on the engine.
+
+When the engine core process dies, `check_health` raises, so Ray Serve replaces the replica (instead
+of keeping one alive that fails every request); requests that reach it meanwhile are sent back to the
+router unanswered, which sends them again (`Router._start`).
 """
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
 from ray import serve
 
-from kubeforge.serve.prompting import length_error, prompt_ids
+from kubeforge.serve.relay import ForwardedRequest, call_asgi, count_tokens
 
-STREAM_INTERVAL_S = 0.05
-"""Engine steps go to the router at most this often (the first token at once). Every message crosses two
-processes (replica -> router -> Serve proxy); sent per token, that cost, not the engine, bounded
-throughput on a small machine (benchmarks/bench_serve.py). 50 ms is below visible stutter. A request that
-is not streamed gets its first token at once (the router's time-to-first-token metric, which canary
-analyses read, keeps its meaning) and the rest in one message at the end: nobody sees it in between."""
+
+def vllm_args(folder: str, names: list[str], engine: dict[str, Any]) -> list[str]:
+    """`vllm serve` command-line arguments for `folder` served under `names` with the `engine` section."""
+    args = ["--model", folder, "--served-model-name", *names, "--dtype", engine["dtype"],
+            # CUDA graphs and torch.compile cost minutes at start and buy nothing on CPU.
+            "--enforce-eager",
+            # The engine core is already a process of its own; a worker process under it would add a
+            # second vLLM start-up (tens of seconds on a small CPU) for a single-device replica.
+            "--distributed-executor-backend", "uni",
+            "--disable-log-stats", "--seed", "0"]
+    for flag, key in (("--max-model-len", "max_model_len"), ("--quantization", "quantization"),
+                      ("--max-num-seqs", "max_num_seqs")):
+        if engine.get(key) is not None:
+            args += [flag, str(engine[key])]
+    return args
+
+
+def parse_vllm_args(argv: list[str]) -> Any:
+    """vLLM's own parsing and checks of `vllm serve` arguments."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
+    validate_parsed_serve_args(args)
+    return args
 
 
 @serve.deployment
 class ModelServer:
-    def __init__(self, path: str, label: dict[str, str], engine: dict[str, Any]) -> None:
+    async def __init__(self, path: str, label: dict[str, str], engine: dict[str, Any]) -> None:  # type: ignore[misc]
         import torch
         from vllm import AsyncEngineArgs
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.app import build_app
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from kubeforge.serve.resolve import replica_model_folder
@@ -39,55 +65,47 @@ class ModelServer:
         self.label = label
         # A `models:/` URI (a RayService replica on Kubernetes) is downloaded here; a local folder is used as is.
         folder = replica_model_folder(path, "vllm", "cuda" if torch.cuda.is_available() else "cpu")
-        args = AsyncEngineArgs(
-            model=str(folder),
-            dtype=engine["dtype"],
-            max_model_len=engine["max_model_len"],
-            quantization=engine["quantization"],
-            max_num_seqs=engine["max_num_seqs"],
-            # CUDA graphs and torch.compile cost minutes at start and buy nothing on CPU.
-            enforce_eager=True,
-            # The engine core is already a process of its own; a worker process under it would add a
-            # second vLLM start-up (tens of seconds on a small CPU) for a single-device replica.
-            distributed_executor_backend="uni",
-            disable_log_stats=True,
-            seed=0,
-        )
-        self.engine = AsyncLLM.from_engine_args(args)
+        names = [label["model"], f"{label['model']}:{label['variant']}"]
+        args = parse_vllm_args(vllm_args(str(folder), names, engine))
+        engine_args = AsyncEngineArgs.from_cli_args(args)
+        config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+        self.engine = AsyncLLM.from_vllm_config(vllm_config=config, usage_context=UsageContext.OPENAI_API_SERVER,
+                                                disable_log_stats=True)
+        # vLLM's serving classes call `engine_client.generate`: count the tokens of each request there.
+        self.engine.generate = count_tokens(self.engine.generate)  # type: ignore[method-assign]
+        tasks = await self.engine.get_supported_tasks()
+        self.app = build_app(args, tasks, self.engine.model_config)
+        await init_app_state(self.engine, self.app.state, args, tasks)
+        # vLLM's handler of engine errors asks the uvicorn server it expects here to exit; in a replica,
+        # Serve's health check (`check_health`) replaces the replica instead.
+        self.app.state.server = SimpleNamespace(should_exit=False)
         self.max_model_len = int(self.engine.model_config.max_model_len)
-        self.tokenizer = self.engine.get_tokenizer()
 
     def info(self) -> dict[str, Any]:
         return {**self.label, "max_model_len": self.max_model_len}
 
-    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        from vllm import SamplingParams
+    async def ready(self) -> dict[str, Any]:
+        """What the router's readiness probe asks: raises while the engine is dead."""
+        await self.engine.check_health()
+        return self.info()
 
-        ids = prompt_ids(self.tokenizer, request)
-        if (error := length_error(request, len(ids), self.max_model_len)) is not None:
-            yield error
+    async def check_health(self) -> None:
+        """Ray Serve's health check: a replica whose engine died fails it and is replaced."""
+        await self.engine.check_health()
+
+    async def forward(self, request: ForwardedRequest) -> AsyncIterator[dict[str, Any]]:
+        """Answer `request` with vLLM's OpenAI app (events of `relay.call_asgi`)."""
+        if self.engine.errored:
+            # The router sends the request again, to the replica that replaces this one.
+            yield {"unavailable": "its engine stopped and its replica is being replaced"}
             return
-        max_tokens = int(request["max_tokens"])
-        params = SamplingParams(max_tokens=max_tokens, temperature=request["temperature"], top_p=request["top_p"],
-                                stop=request["stop"], seed=request["seed"])
-        yield {"type": "start", "prompt_tokens": len(ids)}
-        text, count, sent_text, sent_tokens, finish = "", 0, 0, 0, None
-        last_sent: float | None = None
-        interval = STREAM_INTERVAL_S if request["stream"] else math.inf
-        async for output in self.engine.generate({"prompt_token_ids": ids}, params, request["request_id"]):
-            completion = output.outputs[0]
-            text, count = completion.text, len(completion.token_ids)
-            if output.finished:
-                finish = completion.finish_reason
-            now = time.monotonic()
-            due = last_sent is None or output.finished or now - last_sent >= interval
-            if due and (count > sent_tokens or len(text) > sent_text):
-                yield {"type": "delta", "text": text[sent_text:], "tokens": count - sent_tokens}
-                sent_text, sent_tokens, last_sent = len(text), count, now
-        if count > sent_tokens or len(text) > sent_text:
-            yield {"type": "delta", "text": text[sent_text:], "tokens": count - sent_tokens}
-            sent_tokens = count
-        yield {"type": "done", "finish_reason": finish or "stop", "completion_tokens": sent_tokens}
+        async for event in call_asgi(self.app, request):
+            if event.get("status", 0) >= 500 and self.engine.errored:
+                # The engine died under this request before its answer began: nothing reached the client,
+                # so the router may send it again too.
+                yield {"unavailable": "its engine stopped while answering and its replica is being replaced"}
+                return
+            yield event
 
     def __del__(self) -> None:
         # The engine core is a child process: stop it with the replica rather than leave it to exit

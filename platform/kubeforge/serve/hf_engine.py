@@ -1,10 +1,11 @@
 """`TransformersServer`: one variant's Ray Serve deployment on plain transformers, for what vLLM cannot
 load (a `dynamic-int8` folder: torch.ao quantized linear layers) and for unquantized Hugging Face folders.
 
-It speaks the same event protocol as `engine.ModelServer` (start / delta / done, or one error event),
-builds the prompt and answers the same 400s through `prompting`, so the router cannot tell the engines
-apart. Generation is token by token over a KV cache (`past_key_values`): greedy at temperature 0,
-otherwise temperature and top-p sampling from a per-request generator seeded by the request's `seed`.
+The router hands it requests as it does to `engine.ModelServer` (`forward`); it answers them in the
+OpenAI wire format of `transformers_api` (the fields it implements; others are refused), from the
+events of `generate` (start / delta / done, or one error event). Generation is token by token over a
+KV cache (`past_key_values`): greedy at temperature 0, otherwise temperature and top-p sampling from a
+per-request generator seeded by the request's `seed`.
 
 Each model step runs in the replica's single forward thread, never on the event loop, which keeps the
 replica answering `info`, health checks and new (queued) requests while a generation runs. A client
@@ -24,7 +25,9 @@ from typing import Any
 from ray import serve
 
 from kubeforge.errors import KubeForgeError
+from kubeforge.serve import transformers_api
 from kubeforge.serve.prompting import length_error, prompt_ids
+from kubeforge.serve.relay import ForwardedRequest
 
 
 @dataclass
@@ -140,10 +143,19 @@ class TransformersServer:
         self.lock = asyncio.Lock()
         # A single thread: even a step still finishing after its request was cancelled never overlaps
         # the next request's step.
-        self.forward = ThreadPoolExecutor(max_workers=1, thread_name_prefix="transformers-forward")
+        self.forward_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="transformers-forward")
 
     def info(self) -> dict[str, Any]:
         return {**self.label, "max_model_len": self.max_model_len}
+
+    def ready(self) -> dict[str, Any]:
+        return self.info()
+
+    async def forward(self, request: ForwardedRequest) -> AsyncIterator[dict[str, Any]]:
+        """Answer `request` in the OpenAI wire format of `transformers_api` (events of `relay`)."""
+        names = [self.label["model"], f"{self.label['model']}:{self.label['variant']}"]
+        async for event in transformers_api.respond(self, request, names):
+            yield event
 
     def _step(self, state: _Generation) -> tuple[int, str]:
         """Feed the pending tokens, pick the next one; (token, decoded text of all generated tokens)."""
@@ -190,7 +202,7 @@ class TransformersServer:
             while count < max_tokens:
                 # A closed generator (client gone) raises GeneratorExit at the yield below, and a cancelled
                 # request CancelledError here: either way no further step is started.
-                token, text = await loop.run_in_executor(self.forward, self._step, state)
+                token, text = await loop.run_in_executor(self.forward_thread, self._step, state)
                 count += 1
                 done = token in self.eos_ids
                 if done:

@@ -8,6 +8,7 @@ restarts at the recorded weight); a finished rollout is not run twice.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,9 +60,10 @@ def serve_deployment(document: ModelDeployment, options: ServeOptions, say: Call
         RolloutRecord | None):
     """Serve `document` until Ctrl-C (or, with `exit_when_done`, until its rollout ends); returns the
     rollout's final record, or None without a rollout."""
+    import ray
     from ray import serve
 
-    from kubeforge.runtime import ensure_ray
+    from kubeforge.runtime import ensure_ray, reap_orphans, sigterm_as_interrupt
 
     name, spec = document.metadata.name, document.spec
     require_local_source(spec.auth)  # before models are downloaded or Ray starts
@@ -92,18 +94,39 @@ def serve_deployment(document: ModelDeployment, options: ServeOptions, say: Call
         weight = begin(policy, subject, store.load(), time.time()).weight  # resume at the recorded weight
     app = build_app(variants, spec, weight=weight)  # checks the engine settings before Ray starts
 
-    ensure_ray(options.ray_address, options.num_cpus)
-    serve.start(http_options={"host": options.host, "port": spec.port})
-    serve.run(app, name=name, route_prefix="/")
-    say(f"serving '{name}' at http://{options.host}:{spec.port}/v1 (Ctrl-C stops it)")
-    try:
-        record = None if controller is None else run_rollout(controller, say)
-        if not options.exit_when_done:
-            while True:
-                time.sleep(3600)
-        return record
-    finally:
-        serve.delete(name)
+    def reap() -> None:
+        for process in reap_orphans():
+            say(f"stopped {process}, left running by a Ray runtime that is gone")
+
+    with sigterm_as_interrupt():
+        local = options.ray_address is None and not os.environ.get("RAY_ADDRESS")
+        if local:
+            reap()
+        # A runtime of its own: this process stops what it started, and a runtime that crashed just
+        # before (still stopping) must not be joined.
+        started = ensure_ray(options.ray_address, options.num_cpus, join_running=False)
+    # Again after Ray started: `ray.init` installs a SIGTERM handler of its own, which ends the process.
+    with sigterm_as_interrupt():
+        try:
+            serve.start(http_options={"host": options.host, "port": spec.port})
+            serve.run(app, name=name, route_prefix="/")
+            if local:
+                # Once more: a runtime that crashed just before this start may have still been stopping.
+                reap()
+            say(f"serving '{name}' at http://{options.host}:{spec.port}/v1 (Ctrl-C stops it)")
+            try:
+                record = None if controller is None else run_rollout(controller, say)
+                if not options.exit_when_done:
+                    while True:
+                        time.sleep(3600)
+                return record
+            finally:
+                serve.delete(name)
+        finally:
+            if started:
+                # Serve's proxy (HAProxy, a child of an actor) is stopped by Serve, not by Ray's shutdown.
+                serve.shutdown()
+                ray.shutdown()
 
 
 def run_rollout(controller: RolloutController, say: Callable[[str], None]) -> RolloutRecord:

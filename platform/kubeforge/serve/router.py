@@ -10,6 +10,7 @@ import hmac
 import json
 import logging
 import random
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,21 +18,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.exceptions import RayActorError
 
 from kubeforge.rollout.queries import CANDIDATE, STABLE
 from kubeforge.serve.auth import read_token
 from kubeforge.serve.faults import Faults
-from kubeforge.serve.protocol import (
-    Metrics,
-    Outcome,
-    RequestError,
-    Shape,
-    check_weight,
-    error_body,
-    parse_body,
-    pick_variant,
-    sse,
-)
+from kubeforge.serve.protocol import Metrics, Outcome, RequestError, check_weight, error_body, pick_variant
+from kubeforge.serve.relay import ForwardedRequest
 from kubeforge.spec.deployment import AuthSpec
 
 logger = logging.getLogger("kubeforge.serve")
@@ -41,6 +34,19 @@ VERSION_HEADER = "x-kubeforge-version"
 REQUEST_ID_HEADER = "x-request-id"
 
 api = FastAPI(title="KubeForge", docs_url=None, redoc_url=None, openapi_url=None)
+
+RETRY_WINDOW_S = 120.0
+"""How long a request waits for a working replica of its variant: Serve replaces one whose engine died
+in about 40 s on a small CPU (benchmarks.md)."""
+RETRY_DELAY_S = 0.5
+READY_TIMEOUT_S = 5.0
+"""How long /healthz waits for a variant: a replica still loading its engine is not ready."""
+RELAYED = ("/v1/completions", "/v1/chat/completions", "/v1/models")
+"""The paths of vLLM's OpenAI server that the router relays (and that /openapi.json describes)."""
+
+
+class EngineUnavailable(Exception):
+    """A replica's engine is dead; Serve is replacing the replica."""
 
 
 def json_error(status: int, message: str, field: str | None, request_id: str | None = None,
@@ -63,7 +69,6 @@ class Router:
         # Read once at start: a replica that cannot find its token must fail to start, not answer 401.
         self.token = read_token(AuthSpec(**auth)) if auth is not None else None
         self.metrics = Metrics()
-        self.max_model_len: dict[str, int] = {}
         self.faults = {variant: Faults() for variant in self.handles}
 
     # -- live control (handle calls, not HTTP) --
@@ -99,8 +104,22 @@ class Router:
     # -- HTTP --
 
     @api.get("/healthz")
-    async def healthz(self) -> dict[str, Any]:
-        return {"status": "ok", "weight": self.weight, "variants": self.labels}
+    async def healthz(self) -> Response:
+        """Ready when every served variant answers with a live engine; 503 naming the others until then."""
+
+        async def ready(variant: str) -> str | None:
+            try:
+                await asyncio.wait_for(self.handles[variant].ready.remote(), READY_TIMEOUT_S)
+                return None
+            except Exception as exc:  # not started yet, engine dead, replica gone: not ready, whatever the cause
+                return f"{variant}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no answer'}"
+
+        problems = [p for p in await asyncio.gather(*(ready(v) for v in self.handles)) if p is not None]
+        body: dict[str, Any] = {"status": "ok" if not problems else "unavailable", "weight": self.weight,
+                                "variants": self.labels}
+        if problems:
+            body["not_ready"] = problems
+        return JSONResponse(body, status_code=200 if not problems else 503)
 
     @api.get("/metrics")
     async def metrics_text(self) -> Response:
@@ -110,28 +129,38 @@ class Router:
 
     @api.get("/v1/models")
     async def list_models(self, request: Request) -> Response:
+        """vLLM's model list of every variant, merged (each lists `<name>` and `<name>:<variant>`)."""
         if (denied := self._deny(request)) is not None:
             return denied
-        data = [{"id": name, "object": "model", "created": 0, "owned_by": "kubeforge"} for name in self.served_names()]
-        return JSONResponse({"object": "list", "data": data})
+        cards: dict[str, Any] = {}
+        for variant in self.handles:
+            status, _, body = await self._whole(variant, self._forwarded(request, "/v1/models", b""))
+            if status != 200:
+                return Response(body, status_code=status, media_type="application/json")
+            for card in json.loads(body)["data"]:
+                cards.setdefault(card["id"], card)
+        return JSONResponse({"object": "list", "data": list(cards.values())})
+
+    @api.get("/openapi.json")
+    async def openapi(self) -> Response:
+        """vLLM's own OpenAPI document, cut to the paths this router serves."""
+        status, _, body = await self._whole(STABLE, ForwardedRequest("GET", "/openapi.json", [], b""))
+        if status != 200:
+            return Response(body, status_code=status, media_type="application/json")
+        document = json.loads(body)
+        document["paths"] = {path: item for path, item in document.get("paths", {}).items() if path in RELAYED}
+        document["info"] = {**document.get("info", {}), "title": "KubeForge (vLLM OpenAI-compatible API)"}
+        return JSONResponse(document)
 
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
-        return await self._serve(request, chat=False)
+        return await self._serve(request, "/v1/completions")
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
-        return await self._serve(request, chat=True)
+        return await self._serve(request, "/v1/chat/completions")
 
     # -- internals --
-
-    def served_names(self) -> list[str]:
-        """The registered model name (split by weight) and `<name>:<variant>` (pinned to one variant)."""
-        names = [self.labels[STABLE]["model"]]
-        if CANDIDATE in self.handles and self.labels[CANDIDATE]["model"] not in names:
-            names.append(self.labels[CANDIDATE]["model"])  # a candidate registered under another name
-        names += [f"{self.labels[v]['model']}:{v}" for v in self.handles]
-        return names
 
     def _deny(self, request: Request) -> JSONResponse | None:
         if self.token is None:
@@ -142,7 +171,15 @@ class Router:
                               headers={"WWW-Authenticate": "Bearer"})
         return None
 
-    def _choose(self, model: str, request: Request) -> str:
+    def _choose(self, body: bytes, request: Request) -> str | None:
+        """The variant the request's `model` names; None when it names none (or the body is not JSON):
+        the stable variant then answers with vLLM's own 400 or 404, counted under no variant."""
+        try:
+            model = json.loads(body).get("model")
+        except (ValueError, AttributeError):  # not JSON (or not UTF-8), or not an object
+            return None
+        if not isinstance(model, str):
+            return None
         name, colon, pinned = model.partition(":")
         if colon:
             if pinned in self.handles and self.labels[pinned]["model"] == name:
@@ -152,68 +189,66 @@ class Router:
             return pick_variant(self.weight, CANDIDATE in self.handles, sticky)
         elif CANDIDATE in self.handles and name == self.labels[CANDIDATE]["model"]:
             return CANDIDATE
-        raise RequestError(404, f"model: {model!r} is not served here; served: {', '.join(self.served_names())}",
-                           "model")
+        return None
 
-    async def _context(self, variant: str) -> int:
-        if variant not in self.max_model_len:
-            info = await self.handles[variant].info.remote()
-            self.max_model_len[variant] = int(info["max_model_len"])
-        return self.max_model_len[variant]
+    @staticmethod
+    def _forwarded(request: Request, path: str, body: bytes) -> ForwardedRequest:
+        """`request` for the variant's app at `path` (the application may be served under a route prefix)."""
+        # The bearer token stays here: a replica has no use for it, and it must not reach vLLM's logs.
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in ("authorization", "host")]
+        return ForwardedRequest(request.method, path, headers, body, request.url.query)
 
-    async def _serve(self, request: Request, chat: bool) -> Response:
-        request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
-        outcome: Outcome | None = None
-        headers: dict[str, str] = {}
+    async def _whole(self, variant: str, forwarded: ForwardedRequest) -> tuple[int, list[list[str]], bytes]:
+        """A variant's whole answer to `forwarded`: status, headers and body; a 503 when none can answer."""
         try:
-            if (denied := self._deny(request)) is not None:
-                return denied
-            raw = await request.body()
-            # The model name picks the variant, whose context then bounds max_tokens: peek at it first;
-            # parse_body reports a malformed body or a missing name.
-            try:
-                peeked = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                peeked = None
-            model = peeked.get("model") if isinstance(peeked, dict) else None
-            variant = self._choose(model, request) if isinstance(model, str) and model else STABLE
-            max_model_len = await self._context(variant)
-            if isinstance(model, str) and model:
-                outcome = Outcome(self.metrics, {**self.labels[variant], "variant": variant})
-                # Errors from here on are the variant's: say which one answered, as successes do.
-                headers = {VARIANT_HEADER: variant, VERSION_HEADER: self.labels[variant]["version"]}
-            body = parse_body(raw, chat, max_model_len)
-            assert outcome is not None  # parse_body requires a model name
-            faults = self.faults[variant]
-            if faults.injects():
+            events, status, headers, _ = await self._start(variant, forwarded)
+        except (RayActorError, EngineUnavailable) as exc:
+            reason = exc if isinstance(exc, EngineUnavailable) else "its replica stopped"
+            return 503, [], json.dumps(error_body(503, f"variant {variant}: {reason}; retry", None)).encode()
+        return status, headers, b"".join([event["body"] async for event in events])
+
+    async def _serve(self, request: Request, path: str) -> Response:
+        request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        if (denied := self._deny(request)) is not None:
+            return denied
+        body = await request.body()
+        variant = self._choose(body, request)
+        outcome = None
+        headers = {REQUEST_ID_HEADER: request_id}
+        if variant is not None:
+            outcome = Outcome(self.metrics, {**self.labels[variant], "variant": variant})
+            headers |= {VARIANT_HEADER: variant, VERSION_HEADER: self.labels[variant]["version"]}
+        try:
+            faults = self.faults[variant] if variant is not None else None
+            if faults is not None and faults.injects():
                 if random.random() < faults.fail_rate:
                     raise RequestError(503, "injected fault (test-only fault injection)")
                 await asyncio.sleep(faults.delay_s)
-            stream = self.handles[variant].options(stream=True).generate.remote(
-                {**body, "request_id": f"{request_id}-{variant}"})
-            first = await stream.__anext__()
-            if first["type"] == "error":
-                raise RequestError(first["status"], first["message"], first["field"])
-            prompt_tokens = int(first["prompt_tokens"])
-            outcome.prompt(prompt_tokens)
-            headers[REQUEST_ID_HEADER] = request_id
-            shape = Shape(chat, body["model"], request_id)
-            if body["stream"]:
-                return StreamingResponse(self._stream(stream, shape, outcome), media_type="text/event-stream",
-                                         headers=headers)
-            parts, finish, completion_tokens = [], "stop", 0
-            async for event in stream:
-                if event["type"] == "delta":
-                    outcome.tokens(int(event["tokens"]))
-                    parts.append(event["text"])
-                elif event["type"] == "done":
-                    finish, completion_tokens = event["finish_reason"], int(event["completion_tokens"])
-            outcome.finish(200)
-            return JSONResponse(shape.whole("".join(parts), finish, prompt_tokens, completion_tokens), headers=headers)
+            events, status, relayed, early = await self._start(variant or STABLE, self._forwarded(request, path, body))
+            for event in early:
+                self._count(outcome, event)
+            response_headers = {**{k: v for k, v in relayed}, **headers}
+            media_type = response_headers.pop("content-type", None)
+            if media_type is not None and media_type.startswith("text/event-stream"):
+                return StreamingResponse(self._relay(events, outcome, status, request_id), status_code=status,
+                                         media_type=media_type, headers=response_headers)
+            parts = []
+            async for event in events:
+                self._count(outcome, event)
+                parts.append(event["body"])
+            if outcome is not None:
+                outcome.finish(status)
+            return Response(b"".join(parts), status_code=status, media_type=media_type, headers=response_headers)
         except RequestError as exc:
             if outcome is not None:
                 outcome.finish(exc.status)
             return json_error(exc.status, exc.message, exc.field, request_id, headers)
+        except (RayActorError, EngineUnavailable) as exc:
+            # No replica could take the request within RETRY_WINDOW_S (its engine died, or its node went away).
+            if outcome is not None:
+                outcome.finish(503)
+            reason = exc if isinstance(exc, EngineUnavailable) else "its replica stopped"
+            return json_error(503, f"variant {variant or STABLE}: {reason}; retry", None, request_id, headers)
         except Exception:
             # Never a stack trace to the client: the log keeps it, under the id the client is given.
             logger.exception("request %s failed", request_id)
@@ -222,25 +257,56 @@ class Router:
             return json_error(500, f"internal error; quote request id {request_id} to the operator", None, request_id,
                               headers)
 
-    async def _stream(self, stream: Any, shape: Shape, outcome: Outcome) -> AsyncIterator[str]:
-        status = 500
+    async def _start(self, variant: str, forwarded: ForwardedRequest) -> tuple[Any, int, list[list[str]],
+                                                                                list[dict[str, Any]]]:
+        """Hand `forwarded` to the variant until a replica answers with a status: the events still to
+        come, the status, its headers, and the events that came before it (tokens may: a response that
+        is not streamed starts when it is complete).
+
+        A replica whose engine died, or that died itself, before the status came has sent the client
+        nothing, so the request goes again (Serve routes it to another replica, or waits for the one
+        replacing it) for up to RETRY_WINDOW_S: only requests already answering are lost."""
+        deadline = time.monotonic() + RETRY_WINDOW_S
+        while True:
+            events = self.handles[variant].options(stream=True).forward.remote(forwarded)
+            early: list[dict[str, Any]] = []
+            try:
+                async for event in events:
+                    if "unavailable" in event:
+                        raise EngineUnavailable(event["unavailable"])
+                    if "status" in event:
+                        return events, int(event["status"]), event["headers"], early
+                    early.append(event)
+            except (RayActorError, EngineUnavailable):
+                if time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(RETRY_DELAY_S)
+                continue
+            raise RequestError(502, f"variant {variant} ended the response before its status")
+
+    @staticmethod
+    def _count(outcome: Outcome | None, event: dict[str, Any]) -> None:
+        if outcome is not None:
+            outcome.prompt(int(event.get("prompt_tokens", 0)))
+            outcome.tokens(int(event.get("tokens", 0)))
+
+    async def _relay(self, events: Any, outcome: Outcome | None, status: int, request_id: str) -> AsyncIterator[bytes]:
+        """The rest of a streamed response, byte for byte as the variant wrote it."""
         try:
-            yield sse(shape.chunk(None, None, first=True))
-            async for event in stream:
-                if event["type"] == "delta":
-                    outcome.tokens(int(event["tokens"]))
-                    yield sse(shape.chunk(event["text"], None))
-                elif event["type"] == "done":
-                    yield sse(shape.chunk("", event["finish_reason"]))
-            status = 200
+            async for event in events:
+                self._count(outcome, event)
+                if event["body"]:
+                    yield event["body"]
         except (GeneratorExit, asyncio.CancelledError):
             status = 499  # the client went away (nginx's code): neither a success nor the server's fault
             raise
         except Exception:
-            # The status line is already sent: report the failure in the stream, as OpenAI's API does.
-            logger.exception("stream %s failed", shape.request_id)
-            yield sse(error_body(500, f"internal error; quote request id {shape.request_id} to the operator", None))
+            # The status line is already sent: report the failure in the stream, as vLLM's server does.
+            logger.exception("stream %s failed", request_id)
+            status = 500
+            error = error_body(500, f"internal error; quote request id {request_id} to the operator", None)
+            yield f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()
         finally:
             # Also reached when the client disconnects (the generator is closed): count it then too.
-            outcome.finish(status)
-        yield "data: [DONE]\n\n"
+            if outcome is not None:
+                outcome.finish(status)
