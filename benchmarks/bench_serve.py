@@ -27,6 +27,10 @@ sequences, `--max-tokens` new tokens each, streamed (SSE) unless `--no-stream`. 
    client does). Targets: router / direct >= 0.9 in request and output-token throughput, and p99
    time to first token <= 1.5x.
 
+5. `--serve-llm`: the same client and settings against the router and against Ray Serve LLM
+   (`ray.serve.llm.build_openai_app`, the other serving layer issue [8/11] named) on the same folder
+   and engine arguments, each engine on 0.9 CPU. It shows what choosing one over the other costs.
+
 Without a part flag parts 1 to 3 run; the defaults take about 10 minutes on a 2-core machine, start-ups
 included. Throughput is successful requests per second (the answers are the same on both sides, so
 the ratio is a ratio of work); tokens per second come from `usage` where the server sends it in the
@@ -62,6 +66,7 @@ import httpx
 from common import REPO, pretrained_model
 
 from kubeforge.runtime import use_local_runtime_settings
+from kubeforge.serve.app import ROUTER_CPUS
 from kubeforge.serve.loadgen import LoadReport, run_load
 
 MODEL = "quickstart"
@@ -181,6 +186,29 @@ def deploy(model_dir: Path, engine: dict[str, Any], app_name: str, route_prefix:
     })
     serve.run(build_app([VariantModel("stable", MODEL, "1", model_dir)], spec, weight=0), name=app_name,
               route_prefix=route_prefix)
+
+
+def deploy_serve_llm(model_dir: Path, engine: dict[str, Any], route_prefix: str, cpus: float) -> None:
+    """Ray Serve LLM's OpenAI app on `model_dir` with the engine arguments of `engine.vllm_args`."""
+    from ray import serve
+    from ray.serve.llm import LLMConfig, build_openai_app
+
+    config = LLMConfig(
+        model_loading_config={"model_id": MODEL, "model_source": str(model_dir)},
+        placement_group_config={"bundles": [{"CPU": cpus}]},  # a CPU-only bundle: Serve LLM's CPU mode
+        engine_kwargs={"dtype": engine["dtype"], "max_model_len": engine["max_model_len"],
+                       "max_num_seqs": engine["max_num_seqs"], "enforce_eager": True,
+                       "distributed_executor_backend": "uni", "seed": 0},
+        runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GB)}},
+        # Serve LLM adds the replica actor's own CPU (1 by default) to the engine's bundle: 0 keeps the
+        # replica at `cpus` in all, as the router's variant replica is.
+        deployment_config={"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}},
+        log_engine_metrics=False,
+    )
+    # Its ingress at the router's 0.1 CPU (Serve LLM's default is 1, which 2 CPUs cannot give next to two engines).
+    app = build_openai_app({"llm_configs": [config], "ingress_deployment_config": {
+        "ray_actor_options": {"num_cpus": ROUTER_CPUS}}})
+    serve.run(app, name="bench-serve-llm", route_prefix=route_prefix)
 
 
 class Bench:
@@ -326,11 +354,13 @@ def print_tables(results: dict[str, Any]) -> None:
               f"{row['requests_per_s']:.2f} | {row['tokens_per_s']:.1f} | {ms(row['latency_p50_s'])} | "
               f"{ms(row['latency_p90_s'])} | {ms(row['latency_p99_s'])} | {ms(row['ttft_p50_s'])} | "
               f"{ms(row['ttft_p99_s'])} |")
-    if "vllm_client" in results:
-        print("\n| vLLM's client, concurrency | router req/s | vLLM req/s | ratio | router tok/s | vLLM tok/s | "
-              "ratio | router p99 TTFT ms | vLLM p99 TTFT ms | ratio | met |")
+    for key, other in (("vllm_client", "vLLM server"), ("serve_llm", "Serve LLM")):
+        if key not in results:
+            continue
+        print(f"\n| vLLM's client, concurrency | router req/s | {other} req/s | ratio | router tok/s | {other} tok/s | "
+              f"ratio | router p99 TTFT ms | {other} p99 TTFT ms | ratio | met |")
         print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-        for concurrency, part in results["vllm_client"]["by_concurrency"].items():
+        for concurrency, part in results[key]["by_concurrency"].items():
             ma, mb = part["median"].values()  # router first, as vllm_client_part builds it
             r = part["ratio"]
             print(f"| {concurrency} | {ma['request_throughput']:.1f} | {mb['request_throughput']:.1f} | "
@@ -347,7 +377,10 @@ def main() -> None:
     parser.add_argument("--load", action="store_true", help="Part 3: the load test.")
     parser.add_argument("--vllm-client", action="store_true",
                         help="Part 4: vLLM's benchmark client on the router and on vLLM's own server.")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32], help="Part 4's concurrencies.")
+    parser.add_argument("--serve-llm", action="store_true",
+                        help="Part 5: vLLM's benchmark client on the router and on Ray Serve LLM.")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32],
+                        help="Concurrencies of parts 4 and 5.")
     parser.add_argument("--vllm-prompts", type=int, default=200, help="Part 4's requests per run (at least 4x "
                         "the concurrency).")
     parser.add_argument("--random-input-len", type=int, default=32)
@@ -380,7 +413,7 @@ def main() -> None:
     for name in ("warmup", "initial_warmup", "load_warmup"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')}: zero or more seconds (got {getattr(args, name)})")
-    if not (args.router or args.engines or args.load or args.vllm_client):
+    if not (args.router or args.engines or args.load or args.vllm_client or args.serve_llm):
         args.router = args.engines = args.load = True
 
     import ray
@@ -433,6 +466,14 @@ def main() -> None:
             # Its engine would otherwise hold memory and wake up next to parts 2 and 3.
             direct.stop()
             direct = None
+        if args.serve_llm:
+            deploy_serve_llm(model_dir, engine, "/llm", 0.9)
+            serve_llm = Target("Ray Serve LLM", f"http://127.0.0.1:{port}/llm", MODEL)
+            bench.check(serve_llm)
+            results["serve_llm"] = run_part(
+                "5. vLLM's benchmark client: KubeForge router vs Ray Serve LLM",
+                lambda: vllm_client_part(router_vllm, serve_llm, model_dir, args))
+            serve.delete("bench-serve-llm")  # its engine would otherwise hold a CPU through the parts below
         if args.engines:
             deploy(model_dir, {**engine, "name": "transformers"}, "bench-transformers", "/transformers", 0.9)
             router_hf = Target("router (transformers)", f"http://127.0.0.1:{port}/transformers", MODEL)
