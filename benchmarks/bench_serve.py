@@ -67,6 +67,7 @@ from common import REPO, pretrained_model
 
 from kubeforge.runtime import use_local_runtime_settings
 from kubeforge.serve.app import ROUTER_CPUS
+from kubeforge.serve.engine import vllm_args
 from kubeforge.serve.loadgen import LoadReport, run_load
 
 MODEL = "quickstart"
@@ -116,12 +117,9 @@ class DirectVllm:
             # At the priority Ray gives the KubeForge side's processes: on a shared machine a server at
             # normal priority takes CPU from other people's jobs that the Ray workers cannot.
             "nice", "-n", str(niceness),
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-            "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(self.port),
-            # The same engine arguments as kubeforge.serve.engine.ModelServer.
-            "--enforce-eager", "--distributed-executor-backend", "uni", "--disable-log-stats", "--seed", "0",
-            "--dtype", engine["dtype"], "--max-model-len", str(engine["max_model_len"]),
-            "--max-num-seqs", str(engine["max_num_seqs"]),
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            # The arguments each variant replica gives vLLM's own parser.
+            *vllm_args(str(model_dir), [MODEL], engine), "--host", "127.0.0.1", "--port", str(self.port),
             # The router writes no access log line per request either.
             "--disable-uvicorn-access-log",
         ]

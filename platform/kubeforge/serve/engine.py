@@ -1,12 +1,12 @@
 """`ModelServer`: one variant's Ray Serve deployment, serving a model folder through vLLM's own OpenAI server.
 
 The replica builds exactly what `vllm serve` builds: its arguments go through vLLM's own argument
-parser (`vllm_args`, shared with the benchmark's `vllm serve` baseline), then vLLM's engine client,
-FastAPI app and serving state (`OpenAIServingCompletion`, `OpenAIServingChat`, `OpenAIServingModels`,
-the model's own chat template). The router hands each request over unchanged and the replica runs it
-through that app in its own process (`relay.call_asgi`): every field, default, error and stream chunk
-is vLLM's. What KubeForge adds is the model's served names (`<name>` and `<name>:<variant>`), token
-counts for the router's metrics, and a health check on the engine.
+parser (`vllm_args`, which the parity test and the benchmark also give `vllm serve`), then vLLM's
+engine client, FastAPI app and serving state (`OpenAIServingCompletion`, `OpenAIServingChat`,
+`OpenAIServingModels`, the model's own chat template). The router hands each request over unchanged
+and the replica runs it through that app in its own process (`relay.call_asgi`): every field,
+default, error and stream chunk is vLLM's. What KubeForge adds is the model's served names (`<name>`
+and `<name>:<variant>`), token counts for the router's metrics, and a health check on the engine.
 
 When the engine core process dies, `check_health` raises, so Ray Serve replaces the replica (instead
 of keeping one alive that fails every request); requests that reach it meanwhile are sent back to the
