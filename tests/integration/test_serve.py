@@ -10,9 +10,9 @@ scraping this application, with a registry holding versions 1 and 2 of the model
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -43,7 +43,7 @@ from kubeforge.serve.local import ServeRouter
 from kubeforge.serve.router import VARIANT_HEADER
 from kubeforge.spec.deployment import ABRollout, CanaryRollout, DeploymentSpec
 from tests.dashboards import OPERATOR_ROW, dashboard_files, panel_queries, wait_for_panel_data
-from tests.helpers import free_port, running_prometheus, two_version_registry
+from tests.helpers import free_port, running_prometheus, two_version_registry, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -52,12 +52,6 @@ MODEL = "tinylm"
 MAX_MODEL_LEN = 256
 TOKEN = "test-token-8d1f"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +71,7 @@ def served(ray_local, tiny_lm, tmp_path_factory):
                     "prometheus": "http://127.0.0.1:9"},
     })
     variants = [VariantModel("stable", MODEL, "1", folder), VariantModel("candidate", MODEL, "2", folder)]
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     handle = serve.run(build_app(variants, spec, weight=0), name=APP, route_prefix="/")
     yield f"http://127.0.0.1:{port}", handle
@@ -137,7 +131,7 @@ def test_streaming_sends_chunks_then_done(client, served):
 def direct(served, tiny_lm, tmp_path_factory) -> Iterator[str]:
     """`vllm serve` of the same folder with the same engine arguments and KV cache (vLLM's own server)."""
     folder = tiny_lm.pretrain.directory / "model"
-    port = _free_port()
+    port = free_port()
     args = vllm_args(str(folder), [MODEL], {"dtype": "float32", "max_model_len": MAX_MODEL_LEN})
     log = tmp_path_factory.mktemp("vllm-serve") / "server.log"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -145,17 +139,15 @@ def direct(served, tiny_lm, tmp_path_factory) -> Iterator[str]:
         process = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", *args,
                                     "--host", "127.0.0.1", "--port", str(port)], stdout=out, stderr=out, env=env)
     url = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        assert process.poll() is None, log.read_text()[-3000:]
+        with contextlib.suppress(httpx.HTTPError):  # not listening yet
+            return httpx.get(url + "/v1/models", timeout=2).status_code == 200
+        return False
+
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert process.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(1)
+        wait_for(answers, "vllm serve answering", timeout_s=300, poll_s=1)
         yield url
     finally:
         process.terminate()

@@ -25,7 +25,7 @@ from kubeforge.registry.client import Registry
 from kubeforge.serve.local import ServeOptions, serve_deployment
 from kubeforge.spec.load import parse_deployment
 from kubeforge.workdir import Workdir
-from tests.helpers import free_port, running_prometheus
+from tests.helpers import free_port, running_prometheus, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -107,21 +107,17 @@ def _start(manifest: Path, workdir: Path, registry: Registry, log: Path) -> subp
 
 def _wait_serving(url: str, process: subprocess.Popen[bytes], log: Path, starts: int) -> None:
     """Until the `starts`-th start says it serves and answers (a crashed one may still answer a moment)."""
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
+
+    def serving() -> bool:
         assert process.poll() is None, log.read_text()[-3000:]
         if log.read_text().count("serving 'signals'") < starts:
-            time.sleep(1)
-            continue
-        try:
-            response = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "def", "max_tokens": 2},
-                                  timeout=30)
-            if response.status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise AssertionError(log.read_text()[-3000:])
+            return False
+        with contextlib.suppress(httpx.HTTPError):  # not listening yet
+            return httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "def", "max_tokens": 2},
+                              timeout=30).status_code == 200
+        return False
+
+    wait_for(serving, f"start {starts} of kubeforge serve answering", timeout_s=300, poll_s=1)
 
 
 def _tree(process: subprocess.Popen[bytes]) -> list[psutil.Process]:
