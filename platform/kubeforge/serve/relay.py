@@ -95,8 +95,11 @@ def count_tokens(generate: Callable[..., AsyncGenerator[Any]]) -> Callable[..., 
                     new = 0
                     for choice in getattr(output, "outputs", None) or []:
                         count = len(choice.token_ids)
-                        new += count if delta else max(0, count - seen.get(choice.index, 0))
-                        seen[choice.index] = count if not delta else seen.get(choice.index, 0) + count
+                        if delta:
+                            new += count
+                        else:
+                            new += max(0, count - seen.get(choice.index, 0))
+                            seen[choice.index] = count
                     prompt = len(output.prompt_token_ids or ()) if first else 0
                     first = False
                     progress.add(new, prompt)
