@@ -13,7 +13,7 @@ EXAMPLES = REPO / "examples"
 # The session-wide tiny language model (data + pretrain) that the fine-tuning, tuning and evaluation
 # tests share: building it once instead of per module keeps the suite within its time budget. The
 # object store (moto's S3 server) that the object-store source tests read from.
-pytest_plugins = ["tests.stage_fixtures", "tests.chat_fixtures", "tests.s3_fixtures"]
+pytest_plugins = ["tests.stage_fixtures", "tests.chat_fixtures", "tests.s3_fixtures", "tests.lora_fixtures"]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -30,7 +30,7 @@ import kopf
 
 from kubeforge.errors import SpecError
 from kubeforge.registry.audit import RegistryError
-from kubeforge.registry.client import Registry
+from kubeforge.registry.client import Registry, VersionInfo
 from kubeforge.rollout.controller import (
     Compare,
     Measure,
@@ -129,36 +129,79 @@ Version = tuple[str, str]
 """(registered model, version)."""
 
 
-def resolve(registry: Registry, model: ModelDeployment) -> tuple[Version, Version | None]:
-    """The stable and candidate versions the spec names now; the candidate is None without a rollout or
-    when it is the version already served (after a promotion `@champion` and `@challenger` coincide)."""
+@dataclass(frozen=True)
+class Pinned:
+    """The versions one generation of the spec serves."""
+
+    stable: Version
+    candidate: Version | None
+    """None without a rollout, or when it is the version already served (after a promotion `@champion`
+    and `@challenger` coincide)."""
+    base: Version | None = None
+    """Under spec.lora: the version every adapter was fine-tuned from, which the replicas serve them over."""
+    adapters: dict[str, Version] = field(default_factory=dict)
+    """Under spec.lora: the further adapters (spec.lora.adapters) by name."""
+
+
+def resolve(registry: Registry, model: ModelDeployment) -> Pinned:
+    """The versions the spec names now."""
     spec = model.spec
-    stable = _resolve_one(registry, spec.model, "spec.model")
-    if spec.rollout is None:
-        return stable, None
-    candidate = _resolve_one(registry, spec.rollout.candidate, "spec.rollout.candidate")
-    return stable, None if candidate == stable else candidate
+    uris = {"spec.model": spec.model}
+    if spec.rollout is not None:
+        uris["spec.rollout.candidate"] = spec.rollout.candidate
+    if spec.lora is not None:
+        uris |= {f"spec.lora.adapters.{name}": uri for name, uri in spec.lora.adapters.items()}
+    infos = {field: _resolve_one(registry, uri, field) for field, uri in uris.items()}
+    versions = {field: (info.model, info.version) for field, info in infos.items()}
+    stable, candidate = versions["spec.model"], versions.get("spec.rollout.candidate")
+    if candidate == stable:
+        candidate = None
+        del infos["spec.rollout.candidate"]
+    if spec.lora is None:
+        return Pinned(stable, candidate)
+    bases: dict[str, Version] = {}
+    for field_name, info in infos.items():
+        if info.lora_adapter is None or info.parent_version is None:
+            raise Unresolved(field_name, f"version {info.version} of {info.model} carries no LoRA adapter over a "
+                                         "registered base (tags kubeforge.lora_adapter and kubeforge.parent_version, "
+                                         "which a fine-tuning with method lora or qlora registers); serve it without "
+                                         "spec.lora")
+        bases[field_name] = (info.model, info.parent_version)
+    if len(set(bases.values())) != 1:
+        described = "; ".join(f"{name}: version {versions[name][1]} from version {base[1]} of {base[0]}"
+                              for name, base in bases.items())
+        raise Unresolved("spec.lora", f"adapters served together must be fine-tuned from one base version "
+                                      f"({described})")
+    adapters = {name: versions[f"spec.lora.adapters.{name}"] for name in spec.lora.adapters}
+    return Pinned(stable, candidate, bases["spec.model"], adapters)
 
 
-def _resolve_one(registry: Registry, uri: str, field: str) -> Version:
+def _resolve_one(registry: Registry, uri: str, field: str) -> VersionInfo:
     name, ref = parse_model_uri(uri)
     try:
-        info = registry.version(name, ref)
+        return registry.version(name, ref)
     except RegistryError as exc:
         raise Unresolved(field, str(exc)) from exc
-    return info.model, info.version
 
 
-def pinned(model: ModelDeployment, previous: Mapping[str, Any], generation: int | None) -> (
-        tuple[Version, Version | None] | None):
+def pinned(model: ModelDeployment, previous: Mapping[str, Any], generation: int | None) -> Pinned | None:
     """The versions the status pinned for this generation of the spec, or None when it pinned none."""
     if generation is None or previous.get("observedGeneration") != generation or not previous.get("modelVersion"):
         return None
-    stable = (parse_model_uri(model.spec.model)[0], str(previous["modelVersion"]))
+    spec = model.spec
+    name = parse_model_uri(spec.model)[0]
+    stable = (name, str(previous["modelVersion"]))
     candidate_version = previous.get("candidateVersion")
-    if model.spec.rollout is None or not candidate_version:
-        return stable, None
-    return stable, (parse_model_uri(model.spec.rollout.candidate)[0], str(candidate_version))
+    candidate = None
+    if spec.rollout is not None and candidate_version:
+        candidate = (parse_model_uri(spec.rollout.candidate)[0], str(candidate_version))
+    if spec.lora is None:
+        return Pinned(stable, candidate)
+    adapters = previous.get("adapterVersions") or {}
+    if not previous.get("baseVersion") or set(adapters) != set(spec.lora.adapters):
+        return None
+    return Pinned(stable, candidate, (name, str(previous["baseVersion"])),
+                  {key: (parse_model_uri(spec.lora.adapters[key])[0], str(v)) for key, v in adapters.items()})
 
 
 def stored_record(previous: Mapping[str, Any]) -> RolloutRecord | None:
@@ -228,9 +271,10 @@ async def _reconcile(
             await write_status(client, status_url, previous, unresolved_status(
                 exc.field, exc.message, previous=previous, now=now, generation=generation))
             raise kopf.TemporaryError(str(exc), delay=RESOLVE_RETRY_S) from None
-        logger.info(f"resolved {model.spec.model} to version {versions[0][1]}"
-                    + (f", the candidate to version {versions[1][1]}" if versions[1] else ""))
-    stable, candidate = versions
+        logger.info(f"resolved {model.spec.model} to version {versions.stable[1]}"
+                    + (f", the candidate to version {versions.candidate[1]}" if versions.candidate else "")
+                    + (f", their base to version {versions.base[1]}" if versions.base else ""))
+    stable, candidate = versions.stable, versions.candidate
     owner = Owner(name=name, namespace=namespace, uid=meta["uid"], kind=KIND)
     rayservice_url = kube.rayservices_url(namespace, rayservice_name(name))
     current: Mapping[str, Any] | None = await client.get(rayservice_url)
@@ -270,14 +314,18 @@ async def _reconcile(
     variants = [{"variant": STABLE, "model": stable[0], "version": stable[1]}]
     if candidate is not None:
         variants.append({"variant": CANDIDATE, "model": candidate[0], "version": candidate[1]})
+    variants += [{"variant": name, "model": m, "version": v} for name, (m, v) in versions.adapters.items()]
+    base = None if versions.base is None else {"model": versions.base[0], "version": versions.base[1]}
     desired = rayservice(model, serving_document(document), variants, 0 if record is None else record.weight,
-                         owner, config)
+                         owner, config, base)
     current = await _ensure_rayservice(client, desired, current, owner, logger)
     if record is not None and record.done:
         await asyncio.to_thread(settle_registry, record, registry)
     status = deployment_status(
         owner=owner, port=model.spec.port, stable_version=stable[1],
         candidate_version=None if candidate is None else candidate[1], record=record, rayservice_body=current,
+        base_version=None if versions.base is None else versions.base[1],
+        adapter_versions={name: v for name, (_, v) in versions.adapters.items()} or None,
         previous=previous, now=now, generation=generation,
     )
     await write_status(client, status_url, previous, status)

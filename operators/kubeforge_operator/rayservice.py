@@ -20,7 +20,7 @@ import yaml
 from kubeforge.rollout.controller import RolloutRecord
 from kubeforge.runtime import SERVE_INGRESS_ENV
 from kubeforge.serve.cluster import ROUTER_DEPLOYMENT, serve_config
-from kubeforge.spec.deployment import AuthSpec, DeploymentSpec, ModelDeployment, SecretKeyRef
+from kubeforge.spec.deployment import ABRollout, AuthSpec, DeploymentSpec, ModelDeployment, SecretKeyRef
 from kubeforge_operator.conditions import condition, keep_transition_times, spec_accepted
 from kubeforge_operator.config import OperatorConfig
 from kubeforge_operator.errors import FieldError
@@ -109,11 +109,13 @@ def rayservice(
     weight: int,
     owner: Owner,
     config: OperatorConfig,
+    base: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The KubeRay RayService serving `deployment`, parsed from `document` (the manifest as its application
     receives it): its variants (`[{variant, model, version}]`, versions already resolved) behind the
     router, the candidate at `weight` percent. Only serveConfigV2 depends on `weight`, so a new weight is
-    applied in place."""
+    applied in place. Under spec.lora the variants are adapters over `base` ({model, version}), all on the
+    same replicas, and only serveConfigV2's user_config depends on them (`kubeforge.serve.cluster`)."""
     tracking_uri = config.serving_tracking_uri()
     spec = deployment.spec
     name = rayservice_name(owner.name)
@@ -128,7 +130,9 @@ def rayservice(
         env.append({"name": SERVE_TOKEN_ENV,
                     "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}})
         document = {**document, "spec": {**document["spec"], "auth": {"token_env": SERVE_TOKEN_ENV}}}
-    config_v2 = serve_config(owner.name, document, [dict(v) for v in variants], weight)
+    sticky = spec.rollout.sticky_header if isinstance(spec.rollout, ABRollout) else None
+    config_v2 = serve_config(owner.name, document, [dict(v) for v in variants], weight,
+                             None if base is None else dict(base), sticky)
     # Ray Serve's proxy listens on 127.0.0.1 unless told otherwise, and spec.port is the user's choice.
     config_v2 = {"http_options": {"host": "0.0.0.0", "port": spec.port}, **config_v2}
     labels = {LABEL_DEPLOYMENT: owner.name, **MANAGED_BY}
@@ -139,7 +143,7 @@ def rayservice(
         {"cpu": cpu_quantity(SERVE_HEAD_CPUS), "memory": SERVE_HEAD_MEMORY}, {}, labels,
         volumes=[], mounts=[], ports=[serve_port], env=env,
     )
-    pods = replica_pods(spec, len(variants))
+    pods = replica_pods(spec, 1 if base is not None else len(variants))
     worker = pod_template(
         "ray-worker", config.stage_image, pods.resources, {}, labels,
         volumes=[], mounts=[], ports=[serve_port], env=env,
@@ -228,6 +232,8 @@ def deployment_status(
     previous: Mapping[str, Any],
     now: datetime,
     generation: int | None,
+    base_version: str | None = None,
+    adapter_versions: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The ModelDeployment's status (schema: kubeforge.spec.crd) from its resolved versions, its rollout
     record and what KubeRay says of its RayService. Keys set to None are removed by the merge patch."""
@@ -257,6 +263,8 @@ def deployment_status(
         # The versions pinned for this generation (what `pinned` reads back), not only what is served:
         "modelVersion": stable_version,
         "candidateVersion": candidate_version,
+        "baseVersion": base_version,
+        "adapterVersions": None if adapter_versions is None else dict(adapter_versions),
         # What answers requests for the model: after a promotion the candidate takes them all (weight 100).
         "servedVersion": candidate_version if promoted else stable_version,
         "rayService": name,

@@ -213,6 +213,8 @@ def test_quickstart_killed_resumes_is_scraped_learns_and_a_rerun_skips_everythin
     assert roles["finetuned"].tags["kubeforge.parent_version"] == roles["base"].version
     assert roles["quantized"].tags["kubeforge.quantization"] == "w8a8-int8"
     assert roles["finetuned"].tags["kubeforge.method"] == "sft-lora"
+    # The LoRA adapter is kept next to the merged weights, so a deployment can serve it over its base.
+    assert roles["finetuned"].lora_adapter == "adapter" and roles["quantized"].lora_adapter is None
     assert roles["base"].tags["kubeforge.dataset_hash"] == roles["quantized"].tags["kubeforge.dataset_hash"]
     assert roles["quantized"].aliases == ("challenger",)
 

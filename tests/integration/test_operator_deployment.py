@@ -21,7 +21,7 @@ import pytest
 import yaml
 from kopf._core.intents.causes import Activity  # kopf is pinned to one version (pyproject)
 
-from kubeforge.registry.client import Registry
+from kubeforge.registry.client import TAG_LORA_ADAPTER, TAG_PARENT_VERSION, Registry
 from kubeforge.rollout import decision
 from kubeforge.rollout.controller import Subject
 from kubeforge.rollout.stats import ABComparison, compare_error_rates
@@ -347,3 +347,57 @@ async def test_bearer_auth_comes_from_a_secret_and_other_sources_are_refused(tmp
         assert "use spec.auth.token_secret" in valid["message"]
         await asyncio.sleep(0.5)
         assert await get(api, f"{RAYSERVICES}/envtoken") is None
+
+
+async def test_a_canary_between_lora_adapters_moves_only_user_config(tmp_path: Path) -> None:
+    """Versions 2 and 3 of `adapted` are LoRA adapters over version 1: the RayService serves the base once,
+    and the whole canary, promotion included, changes nothing of its args (which would restart replicas)."""
+    from mlflow.tracking import MlflowClient
+
+    registry = two_version_registry(tmp_path, ["adapted"])
+    client = MlflowClient(registry.tracking_uri)
+    run = client.create_run(client.get_experiment_by_name("rollout-tests").experiment_id).info.run_id
+    client.log_artifacts(run, str(tmp_path / "model"), "model")
+    registry.register("adapted", run_id=run, artifact_path="model", tags={})
+    for version in ("2", "3"):
+        registry.set_tags("adapted", version, {TAG_PARENT_VERSION: "1", TAG_LORA_ADAPTER: "adapter"})
+    registry.promote("adapted", "2", alias="champion", reason="the first adapter", user="test")
+    config = OperatorConfig(stage_image="s:1", quantize_image="q:1", namespaces=(NS,),
+                            mlflow_tracking_uri=registry.tracking_uri)
+    body = deployment_body("adapted", lora={})
+    body["spec"]["rollout"]["candidate"] = "models:/adapted/3"
+    async with operator(config, analyses({"adapted": "pass"})) as api:
+        await send(api, "POST", DEPLOYMENTS, body)
+        service = await eventually(lambda: get(api, f"{RAYSERVICES}/adapted"), "the RayService")
+        (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+        assert app["args"]["variants"] == [{"model": "adapted", "version": "1", "variant": "base"}]
+        configs = {d["name"]: d["user_config"] for d in app["deployments"]}
+        assert configs["Router"]["variants"] == {"stable": {"model": "adapted", "version": "2"},
+                                                 "candidate": {"model": "adapted", "version": "3"}}
+        assert configs["model-lora"]["adapters"] == {"adapted:stable": "models:/adapted/2",
+                                                     "adapted:candidate": "models:/adapted/3"}
+        assert service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] == 1
+        status = await eventually(lambda: phase_is(api, "adapted", "Deploying"), "phase Deploying")
+        assert (status["baseVersion"], status["modelVersion"], status["candidateVersion"]) == ("1", "2", "3")
+
+        await report_ready(api, "adapted")
+        assert await follow_weights(api, "adapted", until=100) == [20, 50, 100]
+        await eventually(lambda: phase_is(api, "adapted", "Promoted"), "phase Promoted")
+        assert Registry(registry.tracking_uri).alias("adapted", "champion").version == "3"
+        history = [v.raw for v in api.objects[RAYSERVICE, NS, "adapted"].history if v is not None]
+        args = {yaml.safe_dump(yaml.safe_load(v["spec"]["serveConfigV2"])["applications"][0]["args"]) for v in history}
+        assert len(history) >= 3 and len(args) == 1, args  # every weight, one set of args
+        await unchanged_by_another_reconcile(api, "adapted")
+
+        # A version without an adapter cannot be a variant: the status names the field, nothing is served.
+        plain = deployment_body("plain", lora={})
+        plain["spec"]["model"], plain["spec"]["rollout"]["candidate"] = "models:/adapted/1", "models:/adapted/3"
+        await send(api, "POST", DEPLOYMENTS, plain)
+
+        async def refused() -> str | None:
+            ready = {c["type"]: c for c in (await status_of(api, "plain")).get("conditions") or []}.get("Ready")
+            return ready["message"] if ready and ready["reason"] == "ModelNotResolved" else None
+
+        message = await eventually(refused, "the Ready condition naming the field")
+        assert message.startswith("spec.model: version 1 of adapted carries no LoRA adapter"), message
+        assert await get(api, f"{RAYSERVICES}/plain") is None

@@ -30,20 +30,18 @@ from kubeforge.registry.client import Registry
 from kubeforge.rollout.controller import (
     TAG_RESULT,
     RolloutController,
-    RolloutRecord,
     RolloutStore,
     Subject,
     measure_ab,
 )
-from kubeforge.rollout.prometheus import query_value
-from kubeforge.rollout.queries import CANDIDATE, REQUESTS_TOTAL, selector
 from kubeforge.serve.app import VariantModel, build_app
 from kubeforge.serve.engine import vllm_args
 from kubeforge.serve.local import ServeRouter
 from kubeforge.serve.router import VARIANT_HEADER
-from kubeforge.spec.deployment import ABRollout, CanaryRollout, DeploymentSpec
+from kubeforge.spec.deployment import ABRollout, DeploymentSpec
 from tests.dashboards import OPERATOR_ROW, dashboard_files, panel_queries, wait_for_panel_data
 from tests.helpers import free_port, running_prometheus, two_version_registry, wait_for
+from tests.rollout_helpers import Traffic, canary, drive, wait_until_the_candidate_is_idle
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -361,84 +359,14 @@ def registry(tmp_path_factory) -> Registry:
     return two_version_registry(tmp_path_factory.mktemp("registry"), [MODEL])
 
 
-class Traffic:
-    """Requests to MODEL (split by weight) from a background thread; (variant, status) of each."""
-
-    def __init__(self, url: str) -> None:
-        self.url, self.seen = url, Counter[tuple[str, int]]()
-        self.lock = threading.Lock()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        with _http(self.url) as http:
-            while not self.stop.is_set():
-                response = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1})
-                with self.lock:
-                    self.seen[response.headers.get(VARIANT_HEADER, "?"), response.status_code] += 1
-
-    def snapshot(self) -> Counter[tuple[str, int]]:
-        with self.lock:
-            return Counter(self.seen)
-
-    def by_variant(self, variant: str) -> int:
-        return sum(n for (v, _), n in self.snapshot().items() if v == variant)
-
-    def wait_for(self, more: int, limit_s: float = 120) -> None:
-        """Until `more` requests beyond those answered now have been answered. The thread sends one request
-        at a time, so after one more answer every request still to come was sent after this call."""
-        target = self.snapshot().total() + more
-        deadline = time.monotonic() + limit_s
-        while self.snapshot().total() < target:
-            assert self.thread.is_alive(), "the traffic thread has stopped"
-            assert time.monotonic() < deadline, f"{more} more requests were not answered in {limit_s}s"
-            time.sleep(0.05)
-
-    def __enter__(self) -> Traffic:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(timeout=60)
-
-
-def _canary(prometheus: str, steps: list[dict]) -> CanaryRollout:
-    return CanaryRollout.model_validate({
-        "strategy": "canary", "candidate": f"models:/{MODEL}/2", "steps": steps,
-        "analysis": {"prometheus": prometheus, "interval_s": 4, "window": "8s", "max_error_rate": 0.1,
-                     "failure_limit": 2, "inconclusive_limit": 5},
-    })
-
-
-def _wait_until_the_candidate_is_idle(prometheus: str, limit_s: float = 120) -> None:
-    """Until Prometheus holds no request to the candidate over a range longer than the analysis window (8 s).
-    A range, not the current value: a scrape that failed just now would make that look idle too."""
-    promql = f"sum(increase({REQUESTS_TOTAL}{selector(MODEL, '2', CANDIDATE)}[10s]))"
-    deadline = time.monotonic() + limit_s
-    while (value := query_value(prometheus, promql)) != 0:
-        assert time.monotonic() < deadline, f"the candidate still had requests after {limit_s}s: {promql} = {value}"
-        time.sleep(1)
-
-
-def _drive(controller: RolloutController, limit_s: float = 120) -> RolloutRecord:
-    record = controller.start(time.time())
-    deadline = time.monotonic() + limit_s
-    while not record.done:
-        assert time.monotonic() < deadline, f"rollout still {record.phase} after {limit_s}s: {record.reason}"
-        time.sleep(1)
-        record = controller.tick(time.time())
-    return record
-
-
 def test_canary_of_a_healthy_candidate_is_promoted(served, prometheus, registry, tmp_path):
     url, handle = served
-    policy = _canary(prometheus, [{"weight": 30, "pause_s": 0}, {"weight": 60, "pause_s": 4}])
+    policy = canary(prometheus, f"models:/{MODEL}/2", [{"weight": 30, "pause_s": 0}, {"weight": 60, "pause_s": 4}])
     subject = Subject(APP, MODEL, "1", MODEL, "2")
     controller = RolloutController(policy, subject, ServeRouter(APP), registry, RolloutStore(tmp_path))
     try:
-        with Traffic(url) as traffic:
-            record = _drive(controller)
+        with Traffic(url, MODEL, AUTH) as traffic:
+            record = drive(controller)
     finally:
         weight = handle.get_weight.remote().result()
         _set_weight(handle, 0)
@@ -457,18 +385,18 @@ def test_canary_of_a_healthy_candidate_is_promoted(served, prometheus, registry,
 
 def test_canary_of_a_failing_candidate_is_rolled_back_while_stable_serves(served, prometheus, registry, tmp_path):
     url, handle = served
-    policy = _canary(prometheus, [{"weight": 50, "pause_s": 0}])
+    policy = canary(prometheus, f"models:/{MODEL}/2", [{"weight": 50, "pause_s": 0}])
     subject = Subject(APP, MODEL, "1", MODEL, "2")
     controller = RolloutController(policy, subject, ServeRouter(APP), registry, RolloutStore(tmp_path))
     # Every candidate request fails, so every analysis that has data fails, however few requests this machine
     # manages per window: with a share of failures, a window of a handful of requests could hold none and
     # pass, promoting the candidate. Likewise the window must not still hold the successful requests the
     # same candidate version answered in the test before.
-    _wait_until_the_candidate_is_idle(prometheus)
+    wait_until_the_candidate_is_idle(prometheus, MODEL, "2")
     handle.set_faults.remote("candidate", fail_rate=1.0).result()
     try:
-        with Traffic(url) as traffic:
-            record = _drive(controller)
+        with Traffic(url, MODEL, AUTH) as traffic:
+            record = drive(controller)
             weight = handle.get_weight.remote().result()
             # The request in flight when the router moved to 0% may have gone to the candidate: let it end.
             traffic.wait_for(1)

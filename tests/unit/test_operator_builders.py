@@ -662,3 +662,39 @@ def test_the_served_version_is_the_candidate_once_promoted() -> None:
     # Both variants' replicas stay after a rollout: the worker group is sized for the two variants.
     service = build_rayservice(deployment_document(), 100)
     assert service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] == 2
+
+
+def test_a_lora_rayservice_serves_every_adapter_from_one_deployment_configured_in_place() -> None:
+    document = deployment_document(lora={"adapters": {"sql": "models:/quickstart/4"}})
+    base = {"model": "quickstart", "version": "1"}
+
+    def build(candidate: str, weight: int) -> dict[str, Any]:
+        variants = [{"variant": "stable", "model": "quickstart", "version": "2"},
+                    {"variant": "candidate", "model": "quickstart", "version": candidate},
+                    {"variant": "sql", "model": "quickstart", "version": "4"}]
+        return rayservice(parse_deployment(document), document, variants, weight, DEPLOYMENT_OWNER, CONFIG, base)
+
+    first, second = build("3", 20), build("5", 0)
+    if RAYSERVICE_CRD.is_file():
+        validate_against_crd(first, RAYSERVICE_CRD)
+    (app,) = yaml.safe_load(first["spec"]["serveConfigV2"])["applications"]
+    (after,) = yaml.safe_load(second["spec"]["serveConfigV2"])["applications"]
+    # Ray Serve restarts every replica when the application's args change: a new candidate changes none.
+    assert app["args"] == after["args"]
+    assert app["args"]["variants"] == [{"model": "quickstart", "version": "1", "variant": "base"}]
+    spec = app["args"]["deployment"]["spec"]
+    assert spec["model"] == "models:/quickstart/1" and "rollout" not in spec
+    assert spec["lora"] == {"adapters": {}, "max_loras": 3}  # the adapters' URIs are user_config, their slots stay
+    configs = {d["name"]: d["user_config"] for d in app["deployments"]}
+    assert configs["Router"] == {"weight": 20, "sticky_header": None, "variants": {
+        "stable": {"model": "quickstart", "version": "2"}, "candidate": {"model": "quickstart", "version": "3"},
+        "sql": {"model": "quickstart", "version": "4"}}}
+    assert configs["model-lora"] == {"adapters": {"quickstart:stable": "models:/quickstart/2",
+                                                  "quickstart:candidate": "models:/quickstart/3",
+                                                  "quickstart:sql": "models:/quickstart/4"}}
+    assert {d["name"]: d["user_config"] for d in after["deployments"]}["model-lora"]["adapters"][
+        "quickstart:candidate"] == "models:/quickstart/5"
+    assert serve_weight(first) == 20 and serve_weight(second) == 0
+    # One deployment serves all variants: one replica's pod, not one per variant.
+    assert first["spec"]["rayClusterConfig"] == second["spec"]["rayClusterConfig"]
+    assert first["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] == 1

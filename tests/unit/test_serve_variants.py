@@ -14,7 +14,7 @@ import yaml
 from kubeforge.errors import KubeForgeError
 from kubeforge.serve.app import VariantModel, build_app
 from kubeforge.serve.auth import TOKEN_SECRET_OFF_CLUSTER, read_token
-from kubeforge.serve.cluster import app_builder
+from kubeforge.serve.cluster import app_builder, serve_config
 from kubeforge.serve.local import ServeOptions, serve_deployment
 from kubeforge.spec.load import parse_deployment
 
@@ -75,3 +75,31 @@ def test_a_kubernetes_secret_token_is_refused_locally_before_anything_starts(tmp
     options = ServeOptions(workdir=None, registry=None)  # type: ignore[arg-type]
     with pytest.raises(KubeForgeError, match=r"^spec\.auth\.token_secret: "):
         serve_deployment(copy.deepcopy(doc), options, say=print)
+
+
+def test_a_lora_application_serves_its_base_and_takes_the_adapters_from_user_config() -> None:
+    lora = {"max_rank": 32, "adapters": {"sql": "models:/quickstart/4"}}
+    variants = [{"variant": "stable", "model": "quickstart", "version": "2"},
+                {"variant": "candidate", "model": "quickstart", "version": "3"}]
+    config = serve_config("quickstart", document(lora=lora), variants, 20, base={"model": "quickstart", "version": "1"})
+    app = app_builder(config["applications"][0]["args"])
+    stable, candidate, labels, weight, _, _, is_lora = router_args(app)
+    assert is_lora and candidate is None and (labels, weight) == ({}, 0)  # both come with the user_config
+    path, label, _, limits = stable._bound_deployment.init_args
+    assert stable._bound_deployment.name == "model-lora" and path == "models:/quickstart/1"
+    assert label == {"model": "quickstart", "version": "1", "variant": "base"}
+    assert limits == {"max_rank": 32, "max_loras": 3}  # stable, candidate and sql in one batch
+    # Under spec.lora only the base travels in args; a variant there is refused, and vice versa.
+    with pytest.raises(KubeForgeError, match=r"args.variants.0: expected \{variant: base"):
+        app_builder({"deployment": document(lora=lora), "variants": variants})
+    with pytest.raises(KubeForgeError, match=r"args.variants.0: expected \{variant: stable\|candidate"):
+        app_builder({**config["applications"][0]["args"], "deployment": document()})
+
+
+def test_lora_variants_must_be_versions_of_their_base_model() -> None:
+    spec = parse_deployment(document(lora={})).spec
+    base = VariantModel("base", "quickstart", "1", "models:/quickstart/1")
+    with pytest.raises(KubeForgeError, match=r"must be versions of quickstart \(got \['other'\]\)"):
+        build_app([VariantModel("stable", "other", "2", "models:/other/2")], spec, weight=0, base=base)
+    with pytest.raises(KubeForgeError, match=r"a base model is served exactly when spec\.lora is set"):
+        build_app([STABLE], parse_deployment(document()).spec, weight=0, base=base)

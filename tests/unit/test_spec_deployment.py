@@ -117,3 +117,17 @@ def test_vllm_only_engine_settings_are_refused_for_transformers() -> None:
     transformers = {"name": "transformers", "max_model_len": 128, "dtype": "bfloat16", "max_num_seqs": 4}
     parsed = parse_deployment({**BASE, "spec": {**BASE["spec"], "engine": transformers}})
     assert parsed.spec.engine.model_dump(exclude_none=True) == transformers
+
+
+def test_lora_serving_names_its_adapters_and_needs_vllm() -> None:
+    lora = {"max_rank": 32, "adapters": {"sql-v2": "models:/demo/4"}}
+    parsed = parse_deployment({**BASE, "spec": {**BASE["spec"], "lora": lora}})
+    assert parsed.spec.lora is not None and parsed.spec.lora.adapters == {"sql-v2": "models:/demo/4"}
+    (reserved,) = problems({**BASE["spec"], "lora": {"adapters": {"candidate": "models:/demo/4"}}})
+    assert reserved.startswith("spec.lora.adapters: names ['candidate'] are taken")
+    (malformed,) = problems({**BASE["spec"], "lora": {"adapters": {"SQL": "models:/demo/4"}}})
+    assert malformed.startswith("spec.lora.adapters: names ['SQL'] are not lower-case")
+    (rank,) = problems({**BASE["spec"], "lora": {"max_rank": 12}})
+    assert rank.startswith("spec.lora.max_rank: ")
+    (engine,) = problems({**BASE["spec"], "lora": {}, "engine": {"name": "transformers"}})
+    assert engine == "spec.lora: LoRA adapters are served by vLLM; drop lora or use engine.name: vllm"

@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 TAG_ROLE = "kubeforge.role"  # base | finetuned | quantized
 TAG_METHOD = "kubeforge.method"  # fine-tuning method (full, lora, qlora, ...)
 TAG_QUANTIZATION = "kubeforge.quantization"  # quantization scheme of a quantized version
+TAG_PARENT_VERSION = "kubeforge.parent_version"  # the registered version this one was made from
+TAG_LORA_ADAPTER = "kubeforge.lora_adapter"  # run artifact folder of a LoRA adapter of this version
 TAG_GATES = "kubeforge.gates"  # passed | failed
 TAG_APPROVAL = "kubeforge.approval"  # pending | approved | rejected
 TAG_APPROVED_BY = "kubeforge.approved_by"
@@ -80,6 +82,14 @@ class VersionInfo:
     @property
     def quantization(self) -> str | None:
         return self.tags.get(TAG_QUANTIZATION)
+
+    @property
+    def parent_version(self) -> str | None:
+        return self.tags.get(TAG_PARENT_VERSION)
+
+    @property
+    def lora_adapter(self) -> str | None:
+        return self.tags.get(TAG_LORA_ADAPTER)
 
     @property
     def uri(self) -> str:

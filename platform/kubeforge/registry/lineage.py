@@ -8,6 +8,7 @@ from typing import Any
 
 from kubeforge import stages
 from kubeforge.context import Registered, StageOutput
+from kubeforge.registry.client import TAG_LORA_ADAPTER, TAG_PARENT_VERSION
 from kubeforge.stages.results import ModelResult
 from kubeforge.tracking import TAG_PREFIX
 
@@ -35,7 +36,9 @@ def version_tags(
         f"{TAG_PREFIX}parent_runs": json.dumps(parents, sort_keys=True),
     })
     if parent_version is not None:
-        tags[f"{TAG_PREFIX}parent_version"] = parent_version
+        tags[TAG_PARENT_VERSION] = parent_version
+    if lineage.lora_adapter is not None:
+        tags[TAG_LORA_ADAPTER] = lineage.lora_adapter
     return tags
 
 

@@ -24,6 +24,11 @@ A request's `model` is the registered model name (split between the variants by 
 serves under both names. Any other name goes to the stable variant, which answers vLLM's 404.
 Responses carry `x-kubeforge-variant` and `x-kubeforge-version` headers.
 
+With `spec.lora` (LoRA adapters over one base) a single deployment serves every variant: its replicas
+run the base with one adapter per variant (`ModelServer.reconfigure`), the router sends each request to
+it with the body's `model` set to the chosen adapter (`<name>:<variant>`, which vLLM's answers then
+name), and a rollout only moves the weight between adapters: no replica is added.
+
 `/healthz` is readiness: 200 when every variant answers with a live engine, else 503 naming the
 others. A variant replica whose engine died fails Ray Serve's health check and is replaced.
 
@@ -48,6 +53,10 @@ if TYPE_CHECKING:
     from ray.serve import Application
 
 VARIANTS = (STABLE, CANDIDATE)
+LORA_DEPLOYMENT = "model-lora"
+"""The deployment serving the base and every variant's adapter, under `spec.lora`."""
+LORA_BASE = "base"
+"""The variant label of that base: it is served as `<name>:base`."""
 ROUTER_CPUS = 0.1
 """The router only moves bytes between sockets and handles; it must not take a CPU from an engine."""
 DEFAULT_MAX_ONGOING = 64
@@ -64,12 +73,13 @@ class VariantModel:
     """One variant to serve: a resolved local model folder and its registry labels."""
 
     variant: str
-    """"stable" or "candidate"."""
+    """"stable" or "candidate" (or, for a base of LoRA adapters, "base"; for a further adapter, its name)."""
     model: str
     """The registered model name; clients ask for it in the request's `model` field."""
     version: str
     path: Path | str
-    """A local model folder, or `models:/<name>/<version>` that each replica downloads (`kubeforge.serve.cluster`)."""
+    """A local model (or adapter) folder, or `models:/<name>/<version>` that each replica downloads
+    (`kubeforge.serve.cluster`)."""
 
 
 def initial_weight(spec: DeploymentSpec) -> int:
@@ -88,9 +98,12 @@ def build_app(
     *,
     weight: int | None = None,
     hand_over_token: bool = True,
+    base: VariantModel | None = None,
 ) -> Application:
     """The application serving `variants` with the engine, resources, replicas, autoscaling and auth of
-    `spec`; `weight` overrides `initial_weight(spec)`.
+    `spec`; `weight` overrides `initial_weight(spec)`. With `spec.lora`, `variants` are LoRA adapters
+    (stable, candidate and the further adapters of `spec.lora.adapters`) served over `base`; none when
+    the deployments' user_config will name them (`kubeforge.serve.cluster`).
 
     `hand_over_token` copies the value of auth.token_env into the router's runtime_env, for a local Ray
     runtime started before the variable was set. Off on Kubernetes, where every pod has the variable and the
@@ -102,10 +115,18 @@ def build_app(
     router_deployment: Any = router.Router
 
     by_name = {v.variant: v for v in variants}
-    if len(by_name) != len(variants) or set(by_name) - set(VARIANTS) or STABLE not in by_name:
+    further = set(spec.lora.adapters) if spec.lora is not None else set()
+    # On a cluster the adapters of a LoRA base come with the user_config (`kubeforge.serve.cluster`).
+    later = base is not None and not variants
+    if not later and (len(by_name) != len(variants) or set(by_name) - set(VARIANTS) - further or STABLE not in by_name):
         raise KubeForgeError(
             f"variants: expected one 'stable' and at most one 'candidate' (got {[v.variant for v in variants]})"
         )
+    if (spec.lora is None) != (base is None):
+        raise KubeForgeError("base: a base model is served exactly when spec.lora is set")
+    if base is not None and any(v.model != base.model for v in variants):
+        raise KubeForgeError(f"variants: LoRA adapters over {base.model} version {base.version} must be versions of "
+                             f"{base.model} (got {sorted({v.model for v in variants})})")
     start_weight = check_weight(initial_weight(spec) if weight is None else weight)
     if CANDIDATE not in by_name and start_weight:
         raise KubeForgeError(f"weight: {start_weight}% for a candidate, but no candidate variant is served")
@@ -121,22 +142,30 @@ def build_app(
         }}
         if spec.autoscaling is not None else {"num_replicas": spec.replicas}
     )
+    options: dict[str, Any] = {
+        "ray_actor_options": {
+            "num_cpus": spec.resources.cpus_per_replica,
+            "num_gpus": spec.resources.gpus_per_replica,
+            "runtime_env": {"env_vars": env_vars},
+        },
+        "max_ongoing_requests": max_ongoing,
+        "health_check_timeout_s": ENGINE_START_S,
+        "health_check_period_s": HEALTH_CHECK_PERIOD_S,
+        **scaling,
+    }
     bound: dict[str, Any] = {}
-    for variant in by_name.values():
-        deployment = model_server.options(
-            name=f"model-{variant.variant}",
-            ray_actor_options={
-                "num_cpus": spec.resources.cpus_per_replica,
-                "num_gpus": spec.resources.gpus_per_replica,
-                "runtime_env": {"env_vars": env_vars},
-            },
-            max_ongoing_requests=max_ongoing,
-            health_check_timeout_s=ENGINE_START_S,
-            health_check_period_s=HEALTH_CHECK_PERIOD_S,
-            **scaling,
-        )
-        label = {"model": variant.model, "version": variant.version, "variant": variant.variant}
-        bound[variant.variant] = deployment.bind(str(variant.path), label, spec.engine.model_dump())
+    if base is not None and spec.lora is not None:
+        # One deployment serves every variant: the base, with each variant's adapter as its user_config.
+        adapters = {f"{v.model}:{v.variant}": str(v.path) for v in by_name.values()}
+        lora = {"max_rank": spec.lora.max_rank, "max_loras": spec.lora.slots()}
+        label = {"model": base.model, "version": base.version, "variant": LORA_BASE}
+        deployment = model_server.options(name=LORA_DEPLOYMENT, user_config={"adapters": adapters}, **options)
+        bound[STABLE] = deployment.bind(str(base.path), label, spec.engine.model_dump(), lora)
+    else:
+        for variant in by_name.values():
+            deployment = model_server.options(name=f"model-{variant.variant}", **options)
+            label = {"model": variant.model, "version": variant.version, "variant": variant.variant}
+            bound[variant.variant] = deployment.bind(str(variant.path), label, spec.engine.model_dump())
 
     router_env: dict[str, str] = {}
     if hand_over_token and spec.auth is not None and spec.auth.token_env and spec.auth.token_env in os.environ:
@@ -150,7 +179,7 @@ def build_app(
     labels = {v.variant: {"model": v.model, "version": v.version} for v in by_name.values()}
     sticky = spec.rollout.sticky_header if isinstance(spec.rollout, ABRollout) else None
     auth = spec.auth.model_dump() if spec.auth is not None else None
-    return front.bind(bound[STABLE], bound.get(CANDIDATE), labels, start_weight, sticky, auth)
+    return front.bind(bound[STABLE], bound.get(CANDIDATE), labels, start_weight, sticky, auth, base is not None)
 
 
 def engine_deployment(name: str) -> Any:

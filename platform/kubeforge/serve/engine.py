@@ -8,6 +8,10 @@ and the replica runs it through that app in its own process (`relay.call_asgi`):
 default, error and stream chunk is vLLM's. What KubeForge adds is the model's served names (`<name>`
 and `<name>:<variant>`), token counts for the router's metrics, and a health check on the engine.
 
+With `spec.lora` the replica serves a base model (as `<name>:base`) and LoRA adapters over it, one per
+variant (`<name>:stable`, `<name>:candidate`, `<name>:<adapter>`): they are the deployment's Ray Serve
+`user_config`, so a new set loads into the running replica (`reconfigure`) without restarting it.
+
 When the engine core process dies, `check_health` raises, so Ray Serve replaces the replica (instead
 of keeping one alive that fails every request); requests that reach it meanwhile are sent back to the
 router unanswered, which sends them again (`Router._start`).
@@ -15,6 +19,7 @@ router unanswered, which sends them again (`Router._start`).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
@@ -24,8 +29,9 @@ from ray import serve
 from kubeforge.serve.relay import ForwardedRequest, call_asgi, count_tokens
 
 
-def vllm_args(folder: str, names: list[str], engine: dict[str, Any]) -> list[str]:
-    """`vllm serve` command-line arguments for `folder` served under `names` with the `engine` section."""
+def vllm_args(folder: str, names: list[str], engine: dict[str, Any], lora: dict[str, int] | None = None) -> list[str]:
+    """`vllm serve` command-line arguments for `folder` served under `names` with the `engine` section, and
+    room for `lora["max_loras"]` adapters of rank up to `lora["max_rank"]`."""
     args = ["--model", folder, "--served-model-name", *names, "--dtype", engine["dtype"],
             # CUDA graphs and torch.compile cost minutes at start and buy nothing on CPU.
             "--enforce-eager",
@@ -37,6 +43,8 @@ def vllm_args(folder: str, names: list[str], engine: dict[str, Any]) -> list[str
                       ("--max-num-seqs", "max_num_seqs")):
         if engine.get(key) is not None:
             args += [flag, str(engine[key])]
+    if lora is not None:
+        args += ["--enable-lora", "--max-lora-rank", str(lora["max_rank"]), "--max-loras", str(lora["max_loras"])]
     return args
 
 
@@ -52,7 +60,8 @@ def parse_vllm_args(argv: list[str]) -> Any:
 
 @serve.deployment
 class ModelServer:
-    async def __init__(self, path: str, label: dict[str, str], engine: dict[str, Any]) -> None:  # type: ignore[misc]
+    async def __init__(self, path: str, label: dict[str, str], engine: dict[str, Any],  # type: ignore[misc]
+                       lora: dict[str, int] | None = None) -> None:
         import torch
         from vllm import AsyncEngineArgs
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
@@ -63,10 +72,15 @@ class ModelServer:
         from kubeforge.serve.resolve import replica_model_folder
 
         self.label = label
+        self.lora = lora
+        self.adapters: dict[str, str] = {}
+        """Served adapter name -> the source it was loaded from (a folder, or a `models:/` URI)."""
         # A `models:/` URI (a RayService replica on Kubernetes) is downloaded here; a local folder is used as is.
         folder = replica_model_folder(path, "vllm", "cuda" if torch.cuda.is_available() else "cpu")
-        names = [label["model"], f"{label['model']}:{label['variant']}"]
-        args = parse_vllm_args(vllm_args(str(folder), names, engine))
+        pinned = f"{label['model']}:{label['variant']}"
+        # Under LoRA the bare name is the router's to split between the adapters: the base is only pinned.
+        names = [pinned] if lora is not None else [label["model"], pinned]
+        args = parse_vllm_args(vllm_args(str(folder), names, engine, lora))
         engine_args = AsyncEngineArgs.from_cli_args(args)
         config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
         self.engine = AsyncLLM.from_vllm_config(vllm_config=config, usage_context=UsageContext.OPENAI_API_SERVER,
@@ -82,7 +96,48 @@ class ModelServer:
         self.max_model_len = int(self.engine.model_config.max_model_len)
 
     def info(self) -> dict[str, Any]:
-        return {**self.label, "max_model_len": self.max_model_len}
+        return {**self.label, "max_model_len": self.max_model_len, "adapters": sorted(self.adapters)}
+
+    async def reconfigure(self, config: dict[str, Any]) -> None:
+        """Ray Serve's in-place update (`user_config`): serve exactly the LoRA adapters of
+        `config["adapters"]` ({served name: folder or `models:/` URI}), loading new ones and unloading the
+        others, without restarting the replica or its engine."""
+        from kubeforge.serve.resolve import replica_adapter_folder
+
+        if self.lora is None:
+            raise ValueError("user_config: this replica serves no LoRA adapters (the deployment has no spec.lora)")
+        unknown = sorted(set(config) - {"adapters"})
+        if unknown:
+            raise ValueError(f"user_config: unknown keys {unknown}; only 'adapters' is read")
+        wanted = {str(name): str(source) for name, source in (config.get("adapters") or {}).items()}
+        for name in [n for n, source in self.adapters.items() if wanted.get(n) != source]:
+            await self._unload(name)
+        for name, source in wanted.items():
+            if name in self.adapters:
+                continue
+            folder = await asyncio.to_thread(replica_adapter_folder, source, self.lora["max_rank"])
+            await self._load(name, str(folder))
+            self.adapters[name] = source
+
+    async def _load(self, name: str, folder: str) -> None:
+        from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
+
+        result = await self.app.state.openai_serving_models.load_lora_adapter(
+            LoadLoRAAdapterRequest(lora_name=name, lora_path=folder))
+        if not isinstance(result, str):  # vLLM's ErrorResponse
+            raise ValueError(f"user_config.adapters.{name}: vLLM could not load {folder}: {result.error.message}")
+
+    async def _unload(self, name: str) -> None:
+        from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
+
+        models = self.app.state.openai_serving_models
+        loaded = models.lora_requests.get(name)
+        await models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=name))
+        if loaded is not None:
+            # vLLM's unload only forgets the name; the engine would keep the weights in one of its
+            # adapter slots (max_loras) until evicted.
+            await self.engine.remove_lora(loaded.lora_int_id)
+        del self.adapters[name]
 
     async def ready(self) -> dict[str, Any]:
         """What the router's readiness probe asks: raises while the engine is dead."""

@@ -12,15 +12,16 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from kubeforge.errors import KubeForgeError
 from kubeforge.registry.client import Registry
 from kubeforge.rollout.controller import RolloutController, RolloutRecord, RolloutStore, Subject, begin
 from kubeforge.rollout.prometheus import PrometheusError, query_value
 from kubeforge.rollout.queries import CANDIDATE, STABLE
-from kubeforge.serve.app import VariantModel, build_app
+from kubeforge.serve.app import LORA_BASE, VariantModel, build_app
 from kubeforge.serve.auth import require_local_source
-from kubeforge.serve.resolve import ResolvedModel, resolve_model
+from kubeforge.serve.resolve import ResolvedAdapter, ResolvedModel, resolve_adapter, resolve_model
 from kubeforge.spec.deployment import ABRollout, CanaryRollout, ModelDeployment
 from kubeforge.workdir import Workdir
 
@@ -69,13 +70,20 @@ def serve_deployment(document: ModelDeployment, options: ServeOptions, say: Call
     require_local_source(spec.auth)  # before models are downloaded or Ray starts
     device = "cuda" if spec.resources.gpus_per_replica > 0 else "cpu"
     cache = options.workdir.root / "serve-models"
-    stable = resolve_model(spec.model, options.registry, cache, spec.engine.name, device)
+    lora = spec.lora
+
+    def resolve(uri: str) -> ResolvedModel | ResolvedAdapter:
+        if lora is None:
+            return resolve_model(uri, options.registry, cache, spec.engine.name, device)
+        return resolve_adapter(uri, options.registry, cache, lora.max_rank)
+
+    stable = resolve(spec.model)
     say(f"stable: {spec.model} -> version {stable.version} ({stable.path})")
     variants = [VariantModel(STABLE, stable.model, stable.version, stable.path)]
     policy = spec.rollout
-    candidate: ResolvedModel | None = None
+    candidate: ResolvedModel | ResolvedAdapter | None = None
     if policy is not None:
-        candidate = resolve_model(policy.candidate, options.registry, cache, spec.engine.name, device)
+        candidate = resolve(policy.candidate)
         say(f"candidate: {policy.candidate} -> version {candidate.version} ({candidate.path})")
         if (candidate.model, candidate.version) == (stable.model, stable.version):
             # After a promotion, `@champion` and `@challenger` name the same version until the next pipeline run.
@@ -84,6 +92,15 @@ def serve_deployment(document: ModelDeployment, options: ServeOptions, say: Call
         else:
             preflight(policy, candidate, options.registry)
             variants.append(VariantModel(CANDIDATE, candidate.model, candidate.version, candidate.path))
+    base = None
+    if lora is not None:
+        adapters = {v: a for v, a in ((STABLE, stable), (CANDIDATE, candidate)) if isinstance(a, ResolvedAdapter)}
+        for adapter_name, uri in lora.adapters.items():
+            adapter = adapters[adapter_name] = resolve_adapter(uri, options.registry, cache, lora.max_rank)
+            say(f"adapter {adapter_name}: {uri} -> version {adapter.version} ({adapter.path})")
+            variants.append(VariantModel(adapter_name, adapter.model, adapter.version, adapter.path))
+        base = lora_base(adapters, options.registry, cache, device)
+        say(f"base of the adapters: version {base.version} ({base.path})")
 
     controller: RolloutController | None = None
     weight = 0
@@ -92,7 +109,7 @@ def serve_deployment(document: ModelDeployment, options: ServeOptions, say: Call
         store = rollout_store(options.workdir, name)
         controller = RolloutController(policy, subject, ServeRouter(name), options.registry, store)
         weight = begin(policy, subject, store.load(), time.time()).weight  # resume at the recorded weight
-    app = build_app(variants, spec, weight=weight)  # checks the engine settings before Ray starts
+    app = build_app(variants, spec, weight=weight, base=base)  # checks the engine settings before Ray starts
 
     def reap() -> None:
         for process in reap_orphans():
@@ -143,7 +160,21 @@ def run_rollout(controller: RolloutController, say: Callable[[str], None]) -> Ro
     return record
 
 
-def preflight(policy: CanaryRollout | ABRollout, candidate: ResolvedModel, registry: Registry) -> None:
+def lora_base(adapters: dict[str, ResolvedAdapter], registry: Registry, cache: Path, device: str) -> VariantModel:
+    """The one version that every adapter was fine-tuned from, resolved: what the replicas serve them over."""
+    bases = {(a.model, a.base_version) for a in adapters.values()}
+    if len(bases) != 1:
+        described = "; ".join(f"{variant} {a.uri} is version {a.version}, fine-tuned from version {a.base_version} "
+                              f"of {a.model}" for variant, a in adapters.items())
+        raise KubeForgeError(f"spec.lora: adapters served together must be fine-tuned from one base version "
+                             f"({described}); serve them in separate deployments, or without spec.lora")
+    ((model, version),) = bases
+    base = resolve_model(f"models:/{model}/{version}", registry, cache, "vllm", device)
+    return VariantModel(LORA_BASE, base.model, base.version, base.path)
+
+
+def preflight(policy: CanaryRollout | ABRollout, candidate: ResolvedModel | ResolvedAdapter,
+              registry: Registry) -> None:
     """Refuse a rollout that could only end badly: a candidate that must not become champion, or a
     Prometheus that cannot be asked (every analysis would be inconclusive until the rollout rolls back)."""
     info = registry.version(candidate.model, candidate.version)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from pathlib import Path
 from kubeforge.errors import KubeForgeError
 from kubeforge.quantize.serving import require_servable
 from kubeforge.registry.audit import RegistryError
-from kubeforge.registry.client import Registry
+from kubeforge.registry.client import Registry, VersionInfo
 from kubeforge.spec.deployment import parse_model_uri
 
 COMPLETE = ".kubeforge-complete"
@@ -44,32 +45,8 @@ def resolve_model(uri: str, registry: Registry, cache_dir: Path, engine: str, de
     """Look `uri` up in the registry, download its artifact into `cache_dir/<name>/<version>` (once: a
     complete cache entry is reused, since a registered version's files never change) and check that
     `engine` on `device` can serve it."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    name, selector = parse_model_uri(uri)
-    try:
-        info = registry.version(name, selector)
-    except (RegistryError, MlflowException) as exc:
-        raise KubeForgeError(f"{uri}: {exc}") from exc
-    entry = cache_dir / name / info.version
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    # Replicas on one node share the cache: one downloads while the others wait, then all reuse it.
-    with open(entry.parent / f".{info.version}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (entry / COMPLETE).is_file():
-            if entry.exists():
-                shutil.rmtree(entry)  # an interrupted download: start again
-            entry.mkdir()
-            try:
-                mlflow.artifacts.download_artifacts(
-                    artifact_uri=info.source, dst_path=str(entry), tracking_uri=registry.tracking_uri
-                )
-            except (MlflowException, OSError) as exc:
-                raise KubeForgeError(
-                    f"{uri}: could not download version {info.version} from {info.source}: {exc}"
-                ) from exc
-            (entry / COMPLETE).write_text(info.source + "\n")
+    info = _version(uri, registry)
+    entry = _download(uri, info.source, cache_dir / info.model / info.version, registry)
     folder = find_model_folder(entry)
     if folder is None:
         raise KubeForgeError(
@@ -77,7 +54,82 @@ def resolve_model(uri: str, registry: Registry, cache_dir: Path, engine: str, de
             "tokenizer side by side; register such a folder"
         )
     require_servable(folder, engine, device)
-    return ResolvedModel(name, info.version, folder, uri)
+    return ResolvedModel(info.model, info.version, folder, uri)
+
+
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    """A registered version's LoRA adapter, the local folder holding it, and the version it adapts."""
+
+    model: str
+    version: str
+    path: Path
+    base_version: str
+    uri: str
+
+
+def resolve_adapter(uri: str, registry: Registry, cache_dir: Path, max_rank: int) -> ResolvedAdapter:
+    """The LoRA adapter that the fine-tuning behind `uri` registered with its version (the run artifact named
+    by its `kubeforge.lora_adapter` tag), downloaded into `cache_dir/<name>/<version>-lora` and checked
+    against `max_rank`."""
+    info = _version(uri, registry)
+    if info.lora_adapter is None or info.run_id is None:
+        raise KubeForgeError(
+            f"{uri}: version {info.version} carries no LoRA adapter (only fine-tuning with method lora or qlora "
+            "registers one, as tag kubeforge.lora_adapter); serve it without spec.lora"
+        )
+    if info.parent_version is None:
+        raise KubeForgeError(
+            f"{uri}: version {info.version} names no base version (tag kubeforge.parent_version): its base model "
+            "was never registered, so there is nothing to serve the adapter over; serve it without spec.lora"
+        )
+    entry = _download(uri, f"runs:/{info.run_id}/{info.lora_adapter}",
+                      cache_dir / info.model / f"{info.version}-lora", registry)
+    configs = sorted(entry.rglob("adapter_config.json"), key=lambda p: len(p.parts))
+    if not configs:
+        raise KubeForgeError(f"{uri}: version {info.version}'s {info.lora_adapter}/ holds no adapter_config.json")
+    config = json.loads(configs[0].read_text())
+    if config.get("peft_type") != "LORA":
+        raise KubeForgeError(f"{uri}: version {info.version}'s adapter is {config.get('peft_type')}, not LORA; "
+                             "vLLM serves LoRA adapters only")
+    rank = max([int(config.get("r", 0)), *(int(r) for r in (config.get("rank_pattern") or {}).values())])
+    if rank > max_rank:
+        raise KubeForgeError(f"spec.lora.max_rank: {uri} (version {info.version}) has rank {rank}, above max_rank "
+                             f"{max_rank}; raise max_rank to at least {rank}")
+    return ResolvedAdapter(info.model, info.version, configs[0].parent, info.parent_version, uri)
+
+
+def _version(uri: str, registry: Registry) -> VersionInfo:
+    from mlflow.exceptions import MlflowException
+
+    name, selector = parse_model_uri(uri)
+    try:
+        return registry.version(name, selector)
+    except (RegistryError, MlflowException) as exc:
+        raise KubeForgeError(f"{uri}: {exc}") from exc
+
+
+def _download(uri: str, artifact_uri: str, entry: Path, registry: Registry) -> Path:
+    """`artifact_uri` downloaded into the cache entry `entry` once; the entry afterwards."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    # Replicas on one node share the cache: one downloads while the others wait, then all reuse it.
+    with open(entry.parent / f".{entry.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (entry / COMPLETE).is_file():
+            if entry.exists():
+                shutil.rmtree(entry)  # an interrupted download: start again
+            entry.mkdir()
+            try:
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=artifact_uri, dst_path=str(entry), tracking_uri=registry.tracking_uri
+                )
+            except (MlflowException, OSError) as exc:
+                raise KubeForgeError(f"{uri}: could not download {artifact_uri}: {exc}") from exc
+            (entry / COMPLETE).write_text(artifact_uri + "\n")
+    return entry
 
 
 MODEL_CACHE_ENV = "KUBEFORGE_MODEL_CACHE"
@@ -91,9 +143,19 @@ def replica_model_folder(source: str, engine: str, device: str) -> Path:
     with the operator) into $KUBEFORGE_MODEL_CACHE."""
     if not source.startswith("models:/"):
         return Path(source)
+    return resolve_model(source, *_replica_registry(source), engine, device).path
+
+
+def replica_adapter_folder(source: str, max_rank: int) -> Path:
+    """`replica_model_folder` for a LoRA adapter (`resolve_adapter`)."""
+    if not source.startswith("models:/"):
+        return Path(source)
+    return resolve_adapter(source, *_replica_registry(source), max_rank).path
+
+
+def _replica_registry(source: str) -> tuple[Registry, Path]:
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not tracking_uri:
         raise KubeForgeError(f"{source}: MLFLOW_TRACKING_URI is not set in the replica; the operator sets it from "
                              "its KUBEFORGE_OPERATOR_MLFLOW_TRACKING_URI")
-    cache = Path(os.environ.get(MODEL_CACHE_ENV, str(DEFAULT_REPLICA_CACHE)))
-    return resolve_model(source, Registry(tracking_uri), cache, engine, device).path
+    return Registry(tracking_uri), Path(os.environ.get(MODEL_CACHE_ENV, str(DEFAULT_REPLICA_CACHE)))

@@ -61,8 +61,12 @@ def json_error(status: int, message: str, field: str | None, request_id: str | N
 @serve.ingress(api)
 class Router:
     def __init__(self, stable: Any, candidate: Any, labels: dict[str, dict[str, str]], weight: int,
-                 sticky_header: str | None, auth: dict[str, Any] | None) -> None:
-        self.handles = {STABLE: stable} if candidate is None else {STABLE: stable, CANDIDATE: candidate}
+                 sticky_header: str | None, auth: dict[str, Any] | None, lora: bool = False) -> None:
+        # Under LoRA one deployment (`stable`) serves every variant in `labels`, each as its own adapter; on a
+        # cluster the variants come with the user_config (`reconfigure`).
+        self.lora, self.base = lora, stable
+        self.handles = ({variant: stable for variant in labels} if lora else
+                        {STABLE: stable} if candidate is None else {STABLE: stable, CANDIDATE: candidate})
         self.labels = labels
         self.weight = check_weight(weight)
         self.sticky_header = sticky_header.lower() if sticky_header else None
@@ -86,11 +90,23 @@ class Router:
         return self.weight
 
     def reconfigure(self, config: dict[str, Any]) -> None:
-        """Ray Serve's in-place update: a RayService's `user_config: {weight: N}` on this deployment
-        reaches the running replica here, without a restart (how the operator moves a canary)."""
-        unknown = sorted(set(config) - {"weight"})
+        """Ray Serve's in-place update: a RayService's `user_config` on this deployment reaches the running
+        replica here, without a restart. `weight` is how the operator moves a canary; under LoRA the
+        variants themselves (`variants: {variant: {model, version}}`) and the A/B test's `sticky_header`
+        come this way too, so a new adapter version is served without restarting anything."""
+        known = {"weight", "variants", "sticky_header"} if self.lora else {"weight"}
+        unknown = sorted(set(config) - known)
         if unknown:
-            raise ValueError(f"user_config: unknown keys {unknown}; only 'weight' is read")
+            raise ValueError(f"user_config: unknown keys {unknown}; only {sorted(known)} are read")
+        if "variants" in config:
+            labels = {str(v): {"model": str(label["model"]), "version": str(label["version"])}
+                      for v, label in config["variants"].items()}
+            if STABLE not in labels:
+                raise ValueError(f"user_config.variants: no '{STABLE}' variant (got {sorted(labels)})")
+            self.labels, self.handles = labels, {variant: self.base for variant in labels}
+            self.faults = {variant: self.faults.get(variant, Faults()) for variant in labels}
+        if "sticky_header" in config:
+            self.sticky_header = str(config["sticky_header"]).lower() if config["sticky_header"] else None
         if "weight" in config:
             self.set_weight(config["weight"])
 
@@ -109,12 +125,15 @@ class Router:
 
         async def ready(variant: str) -> str | None:
             try:
-                await asyncio.wait_for(self.handles[variant].ready.remote(), READY_TIMEOUT_S)
-                return None
+                info = await asyncio.wait_for(self.handles[variant].ready.remote(), READY_TIMEOUT_S)
             except Exception as exc:  # not started yet, engine dead, replica gone: not ready, whatever the cause
                 return f"{variant}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no answer'}"
+            missing = [v for v in self.handles if self.lora and self._adapter(v) not in info["adapters"]]
+            return f"adapters of {', '.join(missing)} not loaded" if missing else None
 
-        problems = [p for p in await asyncio.gather(*(ready(v) for v in self.handles)) if p is not None]
+        # Under LoRA one deployment answers for every variant: ask it once.
+        asked = [STABLE] if self.lora else list(self.handles)
+        problems = [p for p in await asyncio.gather(*(ready(v) for v in asked)) if p is not None]
         body: dict[str, Any] = {"status": "ok" if not problems else "unavailable", "weight": self.weight,
                                 "variants": self.labels}
         if problems:
@@ -133,12 +152,16 @@ class Router:
         if (denied := self._deny(request)) is not None:
             return denied
         cards: dict[str, Any] = {}
-        for variant in self.handles:
+        for variant in [STABLE] if self.lora else self.handles:
             status, _, body = await self._whole(variant, self._forwarded(request, "/v1/models", b""))
             if status != 200:
                 return Response(body, status_code=status, media_type="application/json")
             for card in json.loads(body)["data"]:
                 cards.setdefault(card["id"], card)
+        name = self.labels[STABLE]["model"]
+        if self.lora and self._adapter(STABLE) in cards:
+            # The name the router splits between the adapters, which vLLM does not know.
+            cards.setdefault(name, {**cards[self._adapter(STABLE)], "id": name})
         return JSONResponse({"object": "list", "data": list(cards.values())})
 
     @api.get("/openapi.json")
@@ -171,13 +194,13 @@ class Router:
                               headers={"WWW-Authenticate": "Bearer"})
         return None
 
-    def _choose(self, body: bytes, request: Request) -> str | None:
+    def _adapter(self, variant: str) -> str:
+        """The name a variant's LoRA adapter is served under."""
+        return f"{self.labels[variant]['model']}:{variant}"
+
+    def _choose(self, model: Any, request: Request) -> str | None:
         """The variant the request's `model` names; None when it names none (or the body is not JSON):
         the stable variant then answers with vLLM's own 400 or 404, counted under no variant."""
-        try:
-            model = json.loads(body).get("model")
-        except (ValueError, AttributeError):  # not JSON (or not UTF-8), or not an object
-            return None
         if not isinstance(model, str):
             return None
         name, colon, pinned = model.partition(":")
@@ -212,7 +235,14 @@ class Router:
         if (denied := self._deny(request)) is not None:
             return denied
         body = await request.body()
-        variant = self._choose(body, request)
+        try:
+            document = json.loads(body)
+        except (ValueError, RecursionError):  # not JSON (or not UTF-8, or nested too deep): vLLM's own 400 follows
+            document = None
+        variant = self._choose(document.get("model") if isinstance(document, dict) else None, request)
+        if self.lora and variant is not None and document["model"] != self._adapter(variant):
+            # vLLM picks the adapter by the body's model: name the chosen variant's (its answer then does too).
+            body = json.dumps({**document, "model": self._adapter(variant)}).encode()
         outcome = None
         headers = {REQUEST_ID_HEADER: request_id}
         if variant is not None:

@@ -149,6 +149,11 @@ def _deployment_status() -> Schema:
                                     "spec: the stable variant."),
             "candidateVersion": _string("Registered MLflow version spec.rollout.candidate resolved to for this "
                                         "generation, while it differs from modelVersion."),
+            "baseVersion": _string("Under spec.lora: the registered MLflow version the adapters were fine-tuned "
+                                   "from, which every replica serves them over."),
+            "adapterVersions": {"type": "object", "additionalProperties": {"type": "string"},
+                                "description": "Under spec.lora: the version each further adapter "
+                                               "(spec.lora.adapters) resolved to for this generation."},
             "servedVersion": _string("Registered MLflow version that answers requests for the model: "
                                      "modelVersion, or candidateVersion once a rollout promoted it (the "
                                      "candidate's share during a rollout is weight)."),

@@ -209,6 +209,42 @@ class ABRollout(StrictModel):
 ROLLOUT_STRATEGIES = ("canary", "ab")
 
 
+ADAPTER_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+RESERVED_ADAPTER_NAMES = ("base", "stable", "candidate")
+"""`<model>:base` is the base model itself; `<model>:stable` and `<model>:candidate` are the variants."""
+
+
+class LoraServing(StrictModel):
+    """Serve `model` and the rollout's candidate as LoRA adapters over the version they were fine-tuned
+    from (their `kubeforge.parent_version`), all on the same replicas: a rollout moves traffic between
+    adapters and adds no replica, and a new candidate loads into the running replicas."""
+
+    max_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = 16
+    """The highest adapter rank the replicas accept (vLLM's `--max-lora-rank`, one of its choices); an
+    adapter of a higher rank is refused when it is resolved."""
+    adapters: dict[str, ModelUri] = Field(default_factory=dict)
+    """More adapters of the same base served next to the variants, by name (lower-case letters, digits,
+    `.`, `_`, `-`): `<model>:<name>` in a request's `model` field (no share of the weighted traffic)."""
+    max_loras: PositiveInt | None = None
+    """Adapters one batch may mix (vLLM's `--max-loras`, each a slot of memory); null means one per
+    variant and further adapter, so none waits for another's slot."""
+
+    def slots(self) -> int:
+        """vLLM's `--max-loras` for this deployment."""
+        return self.max_loras or 2 + len(self.adapters)  # stable and candidate, then the further adapters
+
+    @model_validator(mode="after")
+    def _names_free(self) -> LoraServing:
+        malformed = sorted(name for name in self.adapters if not ADAPTER_NAME.match(name))
+        if malformed:
+            raise ValueError(f"adapters: names {malformed} are not lower-case letters, digits, '.', '_' and '-' "
+                             "starting with a letter or digit")
+        taken = sorted(set(self.adapters) & set(RESERVED_ADAPTER_NAMES))
+        if taken:
+            raise ValueError(f"adapters: names {taken} are taken ({', '.join(RESERVED_ADAPTER_NAMES)} are reserved)")
+        return self
+
+
 class DeploymentSpec(StrictModel):
     model: ModelUri
     """What the stable variant serves: `models:/quickstart@champion` or `models:/quickstart/3`."""
@@ -222,6 +258,8 @@ class DeploymentSpec(StrictModel):
     rollout: Annotated[CanaryRollout | ABRollout, Field(discriminator="strategy")] | None = None
     """How a new version takes over from `model`: `canary` (steps gated by Prometheus analyses) or `ab`
     (a fixed split, then a statistical comparison); null serves `model` alone."""
+    lora: LoraServing | None = None
+    """Serve the versions as LoRA adapters over their common base; null serves each version's own weights."""
 
     @model_validator(mode="after")
     def _candidate_differs(self) -> DeploymentSpec:
@@ -229,6 +267,8 @@ class DeploymentSpec(StrictModel):
             raise ValueError(f"rollout.candidate: is the model already served ({self.model}); name the new version")
         if self.autoscaling is not None and "replicas" in self.model_fields_set:
             raise ValueError("replicas: fixed replicas and autoscaling exclude each other; drop one")
+        if self.lora is not None and self.engine.name != "vllm":
+            raise ValueError("lora: LoRA adapters are served by vLLM; drop lora or use engine.name: vllm")
         return self
 
 

@@ -57,7 +57,10 @@ class FinetuneResult(ModelResult):
         return self.model_dir or self.adapter_dir
 
     def lineage(self) -> ModelLineage:
-        return ModelLineage(method=f"{self.objective}-{self.method}", format="hf" if self.model_dir else "peft-adapter")
+        # Only LoRA adapters can be served over their base (vLLM has no prefix-tuning kernels).
+        adapter = self.adapter_dir if self.method in ("lora", "qlora") else None
+        return ModelLineage(method=f"{self.objective}-{self.method}", format="hf" if self.model_dir else "peft-adapter",
+                            lora_adapter=adapter)
 
 
 FINETUNE: Stage[FinetuneSpec, FinetuneResult] = Stage(

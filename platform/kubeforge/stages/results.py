@@ -60,6 +60,9 @@ class ModelLineage:
     format: str
     """`hf` (a Hugging Face model folder), `peft-adapter`, or a quantized format."""
     quantization: str = "none"
+    lora_adapter: str | None = None
+    """The folder of the stage's run artifacts holding a LoRA adapter of this version: a deployment may serve
+    it over the base version instead of the merged weights (`spec.lora` of a ModelDeployment)."""
 
 
 class ModelResult(StageResult, ABC):
