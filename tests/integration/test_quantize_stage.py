@@ -55,6 +55,10 @@ def test_w8a8_int8_runs_in_the_quantize_environment_and_serves_in_vllm_on_cpu(ti
     assert check["engine"] == "vllm" and check["generated_tokens"] > 0, check
     # vLLM's INT8 kernels (bf16 activations) against llm-compressor's fake quantization in fp32.
     assert check["perplexity"] == pytest.approx(result.perplexity, rel=0.05)
+    # Served with float32 activations, vLLM's engine would start and then fail on the first request.
+    with pytest.raises(KubeForgeError, match=r"^engine\.dtype: float32, but .* take bfloat16 or float16 activations"):
+        require_servable(out_dir / "model", "vllm", "cpu", "float32")
+    require_servable(out_dir / "model", "vllm", "cpu", "auto")
 
 
 def test_gpu_only_scheme_is_produced_on_cpu_but_refused_for_cpu_serving(tiny_lm: TinyLM) -> None:

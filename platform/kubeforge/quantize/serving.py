@@ -33,12 +33,17 @@ def quantization_of(model_dir: Path) -> dict[str, Any] | None:
     return info
 
 
-def require_servable(model_dir: Path, engine: str, device: str) -> None:
-    """Raise a clear error when `engine` on `device` ("cpu" or "cuda") cannot serve this artefact."""
+def require_servable(model_dir: Path, engine: str, device: str, dtype: str = "auto") -> None:
+    """Raise a clear error when `engine` on `device` ("cpu" or "cuda") cannot serve this artefact with
+    activations of `dtype` (the deployment's `engine.dtype`)."""
     info = quantization_of(model_dir)
     if info is None:
         return
     scheme = str(info["scheme"])
+    if scheme == "w8a8-int8" and device == "cpu" and dtype == "float32":
+        # vLLM starts, then its engine fails on the first request ("expect A to be bfloat16 or half").
+        raise KubeForgeError(f"engine.dtype: float32, but {model_dir} is quantized with {scheme}, whose CPU kernels "
+                             "in vLLM take bfloat16 or float16 activations; use dtype auto or bfloat16")
     wanted = SERVING_ENGINE[scheme]
     if engine != wanted:
         raise KubeForgeError(f"{model_dir} is quantized with {scheme}, which the {wanted} engine serves, not {engine}")

@@ -76,7 +76,7 @@ class ModelServer:
         self.adapters: dict[str, str] = {}
         """Served adapter name -> the source it was loaded from (a folder, or a `models:/` URI)."""
         # A `models:/` URI (a RayService replica on Kubernetes) is downloaded here; a local folder is used as is.
-        folder = replica_model_folder(path, "vllm", "cuda" if torch.cuda.is_available() else "cpu")
+        folder = replica_model_folder(path, "vllm", "cuda" if torch.cuda.is_available() else "cpu", engine["dtype"])
         pinned = f"{label['model']}:{label['variant']}"
         # Under LoRA the bare name is the router's to split between the adapters: the base is only pinned.
         names = [pinned] if lora is not None else [label["model"], pinned]

@@ -74,7 +74,7 @@ def serve_deployment(document: ModelDeployment, options: ServeOptions, say: Call
 
     def resolve(uri: str) -> ResolvedModel | ResolvedAdapter:
         if lora is None:
-            return resolve_model(uri, options.registry, cache, spec.engine.name, device)
+            return resolve_model(uri, options.registry, cache, spec.engine.name, device, spec.engine.dtype)
         return resolve_adapter(uri, options.registry, cache, lora.max_rank)
 
     stable = resolve(spec.model)
@@ -99,7 +99,7 @@ def serve_deployment(document: ModelDeployment, options: ServeOptions, say: Call
             adapter = adapters[adapter_name] = resolve_adapter(uri, options.registry, cache, lora.max_rank)
             say(f"adapter {adapter_name}: {uri} -> version {adapter.version} ({adapter.path})")
             variants.append(VariantModel(adapter_name, adapter.model, adapter.version, adapter.path))
-        base = lora_base(adapters, options.registry, cache, device)
+        base = lora_base(adapters, options.registry, cache, device, spec.engine.dtype)
         say(f"base of the adapters: version {base.version} ({base.path})")
 
     controller: RolloutController | None = None
@@ -160,7 +160,8 @@ def run_rollout(controller: RolloutController, say: Callable[[str], None]) -> Ro
     return record
 
 
-def lora_base(adapters: dict[str, ResolvedAdapter], registry: Registry, cache: Path, device: str) -> VariantModel:
+def lora_base(adapters: dict[str, ResolvedAdapter], registry: Registry, cache: Path, device: str,
+              dtype: str = "auto") -> VariantModel:
     """The one version that every adapter was fine-tuned from, resolved: what the replicas serve them over."""
     bases = {(a.model, a.base_version) for a in adapters.values()}
     if len(bases) != 1:
@@ -169,7 +170,7 @@ def lora_base(adapters: dict[str, ResolvedAdapter], registry: Registry, cache: P
         raise KubeForgeError(f"spec.lora: adapters served together must be fine-tuned from one base version "
                              f"({described}); serve them in separate deployments, or without spec.lora")
     ((model, version),) = bases
-    base = resolve_model(f"models:/{model}/{version}", registry, cache, "vllm", device)
+    base = resolve_model(f"models:/{model}/{version}", registry, cache, "vllm", device, dtype)
     return VariantModel(LORA_BASE, base.model, base.version, base.path)
 
 

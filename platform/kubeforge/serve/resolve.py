@@ -41,10 +41,11 @@ def find_model_folder(root: Path) -> Path | None:
     return None
 
 
-def resolve_model(uri: str, registry: Registry, cache_dir: Path, engine: str, device: str) -> ResolvedModel:
+def resolve_model(uri: str, registry: Registry, cache_dir: Path, engine: str, device: str,
+                  dtype: str = "auto") -> ResolvedModel:
     """Look `uri` up in the registry, download its artifact into `cache_dir/<name>/<version>` (once: a
     complete cache entry is reused, since a registered version's files never change) and check that
-    `engine` on `device` can serve it."""
+    `engine` on `device` can serve it with `dtype`."""
     info = _version(uri, registry)
     entry = _download(uri, info.source, cache_dir / info.model / info.version, registry)
     folder = find_model_folder(entry)
@@ -53,7 +54,7 @@ def resolve_model(uri: str, registry: Registry, cache_dir: Path, engine: str, de
             f"{uri}: version {info.version} ({info.source}) holds no model folder with config.json, weights and a "
             "tokenizer side by side; register such a folder"
         )
-    require_servable(folder, engine, device)
+    require_servable(folder, engine, device, dtype)
     return ResolvedModel(info.model, info.version, folder, uri)
 
 
@@ -136,14 +137,14 @@ MODEL_CACHE_ENV = "KUBEFORGE_MODEL_CACHE"
 DEFAULT_REPLICA_CACHE = Path("/tmp/kubeforge-models")
 
 
-def replica_model_folder(source: str, engine: str, device: str) -> Path:
+def replica_model_folder(source: str, engine: str, device: str, dtype: str = "auto") -> Path:
     """The folder a variant replica loads: `source` itself when it is a local folder (`kubeforge serve`
     resolves models before the application starts), or a `models:/name/version` URI that the replica
     downloads itself from $MLFLOW_TRACKING_URI (a RayService on Kubernetes, whose pods share no disk
     with the operator) into $KUBEFORGE_MODEL_CACHE."""
     if not source.startswith("models:/"):
         return Path(source)
-    return resolve_model(source, *_replica_registry(source), engine, device).path
+    return resolve_model(source, *_replica_registry(source), engine, device, dtype).path
 
 
 def replica_adapter_folder(source: str, max_rank: int) -> Path:
