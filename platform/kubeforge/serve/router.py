@@ -217,8 +217,12 @@ class Router:
     @staticmethod
     def _forwarded(request: Request, path: str, body: bytes) -> ForwardedRequest:
         """`request` for the variant's app at `path` (the application may be served under a route prefix)."""
-        # The bearer token stays here: a replica has no use for it, and it must not reach vLLM's logs.
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in ("authorization", "host")]
+        # The bearer token stays here: a replica has no use for it, and it must not reach vLLM's logs. The
+        # length is the forwarded body's (under LoRA the router may have named the adapter in it).
+        headers = [(k, v) for k, v in request.headers.items()
+                   if k.lower() not in ("authorization", "host", "content-length")]
+        if body:
+            headers.append(("content-length", str(len(body))))
         return ForwardedRequest(request.method, path, headers, body, request.url.query)
 
     async def _whole(self, variant: str, forwarded: ForwardedRequest) -> tuple[int, list[list[str]], bytes]:
