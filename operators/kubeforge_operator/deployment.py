@@ -151,8 +151,8 @@ def resolve(registry: Registry, model: ModelDeployment) -> Pinned:
         uris["spec.rollout.candidate"] = spec.rollout.candidate
     if spec.lora is not None:
         uris |= {f"spec.lora.adapters.{name}": uri for name, uri in spec.lora.adapters.items()}
-    infos = {field: _resolve_one(registry, uri, field) for field, uri in uris.items()}
-    versions = {field: (info.model, info.version) for field, info in infos.items()}
+    infos = {where: _resolve_one(registry, uri, where) for where, uri in uris.items()}
+    versions = {where: (info.model, info.version) for where, info in infos.items()}
     stable, candidate = versions["spec.model"], versions.get("spec.rollout.candidate")
     if candidate == stable:
         candidate = None
@@ -160,13 +160,13 @@ def resolve(registry: Registry, model: ModelDeployment) -> Pinned:
     if spec.lora is None:
         return Pinned(stable, candidate)
     bases: dict[str, Version] = {}
-    for field_name, info in infos.items():
+    for where, info in infos.items():
         if info.lora_adapter is None or info.parent_version is None:
-            raise Unresolved(field_name, f"version {info.version} of {info.model} carries no LoRA adapter over a "
+            raise Unresolved(where, f"version {info.version} of {info.model} carries no LoRA adapter over a "
                                          "registered base (tags kubeforge.lora_adapter and kubeforge.parent_version, "
                                          "which a fine-tuning with method lora or qlora registers); serve it without "
                                          "spec.lora")
-        bases[field_name] = (info.model, info.parent_version)
+        bases[where] = (info.model, info.parent_version)
     if len(set(bases.values())) != 1:
         described = "; ".join(f"{name}: version {versions[name][1]} from version {base[1]} of {base[0]}"
                               for name, base in bases.items())
@@ -176,12 +176,12 @@ def resolve(registry: Registry, model: ModelDeployment) -> Pinned:
     return Pinned(stable, candidate, bases["spec.model"], adapters)
 
 
-def _resolve_one(registry: Registry, uri: str, field: str) -> VersionInfo:
+def _resolve_one(registry: Registry, uri: str, where: str) -> VersionInfo:
     name, ref = parse_model_uri(uri)
     try:
         return registry.version(name, ref)
     except RegistryError as exc:
-        raise Unresolved(field, str(exc)) from exc
+        raise Unresolved(where, str(exc)) from exc
 
 
 def pinned(model: ModelDeployment, previous: Mapping[str, Any], generation: int | None) -> Pinned | None:

@@ -9,7 +9,6 @@ The replicas download the base and the adapters from the registry themselves, as
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from tests.lora_fixtures import (
     peft_greedy,
     served_greedy,
 )
+from tests.rollout_helpers import Traffic
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -105,29 +105,6 @@ def _engine_core() -> psutil.Process:
     raise AssertionError("no engine core process under the LoRA replica")
 
 
-class StableTraffic:
-    """Requests to the stable adapter, one after another, from a background thread; their statuses."""
-
-    def __init__(self, url: str) -> None:
-        self.url, self.statuses = url, list[int]()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=60) as http:
-            while not self.stop.is_set():
-                body = {"model": f"{MODEL}:stable", "prompt": PROMPT, "max_tokens": 2}
-                self.statuses.append(http.post("/v1/completions", json=body).status_code)
-
-    def __enter__(self) -> StableTraffic:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(timeout=60)
-
-
 def test_a_new_candidate_adapter_loads_into_the_running_replica(deployed, lora_registry, tmp_path: Path) -> None:
     url, deploy = deployed
     registry = lora_registry.registry
@@ -146,10 +123,11 @@ def test_a_new_candidate_adapter_loads_into_the_running_replica(deployed, lora_r
         return response.headers[VERSION_HEADER] == SECOND and logprob == pytest.approx(expected[SECOND][1], rel=1e-3,
                                                                                            abs=1e-3)
 
-    with StableTraffic(url) as stable_traffic:
+    with Traffic(url, f"{MODEL}:stable", {}) as stable_traffic:
         deploy(SECOND)
         wait_for(second_answers, "the new candidate adapter answering", timeout_s=180, poll_s=1)
-    assert stable_traffic.statuses and set(stable_traffic.statuses) == {200}, stable_traffic.statuses
+    seen = stable_traffic.snapshot()
+    assert seen and {status for _, status in seen} == {200}, seen  # the stable adapter answered throughout
     assert _engine_core().pid == engine.pid and engine.is_running()  # the same engine: nothing restarted
     stable = complete(url, f"{MODEL}:stable")
     assert stable.headers[VERSION_HEADER] == STABLE
