@@ -33,6 +33,7 @@ from kubeforge_operator.rayjob import (
     runs_to_look_up,
     stage_rayjob,
     stage_views,
+    superseded,
 )
 from kubeforge_operator.reconciling import object_lock, write_invalid, write_status
 from kubeforge_operator.stage_runs import MlflowUnavailable, find_stage_runs
@@ -117,11 +118,13 @@ async def _reconcile(
     owner = Owner(name=name, namespace=namespace, uid=meta["uid"])
     await _ensure_configmap(client, manifest_configmap(document, owner), logger)
     rayjobs = await owned_rayjobs(client, owner)
-
+    for stale in superseded(pipeline, rayjobs):
+        if await client.delete(kube.rayjobs_url(namespace, stale)):
+            logger.info(f"deleted RayJob {stale}: the edited spec changed its stage")
     views = stage_views(pipeline, rayjobs, previous, now)
     step = next_step(views, now)
     if step.stage is not None:
-        rayjob = stage_rayjob(pipeline, step.stage, owner, config, attempt=step.attempt)
+        rayjob = stage_rayjob(pipeline, step.stage, owner, config, attempt=step.attempt, generation=generation)
         if await client.create(kube.rayjobs_url(namespace), rayjob):
             logger.info(f"created RayJob {rayjob['metadata']['name']} (stage {step.stage}, attempt {step.attempt})")
         rayjobs.append(rayjob)

@@ -43,6 +43,11 @@ from kubeforge_operator.pods import (
 LABEL_PIPELINE = "kubeforge.io/pipeline"
 LABEL_STAGE = "kubeforge.io/stage"
 LABEL_ATTEMPT = "kubeforge.io/attempt"
+LABEL_STAGE_KEY = "kubeforge.io/stage-key"
+"""The stage's cache key when its RayJob was made (`ModelPipeline.stage_keys`): a RayJob counts for a stage
+only while the manifest still gives the stage that key, so an edit reruns exactly the stages it changes."""
+LABEL_GENERATION = "kubeforge.io/generation"
+"""The pipeline's metadata.generation when the RayJob was made: which edit of the spec its output is from."""
 REPORT_TAG_PREFIX = "kubeforge.rayjob."
 """A stage's job tags the MLflow run that produced its output `kubeforge.rayjob.<RayJob name>` =
 <pipeline uid> (`jobs/stage.py --report-tag`), which is how the operator finds that run (and the version
@@ -56,16 +61,19 @@ STAGE_METRICS_PORT = 9108
 # KubeRay refuses longer RayJob names: it appends 6 characters for the RayCluster, whose Services
 # append up to 10 more, all within a 63-character DNS label (ray-operator utils.MaxRayJobNameLength).
 MAX_RAYJOB_NAME = 47
+KEY_IN_NAME = 6
 
 StagePhase = Literal["Pending", "Running", "Succeeded", "Skipped", "Failed"]
 
 
 # --- object names ---------------------------------------------------------------------------------
 
-def rayjob_name(pipeline: str, stage: str, attempt: int) -> str:
-    """`<pipeline>-<stage>-<attempt>`, shortened with a hash of the pipeline's name when KubeRay's limit
-    requires it, and prefixed when the pipeline's name starts with a digit (RayJob names are DNS-1035)."""
-    suffix = f"-{stage}-{attempt}"
+def rayjob_name(pipeline: str, stage: str, key: str, attempt: int) -> str:
+    """`<pipeline>-<stage>-<key>-<attempt>`: the `attempt`-th RayJob of `stage` for its cache key `key` (its
+    first characters, as a ReplicaSet is named after its pod template's hash), so an edited stage gets new
+    names and undoing the edit finds the old RayJobs again. Shortened with a hash of the pipeline's name
+    when KubeRay's limit requires it, and prefixed when the name starts with a digit (DNS-1035)."""
+    suffix = f"-{stage}-{key[:KEY_IN_NAME]}-{attempt}"
     prefix = pipeline if pipeline[0].isalpha() else f"kf-{pipeline}"
     if len(prefix) + len(suffix) <= MAX_RAYJOB_NAME:
         return prefix + suffix
@@ -130,16 +138,23 @@ def entrypoint(stage: str, config: OperatorConfig, rayjob: str, owner_uid: str) 
 
 
 def stage_rayjob(
-    pipeline: ModelPipeline, stage: str, owner: Owner, config: OperatorConfig, attempt: int = 1
+    pipeline: ModelPipeline, stage: str, owner: Owner, config: OperatorConfig, attempt: int = 1,
+    generation: int | None = None,
 ) -> dict[str, Any]:
-    """The KubeRay RayJob that runs `stage` of `pipeline` (its `attempt`-th try)."""
+    """The KubeRay RayJob that runs `stage` of `pipeline` (its `attempt`-th try of the stage as the spec now
+    has it), made for the spec's `generation`."""
     cluster = require_cluster(pipeline)
     if stage not in pipeline.stage_names():
         names = ", ".join(pipeline.stage_names())
         raise KeyError(f"{stage!r} is not a stage of pipeline {owner.name} (stages: {names})")
     size = stage_size(pipeline, stage)
     image = stage_image(stage, cluster, config)
-    labels = {LABEL_PIPELINE: owner.name, LABEL_STAGE: stage, LABEL_ATTEMPT: str(attempt), **MANAGED_BY}
+    key = pipeline.stage_keys()[stage]
+    name = rayjob_name(owner.name, stage, key, attempt)
+    labels = {LABEL_PIPELINE: owner.name, LABEL_STAGE: stage, LABEL_ATTEMPT: str(attempt), LABEL_STAGE_KEY: key,
+              **MANAGED_BY}
+    if generation is not None:
+        labels[LABEL_GENERATION] = str(generation)
     work = {"name": "work", "persistentVolumeClaim": {"claimName": cluster.workdir_claim}}
     manifest = {
         "name": "manifest",
@@ -164,7 +179,7 @@ def stage_rayjob(
         env_from=secret_env(config.stage_env_secret),
     )
     spec: dict[str, Any] = {
-        "entrypoint": entrypoint(stage, config, rayjob_name(owner.name, stage, attempt), owner.uid),
+        "entrypoint": entrypoint(stage, config, name, owner.uid),
         # Retries are the operator's (spec.cluster.retries), each a fresh RayJob with a fresh cluster.
         "backoffLimit": 0,
         "shutdownAfterJobFinishes": True,
@@ -195,7 +210,7 @@ def stage_rayjob(
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
         "metadata": {
-            "name": rayjob_name(owner.name, stage, attempt),
+            "name": name,
             "namespace": owner.namespace,
             "labels": labels,
             "ownerReferences": [owner.reference()],
@@ -242,18 +257,23 @@ def rayjob_state(rayjob: Mapping[str, Any]) -> JobState:
     return "Pending"
 
 
+def _label(rayjob: Mapping[str, Any], key: str) -> str:
+    return str(((rayjob.get("metadata") or {}).get("labels") or {}).get(key, ""))
+
+
 def _attempt(rayjob: Mapping[str, Any]) -> int:
-    raw = ((rayjob.get("metadata") or {}).get("labels") or {}).get(LABEL_ATTEMPT, "")
-    return int(raw) if str(raw).isdigit() else 0
+    raw = _label(rayjob, LABEL_ATTEMPT)
+    return int(raw) if raw.isdigit() else 0
 
 
 @dataclass(frozen=True)
 class StageView:
-    """One stage as the RayJobs show it, with what the operator should do about it."""
+    """One stage as the RayJobs made for its current cache key show it, with what the operator should do."""
 
     name: str
     phase: StagePhase
     attempts: int
+    """RayJobs made for the stage as the spec now has it (an edit that changes the stage starts again at 0)."""
     latest: Mapping[str, Any] | None
     message: str
     completion: datetime | None
@@ -265,18 +285,18 @@ def stage_views(
     pipeline: ModelPipeline, rayjobs: Sequence[Mapping[str, Any]], previous: Mapping[str, Any], now: datetime
 ) -> list[StageView]:
     """Every stage in execution order. Stages run one at a time: a stage after one that is not done
-    is Pending, and every stage after one that failed for good is Skipped."""
+    is Pending, and every stage after one that failed for good is Skipped.
+
+    Only the RayJobs made for a stage's current cache key count: after an edit, a stage whose section or
+    inputs changed is Pending again, and the others keep their outputs."""
     cluster = require_cluster(pipeline)
-    by_stage: dict[str, list[Mapping[str, Any]]] = {}
-    for job in rayjobs:
-        stage = ((job.get("metadata") or {}).get("labels") or {}).get(LABEL_STAGE)
-        if stage:
-            by_stage.setdefault(stage, []).append(job)
+    keys = pipeline.stage_keys()
     previous_stages = previous.get("stages") or {}
     views: list[StageView] = []
     blocked_by: str | None = None
     for name in pipeline.stage_names():
-        jobs = sorted(by_stage.get(name, []), key=_attempt)
+        jobs = sorted((job for job in rayjobs if _label(job, LABEL_STAGE) == name
+                       and _label(job, LABEL_STAGE_KEY) == keys[name]), key=_attempt)
         latest = jobs[-1] if jobs else None
         attempts = _attempt(latest) if latest else 0
         if blocked_by is not None and latest is None:
@@ -309,6 +329,16 @@ def stage_views(
                                    f"{why}; no retries left ({cluster.retries})", completion, None))
             blocked_by = name
     return views
+
+
+def superseded(pipeline: ModelPipeline, rayjobs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The unfinished RayJobs that an edit of the spec made pointless: their stage is no longer in the
+    manifest, or has another cache key now. Deleting them stops work (and frees GPUs) whose output
+    nothing would read; finished ones stay, and count again if an edit brings their key back."""
+    keys = pipeline.stage_keys()
+    return sorted(job["metadata"]["name"] for job in rayjobs
+                  if keys.get(_label(job, LABEL_STAGE)) != _label(job, LABEL_STAGE_KEY)
+                  and rayjob_state(job) in ("Pending", "Running"))
 
 
 @dataclass(frozen=True)
@@ -382,6 +412,9 @@ def pipeline_status(
             meta = view.latest.get("metadata") or {}
             observed = view.latest.get("status") or {}
             entry["rayJob"] = meta.get("name")
+            entry["stageKey"] = _label(view.latest, LABEL_STAGE_KEY)
+            if _label(view.latest, LABEL_GENERATION).isdigit():
+                entry["generation"] = int(_label(view.latest, LABEL_GENERATION))
             started = observed.get("startTime") or meta.get("creationTimestamp")
             if started:
                 entry["startTime"] = started
@@ -418,15 +451,14 @@ def pipeline_status(
         truth = {"Succeeded": "True", "Failed": "False", "Skipped": "False"}.get(view.phase, "Unknown")
         conditions.append(condition(f"{view.name.capitalize()}Succeeded", truth, view.phase,
                                     view.message or f"stage {view.name} is {view.phase}", generation))
+    # Every key is written, None when unset: the status is merge-patched, and a value left out would stay.
     status: dict[str, Any] = {
         "phase": phase,
         "stages": stages,
+        "currentStage": current,
+        "modelVersion": model_version,
         "conditions": keep_transition_times(conditions, previous, now),
     }
-    if current is not None:
-        status["currentStage"] = current
-    if model_version:
-        status["modelVersion"] = model_version
     if generation is not None:
         status["observedGeneration"] = generation
     return status

@@ -54,18 +54,12 @@ def spec_hash(pipeline: ModelPipeline) -> str:
 
 def plan(pipeline: ModelPipeline, base_dir: Path) -> list[PlannedStage]:
     """Stages in execution order with their cache keys."""
-    from kubeforge.workdir import stage_key
 
-    keys: dict[str, str] = {}
-    planned = []
-    for name in pipeline.stage_names():
-        stage = stages.get(name)
-        deps = pipeline.stage_deps(name)
-        section = pipeline.section(name)
-        extra = stages.load(stage.cache_extra)(section, base_dir) if stage.cache_extra else None
-        keys[name] = stage_key(name, section.model_dump(mode="json"), {dep: keys[dep] for dep in deps}, extra)
-        planned.append(PlannedStage(name, keys[name], deps))
-    return planned
+    def source_fingerprint(stage: stages.Stage[Any, Any], section: Any) -> Any:
+        return stages.load(stage.cache_extra)(section, base_dir) if stage.cache_extra else None
+
+    keys = pipeline.stage_keys(source_fingerprint)
+    return [PlannedStage(name, key, pipeline.stage_deps(name)) for name, key in keys.items()]
 
 
 def finished_output(pipeline: ModelPipeline, stage: PlannedStage, workdir: Workdir) -> StageOutput[Any] | None:

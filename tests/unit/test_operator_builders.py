@@ -25,6 +25,7 @@ from kubeforge_operator.pipeline import manifest_document, validate
 from kubeforge_operator.rayjob import (
     LABEL_PIPELINE,
     LABEL_STAGE,
+    LABEL_STAGE_KEY,
     MANIFEST_DIR,
     MAX_RAYJOB_NAME,
     WORKDIR,
@@ -87,6 +88,10 @@ def quickstart_document(**cluster: Any) -> dict[str, Any]:
 
 def quickstart(**cluster: Any):
     return parse_manifest(quickstart_document(**cluster))
+
+
+def name(stage: str, attempt: int) -> str:
+    return rayjob_name("quickstart", stage, quickstart().stage_keys()[stage], attempt)
 
 
 def rayjob(stage: str, attempt: int, job_status: str | None = None, **status: Any) -> dict[str, Any]:
@@ -163,7 +168,9 @@ def test_pod_templates_are_valid_hardened_pods(stage: str) -> None:
 
 def test_the_rayjob_runs_the_stage_entrypoint_and_belongs_to_the_pipeline() -> None:
     job = stage_rayjob(quickstart(), "finetune", OWNER, CONFIG, attempt=2)
-    assert job["metadata"]["name"] == "quickstart-finetune-2"
+    key = quickstart().stage_keys()["finetune"]
+    assert job["metadata"]["name"] == f"quickstart-finetune-{key[:6]}-2"
+    assert job["metadata"]["labels"][LABEL_STAGE_KEY] == key
     assert job["metadata"]["labels"][LABEL_PIPELINE] == "quickstart"
     assert job["metadata"]["labels"][LABEL_STAGE] == "finetune"
     assert job["metadata"]["ownerReferences"] == [{
@@ -173,7 +180,7 @@ def test_the_rayjob_runs_the_stage_entrypoint_and_belongs_to_the_pipeline() -> N
     assert job["spec"]["entrypoint"] == (
         "python jobs/stage.py finetune --manifest /etc/kubeforge/manifest.yaml --workdir /kubeforge/work "
         "--tracking-uri http://mlflow.kubeforge-system:5000 --metrics-port 9108 "
-        f"--report-tag kubeforge.rayjob.quickstart-finetune-2={OWNER.uid}"
+        f"--report-tag kubeforge.rayjob.quickstart-finetune-{key[:6]}-2={OWNER.uid}"
     )
     assert job["spec"]["shutdownAfterJobFinishes"] is True
     assert job["spec"]["ttlSecondsAfterFinished"] == 3600
@@ -236,11 +243,12 @@ def test_gpu_stages_request_gpus_and_quantize_uses_its_image() -> None:
 
 def test_names_fit_kuberay_and_stay_distinct() -> None:
     long_a, long_b = "a" * 60 + "-one", "a" * 60 + "-two"
-    names = {rayjob_name(p, "promote", 3) for p in (long_a, long_b)}
+    names = {rayjob_name(p, "promote", "0123456789abcdef", 3) for p in (long_a, long_b)}
     assert len(names) == 2
-    assert all(len(n) <= MAX_RAYJOB_NAME and n.endswith("-promote-3") for n in names)
-    assert rayjob_name("7b-run", "data", 1) == "kf-7b-run-data-1"  # RayJob names start with a letter
-    assert rayjob_name("quickstart", "data", 1) == "quickstart-data-1"
+    assert all(len(n) <= MAX_RAYJOB_NAME and n.endswith("-promote-012345-3") for n in names)
+    # RayJob names start with a letter.
+    assert rayjob_name("7b-run", "data", "0123456789abcdef", 1) == "kf-7b-run-data-012345-1"
+    assert rayjob_name("quickstart", "data", "fedcba9876543210", 1) == "quickstart-data-fedcba-1"
 
 
 def test_the_configmap_carries_the_exact_manifest() -> None:
@@ -370,8 +378,9 @@ def conditions(status: dict[str, Any]) -> dict[str, str]:
 def test_a_running_stage() -> None:
     status = status_of([rayjob("data", 1, "RUNNING", startTime="2026-01-01T11:59:00Z")])
     assert status["phase"] == "Running" and status["currentStage"] == "data"
-    assert status["stages"]["data"] == {"phase": "Running", "attempts": 1, "rayJob": "quickstart-data-1",
-                                        "startTime": "2026-01-01T11:59:00Z"}
+    assert status["stages"]["data"] == {"phase": "Running", "attempts": 1, "rayJob": name("data", 1),
+                                        "startTime": "2026-01-01T11:59:00Z",
+                                        "stageKey": quickstart().stage_keys()["data"]}
     assert status["stages"]["pretrain"] == {"phase": "Pending", "attempts": 0}
     assert status["observedGeneration"] == 2
     assert conditions(status)["DataSucceeded"] == "Unknown" and conditions(status)["Complete"] == "False"
@@ -382,7 +391,7 @@ def test_a_running_stage() -> None:
 def test_a_succeeded_stage_starts_the_next_and_carries_run_ids() -> None:
     data = rayjob("data", 1, "SUCCEEDED", endTime="2026-01-01T11:58:00Z", jobDeploymentStatus="Complete")
     views = stage_views(quickstart(), [data], {}, NOW)
-    assert runs_to_look_up(views, {}) == {"data": "quickstart-data-1"}
+    assert runs_to_look_up(views, {}) == {"data": name("data", 1)}
     status = pipeline_status(quickstart(), [data], previous={}, now=NOW, generation=2,
                              found={"data": StageRun("abc123")})
     assert status["stages"]["data"]["phase"] == "Succeeded"
@@ -396,7 +405,7 @@ def test_a_succeeded_stage_starts_the_next_and_carries_run_ids() -> None:
     # A new attempt of the stage is a new RayJob: what the status holds is of the old one.
     again = rayjob("data", 2, "SUCCEEDED", endTime="2026-01-01T11:59:00Z")
     later = stage_views(quickstart(), [data, again], status, NOW)
-    assert runs_to_look_up(later, status) == {"data": "quickstart-data-2"}
+    assert runs_to_look_up(later, status) == {"data": name("data", 2)}
     assert "mlflowRunId" not in status_of([data, again], previous=status)["stages"]["data"]
 
 
@@ -467,7 +476,8 @@ def test_the_status_validates_against_the_modelpipeline_crd() -> None:
     jobs = [rayjob("data", 1, "FAILED", endTime="2026-01-01T11:00:00Z"), rayjob("data", 2, "RUNNING")]
     for status in (status_of(jobs, retries=0),
                    invalid_status(["spec.cluster: required"], previous={}, now=NOW, generation=1)):
-        validate_against_crd({**quickstart_document(), "status": status}, crd)
+        stored = {k: v for k, v in status.items() if v is not None}  # the merge patch drops the nulls
+        validate_against_crd({**quickstart_document(), "status": stored}, crd)
 
 
 # --- the RayService of a ModelDeployment --------------------------------------------------------------

@@ -102,7 +102,12 @@ def _pipeline_status() -> Schema:
             "modelVersion": _string("Version of the pipeline's registered model that the stage registered."),
             "startTime": _time("When the stage's RayJob was created."),
             "completionTime": _time("When the stage finished, successfully or not."),
-            "attempts": _integer("RayJobs created for the stage so far (retries included).", minimum=0),
+            "attempts": _integer("RayJobs created for the stage as the spec now has it (retries included); an "
+                                 "edit that changes the stage or its inputs starts again.", minimum=0),
+            "stageKey": _string("Cache key of the stage's section and inputs that its RayJob ran (the RayJob's "
+                                "kubeforge.io/stage-key label); an edit that changes it reruns the stage."),
+            "generation": _integer("metadata.generation of the spec the stage's RayJob was made for: lower than "
+                                   "observedGeneration when later edits left the stage unchanged.", minimum=0),
             "message": _string("Last event worth reading: the failure's cause, or why the stage was skipped."),
         },
     }

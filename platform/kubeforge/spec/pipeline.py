@@ -7,6 +7,7 @@ and type checkers see, and carry the rules that span sections.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, create_model, model_validator
@@ -23,6 +24,7 @@ from kubeforge.stages.pretrain import PRETRAIN
 from kubeforge.stages.promote import PROMOTE
 from kubeforge.stages.quantize import QUANTIZE
 from kubeforge.stages.tune import TUNE
+from kubeforge.workdir import stage_key
 
 API_VERSION = "kubeforge.io/v1alpha1"
 
@@ -208,6 +210,18 @@ class ModelPipeline(StrictModel):
     def section(self, stage: str) -> Any:
         """The manifest section of stage `stage` (None when the manifest has none)."""
         return getattr(self.spec, stages.get(stage).section, None)
+
+    def stage_keys(self, extra: Callable[[stages.Stage[Any, Any], Any], Any] | None = None) -> dict[str, str]:
+        """Each stage's cache key, in execution order: a hash of its section and its inputs' keys, and of
+        `extra(stage, section)` (the local executor's fingerprint of source files). Without `extra` (the
+        operator, which cannot read them) a key changes exactly when the manifest changes the stage."""
+        keys: dict[str, str] = {}
+        for name in self.stage_names():
+            section = self.section(name)
+            inputs = {dep: keys[dep] for dep in self.stage_deps(name)}
+            keys[name] = stage_key(name, section.model_dump(mode="json"), inputs,
+                                   None if extra is None else extra(stages.get(name), section))
+        return keys
 
     def __reduce__(self) -> tuple[Any, ...]:
         # The validating class is built at run time (pipeline_model); a pickle (Ray ships contexts to
