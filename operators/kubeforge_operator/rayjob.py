@@ -182,6 +182,8 @@ def stage_rayjob(
         "entrypoint": entrypoint(stage, config, name, owner.uid),
         # Retries are the operator's (spec.cluster.retries), each a fresh RayJob with a fresh cluster.
         "backoffLimit": 0,
+        # KubeRay deletes the Ray cluster (its pods, GPUs included) ttl_s after the job ends; the RayJob and its
+        # status stay, which is what the operator reads.
         "shutdownAfterJobFinishes": True,
         "ttlSecondsAfterFinished": cluster.ttl_s,
         "submitterPodTemplate": submitter_template(image, cluster, labels),
@@ -204,6 +206,10 @@ def stage_rayjob(
             ],
         },
     }
+    if size.gpus_per_worker and stages.get(stage).gpu_runs_in == "driver":
+        # `ray job submit --entrypoint-num-gpus`: Ray runs the driver on a node with a free GPU (a worker
+        # pod; the head has none) and sets its CUDA_VISIBLE_DEVICES.
+        spec["entrypointNumGpus"] = size.gpus_per_worker
     if cluster.active_deadline_s is not None:
         spec["activeDeadlineSeconds"] = cluster.active_deadline_s
     return {

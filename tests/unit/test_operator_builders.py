@@ -14,6 +14,7 @@ import jsonschema
 import pytest
 import yaml
 
+from kubeforge import stages
 from kubeforge.errors import SpecError
 from kubeforge.rollout.controller import RolloutRecord, Subject, begin
 from kubeforge.spec.load import parse_deployment, parse_manifest
@@ -183,7 +184,7 @@ def test_the_rayjob_runs_the_stage_entrypoint_and_belongs_to_the_pipeline() -> N
         f"--report-tag kubeforge.rayjob.quickstart-finetune-{key[:6]}-2={OWNER.uid}"
     )
     assert job["spec"]["shutdownAfterJobFinishes"] is True
-    assert job["spec"]["ttlSecondsAfterFinished"] == 3600
+    assert job["spec"]["ttlSecondsAfterFinished"] == 0
     assert job["spec"]["activeDeadlineSeconds"] == 7200
     assert job["spec"]["backoffLimit"] == 0
     workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
@@ -239,6 +240,68 @@ def test_gpu_stages_request_gpus_and_quantize_uses_its_image() -> None:
     own_image = stage_rayjob(quickstart(image="registry.local/kf:dev"), "quantize", OWNER, CONFIG)
     assert own_image["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] == (
         "registry.local/kf:dev")
+
+
+def gpus(template: dict[str, Any]) -> int:
+    return int(template["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
+
+
+def pod_running(job: dict[str, Any], code: str) -> dict[str, Any]:
+    """The pod template of the pod where a stage's `code` ("driver" or "workers") runs, as KubeRay and Ray place
+    it: Ray Train workers and Tune trials on the worker pods (the head offers no CPUs), and the driver on the head
+    unless the entrypoint reserves GPUs, which Ray then finds only on a worker pod."""
+    cluster = job["spec"]["rayClusterSpec"]
+    workers = cluster["workerGroupSpecs"][0]["template"]
+    if code == "workers":
+        return workers
+    wanted = job["spec"].get("entrypointNumGpus", 0)
+    if not wanted:
+        return cluster["headGroupSpec"]["template"]
+    assert gpus(workers) >= wanted, "no pod has the GPUs the entrypoint reserves"
+    return workers
+
+
+def gpu_everywhere() -> Any:
+    """The hyper-parameter search example and the quickstart's later stages, each asking for a GPU."""
+    doc = yaml.safe_load((REPO / "examples" / "hpo.yaml").read_text())
+    quick = quickstart_document()
+    doc["metadata"]["namespace"] = OWNER.namespace
+    doc["spec"].update(cluster=CLUSTER, finetune=quick["spec"]["finetune"], quantize=quick["spec"]["quantize"])
+    doc["spec"]["tune"]["gpus_per_trial"] = 1
+    for section in ("pretrain", "finetune"):
+        doc["spec"][section]["resources"] = {"use_gpu": True}
+    doc["spec"]["evaluate"]["use_gpu"] = doc["spec"]["quantize"]["use_gpu"] = True
+    return parse_manifest(doc)
+
+
+def test_every_stage_gpu_code_runs_on_a_pod_with_the_gpu() -> None:
+    pipeline = gpu_everywhere()
+    assert {s for s in pipeline.stage_names() if s not in ("data", "promote")} == {
+        "tune", "pretrain", "finetune", "evaluate", "quantize"}
+    for stage in pipeline.stage_names():
+        job = stage_rayjob(pipeline, stage, OWNER, CONFIG)
+        if RAYJOB_CRD.is_file():
+            error = jsonschema.exceptions.best_match(rayjob_validator().iter_errors(job))
+            assert error is None, f"{stage}: {list(error.absolute_path)}: {error.message}"
+        head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]
+        assert gpus(head) == 0, stage  # the head only coordinates
+        if stage in ("data", "promote"):
+            assert gpus(pod_running(job, "workers")) == 0 and "entrypointNumGpus" not in job["spec"], stage
+            continue
+        assert gpus(pod_running(job, stages.get(stage).gpu_runs_in)) == 1, stage
+        if stages.get(stage).gpu_runs_in == "workers":
+            # A driver that reserved the GPU would starve the Ray workers that need it.
+            assert "entrypointNumGpus" not in job["spec"], stage
+    assert stages.get("evaluate").gpu_runs_in == stages.get("quantize").gpu_runs_in == "driver"
+    # Without use_gpu, the driver stays on the head.
+    assert "entrypointNumGpus" not in stage_rayjob(quickstart(), "evaluate", OWNER, CONFIG)["spec"]
+
+
+def test_a_finished_stage_releases_its_pods_at_once_by_default() -> None:
+    job = stage_rayjob(quickstart(), "pretrain", OWNER, CONFIG)
+    assert job["spec"]["shutdownAfterJobFinishes"] is True and job["spec"]["ttlSecondsAfterFinished"] == 0
+    kept = stage_rayjob(quickstart(ttl_s=600), "pretrain", OWNER, CONFIG)
+    assert kept["spec"]["ttlSecondsAfterFinished"] == 600
 
 
 def test_names_fit_kuberay_and_stay_distinct() -> None:

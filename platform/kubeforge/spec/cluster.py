@@ -80,8 +80,11 @@ class ClusterSpec(StrictModel):
     """RayJobs created again for a stage after a failed one, before the pipeline fails."""
     retry_delay_s: Annotated[int, Field(ge=0)] = 30
     """Seconds between a stage's failed RayJob finishing and its next attempt starting."""
-    ttl_s: Annotated[int, Field(ge=0)] = 3600
-    """Seconds a finished RayJob (and its logs) stays before KubeRay deletes it; its Ray cluster goes at once."""
+    ttl_s: Annotated[int, Field(ge=0)] = 0
+    """Seconds KubeRay keeps a finished stage's Ray cluster (its pods, GPUs included, and their logs) before
+    deleting it (KubeRay's ttlSecondsAfterFinished); 0 releases them as soon as the job ends. The RayJob and
+    its status stay either way, and the stage's logs are in its folder of the work volume and in MLflow.
+    Raise it to inspect a stage's pods after it ended."""
     head_cpus: Annotated[float, Field(gt=0)] = 1.0
     """CPUs of each RayJob's head pod (requests and limits). The head runs the stage's driver, not its workers."""
     head_memory: Memory = "4Gi"

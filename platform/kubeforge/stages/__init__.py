@@ -97,6 +97,10 @@ class Stage(Generic[SpecT, ResultT]):
     """Its worker pods on a cluster, from its section."""
     image: Literal["stage", "quantize"] = "stage"
     """The container image its RayJob runs (quantize needs llm-compressor's environment)."""
+    gpu_runs_in: Literal["workers", "driver"] = "workers"
+    """Where its GPU code runs when its section asks for GPUs: in the Ray workers it starts (Ray Train
+    workers, Tune trials), or in the stage function itself, the job's driver. On a cluster a driver runs on
+    the head pod, which has no GPU, unless its RayJob reserves the GPU for it (`rayjob.stage_rayjob`)."""
     required: bool = False
     """Every manifest has this section."""
     model_role: str | None = None

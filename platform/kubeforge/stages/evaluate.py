@@ -54,6 +54,7 @@ EVALUATE: Stage[EvaluateSpec, EvaluateResult] = Stage(
     run="kubeforge.evaluate.stage:run",
     reads=("data", "pretrain", "finetune"),
     pod_size=lambda spec: PodSize.of(use_gpu=spec.use_gpu),
+    gpu_runs_in="driver",  # it scores the models in the stage function
     needs_model="score",
     metrics=METRICS,
     scores_champion=True,

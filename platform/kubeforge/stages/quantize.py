@@ -46,6 +46,9 @@ QUANTIZE: Stage[QuantizeSpec, QuantizeResult] = Stage(
     run="kubeforge.quantize.stage:run",
     reads=("data", "pretrain", "finetune"),
     pod_size=lambda spec: PodSize.of(use_gpu=spec.use_gpu),
+    # The perplexity gate and the vLLM check run in the stage function; llm-compressor's Ray task
+    # (kubeforge.envs.run_in_env) asks for no GPU and sees the GPUs of the pod it lands on, the same one.
+    gpu_runs_in="driver",
     image="quantize",
     model_role="quantized",
     needs_model="quantize",
