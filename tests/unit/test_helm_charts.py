@@ -3,13 +3,15 @@
 Built-in kinds are checked strictly against Kubernetes' OpenAPI schemas (kubernetes-validate),
 KubeForge and kopf kinds against their CRDs, and every workload and RBAC rule against the policy
 the charts promise: non-root, read-only root filesystem, no capabilities, requests and limits,
-least privilege without wildcards or Secrets access.
+least privilege without wildcards or Secrets access, and NetworkPolicies that isolate every pod and
+let through only what each component needs.
 """
 
 from __future__ import annotations
 
 import filecmp
 import functools
+import ipaddress
 import os
 import subprocess
 import sys
@@ -21,6 +23,7 @@ import yaml
 
 from kubeforge.spec.load import parse_manifest
 from kubeforge.spec.pipeline import pipeline_model
+from kubeforge_operator.owner import MANAGED_BY
 from tests.k8s_schemas import SchemaValidationError, validate_against_crd, validate_builtin
 
 pytestmark = pytest.mark.unit
@@ -387,6 +390,210 @@ def test_mlflow_artifacts_on_a_claim() -> None:
     assert env_of(spec["containers"][0])["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://")
 
 
+# --- NetworkPolicies -----------------------------------------------------------------------------
+# A connection is checked as a network plugin decides it: the source's egress and the destination's
+# ingress must both allow it, and a pod no policy selects for a direction is not isolated in it.
+# An end is a pod ({"namespace", "labels"}) or an address outside the pods ({"ip"}).
+
+NAMESPACE = "kubeforge-system"
+KUBE_DNS = {"namespace": "kube-system", "labels": {"k8s-app": "kube-dns"}}
+PROMETHEUS = {"namespace": "monitoring", "labels": {"app.kubernetes.io/name": "prometheus", "prometheus": "kps"}}
+STRANGER = {"namespace": NAMESPACE, "labels": {"app": "curl"}}
+API_SERVER = {"ip": "10.0.0.1"}
+ELSEWHERE = {"ip": "203.0.113.7"}
+
+
+def stage_pod(namespace: str) -> dict[str, Any]:
+    return {"namespace": namespace, "labels": {**MANAGED_BY, "kubeforge.io/pipeline": "quickstart"}}
+
+
+def workload_end(docs: tuple[dict[str, Any], ...], kind: str, name: str) -> dict[str, Any]:
+    (workload,) = [d for d in by_kind(docs, kind) if d["metadata"]["name"] == name]
+    labels = workload["metadata"]["labels"] if kind == "Pod" else workload["spec"]["template"]["metadata"]["labels"]
+    return {"namespace": workload["metadata"]["namespace"], "labels": labels}
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a LabelSelector matches `labels`; the empty selector matches everything."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        if (operator == "In" and labels.get(key) not in values) or (operator == "NotIn" and labels.get(key) in values):
+            return False
+        if (operator == "Exists" and key not in labels) or (operator == "DoesNotExist" and key in labels):
+            return False
+    return True
+
+
+def peer_matches(peer: dict[str, Any], policy_namespace: str, end: dict[str, Any]) -> bool:
+    if "ipBlock" in peer:
+        # Whether an ipBlock covers pod addresses is the plugin's business; no test relies on it.
+        if "ip" not in end:
+            return False
+        address = ipaddress.ip_address(end["ip"])
+        block = peer["ipBlock"]
+        return address in ipaddress.ip_network(block["cidr"]) and not any(
+            address in ipaddress.ip_network(cidr) for cidr in block.get("except", [])
+        )
+    if "ip" in end:
+        return False
+    if "namespaceSelector" in peer:
+        namespace_labels = {"kubernetes.io/metadata.name": end["namespace"]}
+        if not selects(peer["namespaceSelector"], namespace_labels):
+            return False
+    elif end["namespace"] != policy_namespace:
+        return False
+    return selects(peer.get("podSelector", {}), end["labels"])
+
+
+def direction_allows(
+    policies: list[dict[str, Any]],
+    direction: str,
+    this: dict[str, Any],
+    other: dict[str, Any],
+    port: int,
+    protocol: str,
+) -> bool:
+    """Whether the policies selecting `this` pod let a connection with `other` through in `direction`."""
+    rules_key, peers_key = ("egress", "to") if direction == "Egress" else ("ingress", "from")
+    selecting = [
+        p
+        for p in policies
+        if p["metadata"]["namespace"] == this["namespace"]
+        and direction in p["spec"]["policyTypes"]
+        and selects(p["spec"]["podSelector"], this["labels"])
+    ]
+    if not selecting:
+        return True
+    for policy in selecting:
+        for rule in policy["spec"].get(rules_key, []):
+            ports = rule.get("ports") or [{}]
+            if not any(p.get("port", port) == port and p.get("protocol", "TCP") == protocol for p in ports):
+                continue
+            peers = rule.get(peers_key) or [None]
+            if any(peer is None or peer_matches(peer, policy["metadata"]["namespace"], other) for peer in peers):
+                return True
+    return False
+
+
+def connects(
+    docs: tuple[dict[str, Any], ...],
+    source: dict[str, Any],
+    destination: dict[str, Any],
+    port: int,
+    protocol: str = "TCP",
+) -> bool:
+    policies = by_kind(docs, "NetworkPolicy")
+    out = "ip" in source or direction_allows(policies, "Egress", source, destination, port, protocol)
+    return out and ("ip" in destination or direction_allows(policies, "Ingress", destination, source, port, protocol))
+
+
+def network_policy_enabled(values: Path) -> bool:
+    return (yaml.safe_load(values.read_text()) or {}).get("networkPolicy", {}).get("enabled", True)
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=ci_id)
+def test_every_pod_is_isolated_by_a_network_policy(values: Path) -> None:
+    # The policy scanner's rule: each pod a workload creates is selected by a NetworkPolicy that
+    # restricts both directions.
+    docs = render(CHART, (values,))
+    policies = by_kind(docs, "NetworkPolicy")
+    if not network_policy_enabled(values):
+        assert not policies
+        return
+    workloads = [doc for doc in docs if doc["kind"] in WORKLOAD_KINDS]
+    assert workloads
+    for workload in workloads:
+        pod = workload_end(docs, workload["kind"], workload["metadata"]["name"])
+        assert any(
+            p["metadata"]["namespace"] == pod["namespace"]
+            and {"Ingress", "Egress"} <= set(p["spec"]["policyTypes"])
+            and selects(p["spec"]["podSelector"], pod["labels"])
+            for p in policies
+        ), f"{workload['kind']}/{workload['metadata']['name']} has no NetworkPolicy for Ingress and Egress"
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=ci_id)
+def test_no_network_policy_when_disabled(values: Path) -> None:
+    docs = render(CHART, (values,), ("networkPolicy.enabled=false",))
+    assert not by_kind(docs, "NetworkPolicy")
+    operator = workload_end(docs, "Deployment", "kf-kubeforge")
+    assert connects(docs, STRANGER, operator, 8080) and connects(docs, operator, ELSEWHERE, 22)
+
+
+def test_operator_network_policy_allows_only_what_it_needs() -> None:
+    docs = render(CHART)
+    operator = workload_end(docs, "Deployment", "kf-kubeforge")
+    test_pod = workload_end(docs, "Pod", "kf-kubeforge-test-endpoints")
+    # Out: the API server (kopf), DNS, Prometheus' API (rollout analyses); nothing else.
+    assert connects(docs, operator, API_SERVER, 443) and connects(docs, operator, API_SERVER, 6443)
+    assert connects(docs, operator, KUBE_DNS, 53, "UDP") and connects(docs, operator, KUBE_DNS, 53, "TCP")
+    assert not connects(docs, operator, {**KUBE_DNS, "labels": {"app": "other"}}, 53, "UDP")
+    assert connects(docs, operator, PROMETHEUS, 9090)
+    assert not connects(docs, operator, API_SERVER, 8443) and not connects(docs, operator, ELSEWHERE, 80)
+    assert not connects(docs, operator, STRANGER, 9090)
+    # In: Prometheus' scrapes on the metrics port only; the health port only from `helm test`.
+    assert connects(docs, PROMETHEUS, operator, 9090) and not connects(docs, PROMETHEUS, operator, 8080)
+    assert not connects(docs, STRANGER, operator, 9090) and not connects(docs, STRANGER, operator, 8080)
+    assert not connects(docs, {**PROMETHEUS, "labels": {"app": "grafana"}}, operator, 9090)
+    assert connects(docs, test_pod, operator, 8080) and connects(docs, test_pod, operator, 9090)
+    assert not connects(docs, test_pod, ELSEWHERE, 80) and not connects(docs, STRANGER, test_pod, 80)
+
+
+def test_operator_network_policy_follows_the_values() -> None:
+    docs = render(CHART, (CHART / "ci" / "cluster-wide-full-values.yaml",))
+    operator = workload_end(docs, "Deployment", "kf-kubeforge")
+    mlflow = workload_end(docs, "Deployment", "kf-kubeforge-mlflow")
+    # The API server narrowed to its CIDR and port; Prometheus to the monitoring namespace.
+    assert connects(docs, operator, API_SERVER, 6443)
+    assert not connects(docs, operator, API_SERVER, 443) and not connects(docs, operator, ELSEWHERE, 6443)
+    assert connects(docs, PROMETHEUS, operator, 9090)
+    assert not connects(docs, {**PROMETHEUS, "namespace": "team-a"}, operator, 9090)
+    # The chart's MLflow server on its port, as the tracking URI says.
+    assert connects(docs, operator, mlflow, 5000) and not connects(docs, operator, mlflow, 5432)
+    # An external tracking URI: its port to any address (a policy cannot name a host).
+    for uri, port in (("https://mlflow.example.com", 443), ("http://mlflow.mlflow.svc:5001", 5001)):
+        docs = render(CHART, sets=(f"operator.mlflowTrackingUri={uri}", "networkPolicy.apiServer.cidrs[0]=10.0.0.0/28"))
+        operator = workload_end(docs, "Deployment", "kf-kubeforge")
+        assert connects(docs, operator, ELSEWHERE, port), uri
+        assert not connects(docs, operator, ELSEWHERE, 8080), uri
+
+
+def test_mlflow_network_policy_admits_only_its_clients() -> None:
+    docs = render(CHART, (CHART / "ci" / "namespaced-two-values.yaml",))
+    mlflow = workload_end(docs, "Deployment", "kf-kubeforge-mlflow")
+    operator = workload_end(docs, "Deployment", "kf-kubeforge")
+    # In: the operator and the pods it creates in the namespaces it watches, on MLflow's port only.
+    assert connects(docs, operator, mlflow, 5000)
+    assert connects(docs, stage_pod("team-a"), mlflow, 5000) and connects(docs, stage_pod("team-b"), mlflow, 5000)
+    assert not connects(docs, stage_pod("team-c"), mlflow, 5000)
+    assert not connects(docs, {**STRANGER, "namespace": "team-a"}, mlflow, 5000)
+    assert not connects(docs, STRANGER, mlflow, 5000) and not connects(docs, PROMETHEUS, mlflow, 5000)
+    assert not connects(docs, stage_pod("team-a"), mlflow, 5432)
+    # Out: DNS and PostgreSQL; the artifacts are on a claim, so no object store.
+    assert connects(docs, mlflow, KUBE_DNS, 53, "UDP") and connects(docs, mlflow, ELSEWHERE, 5432)
+    assert not connects(docs, mlflow, ELSEWHERE, 443) and not connects(docs, mlflow, API_SERVER, 6443)
+    # Cluster-wide: stage pods in any namespace, the extra clients, and the object store.
+    docs = render(CHART, (CHART / "ci" / "cluster-wide-full-values.yaml",))
+    mlflow = workload_end(docs, "Deployment", "kf-kubeforge-mlflow")
+    assert connects(docs, stage_pod("team-c"), mlflow, 5000)
+    assert not connects(docs, {**STRANGER, "namespace": "team-c"}, mlflow, 5000)
+    assert connects(docs, {"namespace": "ingress-nginx", "labels": {"app": "nginx"}}, mlflow, 5000)
+    assert connects(docs, mlflow, {"namespace": "databases", "labels": {"app": "postgres"}}, 5432)
+    assert not connects(docs, mlflow, ELSEWHERE, 5432)
+    assert connects(docs, mlflow, ELSEWHERE, 443) and connects(docs, mlflow, ELSEWHERE, 9000)
+    assert not connects(docs, mlflow, {"ip": "169.254.169.254"}, 443)
+
+
+def test_an_empty_prometheus_peer_list_is_refused(tmp_path: Path) -> None:
+    # An ingress rule without peers admits every source: the schema must not let one through.
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"networkPolicy": {"prometheus": {"peers": []}}}))
+    stderr = render_fails(CHART, values=(values,))
+    assert "values don't meet the specifications of the schema" in stderr and "peers" in stderr, stderr
+
+
 # --- values.schema.json and the template's own checks --------------------------------------------
 
 
@@ -403,6 +610,9 @@ def test_mlflow_artifacts_on_a_claim() -> None:
         ("podSecurity.runAsUser=0", "runAsUser"),
         ("mlflow.postgresql.sslMode=maybe", "sslMode"),
         ("monitoring.serviceMonitor.labels.release=null", "release"),
+        ("networkPolicy.enable=false", "enable"),
+        ("networkPolicy.apiServer.cidrs[0]=kubernetes.default", "cidrs"),
+        ("networkPolicy.dns.ports[0]=0", "ports"),
     ],
 )
 def test_values_schema_rejects_bad_values(assignment: str, field: str) -> None:

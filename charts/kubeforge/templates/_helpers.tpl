@@ -142,3 +142,39 @@ seccompProfile:
 - name: MLFLOW_BACKEND_STORE_URI
   value: {{ printf "postgresql+%s://$(MLFLOW_DB_USER):$(MLFLOW_DB_PASSWORD)@%s:%d/%s?sslmode=%s" $pg.driver $pg.host (int $pg.port) $pg.database $pg.sslMode | quote }}
 {{- end -}}
+
+{{/* Selector of the `helm test` pod (its labels are kubeforge.labels plus this component). */}}
+{{- define "kubeforge.test.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kubeforge.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: test
+{{- end -}}
+
+{{/* The egress rule every NetworkPolicy of the chart has: the cluster DNS, over UDP and TCP. */}}
+{{- define "kubeforge.networkPolicy.dnsEgress" -}}
+{{- $dns := .Values.networkPolicy.dns -}}
+- ports:
+    {{- range $dns.ports }}
+    - port: {{ . }}
+      protocol: UDP
+    - port: {{ . }}
+      protocol: TCP
+    {{- end }}
+  {{- with $dns.to }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end -}}
+
+{{/* Port of operator.mlflowTrackingUri: its own, or its scheme's; empty for a URI without either. */}}
+{{- define "kubeforge.mlflowTrackingUriPort" -}}
+{{- $url := urlParse .Values.operator.mlflowTrackingUri -}}
+{{- $port := regexFind ":[0-9]+$" $url.host | trimPrefix ":" -}}
+{{- if $port -}}
+{{- $port -}}
+{{- else if eq $url.scheme "https" -}}
+443
+{{- else if eq $url.scheme "http" -}}
+80
+{{- end -}}
+{{- end -}}
