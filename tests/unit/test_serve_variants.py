@@ -103,3 +103,25 @@ def test_lora_variants_must_be_versions_of_their_base_model() -> None:
         build_app([VariantModel("stable", "other", "2", "models:/other/2")], spec, weight=0, base=base)
     with pytest.raises(KubeForgeError, match=r"a base model is served exactly when spec\.lora is set"):
         build_app([STABLE], parse_deployment(document()).spec, weight=0, base=base)
+
+
+@pytest.mark.parametrize(("gpus", "pod_gpus"), [(2, "2"), (0.5, "1"), (1, "1"), (0, None)])
+def test_a_vllm_replica_holds_its_gpus_and_its_pod_has_them(gpus: float, pod_gpus: str | None) -> None:
+    from kubeforge_operator.rayservice import replica_pods
+
+    engine = {"name": "vllm", "max_model_len": 256}  # kv_cache_gb is for CPU replicas only
+    spec = parse_deployment(document(engine=engine, resources={"gpus_per_replica": gpus})).spec
+    stable = router_args(build_app([STABLE], spec, weight=0))[0]._bound_deployment
+    # The replica itself holds every GPU of its tensor parallel workers (no placement group), and vLLM
+    # learns them from the manifest (`engine.vllm_args`).
+    assert stable.ray_actor_options["num_gpus"] == gpus
+    assert stable.init_kwargs == {"gpus": gpus}
+    assert stable._replica_config.placement_group_bundles is None
+    # One replica per pod: the pod has whole GPUs for it, as many as its tensor parallel size.
+    assert replica_pods(spec, 1).resources.get("nvidia.com/gpu") == pod_gpus
+
+
+def test_the_transformers_engine_is_not_told_of_gpus() -> None:
+    spec = parse_deployment(document(engine={"name": "transformers"}, resources={"gpus_per_replica": 1})).spec
+    stable = router_args(build_app([STABLE], spec, weight=0))[0]._bound_deployment
+    assert (stable.ray_actor_options["num_gpus"], stable.init_kwargs) == (1, {})

@@ -131,3 +131,39 @@ def test_lora_serving_names_its_adapters_and_needs_vllm() -> None:
     assert rank.startswith("spec.lora.max_rank: ")
     (engine,) = problems({**BASE["spec"], "lora": {}, "engine": {"name": "transformers"}})
     assert engine == "spec.lora: LoRA adapters are served by vLLM; drop lora or use engine.name: vllm"
+
+
+def test_gpu_settings_of_vllm_are_checked_against_the_replicas_gpus() -> None:
+    def on(gpus: float, **engine: Any) -> dict[str, Any]:
+        return {**BASE["spec"], "resources": {"gpus_per_replica": gpus}, "engine": engine}
+
+    (fractional,) = problems(on(1.5))
+    assert fractional.startswith("spec.resources.gpus_per_replica: above one GPU vLLM splits the model over whole "
+                                 "GPUs") and "(got 1.5)" in fractional
+    (eager_on_cpu,) = problems(on(0, enforce_eager=False))
+    assert eager_on_cpu.startswith("spec.engine.enforce_eager: false asks for CUDA graphs, and these replicas run on "
+                                   "CPU")
+    (memory_on_cpu,) = problems(on(0, gpu_memory_utilization=0.5))
+    assert memory_on_cpu.startswith("spec.engine.gpu_memory_utilization: caps vLLM's share of GPU memory, and these "
+                                    "replicas run on CPU")
+    (above_share,) = problems(on(0.5, gpu_memory_utilization=0.6))
+    assert above_share == ("spec.engine.gpu_memory_utilization: 0.6 is above the replica's share of its GPU "
+                           "(resources.gpus_per_replica: 0.5), so the replicas sharing that GPU could not all start; "
+                           "use at most 0.5")
+    (above_one,) = problems(on(2, gpu_memory_utilization=1.2))
+    assert above_one == "spec.engine.gpu_memory_utilization: must be <= 1 (got 1.2)"
+    (tiny,) = problems(on(0.05))
+    assert tiny.startswith("spec.resources.gpus_per_replica: a share of 0.05 of a GPU leaves vLLM no memory")
+    (hf_gpus,) = problems(on(2, name="transformers"))
+    assert hf_gpus.startswith("spec.resources.gpus_per_replica: the transformers engine runs a replica on one GPU")
+    (hf_eager,) = problems(on(1, name="transformers", enforce_eager=True))
+    assert hf_eager.startswith("spec.engine.enforce_eager: chooses between vLLM's eager mode and CUDA graphs")
+    (hf_memory,) = problems(on(1, name="transformers", gpu_memory_utilization=0.5))
+    assert hf_memory.startswith("spec.engine.gpu_memory_utilization: caps vLLM's share of GPU memory; the "
+                                "transformers engine")
+    # What each device can honour is accepted: eager on CPU (as it runs anyway) and on GPU, whole GPUs as
+    # tensor parallelism, a share with or without an explicit memory share up to it.
+    for spec in (on(0, enforce_eager=True), on(1, enforce_eager=False), on(2, enforce_eager=True), on(4),
+                 on(0.5), on(0.5, gpu_memory_utilization=0.5), on(0.25, gpu_memory_utilization=0.2),
+                 on(0.05, gpu_memory_utilization=0.04), on(1, gpu_memory_utilization=1), on(1, name="transformers")):
+        parse_deployment({**BASE, "spec": spec})

@@ -142,10 +142,16 @@ def build_app(
         }}
         if spec.autoscaling is not None else {"num_replicas": spec.replicas}
     )
+    gpus = spec.resources.gpus_per_replica
+    # vLLM's replica learns its GPUs from the manifest (`engine.vllm_args`); the transformers engine takes none.
+    on_gpus: dict[str, Any] = {"gpus": gpus} if spec.engine.name == "vllm" else {}
     options: dict[str, Any] = {
         "ray_actor_options": {
             "num_cpus": spec.resources.cpus_per_replica,
-            "num_gpus": spec.resources.gpus_per_replica,
+            # The replica holds all its GPUs, a share of one or the whole ones of its tensor parallel workers
+            # (no placement group): Ray then puts them on one node and makes exactly them visible to the
+            # replica, whose vLLM starts one worker process per GPU there (`engine.vllm_args`).
+            "num_gpus": gpus,
             "runtime_env": {"env_vars": env_vars},
         },
         "max_ongoing_requests": max_ongoing,
@@ -160,12 +166,12 @@ def build_app(
         lora = {"max_rank": spec.lora.max_rank, "max_loras": spec.lora.slots()}
         label = {"model": base.model, "version": base.version, "variant": LORA_BASE}
         deployment = model_server.options(name=LORA_DEPLOYMENT, user_config={"adapters": adapters}, **options)
-        bound[STABLE] = deployment.bind(str(base.path), label, spec.engine.model_dump(), lora)
+        bound[STABLE] = deployment.bind(str(base.path), label, spec.engine.model_dump(), lora, **on_gpus)
     else:
         for variant in by_name.values():
             deployment = model_server.options(name=f"model-{variant.variant}", **options)
             label = {"model": variant.model, "version": variant.version, "variant": variant.variant}
-            bound[variant.variant] = deployment.bind(str(variant.path), label, spec.engine.model_dump())
+            bound[variant.variant] = deployment.bind(str(variant.path), label, spec.engine.model_dump(), **on_gpus)
 
     router_env: dict[str, str] = {}
     if hand_over_token and spec.auth is not None and spec.auth.token_env and spec.auth.token_env in os.environ:
@@ -207,5 +213,5 @@ def engine_env(spec: DeploymentSpec, device: str) -> dict[str, str]:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv)) if kv is not None else "1"
     elif kv is not None:
         raise KubeForgeError("engine.kv_cache_gb: sizing the KV cache is supported on CPU only for now; "
-                             "drop it for GPU replicas (vLLM then uses its gpu_memory_utilization default)")
+                             "drop it for GPU replicas (engine.gpu_memory_utilization sizes vLLM's memory there)")
     return env

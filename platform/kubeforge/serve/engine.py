@@ -8,6 +8,10 @@ and the replica runs it through that app in its own process (`relay.call_asgi`):
 default, error and stream chunk is vLLM's. What KubeForge adds is the model's served names (`<name>`
 and `<name>:<variant>`), token counts for the router's metrics, and a health check on the engine.
 
+On GPU the replica holds `resources.gpus_per_replica` GPUs (`vllm_args`): a share of one GPU caps vLLM's
+memory to that share, so replicas sharing the GPU all start; a whole number above one is vLLM's tensor
+parallelism, its worker processes running beside the replica on the GPUs Ray gave it.
+
 With `spec.lora` the replica serves a base model (as `<name>:base`) and LoRA adapters over it, one per
 variant (`<name>:stable`, `<name>:candidate`, `<name>:<adapter>`): they are the deployment's Ray Serve
 `user_config`, so a new set loads into the running replica (`reconfigure`) without restarting it.
@@ -26,19 +30,36 @@ from typing import Any
 
 from ray import serve
 
+from kubeforge.errors import KubeForgeError
 from kubeforge.serve.relay import ForwardedRequest, call_asgi, count_tokens
+from kubeforge.spec.deployment import GPU_SHARE_MARGIN, tensor_parallel_size
 
 
-def vllm_args(folder: str, names: list[str], engine: dict[str, Any], lora: dict[str, int] | None = None) -> list[str]:
+def vllm_args(folder: str, names: list[str], engine: dict[str, Any], lora: dict[str, int] | None = None,
+              gpus: float = 0.0) -> list[str]:
     """`vllm serve` command-line arguments for `folder` served under `names` with the `engine` section, and
-    room for `lora["max_loras"]` adapters of rank up to `lora["max_rank"]`."""
+    room for `lora["max_loras"]` adapters of rank up to `lora["max_rank"]`, on `gpus` GPUs
+    (resources.gpus_per_replica: 0 is CPU, a share below 1 shares one GPU, a whole number above 1 is
+    tensor parallel over that many)."""
     args = ["--model", folder, "--served-model-name", *names, "--dtype", engine["dtype"],
-            # CUDA graphs and torch.compile cost minutes at start and buy nothing on CPU.
-            "--enforce-eager",
-            # The engine core is already a process of its own; a worker process under it would add a
-            # second vLLM start-up (tens of seconds on a small CPU) for a single-device replica.
-            "--distributed-executor-backend", "uni",
             "--disable-log-stats", "--seed", "0"]
+    # CUDA graphs and torch.compile cost minutes at start and buy nothing on CPU; on GPU they are what
+    # makes decoding fast, so they stay on unless the manifest asks for eager (engine.enforce_eager).
+    if gpus == 0 or engine.get("enforce_eager"):
+        args.append("--enforce-eager")
+    tensor_parallel = tensor_parallel_size(gpus)
+    if tensor_parallel > 1:
+        # One worker process per GPU, started by the engine core in the replica's pod: the replica holds
+        # all of them (num_gpus, see `app.build_app`), so they are on one node and Ray has already made
+        # exactly them visible (CUDA_VISIBLE_DEVICES), as they would be to `vllm serve` on that machine.
+        args += ["--tensor-parallel-size", str(tensor_parallel), "--distributed-executor-backend", "mp"]
+    else:
+        # The engine core is already a process of its own; a worker process under it would add a
+        # second vLLM start-up (tens of seconds on a small CPU) for a single-device replica.
+        args += ["--distributed-executor-backend", "uni"]
+    memory = vllm_gpu_memory_utilization(engine.get("gpu_memory_utilization"), gpus)
+    if memory is not None:
+        args += ["--gpu-memory-utilization", str(memory)]
     for flag, key in (("--max-model-len", "max_model_len"), ("--quantization", "quantization"),
                       ("--max-num-seqs", "max_num_seqs")):
         if engine.get(key) is not None:
@@ -46,6 +67,19 @@ def vllm_args(folder: str, names: list[str], engine: dict[str, Any], lora: dict[
     if lora is not None:
         args += ["--enable-lora", "--max-lora-rank", str(lora["max_rank"]), "--max-loras", str(lora["max_loras"])]
     return args
+
+
+def vllm_gpu_memory_utilization(requested: float | None, gpus: float) -> float | None:
+    """vLLM's `--gpu-memory-utilization` on `gpus` GPUs: `requested` (engine.gpu_memory_utilization, which
+    the manifest checks against the share) when set; a share of one GPU less `GPU_SHARE_MARGIN`, so that
+    the replicas sharing it all start (vLLM refuses to start with less free memory than its budget: its
+    default, 0.92 of the GPU, leaves a second replica nothing, and exactly the share leaves it its share
+    less the first one's CUDA context); None, vLLM's default, on CPU and on whole GPUs."""
+    if requested is not None:
+        return requested
+    if 0 < gpus < 1:
+        return round(gpus - GPU_SHARE_MARGIN, 4)  # 0.45, not 0.44999999999999996, on vLLM's command line
+    return None
 
 
 def parse_vllm_args(argv: list[str]) -> Any:
@@ -58,12 +92,34 @@ def parse_vllm_args(argv: list[str]) -> Any:
     return args
 
 
+def engine_config(args: Any, label: dict[str, str]) -> Any:
+    """vLLM's engine configuration of the parsed `args`: what vLLM checks once it has read the model's
+    config. A model that cannot be split over the replica's GPUs (its attention heads are not divisible
+    by the tensor parallel size) is refused there: the error names the manifest field to change."""
+    from pydantic import ValidationError
+    from vllm import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+
+    try:
+        return AsyncEngineArgs.from_cli_args(args).create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+    except ValueError as error:  # vLLM's configs are pydantic dataclasses: a ValidationError is a ValueError
+        # vLLM's own words, without pydantic's wrapping (the whole input of VllmConfig) around them.
+        reason = ("; ".join(str(e["msg"]).removeprefix("Value error, ") for e in error.errors())
+                  if isinstance(error, ValidationError) else str(error))
+        tensor_parallel = int(args.tensor_parallel_size)
+        if tensor_parallel > 1 and "tensor parallel" in reason:
+            raise KubeForgeError(
+                f"spec.resources.gpus_per_replica: vLLM cannot split {label['model']} version {label['version']} "
+                f"over {tensor_parallel} GPUs: {reason.rstrip('.')}; use a number of GPUs the model allows, or 1"
+            ) from error
+        raise
+
+
 @serve.deployment
 class ModelServer:
     async def __init__(self, path: str, label: dict[str, str], engine: dict[str, Any],  # type: ignore[misc]
-                       lora: dict[str, int] | None = None) -> None:
+                       lora: dict[str, int] | None = None, gpus: float = 0.0) -> None:
         import torch
-        from vllm import AsyncEngineArgs
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
         from vllm.entrypoints.launchers.app import build_app
         from vllm.usage.usage_lib import UsageContext
@@ -80,9 +136,8 @@ class ModelServer:
         pinned = f"{label['model']}:{label['variant']}"
         # Under LoRA the bare name is the router's to split between the adapters: the base is only pinned.
         names = [pinned] if lora is not None else [label["model"], pinned]
-        args = parse_vllm_args(vllm_args(str(folder), names, engine, lora))
-        engine_args = AsyncEngineArgs.from_cli_args(args)
-        config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+        args = parse_vllm_args(vllm_args(str(folder), names, engine, lora, gpus))
+        config = engine_config(args, label)
         self.engine = AsyncLLM.from_vllm_config(vllm_config=config, usage_context=UsageContext.OPENAI_API_SERVER,
                                                 disable_log_stats=True)
         # vLLM's serving classes call `engine_client.generate`: count the tokens of each request there.
