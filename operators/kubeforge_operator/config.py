@@ -44,6 +44,8 @@ class OperatorConfig:
     """Port of kopf's liveness endpoint /healthz (_HEALTH_PORT)."""
     log_format: Literal["plain", "json"] = "plain"
     """kopf's log format (_LOG_FORMAT)."""
+    prometheus_url: str | None = None
+    """The Prometheus that scrapes the deployments, for rollouts whose manifest names none (_PROMETHEUS_URL)."""
     stage_env_secret: str | None = None
     """Secret, in each pipeline's namespace, whose keys become environment variables of every stage pod
     (_STAGE_ENV_SECRET): object-store credentials and endpoint such as AWS_ACCESS_KEY_ID,
@@ -101,6 +103,9 @@ class OperatorConfig:
             len(stage_env_secret) > 253 or not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", stage_env_secret)
         ):
             raise ConfigError(f"{PREFIX}STAGE_ENV_SECRET: {stage_env_secret!r} is not a Secret name")
+        prometheus_url = get("PROMETHEUS_URL") or None
+        if prometheus_url is not None and not re.fullmatch(r"https?://\S+", prometheus_url):
+            raise ConfigError(f"{PREFIX}PROMETHEUS_URL: must be an http(s) URL (got {prometheus_url!r})")
         metrics_port, health_port = port("METRICS_PORT", 9090), port("HEALTH_PORT", 8080)
         if metrics_port == health_port:
             raise ConfigError(f"{PREFIX}HEALTH_PORT: must differ from {PREFIX}METRICS_PORT ({metrics_port})")
@@ -114,6 +119,7 @@ class OperatorConfig:
             health_port=health_port,
             log_format="json" if log_format == "json" else "plain",
             stage_env_secret=stage_env_secret,
+            prometheus_url=prometheus_url,
         )
 
 

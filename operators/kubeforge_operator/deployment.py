@@ -28,7 +28,7 @@ from typing import Any, Final
 
 import kopf
 
-from kubeforge.errors import SpecError
+from kubeforge.errors import Problem, SpecError
 from kubeforge.registry.audit import RegistryError
 from kubeforge.registry.client import Registry, VersionInfo
 from kubeforge.rollout.controller import (
@@ -44,11 +44,11 @@ from kubeforge.rollout.controller import (
     step_record,
 )
 from kubeforge.rollout.queries import CANDIDATE, STABLE
-from kubeforge.spec.deployment import ModelDeployment, parse_model_uri
+from kubeforge.spec.deployment import ModelDeployment, parse_model_uri, prometheus_field, with_prometheus
 from kubeforge.spec.load import parse_deployment
 from kubeforge.spec.pipeline import API_VERSION
 from kubeforge_operator import kube, metrics
-from kubeforge_operator.config import OperatorConfig
+from kubeforge_operator.config import PREFIX, OperatorConfig
 from kubeforge_operator.errors import FieldError, retry_semantics
 from kubeforge_operator.owner import Owner
 from kubeforge_operator.pipeline import manifest_document
@@ -106,15 +106,24 @@ def serving_document(document: Mapping[str, Any]) -> dict[str, Any]:
     return {**document, "metadata": metadata}
 
 
-def validate(document: Mapping[str, Any]) -> ModelDeployment:
-    """The parsed deployment, the only parse of `document` in a reconciliation; `SpecError` whose problems
-    each start with their field."""
+def validate(document: Mapping[str, Any], prometheus: str | None = None) -> ModelDeployment:
+    """The parsed deployment, the only parse of `document` in a reconciliation, its rollout's Prometheus
+    address defaulting to `prometheus` (the operator's); `SpecError` whose problems each start with their
+    field."""
     model = parse_deployment(dict(document), source=f"{KIND} {document['metadata'].get('name')}")
     try:
         pod_token_secret(model.spec.auth)
     except FieldError as exc:
         raise SpecError([exc.problem]) from None
-    return model
+    rollout = model.spec.rollout
+    if rollout is None or prometheus_field(rollout)[1] is not None:
+        return model
+    if prometheus is None:
+        raise SpecError([Problem(prometheus_field(rollout)[0], (
+            "required: the operator has no Prometheus address to analyse rollouts with (the chart's "
+            f"monitoring.prometheusUrl, {PREFIX}PROMETHEUS_URL)"))])
+    spec = model.spec.model_copy(update={"rollout": with_prometheus(rollout, prometheus)})
+    return model.model_copy(update={"spec": spec})
 
 
 class Unresolved(Exception):
@@ -253,7 +262,7 @@ async def _reconcile(
     document = deployment_document(body)
     status_url = kube.deployment_url(namespace, name, "status")
     try:
-        model = validate(document)
+        model = validate(document, config.prometheus_url)
     except SpecError as exc:
         await write_invalid(client, status_url, previous, exc, now=now, generation=generation, logger=logger)
         return

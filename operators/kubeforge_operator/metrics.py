@@ -1,4 +1,5 @@
-"""The operator's Prometheus metrics, on a registry of their own so /metrics shows only these.
+"""The operator's Prometheus metrics, on a registry of their own so /metrics shows only these: its
+reconciliations, and the rollout metrics its ModelDeployment reconciler sets (`kubeforge.metrics`).
 
 The names are a contract: the rollout dashboard (infra/grafana/dashboards/kubeforge-rollout.json)
 queries them.
@@ -12,8 +13,22 @@ from contextlib import contextmanager
 
 import kopf
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.metrics_core import Metric
+
+from kubeforge.metrics import ROLLOUT_METRICS
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+
+
+class _Rollouts:
+    """The rollout controller's metrics, which live in kubeforge.metrics' registry, on this one too."""
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in ROLLOUT_METRICS:
+            yield from metric.collect()
+
+
+REGISTRY.register(_Rollouts())
 
 RECONCILES = Counter(
     "kubeforge_operator_reconciles",

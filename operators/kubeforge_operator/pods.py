@@ -12,6 +12,12 @@ from typing import Any
 
 from kubeforge.spec.cluster import ClusterSpec, Toleration
 
+LABEL_METRICS = "kubeforge.io/metrics"
+"""On the pods Prometheus scrapes (the chart's PodMonitors select them by it), what they serve: a stage job's
+driver (METRICS_STAGE, port `stage-metrics`) or a RayService's router (METRICS_ROUTER, `/metrics` on port
+`serve`). One pod per Ray cluster: the router's metrics, reached through any pod's proxy, would count twice."""
+METRICS_STAGE = "stage"
+METRICS_ROUTER = "router"
 RAY_VERSION = "2.60.0"  # pyproject pins ray==2.60.0; KubeRay must know which Ray the image runs
 # Non-root, no privilege escalation, no capabilities: the pod security "restricted" profile.
 RUN_AS = 1000

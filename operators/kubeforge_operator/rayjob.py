@@ -32,6 +32,8 @@ from kubeforge_operator.config import OperatorConfig
 from kubeforge_operator.errors import FieldError
 from kubeforge_operator.owner import MANAGED_BY, Owner
 from kubeforge_operator.pods import (
+    LABEL_METRICS,
+    METRICS_STAGE,
     RAY_VERSION,
     cpu_quantity,
     pod_template,
@@ -58,6 +60,7 @@ MANIFEST_DIR = "/etc/kubeforge"
 MANIFEST_KEY = "manifest.yaml"
 WORKDIR = "/kubeforge/work"
 STAGE_METRICS_PORT = 9108
+STAGE_METRICS_PORT_NAME = "stage-metrics"
 # KubeRay refuses longer RayJob names: it appends 6 characters for the RayCluster, whose Services
 # append up to 10 more, all within a 63-character DNS label (ray-operator utils.MaxRayJobNameLength).
 MAX_RAYJOB_NAME = 47
@@ -164,18 +167,23 @@ def stage_rayjob(
     worker_resources: dict[str, str] = {"cpu": cpu_quantity(size.cpus_per_worker), "memory": cluster.worker_memory}
     if size.gpus_per_worker:
         worker_resources["nvidia.com/gpu"] = str(size.gpus_per_worker)
+    # The driver runs on the head, or on a worker when it takes the GPU (below): that pod serves its metrics.
+    driver_on_worker = bool(size.gpus_per_worker) and stages.get(stage).gpu_runs_in == "driver"
+    metrics_port = [{"name": STAGE_METRICS_PORT_NAME, "containerPort": STAGE_METRICS_PORT, "protocol": "TCP"}]
+    driver_labels = {**labels, LABEL_METRICS: METRICS_STAGE}
+    # Every pod may run the driver's entrypoint (`--manifest`) and open the sources: all get the manifest,
+    # the work volume and the store's variables.
+    volumes: list[dict[str, Any]] = [manifest, work]
+    mounts: list[dict[str, Any]] = [{"name": "manifest", "mountPath": MANIFEST_DIR, "readOnly": True},
+                                    {"name": "work", "mountPath": WORKDIR}]
     head = pod_template(
-        "ray-head", image, head_resources, scheduling(cluster), labels,
-        volumes=[manifest, work],
-        mounts=[{"name": "manifest", "mountPath": MANIFEST_DIR, "readOnly": True},
-                {"name": "work", "mountPath": WORKDIR}],
-        ports=[{"name": "stage-metrics", "containerPort": STAGE_METRICS_PORT, "protocol": "TCP"}],
+        "ray-head", image, head_resources, scheduling(cluster), labels if driver_on_worker else driver_labels,
+        volumes=volumes, mounts=mounts, ports=[] if driver_on_worker else metrics_port,
         env_from=secret_env(config.stage_env_secret),
     )
-    # The head (the stage's driver) and the workers may both open the sources: both get the store's variables.
     worker = pod_template(
-        "ray-worker", image, worker_resources, scheduling(cluster), labels,
-        volumes=[work], mounts=[{"name": "work", "mountPath": WORKDIR}], ports=[],
+        "ray-worker", image, worker_resources, scheduling(cluster), driver_labels if driver_on_worker else labels,
+        volumes=volumes, mounts=mounts, ports=metrics_port if driver_on_worker else [],
         env_from=secret_env(config.stage_env_secret),
     )
     spec: dict[str, Any] = {
@@ -206,7 +214,7 @@ def stage_rayjob(
             ],
         },
     }
-    if size.gpus_per_worker and stages.get(stage).gpu_runs_in == "driver":
+    if driver_on_worker:
         # `ray job submit --entrypoint-num-gpus`: Ray runs the driver on a node with a free GPU (a worker
         # pod; the head has none) and sets its CUDA_VISIBLE_DEVICES.
         spec["entrypointNumGpus"] = size.gpus_per_worker

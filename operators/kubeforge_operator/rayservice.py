@@ -20,12 +20,19 @@ import yaml
 from kubeforge.rollout.controller import RolloutRecord
 from kubeforge.runtime import SERVE_INGRESS_ENV
 from kubeforge.serve.cluster import ROUTER_DEPLOYMENT, serve_config
-from kubeforge.spec.deployment import ABRollout, AuthSpec, DeploymentSpec, ModelDeployment, SecretKeyRef
+from kubeforge.spec.deployment import (
+    ABRollout,
+    AuthSpec,
+    DeploymentSpec,
+    ModelDeployment,
+    SecretKeyRef,
+    tensor_parallel_size,
+)
 from kubeforge_operator.conditions import condition, keep_transition_times, spec_accepted
 from kubeforge_operator.config import OperatorConfig
 from kubeforge_operator.errors import FieldError
 from kubeforge_operator.owner import MANAGED_BY, Owner
-from kubeforge_operator.pods import RAY_VERSION, cpu_quantity, pod_template
+from kubeforge_operator.pods import LABEL_METRICS, METRICS_ROUTER, RAY_VERSION, cpu_quantity, pod_template
 
 LABEL_DEPLOYMENT = "kubeforge.io/deployment"
 ANNOTATION_SPEC_HASH = "kubeforge.io/spec-hash"
@@ -75,9 +82,13 @@ def replica_pods(spec: DeploymentSpec, variants: int) -> ReplicaPods:
         # On CPU vLLM keeps its KV cache (VLLM_CPU_KVCACHE_SPACE) in host memory.
         memory += math.ceil(spec.engine.kv_cache_gb)
     pod: dict[str, str] = {"cpu": cpu_quantity(resources.cpus_per_replica), "memory": f"{memory}Gi"}
-    if resources.gpus_per_replica > 0:
-        # A fraction of a GPU still needs a whole device on the pod.
-        pod["nvidia.com/gpu"] = str(math.ceil(resources.gpus_per_replica))
+    if resources.gpus_per_replica >= 1:
+        # Whole GPUs are vLLM's tensor parallel workers: the replica holds them all (num_gpus), so its one
+        # pod has them all.
+        pod["nvidia.com/gpu"] = str(tensor_parallel_size(resources.gpus_per_replica))
+    elif resources.gpus_per_replica > 0:
+        # A share of a GPU still needs a whole device on the pod (vLLM keeps to the share of its memory).
+        pod["nvidia.com/gpu"] = "1"
     if spec.autoscaling is not None:
         low, high = spec.autoscaling.min_replicas * variants, spec.autoscaling.max_replicas * variants
         return ReplicaPods(low, low, high, True, pod)
@@ -138,9 +149,10 @@ def rayservice(
     labels = {LABEL_DEPLOYMENT: owner.name, **MANAGED_BY}
     # KubeRay's serve Service targets the container port named "serve".
     serve_port = {"name": "serve", "containerPort": spec.port, "protocol": "TCP"}
+    # The router's /metrics is scraped through the head's proxy only (LABEL_METRICS).
     head = pod_template(
-        "ray-head", config.stage_image,
-        {"cpu": cpu_quantity(SERVE_HEAD_CPUS), "memory": SERVE_HEAD_MEMORY}, {}, labels,
+        "ray-head", config.stage_image, {"cpu": cpu_quantity(SERVE_HEAD_CPUS), "memory": SERVE_HEAD_MEMORY}, {},
+        {**labels, LABEL_METRICS: METRICS_ROUTER},
         volumes=[], mounts=[], ports=[serve_port], env=env,
     )
     pods = replica_pods(spec, 1 if base is not None else len(variants))

@@ -166,6 +166,10 @@ ROLLOUT_CHECK_VALUE = Gauge(
     registry=REGISTRY,
 )
 
+ROLLOUT_METRICS = (ROLLOUT_WEIGHT, ROLLOUT_STEP, ROLLOUT_PHASE, ROLLOUT_ANALYSES, ROLLOUT_ROLLBACKS, ROLLOUT_PROMOTIONS,
+                   ROLLOUT_CHECK_VALUE)
+"""What the rollout controller sets, in `kubeforge serve` and in the operator (which serves these too)."""
+
 
 def serve(port: int, addr: str = "127.0.0.1") -> None:
     """Expose REGISTRY on http://addr:port/metrics from a daemon thread."""

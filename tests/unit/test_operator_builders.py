@@ -23,6 +23,7 @@ from kubeforge_operator.config import ConfigError, OperatorConfig
 from kubeforge_operator.errors import FieldError
 from kubeforge_operator.owner import Owner
 from kubeforge_operator.pipeline import manifest_document, validate
+from kubeforge_operator.pods import LABEL_METRICS
 from kubeforge_operator.rayjob import (
     LABEL_PIPELINE,
     LABEL_STAGE,
@@ -161,7 +162,8 @@ def test_pod_templates_are_valid_hardened_pods(stage: str) -> None:
     head_mounts = {m["mountPath"]: m["name"] for m in templates["head"]["spec"]["containers"][0]["volumeMounts"]}
     worker_mounts = {m["mountPath"]: m["name"] for m in templates["worker"]["spec"]["containers"][0]["volumeMounts"]}
     assert head_mounts[MANIFEST_DIR] == "manifest" and head_mounts[WORKDIR] == "work"
-    assert worker_mounts[WORKDIR] == "work" and MANIFEST_DIR not in worker_mounts
+    # A driver that takes the GPU runs on a worker, which therefore reads the manifest too.
+    assert worker_mounts[WORKDIR] == "work" and worker_mounts[MANIFEST_DIR] == "manifest"
     claims = [v["persistentVolumeClaim"]["claimName"] for t in (templates["head"], templates["worker"])
               for v in t["spec"]["volumes"] if "persistentVolumeClaim" in v]
     assert claims == ["kubeforge-work", "kubeforge-work"]
@@ -289,6 +291,13 @@ def test_every_stage_gpu_code_runs_on_a_pod_with_the_gpu() -> None:
             assert gpus(pod_running(job, "workers")) == 0 and "entrypointNumGpus" not in job["spec"], stage
             continue
         assert gpus(pod_running(job, stages.get(stage).gpu_runs_in)) == 1, stage
+        # Whichever pod runs the driver serves its metrics, and only that one is labelled for scraping.
+        driver = pod_running(job, "driver")
+        assert driver["metadata"]["labels"][LABEL_METRICS] == "stage", stage
+        assert [p["name"] for p in driver["spec"]["containers"][0]["ports"]] == ["stage-metrics"], stage
+        others = [t for t in (head, job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]) if t is not driver]
+        assert [LABEL_METRICS not in t["metadata"]["labels"] and "ports" not in t["spec"]["containers"][0]
+                for t in others] == [True], stage
         if stages.get(stage).gpu_runs_in == "workers":
             # A driver that reserved the GPU would starve the Ray workers that need it.
             assert "entrypointNumGpus" not in job["spec"], stage

@@ -26,7 +26,7 @@ from kubeforge.rollout.decision import Action, CanaryState, CheckResult
 from kubeforge.rollout.prometheus import PrometheusError, query_buckets, query_value
 from kubeforge.rollout.queries import CANDIDATE, STABLE, ab_queries, builtin_queries
 from kubeforge.rollout.stats import ABComparison, compare_error_rates, compare_histograms
-from kubeforge.spec.deployment import ABRollout, CanaryRollout
+from kubeforge.spec.deployment import ABRollout, CanaryRollout, prometheus_url
 
 logger = logging.getLogger("kubeforge.rollout")
 
@@ -221,7 +221,7 @@ def measure_canary(policy: CanaryRollout, subject: Subject) -> list[CheckResult]
     errors: dict[str, str] = {}
     for name, promql in queries.items():
         try:
-            values[name] = query_value(analysis.prometheus, promql)
+            values[name] = query_value(prometheus_url(policy), promql)
         except PrometheusError as exc:
             values[name], errors[name] = None, str(exc)
     results = decision.judge(analysis, values)
@@ -234,7 +234,7 @@ def measure_ab(policy: ABRollout, subject: Subject, end: float) -> ABComparison:
     labels = {CANDIDATE: (subject.candidate_model, subject.candidate_version),
               STABLE: (subject.model, subject.stable_version)}
     queries = {v: ab_queries(policy, model, version, v, end=end) for v, (model, version) in labels.items()}
-    base = policy.prometheus
+    base = prometheus_url(policy)
     if policy.metric == "error_rate":
         counts = {v: (query_value(base, q["errors"]) or 0.0, query_value(base, q["requests"]) or 0.0)
                   for v, q in queries.items()}

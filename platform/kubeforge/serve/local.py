@@ -22,7 +22,7 @@ from kubeforge.rollout.queries import CANDIDATE, STABLE
 from kubeforge.serve.app import LORA_BASE, VariantModel, build_app
 from kubeforge.serve.auth import require_local_source
 from kubeforge.serve.resolve import ResolvedAdapter, ResolvedModel, resolve_adapter, resolve_model
-from kubeforge.spec.deployment import ABRollout, CanaryRollout, ModelDeployment
+from kubeforge.spec.deployment import ABRollout, CanaryRollout, ModelDeployment, prometheus_field, prometheus_url
 from kubeforge.workdir import Workdir
 
 POLL_S = 1.0
@@ -189,9 +189,9 @@ def preflight(policy: CanaryRollout | ABRollout, candidate: ResolvedModel | Reso
             f"spec.rollout.candidate: {candidate.uri} (version {candidate.version}) {blocked}, and a successful "
             "rollout would make it champion; roll out another version"
         )
-    address = policy.analysis.prometheus if isinstance(policy, CanaryRollout) else policy.prometheus
-    field = "analysis.prometheus" if isinstance(policy, CanaryRollout) else "prometheus"
+    address = prometheus_url(policy)
     try:
         query_value(address, "vector(1)")
     except PrometheusError as exc:
-        raise KubeForgeError(f"spec.rollout.{field}: {exc}; start Prometheus scraping this deployment first") from None
+        raise KubeForgeError(f"{prometheus_field(policy)[0]}: {exc}; start Prometheus scraping this deployment "
+                             "first") from None

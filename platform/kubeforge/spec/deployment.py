@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
+from kubeforge.errors import KubeForgeError
 from kubeforge.spec.base import StrictModel
 from kubeforge.spec.cluster import DNS1123_SUBDOMAIN
 from kubeforge.spec.pipeline import Metadata
@@ -46,6 +47,13 @@ class EngineSpec(StrictModel):
     max_num_seqs: PositiveInt | None = None
     """Requests a replica takes at once (Ray Serve's max_ongoing_requests; null means 64). vLLM batches
     them together; transformers queues them and generates one at a time."""
+    enforce_eager: bool | None = None
+    """vLLM's `--enforce-eager`; null decides by device: eager on CPU (always: vLLM's CPU backend has no
+    CUDA graphs), CUDA graphs on GPU (faster decoding, a longer start). `true` runs a GPU replica eager."""
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] | None = None
+    """vLLM's share of each GPU's memory (weights, activations, KV cache), at most the replica's share of
+    its GPU (`resources.gpus_per_replica`); null means vLLM's default on whole GPUs, and a share of a GPU
+    less 0.05 (each replica's CUDA context, outside vLLM's count) when replicas share one."""
 
     @model_validator(mode="after")
     def _applies_to_engine(self) -> EngineSpec:
@@ -59,6 +67,12 @@ class EngineSpec(StrictModel):
                 raise ValueError(f"quantization: {self.quantization!r} is a vLLM quantization method; the "
                                  "transformers engine reads a dynamic-int8 folder's own marker, so drop quantization "
                                  "or use name: vllm")
+            if self.enforce_eager is not None:
+                raise ValueError("enforce_eager: chooses between vLLM's eager mode and CUDA graphs; the transformers "
+                                 "engine has no CUDA graphs, so drop enforce_eager or use name: vllm")
+            if self.gpu_memory_utilization is not None:
+                raise ValueError("gpu_memory_utilization: caps vLLM's share of GPU memory; the transformers engine "
+                                 "has no such cap, so drop gpu_memory_utilization or use name: vllm")
         return self
 
 
@@ -76,9 +90,24 @@ class Autoscaling(StrictModel):
         return self
 
 
+GPU_SHARE_MARGIN = 0.05
+"""Of a GPU shared by replicas (`gpus_per_replica` below 1), the part each replica leaves outside vLLM's
+`--gpu-memory-utilization`: vLLM counts its budget from the free memory it measures after its process
+created a CUDA context (0.3 to 1 GiB), so replicas of exactly 0.5 would leave the second one less than
+its half and it would refuse to start. 0.05 covers a context on GPUs of 16 GiB and more."""
+
+
+def tensor_parallel_size(gpus_per_replica: float) -> int:
+    """vLLM's `--tensor-parallel-size`: the whole GPUs of a replica, 1 for a share of one (or CPU)."""
+    return int(gpus_per_replica) if gpus_per_replica >= 1 else 1
+
+
 class ServeResources(StrictModel):
     cpus_per_replica: PositiveFloat = 1.0
     gpus_per_replica: Annotated[float, Field(ge=0)] = 0.0
+    """GPUs of each replica: 0 runs on CPU; a share below 1 shares one GPU with other replicas (vLLM's
+    memory is capped to the share, see engine.gpu_memory_utilization); a whole number above 1 splits the
+    model over that many GPUs of one node (vLLM's tensor parallelism)."""
 
 
 class SecretKeyRef(StrictModel):
@@ -133,8 +162,9 @@ class Check(StrictModel):
 class Analysis(StrictModel):
     """What every analysis interval checks, from a real Prometheus server."""
 
-    prometheus: Annotated[str, Field(pattern=r"^https?://")]
-    """Base URL of the Prometheus server that scrapes the deployment (e.g. http://prometheus:9090)."""
+    prometheus: Annotated[str, Field(pattern=r"^https?://")] | None = None
+    """Base URL of the Prometheus server that scrapes the deployment (e.g. http://prometheus:9090). Null: on
+    Kubernetes, the operator's (the chart's `monitoring.prometheusUrl`); `kubeforge serve` needs it set."""
     interval_s: PositiveFloat = 30.0
     window: Annotated[str, Field(pattern=r"^[0-9]+[smh]$")] = "1m"
     """PromQL range of the built-in checks (`rate(...[1m])`)."""
@@ -201,7 +231,9 @@ class ABRollout(StrictModel):
     alpha: Annotated[float, Field(gt=0, lt=1)] = 0.05
     min_samples: PositiveInt = 100
     """Requests per variant below which the comparison is inconclusive."""
-    prometheus: Annotated[str, Field(pattern=r"^https?://")]
+    prometheus: Annotated[str, Field(pattern=r"^https?://")] | None = None
+    """Base URL of the Prometheus server that scrapes the deployment (e.g. http://prometheus:9090). Null: on
+    Kubernetes, the operator's (the chart's `monitoring.prometheusUrl`); `kubeforge serve` needs it set."""
     promote_winner: bool = False
     """Move `champion` to the candidate when it wins significantly."""
 
@@ -271,6 +303,43 @@ class DeploymentSpec(StrictModel):
             raise ValueError("lora: LoRA adapters are served by vLLM; drop lora or use engine.name: vllm")
         return self
 
+    @model_validator(mode="after")
+    def _engine_fits_the_device(self) -> DeploymentSpec:
+        # The engine's device settings are checked against the replica's GPUs here, when the manifest
+        # loads: a setting the device cannot honour is refused, never silently ignored.
+        gpus, engine = self.resources.gpus_per_replica, self.engine
+        if engine.name == "transformers":
+            if gpus > 1:
+                raise ValueError(f"resources.gpus_per_replica: the transformers engine runs a replica on one GPU "
+                                 f"(got {gpus:g}); use at most 1, or engine.name: vllm to split the model over GPUs")
+            return self
+        if gpus > 1 and not gpus.is_integer():
+            # vLLM splits a model over whole devices only: 1.5 would reserve two GPUs' worth and use one.
+            raise ValueError(f"resources.gpus_per_replica: above one GPU vLLM splits the model over whole GPUs "
+                             f"(tensor parallelism), so use a whole number (got {gpus:g}), or a share of one GPU "
+                             "below 1")
+        if gpus == 0:
+            if engine.enforce_eager is False:
+                raise ValueError("engine.enforce_eager: false asks for CUDA graphs, and these replicas run on CPU "
+                                 "(resources.gpus_per_replica is 0), where vLLM always runs eager; drop "
+                                 "enforce_eager, or give the replicas a GPU")
+            if engine.gpu_memory_utilization is not None:
+                raise ValueError("engine.gpu_memory_utilization: caps vLLM's share of GPU memory, and these replicas "
+                                 "run on CPU (resources.gpus_per_replica is 0); drop it (engine.kv_cache_gb sizes "
+                                 "the KV cache on CPU), or give the replicas a GPU")
+            return self
+        share = min(gpus, 1.0)
+        if engine.gpu_memory_utilization is not None:
+            if engine.gpu_memory_utilization > share:
+                raise ValueError(f"engine.gpu_memory_utilization: {engine.gpu_memory_utilization:g} is above the "
+                                 f"replica's share of its GPU (resources.gpus_per_replica: {gpus:g}), so the replicas "
+                                 f"sharing that GPU could not all start; use at most {share:g}")
+        elif gpus <= GPU_SHARE_MARGIN:
+            raise ValueError(f"resources.gpus_per_replica: a share of {gpus:g} of a GPU leaves vLLM no memory once "
+                             f"the replica's CUDA context is kept aside ({GPU_SHARE_MARGIN:g} of the GPU); use a "
+                             "larger share, or set engine.gpu_memory_utilization")
+        return self
+
 
 class ModelDeployment(StrictModel):
     """A deployment manifest: `kubectl apply` and `kubeforge serve` take the same file."""
@@ -279,3 +348,28 @@ class ModelDeployment(StrictModel):
     kind: Literal["ModelDeployment"]
     metadata: Metadata
     spec: DeploymentSpec
+
+
+def prometheus_field(rollout: CanaryRollout | ABRollout) -> tuple[str, str | None]:
+    """Where a rollout names its Prometheus server, and the address it names there."""
+    if isinstance(rollout, CanaryRollout):
+        return "spec.rollout.analysis.prometheus", rollout.analysis.prometheus
+    return "spec.rollout.prometheus", rollout.prometheus
+
+
+def prometheus_url(rollout: CanaryRollout | ABRollout) -> str:
+    """The rollout's Prometheus address; `KubeForgeError` naming the field when it names none."""
+    field, address = prometheus_field(rollout)
+    if address is None:
+        raise KubeForgeError(f"{field}: required here (the address of the Prometheus that scrapes the deployment, "
+                             "e.g. http://localhost:9090)")
+    return address
+
+
+def with_prometheus(rollout: CanaryRollout | ABRollout, default: str) -> CanaryRollout | ABRollout:
+    """`rollout` with `default` as its Prometheus address when it names none."""
+    if prometheus_field(rollout)[1] is not None:
+        return rollout
+    if isinstance(rollout, CanaryRollout):
+        return rollout.model_copy(update={"analysis": rollout.analysis.model_copy(update={"prometheus": default})})
+    return rollout.model_copy(update={"prometheus": default})
