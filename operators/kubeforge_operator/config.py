@@ -16,6 +16,7 @@ from typing import Literal
 import kopf
 
 from kubeforge.errors import KubeForgeError
+from kubeforge.secrets import has_password, redact_url
 from kubeforge_operator.errors import FieldError
 
 PREFIX = "KUBEFORGE_OPERATOR_"
@@ -103,6 +104,11 @@ class OperatorConfig:
             len(stage_env_secret) > 253 or not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", stage_env_secret)
         ):
             raise ConfigError(f"{PREFIX}STAGE_ENV_SECRET: {stage_env_secret!r} is not a Secret name")
+        if has_password(get("MLFLOW_TRACKING_URI")):
+            # The tracking URI is written into every stage and serving pod's spec: no credentials in it.
+            raise ConfigError(f"{PREFIX}MLFLOW_TRACKING_URI: {redact_url(get('MLFLOW_TRACKING_URI'))} holds a "
+                              "password; give MLflow's MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD from a "
+                              "Secret instead (operator.extraEnv for the operator, the stage Secret for the pods)")
         prometheus_url = get("PROMETHEUS_URL") or None
         if prometheus_url is not None and not re.fullmatch(r"https?://\S+", prometheus_url):
             raise ConfigError(f"{PREFIX}PROMETHEUS_URL: must be an http(s) URL (got {prometheus_url!r})")

@@ -25,6 +25,7 @@ from kubeforge_operator.owner import Owner
 from kubeforge_operator.rayjob import (
     LABEL_PIPELINE,
     StageRun,
+    cluster_problems,
     configmap_name,
     manifest_configmap,
     next_step,
@@ -82,6 +83,9 @@ def validate(document: Mapping[str, Any]) -> ModelPipeline:
         require_cluster(pipeline)
     except FieldError as exc:
         raise SpecError([exc.problem]) from None
+    problems = cluster_problems(pipeline)
+    if problems:
+        raise SpecError(problems)
     return pipeline
 
 

@@ -18,7 +18,9 @@ from typing import Any, Literal
 import yaml
 
 from kubeforge import stages
-from kubeforge.spec.cluster import ClusterSpec
+from kubeforge.errors import Problem
+from kubeforge.secrets import has_password, redact_url
+from kubeforge.spec.cluster import MANIFEST_MOUNT, WORKDIR_MOUNT, ClusterSpec
 from kubeforge.spec.pipeline import ModelPipeline
 from kubeforge.stages import PodSize
 from kubeforge_operator.conditions import (
@@ -56,9 +58,9 @@ REPORT_TAG_PREFIX = "kubeforge.rayjob."
 it registered) without access to the work volume. The uid tells apart a pipeline deleted and created
 again under the same name, whose RayJobs have the same names."""
 
-MANIFEST_DIR = "/etc/kubeforge"
+MANIFEST_DIR = MANIFEST_MOUNT
 MANIFEST_KEY = "manifest.yaml"
-WORKDIR = "/kubeforge/work"
+WORKDIR = WORKDIR_MOUNT
 STAGE_METRICS_PORT = 9108
 STAGE_METRICS_PORT_NAME = "stage-metrics"
 # KubeRay refuses longer RayJob names: it appends 6 characters for the RayCluster, whose Services
@@ -133,7 +135,9 @@ def report_tag(rayjob: str) -> str:
 
 
 def entrypoint(stage: str, config: OperatorConfig, rayjob: str, owner_uid: str) -> str:
-    args = ["python", "jobs/stage.py", stage, "--manifest", f"{MANIFEST_DIR}/{MANIFEST_KEY}", "--workdir", WORKDIR]
+    # Relative paths of the manifest name files on the work volume (the ConfigMap's folder holds nothing else).
+    args = ["python", "jobs/stage.py", stage, "--manifest", f"{MANIFEST_DIR}/{MANIFEST_KEY}", "--workdir", WORKDIR,
+            "--base-dir", WORKDIR]
     if config.mlflow_tracking_uri:
         args += ["--tracking-uri", config.mlflow_tracking_uri]
     args += ["--metrics-port", str(STAGE_METRICS_PORT), "--report-tag", f"{report_tag(rayjob)}={owner_uid}"]
@@ -173,18 +177,22 @@ def stage_rayjob(
     driver_labels = {**labels, LABEL_METRICS: METRICS_STAGE}
     # Every pod may run the driver's entrypoint (`--manifest`) and open the sources: all get the manifest,
     # the work volume and the store's variables.
-    volumes: list[dict[str, Any]] = [manifest, work]
+    volumes: list[dict[str, Any]] = [manifest, work, *(
+        {"name": v.name, "persistentVolumeClaim": {"claimName": v.claim, "readOnly": v.read_only}}
+        for v in cluster.volumes)]
     mounts: list[dict[str, Any]] = [{"name": "manifest", "mountPath": MANIFEST_DIR, "readOnly": True},
-                                    {"name": "work", "mountPath": WORKDIR}]
+                                    {"name": "work", "mountPath": WORKDIR},
+                                    *({"name": v.name, "mountPath": v.mount_path, "readOnly": v.read_only}
+                                      for v in cluster.volumes)]
+    # The operator's Secret is optional (see secret_env); those the manifest names are not.
+    env_from = [*secret_env(config.stage_env_secret), *({"secretRef": {"name": s}} for s in cluster.env_secrets)]
     head = pod_template(
         "ray-head", image, head_resources, scheduling(cluster), labels if driver_on_worker else driver_labels,
-        volumes=volumes, mounts=mounts, ports=[] if driver_on_worker else metrics_port,
-        env_from=secret_env(config.stage_env_secret),
+        volumes=volumes, mounts=mounts, ports=[] if driver_on_worker else metrics_port, env_from=env_from,
     )
     worker = pod_template(
         "ray-worker", image, worker_resources, scheduling(cluster), driver_labels if driver_on_worker else labels,
-        volumes=volumes, mounts=mounts, ports=metrics_port if driver_on_worker else [],
-        env_from=secret_env(config.stage_env_secret),
+        volumes=volumes, mounts=mounts, ports=metrics_port if driver_on_worker else [], env_from=env_from,
     )
     spec: dict[str, Any] = {
         "entrypoint": entrypoint(stage, config, name, owner.uid),
@@ -241,6 +249,22 @@ def require_cluster(pipeline: ModelPipeline) -> ClusterSpec:
     if pipeline.spec.cluster is None:
         raise FieldError("spec.cluster", "required to run on Kubernetes (at least spec.cluster.workdir_claim)")
     return pipeline.spec.cluster
+
+
+def cluster_problems(pipeline: ModelPipeline) -> list[Problem]:
+    """What keeps a valid manifest from running on a cluster: absolute local paths on no volume the stage
+    pods mount, and credentials written in plain text (the ModelPipeline, its ConfigMap, the RayJobs and
+    MLflow would all hold them)."""
+    cluster = require_cluster(pipeline)
+    problems = [Problem(field, f"'{path}' is on no volume the stage pods mount: name it relative to the work "
+                               f"volume ({WORKDIR}), or mount its claim with spec.cluster.volumes")
+                for field, path in pipeline.local_paths() if path.startswith("/") and not cluster.holds(path)]
+    tune = pipeline.section("tune")
+    if tune is not None and tune.storage is not None and has_password(tune.storage):
+        problems.append(Problem("spec.tune.storage", (
+            f"'{redact_url(tune.storage)}' holds a password, which would be stored in plain text: put the URL in a "
+            "Secret named in spec.cluster.env_secrets and name its key in spec.tune.storage_env")))
+    return problems
 
 
 def _quote(arg: str) -> str:

@@ -32,7 +32,7 @@ from kubeforge_operator.conditions import condition, keep_transition_times, spec
 from kubeforge_operator.config import OperatorConfig
 from kubeforge_operator.errors import FieldError
 from kubeforge_operator.owner import MANAGED_BY, Owner
-from kubeforge_operator.pods import LABEL_METRICS, METRICS_ROUTER, RAY_VERSION, cpu_quantity, pod_template
+from kubeforge_operator.pods import LABEL_METRICS, METRICS_ROUTER, RAY_VERSION, cpu_quantity, pod_template, secret_env
 
 LABEL_DEPLOYMENT = "kubeforge.io/deployment"
 ANNOTATION_SPEC_HASH = "kubeforge.io/spec-hash"
@@ -130,6 +130,8 @@ def rayservice(
     tracking_uri = config.serving_tracking_uri()
     spec = deployment.spec
     name = rayservice_name(owner.name)
+    # The URI carries no credentials (OperatorConfig refuses them): MLflow's own variables come with the stage
+    # Secret, which the replica pods take too.
     env: list[dict[str, Any]] = [{"name": "MLFLOW_TRACKING_URI", "value": tracking_uri}]
     # HAProxy in front of the router replica instead of Serve's Python proxy (kubeforge.runtime);
     # Ray reads these when it starts on each pod.
@@ -153,12 +155,12 @@ def rayservice(
     head = pod_template(
         "ray-head", config.stage_image, {"cpu": cpu_quantity(SERVE_HEAD_CPUS), "memory": SERVE_HEAD_MEMORY}, {},
         {**labels, LABEL_METRICS: METRICS_ROUTER},
-        volumes=[], mounts=[], ports=[serve_port], env=env,
+        volumes=[], mounts=[], ports=[serve_port], env=env, env_from=secret_env(config.stage_env_secret),
     )
     pods = replica_pods(spec, 1 if base is not None else len(variants))
     worker = pod_template(
         "ray-worker", config.stage_image, pods.resources, {}, labels,
-        volumes=[], mounts=[], ports=[serve_port], env=env,
+        volumes=[], mounts=[], ports=[serve_port], env=env, env_from=secret_env(config.stage_env_secret),
     )
     cluster: dict[str, Any] = {
         "rayVersion": RAY_VERSION,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from kubeforge.secrets import redact_url, scrub
 from kubeforge_operator.rayjob import StageRun, report_tag
 
 
@@ -45,9 +46,9 @@ def find_stage_runs(tracking_uri: str, pipeline: str, owner_uid: str, wanted: Ma
             found[stage] = StageRun(run_id, None if newest is None else str(newest))
         return found
     except MlflowException as exc:
-        raise MlflowUnavailable(f"MLflow at {tracking_uri}: {exc.message}") from exc
+        raise MlflowUnavailable(f"MLflow at {redact_url(tracking_uri)}: {scrub(exc.message, tracking_uri)}") from exc
     except OSError as exc:  # connection refused, DNS: the server is not there (yet)
-        raise MlflowUnavailable(f"MLflow at {tracking_uri}: {exc}") from exc
+        raise MlflowUnavailable(f"MLflow at {redact_url(tracking_uri)}: {scrub(str(exc), tracking_uri)}") from exc
 
 
 def _quoted(value: str) -> str:

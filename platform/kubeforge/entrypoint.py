@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stage", choices=[s.name for s in stages.all_stages()], help="The stage to run.")
     parser.add_argument("--manifest", required=True, type=Path, help="ModelPipeline manifest (YAML).")
     parser.add_argument("--workdir", required=True, type=Path, help="Shared work directory (a volume on Kubernetes).")
+    parser.add_argument("--base-dir", type=Path,
+                        help="Folder the manifest's relative paths resolve against (default: the manifest's).")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite in the workdir).")
     parser.add_argument("--metrics-port", type=int, help="Serve Prometheus metrics on this port while running.")
     parser.add_argument("--metrics-addr", default="0.0.0.0", help="Address for the metrics server.")
@@ -39,12 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     from kubeforge.workdir import Workdir
 
     try:
-        pipeline = load_manifest(args.manifest)
+        base_dir = (args.base_dir or args.manifest.parent).absolute()
+        pipeline = load_manifest(args.manifest, base_dir=base_dir)
         if args.metrics_port:
             metrics.serve(args.metrics_port, args.metrics_addr)
         options = RunOptions(
             workdir=Workdir(args.workdir),
-            base_dir=args.manifest.parent.absolute(),
+            base_dir=base_dir,
             manifest=str(args.manifest),
             tracking_uri=args.tracking_uri,
         )

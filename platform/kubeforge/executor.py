@@ -20,6 +20,7 @@ from kubeforge.context import Registered, Reporter, StageContext, StageOutput, l
 from kubeforge.errors import KubeForgeError, StageError
 from kubeforge.logs import stage_log
 from kubeforge.runtime import ensure_ray
+from kubeforge.secrets import redact_url, scrub
 from kubeforge.spec.pipeline import ModelPipeline
 from kubeforge.stages.results import ModelResult, StageResult
 from kubeforge.stages.tune import TuneResult
@@ -177,7 +178,9 @@ def _register_model(
         return register_stage_model(tracking_uri, pipeline.metadata.name, stage, result, run_id, run_tags, inputs)
     except MlflowException as exc:
         raise StageError(
-            stage.name, f"could not register the model in MLflow ({tracking_uri}): {exc.message}", resumable=True
+            stage.name,
+            f"could not register the model in MLflow ({redact_url(tracking_uri)}): {scrub(exc.message, tracking_uri)}",
+            resumable=True,
         ) from exc
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from kubeforge import __version__
 from kubeforge.errors import KubeForgeError
+from kubeforge.secrets import redact_url, scrub
 from kubeforge.workdir import Workdir
 
 TAG_PREFIX = "kubeforge."
@@ -152,7 +153,7 @@ def start_stage_run(
                 pass  # the earlier run was deleted or lives in another store: start afresh
         run = client.create_run(experiment_id, run_name=stage, tags={k: str(v) for k, v in tags.items()})
     except MlflowException as exc:
-        raise KubeForgeError(f"MLflow at {tracking_uri}: {exc.message}") from None
+        raise KubeForgeError(f"MLflow at {redact_url(tracking_uri)}: {scrub(exc.message, tracking_uri)}") from None
     return Tracker(tracking_uri, run.info.run_id)
 
 

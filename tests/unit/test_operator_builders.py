@@ -182,7 +182,7 @@ def test_the_rayjob_runs_the_stage_entrypoint_and_belongs_to_the_pipeline() -> N
     }]
     assert job["spec"]["entrypoint"] == (
         "python jobs/stage.py finetune --manifest /etc/kubeforge/manifest.yaml --workdir /kubeforge/work "
-        "--tracking-uri http://mlflow.kubeforge-system:5000 --metrics-port 9108 "
+        "--base-dir /kubeforge/work --tracking-uri http://mlflow.kubeforge-system:5000 --metrics-port 9108 "
         f"--report-tag kubeforge.rayjob.quickstart-finetune-{key[:6]}-2={OWNER.uid}"
     )
     assert job["spec"]["shutdownAfterJobFinishes"] is True

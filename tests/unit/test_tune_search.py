@@ -153,11 +153,6 @@ def test_asha_prunes_on_the_first_metric_in_steps() -> None:
     assert isinstance(search.make_scheduler(_tune(scheduler="none"), max_step=50), FIFOScheduler)
 
 
-def test_database_passwords_are_redacted() -> None:
-    assert search.redact_url("postgresql://kf:s3cret@db:5432/optuna") == "postgresql://kf:***@db:5432/optuna"
-    assert search.redact_url("sqlite:////tmp/optuna.db") == "sqlite:////tmp/optuna.db"
-
-
 # --- best and Pareto-optimal trials --------------------------------------------------------------------
 
 

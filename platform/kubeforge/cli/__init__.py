@@ -29,6 +29,7 @@ from kubeforge.cli.common import (
     workdir_option,
 )
 from kubeforge.errors import KubeForgeError
+from kubeforge.secrets import redact_url
 from kubeforge.workdir import Workdir
 
 
@@ -160,7 +161,7 @@ def status(workdir: Path, pipeline: str | None, limit: int, output: str) -> None
     for record in records:
         out.print(
             f"[bold]{record.pipeline}[/] run {record.run_id}  {record.effective_state()}  "
-            f"started {record.started}  tracking {record.tracking_uri}"
+            f"started {record.started}  tracking {redact_url(record.tracking_uri or '-')}"
         )
         print_stages(record)
 

@@ -22,6 +22,7 @@ from kubeforge.cli.common import (
     user_option,
     workdir_option,
 )
+from kubeforge.secrets import redact_url
 
 
 @main.group()
@@ -44,7 +45,7 @@ def models_list(model: str | None, workdir: Path, tracking_uri: str | None, outp
             out.print_json(data=[asdict(m) for m in summaries])
             return
         if not summaries:
-            out.print(f"no registered models in {escape(registry.tracking_uri)}")
+            out.print(f"no registered models in {escape(redact_url(registry.tracking_uri))}")
             return
         table = Table(show_edge=False, pad_edge=False, box=None)
         for column in ("model", "champion", "challenger", "latest", "updated (UTC)"):

@@ -34,6 +34,7 @@ from kubeforge.registry.audit import (
     fit,
     require_reason,
 )
+from kubeforge.secrets import redact_url, scrub
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion, RegisteredModel
@@ -433,7 +434,7 @@ class Registry:
                 raise self._error(f"reading registered model '{model}'", exc) from None
         names = [m.name for m in self.models()]
         listed = f"registered models: {', '.join(names)}" if names else "no models are registered yet"
-        raise RegistryError(f"no registered model '{model}' in {self.tracking_uri} ({listed})")
+        raise RegistryError(f"no registered model '{model}' in {redact_url(self.tracking_uri)} ({listed})")
 
     def _describe_aliases(self, model: str) -> str:
         aliases = self._model(model).aliases
@@ -458,7 +459,7 @@ class Registry:
     def _error(self, doing: str, exc: Exception) -> RegistryError:
         message = getattr(exc, "message", None) or str(exc)
         first = (message.strip().splitlines() or [type(exc).__name__])[0]
-        return RegistryError(f"{doing} in MLflow at {self.tracking_uri}: {first}")
+        return RegistryError(f"{doing} in MLflow at {redact_url(self.tracking_uri)}: {scrub(first, self.tracking_uri)}")
 
     @contextmanager
     def _mlflow(self, doing: str) -> Iterator[None]:

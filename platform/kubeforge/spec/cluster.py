@@ -23,6 +23,15 @@ DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-
 # A memory quantity as Kubernetes writes it (512Mi, 8Gi, 1e9); the API server rejects anything else.
 _MEMORY = r"^[0-9]+(\.[0-9]+)?(([KMGTPE]i)|[kMGTPE]|([eE][0-9]+))?$"
 
+DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+WORKDIR_MOUNT = "/kubeforge/work"
+"""Where every stage pod mounts the work volume; relative paths of a manifest resolve under it on a cluster."""
+MANIFEST_MOUNT = "/etc/kubeforge"
+"""Where every stage pod mounts the manifest's ConfigMap."""
+# What the pods mount already (kubeforge_operator.pods): a volume of the spec may not take these names or paths.
+RESERVED_VOLUMES = {"work": WORKDIR_MOUNT, "manifest": MANIFEST_MOUNT, "tmp": "/tmp", "shm": "/dev/shm"}
+
 LabelKey = Annotated[str, Field(min_length=1, max_length=316, pattern=_LABEL_KEY)]
 Memory = Annotated[str, Field(pattern=_MEMORY)]
 
@@ -52,6 +61,20 @@ class Toleration(StrictModel):
         if self.toleration_seconds is not None and self.effect != "NoExecute":
             raise ValueError("toleration_seconds: only applies to effect 'NoExecute'")
         return self
+
+
+class ClaimVolume(StrictModel):
+    """A PersistentVolumeClaim (same namespace) mounted in every stage pod: a data set, a model cache."""
+
+    name: Annotated[str, Field(max_length=63, pattern=DNS1123_LABEL)]
+    claim: Annotated[str, Field(min_length=1, max_length=253, pattern=DNS1123_SUBDOMAIN)]
+    mount_path: Annotated[str, Field(pattern=r"^/")]
+    """Absolute path in the pods; a manifest's paths under it (data sources, base_model...) read the claim."""
+    read_only: bool = True
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
 class ClusterSpec(StrictModel):
@@ -91,6 +114,30 @@ class ClusterSpec(StrictModel):
     """Memory of each RayJob's head pod (requests and limits), e.g. 4Gi."""
     worker_memory: Memory = "8Gi"
     """Memory of each worker pod (requests and limits), e.g. 8Gi."""
+    volumes: list[ClaimVolume] = Field(default_factory=list)
+    """Further claims every stage pod mounts, e.g. a data set or a model cache; a manifest's absolute paths
+    must lie on one of them or on the work volume."""
+    env_secrets: list[Annotated[str, Field(max_length=253, pattern=DNS1123_SUBDOMAIN)]] = Field(default_factory=list)
+    """Secrets (same namespace) whose keys become environment variables of every stage pod: credentials a
+    manifest must not hold in plain text, such as tune.storage_env's URL or MLflow's MLFLOW_TRACKING_PASSWORD."""
+
+    @model_validator(mode="after")
+    def _volumes_fit(self) -> ClusterSpec:
+        taken = dict(RESERVED_VOLUMES)
+        for i, volume in enumerate(self.volumes):
+            if volume.name in taken:
+                raise ValueError(f"volumes[{i}].name: {volume.name!r} is taken (by {taken[volume.name]})")
+            clash = next((path for path in taken.values()
+                          if _within(volume.mount_path, path) or _within(path, volume.mount_path)), None)
+            if clash is not None:
+                raise ValueError(f"volumes[{i}].mount_path: {volume.mount_path} overlaps {clash}, which the pods "
+                                 "mount already")
+            taken[volume.name] = volume.mount_path
+        return self
+
+    def holds(self, path: str) -> bool:
+        """Whether an absolute `path` lies on a volume the stage pods mount (the work volume or `volumes`)."""
+        return any(_within(path, folder) for folder in (WORKDIR_MOUNT, *(v.mount_path for v in self.volumes)))
 
     # Checked here rather than with constrained key types: those become patternProperties, which a
     # structural CRD schema cannot hold.

@@ -21,18 +21,20 @@ from kubeforge.stages.data import DATA
 _TAGS = set(SOURCE_TAGS)
 
 
-def load_manifest(path: str | Path, check_files: bool = True, overrides: Sequence[str] = ()) -> ModelPipeline:
+def load_manifest(path: str | Path, check_files: bool = True, overrides: Sequence[str] = (),
+                  base_dir: Path | None = None) -> ModelPipeline:
     """Parse and validate a manifest file; raises `SpecError` listing every problem found.
 
     With `check_files`, every local source path must match at least one file (relative paths
-    are resolved against the manifest's directory, as `kubectl` users expect of sibling files);
+    are resolved against `base_dir`, by default the manifest's directory, as `kubectl` users expect of
+    sibling files);
     object-store URIs are left to the data stage, which lists them with the store's credentials.
     `overrides` are `kubeforge run --set` items, applied before validation (`apply_overrides`).
     """
     path = Path(path)
     pipeline = parse_manifest(apply_overrides(read_document(path), overrides), source=str(path))
     if check_files:
-        check_source_files(pipeline, path.parent)
+        check_source_files(pipeline, base_dir or path.parent)
     return pipeline
 
 

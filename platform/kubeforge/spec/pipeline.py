@@ -211,6 +211,11 @@ class ModelPipeline(StrictModel):
         """The manifest section of stage `stage` (None when the manifest has none)."""
         return getattr(self.spec, stages.get(stage).section, None)
 
+    def local_paths(self) -> list[tuple[str, str]]:
+        """(field, path) of every local file or folder the manifest names (object-store URIs are not)."""
+        return [(f"spec.{stages.get(name).section}.{field}", path) for name in self.stage_names()
+                for field, path in stages.get(name).local_paths(self.section(name))]
+
     def stage_keys(self, extra: Callable[[stages.Stage[Any, Any], Any], Any] | None = None) -> dict[str, str]:
         """Each stage's cache key, in execution order: a hash of its section and its inputs' keys, and of
         `extra(stage, section)` (the local executor's fingerprint of source files). Without `extra` (the

@@ -85,13 +85,19 @@ class TuneSpec(StrictModel):
     max_steps: PositiveInt | None = None
     """Optimizer steps per trial; null means the target section's train.max_steps."""
     storage: str | None = None
-    """Optuna storage URL for the study (e.g. postgresql://...); null means a journal file in the stage folder."""
+    """Optuna storage URL for the study (e.g. postgresql://...); null means a journal file in the stage folder.
+    A URL with a password belongs in `storage_env` instead: the operator refuses one here."""
+    storage_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
+    """The environment variable holding the storage URL, for URLs with credentials (on Kubernetes: a key of a
+    Secret named in spec.cluster.env_secrets)."""
     cpus_per_trial: PositiveFloat = 1.0
     gpus_per_trial: Annotated[float, Field(ge=0)] = 0.0
     seed: int = 0
 
     @model_validator(mode="after")
     def _consistent(self) -> TuneSpec:
+        if self.storage is not None and self.storage_env is not None:
+            raise ValueError("storage_env: set storage or storage_env, not both")
         if isinstance(self.mode, list) and len(self.mode) != len(self.metrics):
             raise ValueError(f"mode: give one mode per metric ({len(self.metrics)}), or a single mode")
         if isinstance(self.metric, list) and len(set(self.metric)) != len(self.metric):

@@ -13,7 +13,7 @@ import it. What a stage runs is named as `module:attribute` text and imported on
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
@@ -113,6 +113,9 @@ class Stage(Generic[SpecT, ResultT]):
     """It scores the current champion too, so gates on its metrics may compare against the champion."""
     training: Training | None = None
     """Set for stages that train: the tune stage may search over them."""
+    local_paths: Callable[[SpecT], Iterable[tuple[str, str]]] = field(default=lambda section: ())
+    """The local files and folders its section names, as (field within the section, path): relative ones
+    resolve against the manifest's folder (on a cluster: the work volume)."""
     cache_extra: str | None = None
     """`module:function(section, base_dir) -> str` mixed into the stage's cache key (the data stage's
     fingerprint of its source files)."""

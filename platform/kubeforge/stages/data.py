@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from kubeforge.filesystems import is_uri
 from kubeforge.spec.data import DataSpec
 from kubeforge.stages import Stage
 from kubeforge.stages.results import StageResult
@@ -33,6 +35,13 @@ class DataResult(StageResult):
     """Per step: documents and characters in and out, and what it removed."""
 
 
+def _local_paths(spec: DataSpec) -> Iterator[tuple[str, str]]:
+    for i, source in enumerate(spec.sources):
+        for j, path in enumerate(getattr(source, "paths", ())):
+            if not is_uri(path):
+                yield f"sources[{i}].paths[{j}]", path
+
+
 DATA: Stage[DataSpec, DataResult] = Stage(
     name="data",
     section="data",
@@ -40,5 +49,6 @@ DATA: Stage[DataSpec, DataResult] = Stage(
     result_type=DataResult,
     run="kubeforge.data.stage:run",
     required=True,
+    local_paths=_local_paths,
     cache_extra="kubeforge.data.sources:source_fingerprint",
 )

@@ -72,6 +72,10 @@ FINETUNE: Stage[FinetuneSpec, FinetuneResult] = Stage(
     # The corpus (built-in tasks, replay) and the pretrained model when no base_model is given.
     reads=("data", "pretrain"),
     pod_size=lambda spec: PodSize.of_workers(spec.resources),
+    local_paths=lambda spec: [(field, path) for field, path in (
+        ("task.path", spec.task.path), ("base_model", spec.base_model),
+        ("distill.student_path", spec.distill.student_path if spec.distill is not None else None),
+    ) if path is not None],
     model_role="finetuned",
     metrics=(
         Metric("val_loss", lower_is_better=True), Metric("val_perplexity", lower_is_better=True),

@@ -38,6 +38,7 @@ from kubeforge.context import StageContext
 from kubeforge.engine.session import TuneSession
 from kubeforge.errors import KubeForgeError, StageError
 from kubeforge.progress import QuietReporter
+from kubeforge.secrets import redact_url
 from kubeforge.spec.tune import TuneSpec, apply_overrides
 from kubeforge.stages.tune import TUNE, TuneResult
 from kubeforge.tracking import TAG_PREFIX
@@ -215,6 +216,17 @@ def _write_csv(path: Path, outcomes: list[TrialOutcome], spec: TuneSpec) -> None
             ])
 
 
+def _storage_url(spec: TuneSpec) -> str | None:
+    """The study's storage URL: `storage`, or the variable `storage_env` names (from a Secret on a cluster)."""
+    if spec.storage_env is None:
+        return spec.storage
+    url = os.environ.get(spec.storage_env)
+    if not url:
+        raise StageError(STAGE, f"spec.tune.storage_env: the environment variable {spec.storage_env} is not set "
+                                "(on Kubernetes: a key of a Secret named in spec.cluster.env_secrets)")
+    return url
+
+
 def _importances(storage: Any, study_name: str) -> dict[str, float]:
     """Parameter importances from the persisted study; raises (with the reason) when there are too few trials."""
     import optuna
@@ -262,8 +274,9 @@ def run(spec: TuneSpec, ctx: StageContext) -> TuneResult:
     storage_dir = out_dir / "ray"
     experiment_dir = storage_dir / RUN_NAME
     study_name = f"{ctx.pipeline_name}-tune"
-    study_storage = search.make_storage(spec.storage, out_dir)
-    storage_label = search.redact_url(spec.storage) if spec.storage else str(search.journal_path(out_dir))
+    storage_url = _storage_url(spec)
+    study_storage = search.make_storage(storage_url, out_dir)
+    storage_label = redact_url(storage_url) if storage_url else str(search.journal_path(out_dir))
     ctx.tracker.log_params({
         **spec.model_dump(mode="json", exclude={"storage"}), "study_storage": storage_label, "study_name": study_name,
     })
