@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kubeforge.evaluate.compare import comparison_rows, write_plots, write_table
-from kubeforge.evaluate.doctests import DoctestCase, network_isolation, run_doctests
+from kubeforge.evaluate.doctests import DoctestCase, isolation, run_doctests
 from kubeforge.evaluate.generation import corpus_bleu, exact_match, parse_rate, parses, rouge_l, text_metrics
 from kubeforge.evaluate.sources import find_model_folder
 from kubeforge.evaluate.stage import _function_header
@@ -127,7 +127,7 @@ def test_the_network_is_unreachable_from_a_doctest() -> None:
     )
     [outcome] = run_doctests([connecting], timeout_s=5)
     # Contained when a network namespace is available; else the connection must at least fail here.
-    assert outcome.status == "failed", (outcome, network_isolation())
+    assert outcome.status == "failed", (outcome, isolation())
 
 
 def test_functions_see_their_modules_globals_and_methods_replace_the_class_method() -> None:
@@ -224,3 +224,52 @@ def test_a_downloaded_model_folder_is_found_with_its_tokenizer(tmp_path: Path) -
     assert find_model_folder(tmp_path) == (model, tokenizer)
     (model / "tokenizer_config.json").write_text("{}")
     assert find_model_folder(tmp_path) == (model, model)
+
+
+def writing(path: Path) -> DoctestCase:
+    """A function that writes `path` and says whether it could."""
+    return DoctestCase(
+        function(
+            f"    try:\n        open({str(path)!r}, 'w').write('pwned')\n    except OSError:\n        return False\n"
+            "    return True\n",
+            example=">>> write()\n    True",
+            name="write",
+            args="",
+        ),
+        "write",
+    )
+
+
+def test_generated_code_cannot_write_outside_its_scratch_folder(tmp_path: Path) -> None:
+    """A checkpoint or the MLflow database on the work volume is out of its reach (Landlock)."""
+    if not isolation().writes:
+        pytest.skip("no Landlock on this kernel: the write sandbox cannot be tested here")
+    target = tmp_path / "checkpoint.pt"
+    [outcome] = run_doctests([writing(target)], timeout_s=5)
+    assert outcome.status == "failed" and not target.exists(), outcome
+    # Its own scratch folder (its working directory and TMPDIR) stays writable.
+    scratch = DoctestCase(
+        function("    import os, tempfile\n    open('here.txt', 'w').write('x')\n"
+                 "    return tempfile.mkstemp()[0] > 0 and os.path.exists('here.txt')\n",
+                 example=">>> scratch()\n    True", name="scratch", args=""),
+        "scratch",
+    )
+    [outcome] = run_doctests([scratch], timeout_s=5)
+    assert outcome.passed, outcome
+
+
+def test_on_kubernetes_unconfined_doctests_are_refused_unless_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubeforge.errors import StageError
+    from kubeforge.evaluate.doctests import Isolation
+    from kubeforge.evaluate.stage import _check_confinement
+    from kubeforge.spec.evaluate import EvaluateSpec
+
+    unconfined, complete = Isolation("namespace (unshare -rn)", None), Isolation("namespace", "landlock")
+    lines: list[str] = []
+    _check_confinement(EvaluateSpec(), unconfined, lines.append)  # a laptop: runs, and says how
+    assert "writes: unconfined" in lines[0]
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    with pytest.raises(StageError, match=r"spec\.evaluate\.allow_unconfined_doctests: this pod cannot confine"):
+        _check_confinement(EvaluateSpec(), unconfined, lines.append)
+    _check_confinement(EvaluateSpec(), complete, lines.append)
+    _check_confinement(EvaluateSpec(allow_unconfined_doctests=True), unconfined, lines.append)

@@ -12,7 +12,12 @@ Each batch of functions runs in one `python -I` child (one interpreter start for
 * no network: when `unshare -n` (root) or `unshare -rn` (an unprivileged user namespace) works on this
   machine, the child runs in a fresh network namespace with no interfaces up. Otherwise (macOS, a
   container without the capability) the child merely gets an environment without proxy settings,
-  which is not isolation; `network_isolation()` says which one applies and the stage logs it;
+  which is not isolation;
+* no writes outside its scratch folder: where the kernel has Landlock (Linux 5.13+), the child
+  restricts itself before it reads any case, so generated code cannot touch the work volume (model
+  checkpoints that are later unpickled, the MLflow database). `isolation()` says which of the two
+  apply here, the stage logs it, and on Kubernetes it refuses to run without both unless the manifest
+  allows it;
 * a scratch working directory and a minimal environment (`-I` also ignores PYTHON* variables and the
   user's site-packages).
 
@@ -61,6 +66,22 @@ report = os.fdopen(os.dup(1), "w", buffering=1)
 null = os.open(os.devnull, os.O_RDWR)
 for fd in (0, 1, 2):
     os.dup2(null, fd)
+
+# After /dev/null is open: Landlock would refuse opening it for writing.
+if config["landlock_abi"]:
+    # Landlock (linux/landlock.h): every kind of write is handled, and allowed only beneath the scratch folder.
+    import ctypes, struct
+    libc = ctypes.CDLL(None, use_errno=True)
+    handled = (1 << 1) | sum(1 << bit for bit in range(4, 13))  # WRITE_FILE, REMOVE_*, MAKE_*
+    handled |= (1 << 13 if config["landlock_abi"] >= 2 else 0) | (1 << 14 if config["landlock_abi"] >= 3 else 0)
+    attr = struct.pack("=Q", handled)  # landlock_ruleset_attr.handled_access_fs
+    ruleset = libc.syscall(444, attr, len(attr), 0)
+    scratch = os.open(os.getcwd(), os.O_PATH | os.O_DIRECTORY)
+    beneath = struct.pack("=Qi", handled, scratch)  # landlock_path_beneath_attr, packed
+    if (ruleset < 0 or libc.syscall(445, ruleset, 1, beneath, 0) != 0 or libc.prctl(38, 1, 0, 0, 0) != 0
+            or libc.syscall(446, ruleset, 0) != 0):
+        os._exit(70)  # never run untrusted code unconfined where confinement was promised
+
 report.write('{"ready": true}\n')  # from here on each case has its own time limit
 
 
@@ -159,6 +180,20 @@ class DoctestOutcome:
 
 
 @functools.cache
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version (0 where there is none, or a seccomp filter forbids it)."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    import ctypes
+
+    try:
+        abi = ctypes.CDLL(None, use_errno=True).syscall(444, None, 0, 1)  # LANDLOCK_CREATE_RULESET_VERSION
+    except (OSError, AttributeError):
+        return 0
+    return max(int(abi), 0)
+
+
+@functools.cache
 def _unshare_prefix() -> tuple[str, ...]:
     """The command prefix that gives the child an empty network namespace, or () where none works."""
     if not sys.platform.startswith("linux") or shutil.which("unshare") is None:
@@ -173,12 +208,28 @@ def _unshare_prefix() -> tuple[str, ...]:
     return ()
 
 
-def network_isolation() -> str:
-    """How the children are kept off the network on this machine, in words (the stage logs it)."""
+@dataclass(frozen=True)
+class Isolation:
+    """How the children are confined on this machine."""
+
+    network: str | None
+    """The network namespace (`unshare ...`), or None: only an environment without proxy settings."""
+    writes: str | None
+    """The write sandbox (`landlock ABI n`), or None: the child may write wherever its user may."""
+
+    @property
+    def complete(self) -> bool:
+        return self.network is not None and self.writes is not None
+
+    def __str__(self) -> str:
+        return (f"network: {self.network or 'none (only an environment without proxy settings)'}; "
+                f"writes: {self.writes or 'unconfined'}")
+
+
+def isolation() -> Isolation:
     prefix = _unshare_prefix()
-    if prefix:
-        return f"network namespace ({' '.join(prefix)})"
-    return "none available: the child only gets an environment without proxy settings"
+    return Isolation(f"namespace ({' '.join(prefix)})" if prefix else None,
+                     f"only in the scratch folder (landlock ABI {landlock_abi()})" if landlock_abi() else None)
 
 
 def _environment(scratch: str) -> dict[str, str]:
@@ -197,9 +248,11 @@ def _run_batch(
         # Every case may use its whole time limit; startup and slack on top.
         "cpu_seconds": int(len(cases) * timeout_s + _STARTUP_GRACE_S) + 1,
         "file_bytes": 16 * 1024 * 1024,
+        "landlock_abi": landlock_abi(),
     }
     payload = json.dumps(config) + "\n" + json.dumps([case.__dict__ for case in cases]) + "\n"
-    command = [*_unshare_prefix(), sys.executable, "-I", "-c", _RUNNER]
+    # -B: the cases' imports write no bytecode (the sandbox would refuse it anyway).
+    command = [*_unshare_prefix(), sys.executable, "-I", "-B", "-c", _RUNNER]
     process = subprocess.Popen(
         command,
         stdin=subprocess.PIPE,

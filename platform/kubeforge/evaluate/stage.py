@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from typing import Any
 from kubeforge.context import StageContext, StageOutput
 from kubeforge.errors import StageError
 from kubeforge.evaluate.compare import METRICS, comparison_rows, write_plots, write_table
-from kubeforge.evaluate.doctests import DoctestCase, network_isolation, run_doctests
+from kubeforge.evaluate.doctests import DoctestCase, Isolation, isolation, run_doctests
 from kubeforge.evaluate.generation import body_parses, generate_texts, parse_rate, text_metrics
 from kubeforge.evaluate.sources import ModelSource, champion_source, finetune_sources, hf_loader
 from kubeforge.spec.evaluate import EvaluateSpec
@@ -64,6 +65,17 @@ class Task:
     def is_code(self) -> bool:
         """The built-in python-docstrings task: the answers are function bodies that can be run."""
         return bool(self.records) and all("entry_point" in r for r in self.records)
+
+
+def _check_confinement(spec: EvaluateSpec, confinement: Isolation, log: Callable[[str], None]) -> None:
+    """Generated code runs in the doctests: on Kubernetes, next to the work volume and the cluster network,
+    only fully confined unless the manifest allows otherwise."""
+    log(f"{STAGE}: doctests run in a subprocess; {confinement}")
+    if not confinement.complete and "KUBERNETES_SERVICE_HOST" in os.environ and not spec.allow_unconfined_doctests:
+        raise StageError(STAGE, (
+            f"spec.evaluate.allow_unconfined_doctests: this pod cannot confine the generated code's doctests "
+            f"({confinement}); allow the stage pods user namespaces (unshare) and Landlock, or set "
+            "allow_unconfined_doctests: true to run them anyway"))
 
 
 def _task(ctx: StageContext, finetune: StageOutput[FinetuneResult] | None, spec: EvaluateSpec) -> Task | None:
@@ -321,7 +333,7 @@ def run(spec: EvaluateSpec, ctx: StageContext) -> EvaluateResult:
     batches, split = _perplexity_batches(data, spec, ctx.reporter.log)
     data_vocab = _data_vocabulary(data)
     if task is not None and task.is_code:
-        ctx.reporter.log(f"{STAGE}: doctests run in a subprocess; network isolation: {network_isolation()}")
+        _check_confinement(spec, isolation(), ctx.reporter.log)
     reference_passes = _reference_doctests(task, spec)
 
     ctx.tracker.log_params({
@@ -397,7 +409,7 @@ def run(spec: EvaluateSpec, ctx: StageContext) -> EvaluateResult:
         task={"kind": task.kind, "name": task.name} if task else None,
         num_examples=len(task.records) if task else 0,
         perplexity_split=split or None,
-        doctest_isolation=network_isolation() if task is not None and task.is_code else None,
+        doctest_isolation=str(isolation()) if task is not None and task.is_code else None,
     )
     ctx.tracker.log_dict(result.to_json(), "evaluation.json")
     return result

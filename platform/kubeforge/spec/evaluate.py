@@ -24,6 +24,11 @@ class EvaluateSpec(StrictModel):
     batch_size: PositiveInt = 8
     doctest_timeout_s: PositiveFloat = 5.0
     """Time limit of each generated function's doctest run (a subprocess without network)."""
+    allow_unconfined_doctests: bool = False
+    """Run generated code's doctests on Kubernetes even where the pod can give them no network namespace
+    (`unshare` needs user namespaces, which most container runtimes' seccomp profiles refuse) or no write
+    sandbox (Landlock). Off, the stage fails there instead; on a laptop they always run, and the stage
+    logs how they are confined."""
     compare_base: bool = True
     """Also score the base model the candidate was fine-tuned from."""
     champion: str | None = None
