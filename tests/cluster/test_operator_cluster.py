@@ -24,6 +24,9 @@ from typing import Any
 import pytest
 import yaml
 
+from kubeforge.spec.load import parse_manifest
+from kubeforge_operator.rayjob import rayjob_name
+
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -86,12 +89,18 @@ def test_a_pipeline_becomes_rayjobs_and_is_cleaned_up(tmp_path: Path) -> None:
         wait_for(lambda: _ok(f"http://127.0.0.1:{health_port}/healthz"), "the liveness endpoint")
         kubectl("apply", "-f", "-", stdin=yaml.safe_dump(doc))
         try:
-            assert wait_for(lambda: rayjobs_of(name), "the data stage's RayJob") == [f"{name}-data-1"]
+            key = parse_manifest(doc).stage_keys()["data"]
+            assert wait_for(lambda: rayjobs_of(name), "the data stage's RayJob") == [rayjob_name(name, "data", key, 1)]
             phase = wait_for(lambda: get_json("modelpipeline", name).get("status", {}).get("phase"), "a phase")
             assert phase in ("Pending", "Running")
             assert get_json("configmap", f"{name}-manifest")["metadata"]["ownerReferences"][0]["name"] == name
             metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
             assert 'kubeforge_operator_reconciles_total{kind="ModelPipeline",result="ok"}' in metrics
+            # An edit of the data section replaces its unfinished RayJob with one for the new key.
+            doc["spec"]["data"]["packing"]["seq_len"] = 64
+            kubectl("apply", "-f", "-", stdin=yaml.safe_dump(doc))
+            edited = rayjob_name(name, "data", parse_manifest(doc).stage_keys()["data"], 1)
+            assert wait_for(lambda: rayjobs_of(name) == [edited] or None, "the edited data stage's RayJob alone")
         finally:
             kubectl("delete", "modelpipeline", name, "--wait=true", "--timeout=90s")
         assert rayjobs_of(name) == []
