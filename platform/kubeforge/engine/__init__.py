@@ -7,6 +7,7 @@
 * `state`: checkpoints, RNG state and resuming;
 * `steps`: the optimizer step, evaluation, all-reduce, precision;
 * `optim`: AdamW and the learning-rate schedule;
+* `fsdp`: sharding a model (FSDP2) one transformer layer at a time, and where that is refused;
 * `model`: the tiny Llama and BERT models built from a `model` section;
 * `fit`: running a recipe on Ray Train workers with progress (`hub`) to the driver;
 

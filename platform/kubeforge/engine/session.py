@@ -3,7 +3,8 @@
 The pretraining and fine-tuning loops are written once against `Session`; the stages run them under
 Ray Train (`RayTrainSession`, one per worker) and the `tune` stage runs them as Ray Tune function
 trainables (`TuneSession`, one process per trial), where every evaluation is reported so that ASHA
-can stop a poor trial early.
+can stop a poor trial early. `LocalSession` runs them in this process (benchmarks, tests) and
+`ProcessGroupSession` as one rank of a process group started without Ray (the FSDP tests on CPU).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+
+from kubeforge.engine.fsdp import shard_model
 
 
 class Session(Protocol):
@@ -56,6 +59,11 @@ class RayTrainSession:
     def prepare_model(self, model: torch.nn.Module, strategy: str) -> torch.nn.Module:
         import ray.train.torch
 
+        if strategy == "fsdp":
+            # Ray's own FSDP wraps the whole model as one unit (see kubeforge.engine.fsdp): Ray only
+            # places it on this worker's device, and the layers are sharded here.
+            placed = ray.train.torch.prepare_model(model, parallel_strategy=None)
+            return shard_model(placed, self.device, self.world_size)
         return ray.train.torch.prepare_model(model, parallel_strategy=strategy)
 
     def restored_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
@@ -88,7 +96,7 @@ class TuneSession:
         self.last_eval: dict[str, Any] = {}
 
     def prepare_model(self, model: torch.nn.Module, strategy: str) -> torch.nn.Module:
-        return model.to(self.device)
+        return _place(model, self.device, strategy, self.world_size)
 
     def restored_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
         from ray import tune
@@ -128,7 +136,7 @@ class LocalSession:
         self.last_checkpoint: Path | None = None
 
     def prepare_model(self, model: torch.nn.Module, strategy: str) -> torch.nn.Module:
-        return model.to(self.device)
+        return _place(model, self.device, strategy, self.world_size)
 
     def restored_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
         return contextlib.nullcontext()
@@ -144,6 +152,30 @@ class LocalSession:
 
     def push(self, message: dict[str, Any]) -> None:
         pass  # no driver to show progress to: callers read `evaluations` and `final`
+
+
+class ProcessGroupSession(LocalSession):
+    """The loop in this process as one rank of a `torch.distributed` process group that the caller
+    started, without Ray (the sharding tests, on CPU with gloo). Every rank copies its checkpoint
+    folders into `keep_checkpoints`, as Ray Train merges the workers' folders into one checkpoint."""
+
+    def __init__(self, device: str = "cpu", keep_checkpoints: Path | None = None) -> None:
+        import torch.distributed as dist
+
+        super().__init__(device, keep_checkpoints)
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+
+
+def _place(model: torch.nn.Module, device: torch.device, strategy: str, world_size: int) -> torch.nn.Module:
+    """`model` on `device`, sharded under `fsdp` (which refuses one process: nothing to shard across),
+    in DistributedDataParallel under `ddp` with more than one process."""
+    model = model.to(device)
+    if strategy == "fsdp":
+        return shard_model(model, device, world_size)
+    if strategy == "ddp" and world_size > 1:
+        return torch.nn.parallel.DistributedDataParallel(model)
+    return model
 
 
 @contextlib.contextmanager

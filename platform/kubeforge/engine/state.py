@@ -22,7 +22,14 @@ SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 
 
 def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict | None]:
-    """Unsharded model (and optimizer) state on CPU. A collective under FSDP: every rank must call it."""
+    """Unsharded model (and optimizer) state on CPU. A collective under FSDP: every rank must call it,
+    and only rank 0 gets the gathered state (the others get empty dicts, which they do not write).
+
+    The model state has the same keys and full shapes with and without FSDP, so a checkpoint resumes
+    on any number of workers, with either strategy, and the final model folder is built from it the
+    same way. The optimizer state is keyed by parameter name under FSDP and by position without it;
+    `load_state` takes either.
+    """
     if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -65,7 +72,8 @@ def save_state(
     extra: Mapping[str, Any],
     trainable_only: bool = False,
 ) -> None:
-    """Write what resuming needs. Rank 0 writes the (replicated) model, optimizer and scheduler state;
+    """Write what resuming needs. Rank 0 writes the model, optimizer and scheduler state (replicated
+    under DDP, gathered from every rank's shard under FSDP: a collective, so every rank calls this);
     every rank writes its own RNG state, since dropout and MLM masking draw different numbers per rank.
     Ray Train merges the workers' directories into one checkpoint.
 
@@ -103,15 +111,19 @@ def load_state(
             set_optimizer_state_dict,
         )
 
-        options = StateDictOptions(full_state_dict=True)
+        # Every rank holds the full state and keeps its own shard of it.
+        options = StateDictOptions(full_state_dict=True, strict=not trainable_only)
         set_model_state_dict(model, state["model"], options=options)
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
+        set_optimizer_state_dict(model, optimizer, _optimizer_by_name(state["optimizer"], model, optimizer),
+                                 options=options)
     else:
         # With trainable_only the frozen weights are missing from the state on purpose; a key the
         # model does not have is still an error.
         unexpected = unwrap(model).load_state_dict(state["model"], strict=not trainable_only).unexpected_keys
         if unexpected:
             raise RuntimeError(f"checkpoint {directory} holds parameters the model lacks: {unexpected[:5]}")
+        # It matches the saved parameters to the optimizer's by their position in the groups, so a
+        # state keyed by name (saved under FSDP) loads as well: an FSDP run resumes on one worker.
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng_file = directory / f"rng_rank{rank}.pt"
@@ -122,6 +134,24 @@ def load_state(
     else:
         seed_everything(int(state["step"]) * 1000 + rank)
     return {k: v for k, v in state.items() if k not in ("model", "optimizer", "scheduler")}
+
+
+def _parameter_order(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The names of the optimizer's parameters in the order its state dict numbers them."""
+    names = {id(p): name for name, p in unwrap(model).named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _optimizer_by_name(saved: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """A position-keyed optimizer state (saved without FSDP) keyed by parameter name, as FSDP loads it:
+    a run that ran out of memory under DDP resumes under FSDP."""
+    if not any(isinstance(key, int) for group in saved["param_groups"] for key in group["params"]):
+        return saved
+    order = _parameter_order(model, optimizer)
+    return {
+        "state": {order[k]: v for k, v in saved["state"].items()},
+        "param_groups": [{**g, "params": [order[k] for k in g["params"]]} for g in saved["param_groups"]],
+    }
 
 
 def seed_everything(seed: int) -> None:

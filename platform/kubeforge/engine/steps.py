@@ -41,15 +41,18 @@ def resolve_bf16(precision: str, device: torch.device) -> bool:
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The `transformers` model inside a DistributedDataParallel wrapper."""
+    """The `transformers` model inside a DistributedDataParallel wrapper (FSDP2 shards the model in
+    place: there is no wrapper to take off)."""
     inner = getattr(model, "module", None)
     return inner if isinstance(inner, torch.nn.Module) else model
 
 
 def is_fsdp(model: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FullyShardedDataParallel
+    """Whether FSDP (`kubeforge.engine.fsdp`) shards the model: its state dicts and every forward
+    pass are collectives."""
+    from kubeforge.engine.fsdp import is_sharded
 
-    return isinstance(model, FullyShardedDataParallel)
+    return is_sharded(model)
 
 
 def all_reduce_sum(values: Sequence[float], device: torch.device) -> list[float]:
@@ -74,14 +77,18 @@ def evaluate_tokens(
     # MLM masks are drawn from a fixed generator so that every evaluation scores the same targets.
     generator = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
+    # Under FSDP every forward pass gathers parameters from all ranks: a batch without targets on one
+    # rank must still run there, or the others wait for it forever.
+    sharded = is_fsdp(model)
     with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
         for rows in batches:
             batch = batcher(rows, device, generator)
-            if batch["count"] == 0:
+            if batch["count"] == 0 and not sharded:
                 continue
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-            total += float(out.loss) * batch["count"]
-            count += batch["count"]
+            if batch["count"]:
+                total += float(out.loss) * batch["count"]
+                count += batch["count"]
     model.train()
     total, count_sum = all_reduce_sum([total, count], device)
     loss = total / count_sum if count_sum else float("nan")
@@ -101,7 +108,9 @@ def train_step(
     """One optimizer step over gradient-accumulated micro-batches; returns this rank's mean loss.
 
     Under DDP the gradient all-reduce is skipped (no_sync) on every micro-batch but the last: the
-    gradients accumulate locally and are averaged across ranks once per optimizer step.
+    gradients accumulate locally and are averaged across ranks once per optimizer step. FSDP (which
+    has no `no_sync`) reduce-scatters after every micro-batch instead: accumulating unsharded
+    gradients would hold a full copy of them, the memory that sharding saves.
     `compute_loss(model, batch)` replaces the model's own loss (fine-tuning's DPO and distillation).
     """
     losses = []
@@ -120,10 +129,8 @@ def train_step(
             (loss / len(micro_batches)).backward()
         losses.append(float(loss.detach()))
     if grad_clip is not None:
-        if is_fsdp(model):
-            model.clip_grad_norm_(grad_clip)  # type: ignore[operator]
-        else:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        # Under FSDP the gradients are sharded DTensors, whose norm torch reduces across the ranks.
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)

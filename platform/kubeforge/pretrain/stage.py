@@ -63,6 +63,24 @@ def loop_config(spec: PretrainSpec, ctx: StageContext) -> PretrainLoop:
     )
 
 
+def check_strategy(spec: PretrainSpec, config: PretrainLoop) -> None:
+    """FSDP shards the model one transformer layer at a time: refuse a model without layers to shard
+    before any worker starts (in a worker the error would only be retried `max_failures` times)."""
+    if spec.strategy != "fsdp":
+        return
+    import torch
+
+    from kubeforge.engine.fsdp import ShardingError, layer_classes
+    from kubeforge.engine.model import build_model
+
+    with torch.device("meta"):  # the architecture without its weights
+        model = build_model(spec, config.vocab_size, config.special_tokens)
+    try:
+        layer_classes(model)
+    except ShardingError as exc:
+        raise StageError(STAGE, f"spec.pretrain.strategy: {exc}") from None
+
+
 def run(spec: PretrainSpec, ctx: StageContext) -> PretrainResult:
     import ray
 
@@ -70,6 +88,7 @@ def run(spec: PretrainSpec, ctx: StageContext) -> PretrainResult:
     from kubeforge.pretrain.recipe import MODEL_SUBDIR, PretrainRecipe
 
     config = loop_config(spec, ctx)
+    check_strategy(spec, config)
     data = ctx.require(DATA, "needs the output of the data stage (spec.data)")
 
     if not ray.is_initialized():

@@ -99,7 +99,8 @@ class PretrainSpec(StrictModel):
     checkpoint: CheckpointSettings = CheckpointSettings()
     resources: Resources = Resources()
     strategy: Literal["ddp", "fsdp"] = "ddp"
-    """`fsdp` shards parameters across GPUs and needs resources.use_gpu."""
+    """`fsdp` shards parameters, gradients and optimizer state across the workers' GPUs, one
+    transformer layer at a time; it needs resources.use_gpu and 2 workers or more."""
     max_failures: Annotated[int, Field(ge=0)] = 3
     """Worker failures Ray Train recovers from (restarting from the last checkpoint) before giving up."""
     mlm: MLMSettings | None = None
@@ -109,6 +110,11 @@ class PretrainSpec(StrictModel):
     def _consistent(self) -> PretrainSpec:
         if self.strategy == "fsdp" and not self.resources.use_gpu:
             raise ValueError("strategy 'fsdp' needs resources.use_gpu: true (use 'ddp' on CPU)")
+        if self.strategy == "fsdp" and self.resources.workers < 2:
+            raise ValueError(
+                f"strategy 'fsdp' shards the model across resources.workers, and {self.resources.workers} "
+                "worker has nothing to shard it across: use strategy 'ddp' or 2 workers or more"
+            )
         if self.mlm is not None and self.objective != "mlm":
             raise ValueError(f"mlm settings are only used with objective 'mlm' (got objective '{self.objective}')")
         if self.model.num_kv_heads is not None and self.objective == "mlm":
