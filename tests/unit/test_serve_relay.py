@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from kubeforge.serve.relay import ForwardedRequest, call_asgi, count_tokens
+from kubeforge.serve.relay import ForwardedRequest, call_asgi, count_tokens, stream_interval
 
 pytestmark = pytest.mark.unit
 
@@ -138,3 +138,52 @@ def test_closing_the_relay_closes_the_engine_generation() -> None:
         assert generate.state["closed"]  # before the loop ends (which would close it anyway)
 
     asyncio.run(first_two())
+
+
+def test_the_more_streams_a_replica_relays_the_longer_each_is_coalesced() -> None:
+    from kubeforge.serve import relay as relay_module
+
+    assert [stream_interval(0.05, n) for n in (0, 1, 16, 32, 64)] == [0.05, 0.05, 0.05, 0.1, 0.2]
+    seen: list[int] = []
+
+    def watched(stream: bool) -> Starlette:
+        async def completions(request: Request) -> Any:
+            async def events() -> Any:
+                for _ in range(3):
+                    await asyncio.sleep(0.01)
+                    seen.append(relay_module._open_streams)
+                    yield "data: 1\n\n"
+            if stream:
+                return StreamingResponse(events(), media_type="text/event-stream")
+            seen.append(relay_module._open_streams)
+            return JSONResponse({})
+
+        return Starlette(routes=[Route("/v1/completions", completions, methods=["POST"])])
+
+    request = ForwardedRequest("POST", "/v1/completions", [], b"{}")
+
+    async def run(stream: bool, count: int) -> None:
+        async def one() -> None:
+            async for _ in call_asgi(watched(stream), request, 0.01):
+                pass
+
+        await asyncio.gather(*(one() for _ in range(count)))
+
+    asyncio.run(run(True, 3))
+    assert max(seen) == 3 and relay_module._open_streams == 0  # counted while open, released after
+    seen.clear()
+    asyncio.run(run(False, 3))
+    assert seen == [0, 0, 0]  # whole answers are not streams
+
+
+def test_a_stream_is_held_longer_while_many_others_are_open(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubeforge.serve import relay as relay_module
+
+    # With 159 others open, this stream's 40 ms interval becomes 0.4 s: its 20 tokens, 10 ms apart, go
+    # as the first token, then at most a few events (at 40 ms they took five or more).
+    monkeypatch.setattr(relay_module, "_open_streams", 159)
+    steps = [[Choice(0, [7])] for _ in range(20)]
+    bodies = [e for e in relay(app(count_tokens(engine(steps, 0.01)), stream=True), interval=0.04) if "body" in e]
+    assert sum(e["tokens"] for e in bodies) == 20 and bodies[0]["tokens"] == 1
+    assert len(bodies) <= 4, [e["tokens"] for e in bodies]
+    assert relay_module._open_streams == 159

@@ -17,7 +17,9 @@ Events are coalesced: the first event that carries a token goes at once (the rou
 token keeps its meaning), later ones at most every `STREAM_INTERVAL_S` for a streamed response and
 together at the end otherwise. Every event crosses two processes (replica -> router -> HAProxy), and
 sent per token that cost, not the engine, bounded throughput on a small machine
-(benchmarks/bench_serve.py).
+(benchmarks/bench_serve.py). Beyond `STREAMS_PER_INTERVAL` streams open in a replica the interval
+grows in proportion, so the events a replica sends per second stay bounded however large the
+engine's batch grows (a fast engine at 32 streams spent its CPU on relaying otherwise).
 
 Token counts come from the engine itself, not from parsing the bytes: `count_tokens` wraps the
 engine's `generate`, and reports to the request's `Progress` through a context variable, which the
@@ -35,6 +37,15 @@ from typing import Any
 
 STREAM_INTERVAL_S = 0.05
 """Events go to the router at most this often after the first token: below visible stutter."""
+STREAMS_PER_INTERVAL = 16
+"""Open streams a replica relays at `STREAM_INTERVAL_S`; with more, each one's interval grows in proportion."""
+_open_streams = 0
+"""Streamed responses this process relays now (replicas run one event loop: no lock needed)."""
+
+
+def stream_interval(base: float, open_streams: int) -> float:
+    """How long a stream's events are held when `open_streams` streams are open in this process."""
+    return base * max(1.0, open_streams / STREAMS_PER_INTERVAL)
 HOP_BY_HOP = {b"content-length", b"transfer-encoding", b"connection", b"keep-alive"}
 """Headers that describe one connection, not the response: the router's server sets its own."""
 
@@ -111,7 +122,7 @@ def count_tokens(generate: Callable[..., AsyncGenerator[Any]]) -> Callable[..., 
     return counted
 
 
-async def call_asgi(app: Any, request: ForwardedRequest, stream_interval: float = STREAM_INTERVAL_S) -> (
+async def call_asgi(app: Any, request: ForwardedRequest, stream_interval_s: float = STREAM_INTERVAL_S) -> (
         AsyncIterator[dict[str, Any]]):
     """Run `app` on `request` in this process and yield its response as events (see the module docstring).
 
@@ -150,6 +161,7 @@ async def call_asgi(app: Any, request: ForwardedRequest, stream_interval: float 
         _PROGRESS.reset(token)
     task.add_done_callback(lambda _: wake.set())
 
+    global _open_streams
     streamed = finished = False
     body: list[bytes] = []
     last_sent: float | None = None
@@ -163,6 +175,7 @@ async def call_asgi(app: Any, request: ForwardedRequest, stream_interval: float 
                                if k.lower() not in HOP_BY_HOP]
                     streamed = any(k.lower() == "content-type" and v.startswith("text/event-stream")
                                    for k, v in headers)
+                    _open_streams += streamed
                     yield {"status": int(message["status"]), "headers": headers}
                 elif message["type"] == "http.response.body":
                     body.append(message.get("body", b""))
@@ -171,23 +184,25 @@ async def call_asgi(app: Any, request: ForwardedRequest, stream_interval: float 
                 task.result()  # the app's own exception, if it raised one instead of answering
                 finished = True
             now = time.monotonic()
+            interval = stream_interval(stream_interval_s, _open_streams)
             if body or progress.pending():
                 if last_sent is None and progress.pending():
                     due = True  # the first token, at once
                 else:
-                    due = finished or (streamed and now - (last_sent or 0.0) >= stream_interval)
+                    due = finished or (streamed and now - (last_sent or 0.0) >= interval)
                 if due:
                     tokens, prompt_tokens = progress.take()
                     yield {"body": b"".join(body), "tokens": tokens, "prompt_tokens": prompt_tokens}
                     body, last_sent = [], now
                 elif streamed:
                     # Hold what came for the rest of the interval, but not longer.
-                    await asyncio.sleep(max(0.0, stream_interval - (now - (last_sent or now))))
+                    await asyncio.sleep(max(0.0, interval - (now - (last_sent or now))))
                     continue
             if finished:
                 return
             await wake.wait()
     finally:
+        _open_streams -= streamed
         disconnected.set()
         if not task.done():
             task.cancel()
