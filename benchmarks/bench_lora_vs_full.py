@@ -39,7 +39,7 @@ def prepare(root: Path, hidden: int, layers: int) -> None:
     """Tokenizer, random base model and the task JSONL under `root`."""
     from kubeforge.data.tokenizer import special_token_ids, train_tokenizer
     from kubeforge.engine.model import build_model
-    from kubeforge.finetune.functions import extract_functions
+    from kubeforge.formats.functions import extract_functions
     from kubeforge.spec.data import TokenizerSpec, stdlib_dir
     from kubeforge.spec.pretrain import ModelArchitecture, PretrainSpec
 

@@ -79,6 +79,13 @@ TRAIN_MFU = Gauge(
     ["pipeline", "stage", "worker"],
     registry=REGISTRY,
 )
+TRAIN_EVAL_METRIC = Gauge(
+    "kubeforge_train_eval_metric",
+    "Other metrics of the evaluations during training than loss and perplexity: finetune's DPO reward_accuracy "
+    "and reward_margin, the reward stage's accuracy and margin.",
+    ["pipeline", "stage", "metric"],
+    registry=REGISTRY,
+)
 
 
 TUNE_TRIALS = Gauge(

@@ -316,7 +316,7 @@ def cmd_prep(_: argparse.Namespace) -> int:
         from kubeforge.data.sources import stdlib_files
         from kubeforge.data.tokenizer import special_token_ids, train_tokenizer
         from kubeforge.engine.model import build_model
-        from kubeforge.finetune.functions import INSTRUCTION, extract_functions
+        from kubeforge.formats.functions import INSTRUCTION, extract_functions
         from kubeforge.spec.data import PackingSpec, StdlibSource, TokenizerSpec, stdlib_dir
         from kubeforge.spec.pretrain import ModelArchitecture, PretrainSpec
 

@@ -125,8 +125,9 @@ class HubPoller:
         self.tracker.log_metrics(logged, step=step)
 
     def _on_eval(self, message: dict[str, Any]) -> None:
-        """`val_loss` always; `val_perplexity` from language-modelling objectives, other metrics (DPO's
-        reward accuracy and margin) go to MLflow as they come."""
+        """`val_loss` always; `val_perplexity` from language-modelling objectives; other metrics (DPO's
+        reward accuracy and margin, the reward model's accuracy and margin) go to MLflow as they come and to
+        the `kubeforge_train_eval_metric` gauge."""
         step = int(message["step"])
         values = {k: float(v) for k, v in message.items() if k not in ("event", "step")}
         loss, perplexity = values["val_loss"], values.get("val_perplexity", math.nan)
@@ -135,4 +136,7 @@ class HubPoller:
             metrics.TRAIN_LOSS.labels(split="validation", **self.labels).set(loss)
             if math.isfinite(perplexity):
                 metrics.TRAIN_PERPLEXITY.labels(split="validation", **self.labels).set(perplexity)
+        for name, value in values.items():
+            if name not in ("val_loss", "val_perplexity") and math.isfinite(value):
+                metrics.TRAIN_EVAL_METRIC.labels(metric=name, **self.labels).set(value)
         self.tracker.log_metrics(values, step=step)

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from kubeforge.errors import StageError
-from kubeforge.finetune.functions import corpus_functions
-from kubeforge.finetune.task_split import normalise, record_content, split_by_prompt
 from kubeforge.formats.chat import user_message
+from kubeforge.formats.functions import corpus_functions
 from kubeforge.formats.splits import TaskSplits
+from kubeforge.formats.task_split import normalise, record_content, split_by_prompt
 
 if TYPE_CHECKING:
     from kubeforge.context import StageOutput
@@ -39,7 +39,7 @@ def load_task(spec: FinetuneSpec, base_dir: Path, data: StageOutput[DataResult])
         records = _read_jsonl_task(task.path, base_dir, kind)
         keys = [(normalise(record_content(r, kind)), normalise(user_message(r))) for r in records]
     else:
-        functions = corpus_functions(data)
+        functions = corpus_functions(data.directory / data.result.documents, STAGE)
         if kind == "instruction":
             records = [f.instruction_record() for f in functions]
         else:

@@ -13,6 +13,7 @@ import it. What a stage runs is named as `module:attribute` text and imported on
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -105,10 +106,17 @@ class Stage(Generic[SpecT, ResultT]):
     """Every manifest has this section."""
     model_role: str | None = None
     """The role of the model it produces in the registered model's lineage (None: it produces none)."""
+    candidate: bool = True
+    """Its model becomes the pipeline's model so far: what `StageContext.latest_model` returns and the
+    quantize and promote stages take. False for a model made beside that one (the reward model), which is
+    registered with its role but never quantized, scored or promoted."""
     needs_model: str | None = None
     """What it does to an earlier stage's model ("score", "quantize"), when it needs one to run."""
     metrics: tuple[Metric, ...] = ()
     """What its result carries for promotion gates."""
+    metric_pattern: str | None = None
+    """Further metric names it may report, as a regular expression, when its section decides them at run
+    time (evaluate's lm-evaluation-harness tasks); it checks gates on them itself when it runs."""
     scores_champion: bool = False
     """It scores the current champion too, so gates on its metrics may compare against the champion."""
     training: Training | None = None
@@ -129,6 +137,11 @@ class Stage(Generic[SpecT, ResultT]):
 
     def metric_names(self) -> tuple[str, ...]:
         return tuple(m.name for m in self.metrics)
+
+    def produces(self, metric: str) -> bool:
+        """Whether a gate may name `metric` of this stage."""
+        return metric in self.metric_names() or (
+            self.metric_pattern is not None and re.fullmatch(self.metric_pattern, metric) is not None)
 
 
 def load(reference: str) -> Any:
@@ -209,8 +222,8 @@ def order(spec: PipelineSpec) -> list[str]:
 
 
 def model_stages() -> list[Stage[Any, Any]]:
-    """Stages that produce a model, in registration order."""
-    return [s for s in _REGISTRY.values() if s.model_role is not None]
+    """Stages that produce the pipeline's model (a `candidate`), in registration order."""
+    return [s for s in _REGISTRY.values() if s.model_role is not None and s.candidate]
 
 
 def training_stages() -> list[Stage[Any, Any]]:

@@ -1,8 +1,10 @@
 """The built-in task `python-docstrings`: functions with a docstring, cut out of the corpus's Python files.
 
-Each function becomes one example: the prompt is its decorators, `def` line(s) and docstring, the answer
-its body. The records carry `entry_point`, `qualname`, `module` and `has_doctests` so that the evaluate
-stage can import the module and run the function's doctests on a generated body.
+Shared by the fine-tuning stage (instruction and preference records) and the reward stage (preference
+pairs), which must not import each other. Each function becomes one example: the prompt is its
+decorators, `def` line(s) and docstring, the answer its body. The records carry `entry_point`,
+`qualname`, `module` and `has_doctests` so that the evaluate stage can import the module and run the
+function's doctests on a generated body.
 """
 
 from __future__ import annotations
@@ -10,19 +12,14 @@ from __future__ import annotations
 import ast
 import keyword
 import random
+import sysconfig
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kubeforge.errors import StageError
-from kubeforge.finetune.corrupt import corrupt_body
-from kubeforge.finetune.task_split import normalise
-
-if TYPE_CHECKING:
-    from kubeforge.context import StageOutput
-    from kubeforge.stages.data import DataResult
-
-STAGE = "finetune"
+from kubeforge.formats.corrupt import corrupt_body
+from kubeforge.formats.task_split import normalise
 
 INSTRUCTION = "Write the body of this Python function."
 MAX_FUNCTION_LINES = 60
@@ -60,14 +57,14 @@ class CorpusFunction:
                 "rejected": corrupt_body(self.header, self.body, rng), **self._metadata()}
 
 
-def corpus_functions(data: StageOutput[DataResult]) -> list[CorpusFunction]:
-    """Every usable function of the data stage's Python documents, ids made unique across the corpus."""
+def corpus_functions(documents: Path, stage: str) -> list[CorpusFunction]:
+    """Every usable function of the data stage's Python documents (its parquet file `documents`), ids made
+    unique across the corpus. Errors are raised as `stage`'s."""
     import pyarrow.parquet as pq
 
-    documents = data.directory / data.result.documents
     if not documents.exists():
         raise StageError(
-            STAGE, f"task 'python-docstrings' needs the data stage's documents, and {documents} does not exist"
+            stage, f"task 'python-docstrings' needs the data stage's documents, and {documents} does not exist"
         )
     table = pq.read_table(documents, columns=["id", "source", "text"]).to_pydict()
     functions: list[CorpusFunction] = []
@@ -86,7 +83,7 @@ def corpus_functions(data: StageOutput[DataResult]) -> list[CorpusFunction]:
             functions.append(replace(function, id=function_id))
     if not functions:
         raise StageError(
-            STAGE,
+            stage,
             "task 'python-docstrings' found no function with a docstring and a body in the data stage's "
             "documents; it needs Python sources (a python-stdlib source or .py files) in spec.data.sources",
         )
@@ -99,9 +96,8 @@ def module_name(doc_id: str, source: str) -> str | None:
     None for files outside the standard library, `__main__` scripts (importing them runs them), and paths
     that are no dotted module name or lie in a folder without `__init__.py`.
     """
-    from kubeforge.spec.data import stdlib_dir
-
-    root = stdlib_dir()
+    # The python-stdlib source's root (`kubeforge.spec.data.stdlib_dir`; formats import nothing of the spec).
+    root = Path(sysconfig.get_paths()["stdlib"])
     if doc_id.startswith("stdlib/"):
         relative = doc_id.removeprefix("stdlib/")
     else:
