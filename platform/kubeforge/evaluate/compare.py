@@ -8,10 +8,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from kubeforge.stages.evaluate import EVALUATE
+from kubeforge.stages.evaluate import EVALUATE, HARNESS_PREFIX
 
-METRICS = EVALUATE.metric_names()
-"""Table columns, in order; a model without a number for one (not applicable) leaves it blank."""
+METRICS = tuple(EVALUATE.metric_names())
+"""Table columns, in order; a model without a number for one (not applicable) leaves it blank. The
+lm-evaluation-harness metrics of a run (`harness_<task>_<metric>`) follow them (`metric_columns`)."""
 MODELS = ("candidate", "base", "champion")
 REFERENCES = ("base", "champion")
 """Models the others are compared with: `<metric>_vs_<reference>` is the row's value minus theirs."""
@@ -26,6 +27,12 @@ PLOT_GROUPS: dict[str, tuple[str, ...]] = {
 Scores = Mapping[str, Mapping[str, float | None]]
 
 
+def metric_columns(scores: Scores) -> tuple[str, ...]:
+    """The fixed metrics, then the harness metrics any scored model has, sorted."""
+    harness = sorted({m for values in scores.values() for m in values if m.startswith(HARNESS_PREFIX)})
+    return (*METRICS, *harness)
+
+
 def _number(value: Any) -> float | None:
     if value is None:
         return None
@@ -36,12 +43,13 @@ def _number(value: Any) -> float | None:
 def comparison_rows(scores: Scores) -> list[dict[str, Any]]:
     """One row per scored model (in MODELS order): its metrics and its deltas to base and champion."""
     rows: list[dict[str, Any]] = []
+    metrics = metric_columns(scores)
     for model in (m for m in MODELS if m in scores):
         row: dict[str, Any] = {"model": model}
-        for metric in METRICS:
+        for metric in metrics:
             row[metric] = _number(scores[model].get(metric))
         for reference in REFERENCES:
-            for metric in METRICS:
+            for metric in metrics:
                 delta = None
                 if reference in scores and reference != model:
                     mine, theirs = row[metric], _number(scores[reference].get(metric))
@@ -54,13 +62,17 @@ def comparison_rows(scores: Scores) -> list[dict[str, Any]]:
 
 def columns(rows: list[dict[str, Any]]) -> list[str]:
     """The table's columns: model, the metrics, then only the delta columns that have a number."""
+    keys = {k for row in rows for k in row}
+    deltas_of = {f"{k}_vs_{r}" for k in keys for r in REFERENCES}
+    harness = sorted(k for k in keys if k.startswith(HARNESS_PREFIX) and k not in deltas_of)
+    metrics = (*METRICS, *harness)
     deltas = [
         f"{metric}_vs_{reference}"
         for reference in REFERENCES
-        for metric in METRICS
+        for metric in metrics
         if any(row.get(f"{metric}_vs_{reference}") is not None for row in rows)
     ]
-    return ["model", *METRICS, *deltas]
+    return ["model", *metrics, *deltas]
 
 
 def _cell(value: Any) -> str:
@@ -100,7 +112,8 @@ def write_plots(scores: Scores, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     models = [m for m in MODELS if m in scores]
     written: list[Path] = []
-    for group, metrics in PLOT_GROUPS.items():
+    groups = {**PLOT_GROUPS, "harness": metric_columns(scores)[len(METRICS):]}
+    for group, metrics in groups.items():
         present = [m for m in metrics if any(_number(scores[model].get(m)) is not None for model in models)]
         if not present:
             continue

@@ -24,7 +24,9 @@ Every model is loaded, scored and released in turn (one in memory at a time):
 * generation metrics on the first `max_examples` records of the fine-tuning task's test split, with
   greedy decoding (see `kubeforge.evaluate.generation`), plus parse and doctest pass rates for the
   built-in `python-docstrings` task (see `kubeforge.evaluate.doctests`). Without a fine-tuning stage
-  there is no task and so perplexity only.
+  there is no task and so perplexity only;
+* with `spec.harness`, lm-evaluation-harness tasks on local files (see `kubeforge.evaluate.harness`), run
+  on the model already loaded, reported as `harness_<task>_<metric>` next to the metrics above.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from kubeforge.errors import StageError
 from kubeforge.evaluate.compare import METRICS, comparison_rows, write_plots, write_table
 from kubeforge.evaluate.doctests import DoctestCase, Isolation, isolation, run_doctests
 from kubeforge.evaluate.generation import body_parses, generate_texts, parse_rate, text_metrics
+from kubeforge.evaluate.harness import Prepared, prepare, run_tasks
 from kubeforge.evaluate.sources import ModelSource, champion_source, finetune_sources, hf_loader
 from kubeforge.spec.evaluate import EvaluateSpec
 from kubeforge.spec.pretrain import PretrainSpec
@@ -49,6 +52,7 @@ from kubeforge.stages.data import DATA, DataResult
 from kubeforge.stages.evaluate import EVALUATE, EvaluateResult
 from kubeforge.stages.finetune import FINETUNE, FinetuneResult
 from kubeforge.stages.pretrain import PRETRAIN
+from kubeforge.stages.promote import PROMOTE
 
 STAGE = EVALUATE.name
 _EVAL_SEED = 1234  # MLM masks of the perplexity batches: the same targets for every model
@@ -175,6 +179,7 @@ def _score(
     data_vocab: dict[str, int],
     task: Task | None,
     reference_passes: list[bool | None],
+    harness: Prepared | None = None,
 ) -> Scored:
     import torch
 
@@ -228,6 +233,9 @@ def _score(
                 scored.doctest_passed, metrics["doctest_pass_rate"] = _doctest_pass(
                     task, scored.generations, reference_passes, spec
                 )
+    if harness is not None:
+        log(f"{STAGE}: {source.name}: lm-evaluation-harness tasks {', '.join(t.name for t in harness.tasks)}")
+        metrics.update(run_tasks(model, tokenizer, harness, batch_size=spec.batch_size, log=log))
     del model
     gc.collect()
     return scored
@@ -335,6 +343,14 @@ def run(spec: EvaluateSpec, ctx: StageContext) -> EvaluateResult:
     if task is not None and task.is_code:
         _check_confinement(spec, isolation(), ctx.reporter.log)
     reference_passes = _reference_doctests(task, spec)
+    harness: Prepared | None = None
+    if spec.harness is not None:
+        if objective != "causal":
+            raise StageError(STAGE, f"spec.evaluate.harness: lm-evaluation-harness scores causal language models; "
+                                    f"this pipeline's model is a {objective} one")
+        promotion = PROMOTE.section_of(ctx.pipeline.spec)
+        harness = prepare(spec.harness, ctx.out_dir / "harness", ctx.base_dir,
+                          list(promotion.gates) if promotion is not None else [])
 
     ctx.tracker.log_params({
         **spec.model_dump(mode="json"),
@@ -347,7 +363,7 @@ def run(spec: EvaluateSpec, ctx: StageContext) -> EvaluateResult:
     for source in sources:
         scored = _score(
             source, spec, ctx, device=device, objective=objective, batches=batches, data=data,
-            data_vocab=data_vocab, task=task, reference_passes=reference_passes,
+            data_vocab=data_vocab, task=task, reference_passes=reference_passes, harness=harness,
         )
         scores[source.name] = scored.metrics
         if source.name == "candidate":
@@ -410,6 +426,7 @@ def run(spec: EvaluateSpec, ctx: StageContext) -> EvaluateResult:
         num_examples=len(task.records) if task else 0,
         perplexity_split=split or None,
         doctest_isolation=str(isolation()) if task is not None and task.is_code else None,
+        harness=harness.summary() if harness is not None else None,
     )
     ctx.tracker.log_dict(result.to_json(), "evaluation.json")
     return result

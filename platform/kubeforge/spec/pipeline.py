@@ -133,7 +133,7 @@ class PipelineSpec(StrictModel):
                     f"promotion.gates.{i}.metric: '{gate.metric}' comes from the {gate.stage} stage, which this "
                     f"manifest does not have; add a {stage.section} section or drop the gate"
                 )
-            if gate.name not in stage.metric_names():
+            if not stage.produces(gate.name):
                 raise ValueError(
                     f"promotion.gates.{i}.metric: the {gate.stage} stage does not produce '{gate.name}' "
                     f"(it produces: {', '.join(stage.metric_names())})"

@@ -18,6 +18,9 @@ METRICS = (
     Metric("doctest_pass_rate"),
 )
 
+HARNESS_PREFIX = "harness_"
+"""lm-evaluation-harness metrics: `harness_<task>_<metric>[_<filter>]` (see `kubeforge.evaluate.harness`)."""
+
 
 @dataclass(frozen=True)
 class EvaluateResult(StageResult):
@@ -38,6 +41,9 @@ class EvaluateResult(StageResult):
     num_examples: int
     perplexity_split: str | None
     doctest_isolation: str | None
+    harness: dict[str, Any] | None = None
+    """lm-evaluation-harness run: tasks, num_fewshot, limit, the task files and the metric names it reported
+    (whose values are in candidate, base and champion); None without `spec.evaluate.harness`."""
 
     def gate_values(self, metric: str) -> tuple[float | None, float | None]:
         return finite(self.candidate.get(metric)), finite((self.champion or {}).get(metric))
@@ -57,5 +63,12 @@ EVALUATE: Stage[EvaluateSpec, EvaluateResult] = Stage(
     gpu_runs_in="driver",  # it scores the models in the stage function
     needs_model="score",
     metrics=METRICS,
+    # Which harness metrics there are depends on task files read at run time: the stage checks gates on
+    # them against its tasks before it scores anything (`kubeforge.evaluate.harness.check_gates`).
+    metric_pattern=HARNESS_PREFIX + "[a-z_]+",
     scores_champion=True,
+    local_paths=lambda spec: [("harness.task_dir", spec.harness.task_dir)]
+    if spec.harness is not None and spec.harness.task_dir is not None else [],
+    # The user's harness task files are read at run time: their contents belong in the cache key.
+    cache_extra="kubeforge.evaluate.harness:task_dir_fingerprint",
 )
