@@ -29,6 +29,8 @@ class FinetuneLoop(LoopConfig):
     pad_id: int
     replay_rows: Any = None
     """Pretraining token rows (a numpy array) that replace `replay_fraction` of the examples, or None."""
+    ewc_rows: Any = None
+    """Pretraining token rows (a numpy array) the EWC Fisher information is estimated on, or None."""
     save_outputs: bool = True
     """Write the adapter and merged model with the final checkpoint (benchmarks that only time the loop skip it)."""
 

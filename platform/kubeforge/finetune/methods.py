@@ -149,6 +149,11 @@ def preflight(spec: FinetuneSpec, base_model: Path, student_path: Path | None) -
         check_target_modules(_meta_model(base_model), spec.lora_settings.target_modules)
     if student_path is not None:
         check_student_tokenizer(base_model, student_path)
+    if spec.qat is not None and (spec.distill is None or student_path is not None):
+        # A new distillation student exists only in the workers, where `qat.prepare` checks it.
+        from kubeforge.finetune.qat import check_convertible
+
+        check_convertible(spec.qat, _meta_model(student_path or base_model))
 
 
 def load_base(spec: FinetuneSpec, base_model: Path, device: torch.device) -> torch.nn.Module:
@@ -274,6 +279,10 @@ def build_models(
         if spec.objective == "dpo" and spec.method == "full":
             reference = freeze(copy.deepcopy(base))
         policy = apply_method(spec, base)
+    if spec.qat is not None:
+        from kubeforge.finetune.qat import prepare
+
+        policy = prepare(policy, spec.qat)
     policy.train()
     trainable, total = count_trainable(policy)
     return Models(policy, teacher, reference, trainable, total)

@@ -16,6 +16,12 @@ loss, the teacher knows that text too; for `dpo` as a cross-entropy term added t
 The draw depends only on the seed, the micro-batch number and the rank, so a resumed run sees
 exactly the batches the interrupted one would have.
 
+EWC (`kubeforge.finetune.ewc`): the penalty is added to every micro-batch's loss (so the reported
+training loss includes it); its Fisher information is estimated once per worker before training.
+
+QAT (`kubeforge.finetune.qat`): the policy trains through torchao's fake quantization; the final
+checkpoint's `merged/` holds the trained weights unrounded and `qat/` the converted quantized model.
+
 Validation: `kubeforge.finetune.stage` holds out part of the task's *training* split (10%, at least
 one batch) for the evaluations during training; the test split is left for the evaluate stage.
 """
@@ -33,14 +39,16 @@ import torch
 from kubeforge.engine.batches import RankSampler
 from kubeforge.engine.recipe import Batch, Recipe
 from kubeforge.engine.steps import all_reduce_sum, unwrap
-from kubeforge.finetune import losses
+from kubeforge.finetune import losses, qat
 from kubeforge.finetune.config import FinetuneLoop
+from kubeforge.finetune.ewc import EWCPenalty
 from kubeforge.finetune.methods import Models, build_models, save_merged
 from kubeforge.spec.finetune import FinetuneSpec
 from kubeforge.stages.finetune import EVAL_METRICS
 
 ADAPTER_SUBDIR = "adapter"
 MERGED_SUBDIR = "merged"
+QAT_SUBDIR = qat.QAT_SUBDIR
 # Separates the replay draws' random stream from every other use of the training seed.
 _REPLAY_STREAM = 0x5EED
 
@@ -118,11 +126,14 @@ class Collator:
 class Objective:
     """The training loss and the evaluation of one objective, over a policy model that may be DDP-wrapped."""
 
-    def __init__(self, spec: FinetuneSpec, models: Models, device: torch.device, bf16: bool) -> None:
+    def __init__(
+        self, spec: FinetuneSpec, models: Models, device: torch.device, bf16: bool, ewc: EWCPenalty | None = None
+    ) -> None:
         self.spec = spec
         self.models = models
         self.device = device
         self.bf16 = bf16
+        self.ewc = ewc
 
     def _logits(self, model: torch.nn.Module, batch: Mapping[str, Any], rows: slice = slice(None)) -> torch.Tensor:
         return model(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows]).logits
@@ -146,6 +157,12 @@ class Objective:
         return losses.dpo_terms(policy[:pairs], policy[pairs:], reference[:pairs], reference[pairs:], beta)
 
     def loss(self, model: torch.nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+        loss = self._objective_loss(model, batch)
+        if self.ewc is not None:
+            loss = loss + self.ewc.penalty(unwrap(model))
+        return loss
+
+    def _objective_loss(self, model: torch.nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
         logits = self._logits(model, batch)
         labels = batch["labels"]
         if self.spec.objective == "sft":
@@ -220,8 +237,15 @@ class FinetuneRecipe(Recipe[FinetuneLoop]):
             policy.gradient_checkpointing_enable(  # type: ignore[operator]
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
+        ewc = None
+        if spec.ewc is not None:
+            if config.ewc_rows is None:
+                raise ValueError("spec.finetune.ewc is set but the loop was given no rows to estimate the Fisher on")
+            rows = np.asarray(config.ewc_rows, dtype=np.int64)[:, : spec.max_length]
+            # Before DDP wraps the model (its gradient hooks would sync these backward passes).
+            ewc = EWCPenalty.estimate(policy, rows, spec.ewc.strength, self.device)
         model = self.session.prepare_model(policy, "ddp")
-        self.objective = Objective(spec, self.models, self.device, self.bf16)
+        self.objective = Objective(spec, self.models, self.device, self.bf16, ewc)
         return model
 
     def _setup_data(self) -> None:
@@ -282,6 +306,11 @@ class FinetuneRecipe(Recipe[FinetuneLoop]):
             if spec.method == "prefix":
                 return
             save_merged(spec, policy, base_model, adapter, directory / MERGED_SUBDIR)
+        elif spec.qat is not None:
+            plain = qat.without_fake_quantizers(policy, spec.qat)
+            plain.save_pretrained(str(directory / MERGED_SUBDIR), safe_serialization=True)  # type: ignore[operator]
+            qat.save_quantized(qat.convert(plain, spec.qat), spec.qat, directory / QAT_SUBDIR)
+            tokenizer.save_pretrained(str(directory / QAT_SUBDIR))
         else:
             policy.save_pretrained(str(directory / MERGED_SUBDIR), safe_serialization=True)  # type: ignore[operator]
         tokenizer.save_pretrained(str(directory / MERGED_SUBDIR))

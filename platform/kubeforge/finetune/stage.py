@@ -7,6 +7,8 @@ progress bar, MLflow and Prometheus (stage label `finetune`).
 
 Outputs in the stage folder:
 
+* `qat/` (with `qat`): the quantization-aware-trained model converted by torchao, a Hugging Face
+  folder the transformers engine loads (`merged/` then holds the same weights unrounded).
 * `task/`: the task's train and test splits (`train.jsonl`, `test.jsonl`, `task.json`). Training
   holds out part of the train split for its evaluations; `test.jsonl` is untouched, for `evaluate`.
 * `adapter/` (lora, qlora, prefix): the peft adapter and the tokenizer.
@@ -61,24 +63,41 @@ def ensure_task(spec: FinetuneSpec, ctx: StageContext) -> Path:
     return task_dir
 
 
-def _replay_pool(spec: FinetuneSpec, ctx: StageContext, base_model: Path) -> Any:
-    """Pretraining rows for replay (numpy), or None when replay is off."""
-    if spec.replay_fraction == 0:
-        return None
+def _corpus(ctx: StageContext, base_model: Path, field: str, use: str, off: str) -> Any:
+    """The data stage's output, checked to share the base model's tokenizer (its rows are token ids)."""
     from transformers import AutoTokenizer
 
-    from kubeforge.finetune.replay import replay_rows
-
     data = ctx.require(
-        DATA, "spec.finetune.replay_fraction: replay draws from the data stage's corpus and this pipeline has "
-        "no data stage; add spec.data or set replay_fraction: 0",
+        DATA, f"spec.finetune.{field}: {use} the data stage's corpus and this pipeline has no data stage; "
+        f"add spec.data or {off}",
     )
     corpus_vocab = AutoTokenizer.from_pretrained(str(data.directory / data.result.tokenizer_dir)).get_vocab()
     if corpus_vocab != AutoTokenizer.from_pretrained(str(base_model)).get_vocab():
         raise StageError(
-            STAGE, "spec.finetune.replay_fraction: the data stage's tokenizer is not the base model's, so its "
-            "token rows mean nothing to the model; set replay_fraction: 0 (or fine-tune the pretrain stage's model)",
+            STAGE, f"spec.finetune.{field}: the data stage's tokenizer is not the base model's, so its "
+            f"token rows mean nothing to the model; {off} (or fine-tune the pretrain stage's model)",
         )
+    return data
+
+
+def _ewc_rows(spec: FinetuneSpec, ctx: StageContext, base_model: Path) -> Any:
+    """Pretraining rows the Fisher information is estimated on (numpy), or None without EWC."""
+    if spec.ewc is None:
+        return None
+    from kubeforge.finetune.replay import replay_rows
+
+    data = _corpus(ctx, base_model, "ewc", "EWC estimates the Fisher information on", "remove ewc")
+    # Another stream than replay's draws (seed + 1): the Fisher rows need not be the replayed ones.
+    return replay_rows(data, spec.ewc.samples, spec.task.seed + 1)
+
+
+def _replay_pool(spec: FinetuneSpec, ctx: StageContext, base_model: Path) -> Any:
+    """Pretraining rows for replay (numpy), or None when replay is off."""
+    if spec.replay_fraction == 0:
+        return None
+    from kubeforge.finetune.replay import replay_rows
+
+    data = _corpus(ctx, base_model, "replay_fraction", "replay draws from", "set replay_fraction: 0")
     res = spec.resources
     rows_per_run = spec.train.max_steps * spec.train.grad_accum_steps * spec.train.batch_size * res.workers
     expected = math.ceil(rows_per_run * spec.replay_fraction * 1.5)  # draws vary around their mean
@@ -136,6 +155,7 @@ def loop_config(spec: FinetuneSpec, ctx: StageContext) -> FinetuneLoop:
     train = [encoded[i] for i in order[held_out:]]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     replay = _replay_pool(spec, ctx, base_model)
+    ewc_rows = _ewc_rows(spec, ctx, base_model)
     return FinetuneLoop(
         spec=spec,
         base_model_dir=str(base_model),
@@ -147,14 +167,15 @@ def loop_config(spec: FinetuneSpec, ctx: StageContext) -> FinetuneLoop:
         num_test_examples=len(read_split(task_dir, "test")),
         pad_id=int(pad_id),
         replay_rows=replay,
+        ewc_rows=ewc_rows,
     )
 
 
-def _copy_outputs(checkpoint: Path, out_dir: Path) -> tuple[str | None, str | None]:
-    from kubeforge.finetune.recipe import ADAPTER_SUBDIR, MERGED_SUBDIR
+def _copy_outputs(checkpoint: Path, out_dir: Path) -> tuple[str | None, str | None, str | None]:
+    from kubeforge.finetune.recipe import ADAPTER_SUBDIR, MERGED_SUBDIR, QAT_SUBDIR
 
     found: list[str | None] = []
-    for name in (MERGED_SUBDIR, ADAPTER_SUBDIR):
+    for name in (MERGED_SUBDIR, ADAPTER_SUBDIR, QAT_SUBDIR):
         target = out_dir / name
         if target.exists():
             shutil.rmtree(target)  # left by an attempt interrupted while copying
@@ -163,7 +184,7 @@ def _copy_outputs(checkpoint: Path, out_dir: Path) -> tuple[str | None, str | No
             found.append(name)
         else:
             found.append(None)
-    return found[0], found[1]
+    return found[0], found[1], found[2]
 
 
 def run(spec: FinetuneSpec, ctx: StageContext) -> FinetuneResult:
@@ -182,7 +203,7 @@ def run(spec: FinetuneSpec, ctx: StageContext) -> FinetuneResult:
     config = loop_config(spec, ctx)
     fit, poller = fit_with_progress(FinetuneRecipe, config, spec, ctx, f"{STAGE}: {spec.objective} ({spec.method})")
     with fit.checkpoint.as_directory() as directory:
-        model_dir, adapter_dir = _copy_outputs(Path(directory), ctx.out_dir)
+        model_dir, adapter_dir, qat_dir = _copy_outputs(Path(directory), ctx.out_dir)
 
     final: dict[str, Any] = dict(fit.metrics or {})
     trainable, total = int(final["trainable_parameters"]), int(final["total_parameters"])
@@ -191,6 +212,8 @@ def run(spec: FinetuneSpec, ctx: StageContext) -> FinetuneResult:
     summary = FinetuneResult(
         model_dir=model_dir,
         adapter_dir=adapter_dir,
+        qat_dir=qat_dir,
+        qat_scheme=spec.qat.scheme if spec.qat is not None else None,
         task_dir=TASK_SUBDIR,
         base_model_dir=config.base_model_dir,
         objective=spec.objective,
@@ -227,7 +250,7 @@ def run(spec: FinetuneSpec, ctx: StageContext) -> FinetuneResult:
         },
         step=summary.final_step,
     )
-    for name in (model_dir, adapter_dir, TASK_SUBDIR):
+    for name in (model_dir, adapter_dir, qat_dir, TASK_SUBDIR):
         if name is not None:
             ctx.tracker.log_artifact(ctx.out_dir / name, name)
     return summary

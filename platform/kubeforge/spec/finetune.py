@@ -90,6 +90,50 @@ class DistillSettings(StrictModel):
         return self
 
 
+class QATSettings(StrictModel):
+    """Quantization-aware training (torchao): the linear layers train through fake quantization of
+    their weights and inputs, and the run ends with a quantized model folder (`qat/`) that the
+    transformers engine loads and serves on CPU."""
+
+    scheme: Literal["8da8w", "8da4w"] = "8da8w"
+    """`8da8w`: INT8 dynamic per-token activations and INT8 per-channel weights. `8da4w`: INT8 dynamic
+    per-token activations and INT4 weights in groups of `group_size` input features (stored one
+    value per byte by torchao's CPU layout, so the folder is not smaller than `8da8w`'s)."""
+    group_size: PositiveInt = 32
+    """`8da4w` only: input features that share one weight scale; must divide every quantized layer's
+    input width."""
+
+    @model_validator(mode="after")
+    def _group_size_for_int4(self) -> QATSettings:
+        if self.scheme == "8da8w" and "group_size" in self.model_fields_set:
+            raise ValueError("group_size: only used with scheme '8da4w' (8da8w scales each output channel)")
+        return self
+
+
+class EWCSettings(StrictModel):
+    """Elastic weight consolidation: a penalty strength/2 x sum_i F_i (theta_i - theta*_i)^2 that holds the
+    parameters the pretraining corpus is most sensitive to near their values before fine-tuning."""
+
+    strength: PositiveFloat = 1000.0
+    """lambda in the penalty lambda/2 x sum_i F_i (theta_i - theta*_i)^2."""
+    samples: PositiveInt = 64
+    """Rows of the data stage's train shards whose per-row squared gradients, averaged, estimate the
+    diagonal Fisher information F (one backward pass each, before the first step)."""
+
+
+def _needs_full(section: str, method: str) -> str:
+    if section == "qat":
+        why = {
+            "qlora": "qlora's base weights are already 4-bit bitsandbytes tensors, which torchao cannot "
+                     "fake-quantize or convert",
+        }.get(method, f"{method} freezes the base weights, while QAT trains the weights that get quantized "
+                      "(fake-quantizing a frozen layer under an adapter does not model the merged weight)")
+    else:
+        why = (f"{method} trains adapters that start at zero, not the pretrained weights EWC anchors; "
+               "the Fisher information of the pretraining corpus is a property of those weights")
+    return f"{section}: only used with method 'full' ({why}); got method '{method}'"
+
+
 FINETUNE_TRAIN_DEFAULTS = TrainSettings(lr=3e-4, max_steps=100, warmup_steps=10, weight_decay=0.0)
 
 
@@ -113,6 +157,11 @@ class FinetuneSpec(StrictModel):
     task: TaskSpec
     replay_fraction: Fraction = 0.1
     """Share of each batch drawn from the pretraining corpus, to limit forgetting (0 disables replay)."""
+    ewc: EWCSettings | None = None
+    """Elastic weight consolidation towards the base model, with the Fisher information estimated on the
+    data stage's corpus (method full only); combines with replay."""
+    qat: QATSettings | None = None
+    """Quantization-aware training with torchao (method full only); null trains in full precision."""
     max_length: PositiveInt = 256
     """Examples are truncated to this many tokens (at most the model's max_position_embeddings)."""
     dpo: DPOSettings | None = None
@@ -137,6 +186,14 @@ class FinetuneSpec(StrictModel):
             raise ValueError(
                 "method: 'qlora' needs 4-bit CUDA kernels (bitsandbytes): set resources.use_gpu: true, "
                 "or use method 'lora' on CPU"
+            )
+        for section in ("qat", "ewc"):
+            if getattr(self, section) is not None and self.method != "full":
+                raise ValueError(_needs_full(section, self.method))
+        if self.ewc is not None and self.objective == "distill":
+            raise ValueError(
+                "ewc: objective 'distill' trains a student whose starting weights are not the pretrained ones "
+                "EWC holds the model near; use replay_fraction to limit forgetting instead"
             )
         if self.dpo is not None and self.objective != "dpo":
             raise ValueError(f"dpo: only used with objective 'dpo' (got objective '{self.objective}')")

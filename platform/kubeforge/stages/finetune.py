@@ -52,6 +52,9 @@ class FinetuneResult(ModelResult):
     initial_reward_accuracy: float | None = None
     initial_reward_margin: float | None = None
     merge_note: str | None = None
+    qat_dir: str | None = None
+    """`qat` (with spec.finetune.qat): the torchao-quantized model, a folder the transformers engine loads."""
+    qat_scheme: str | None = None
 
     def model_artifact(self) -> str | None:
         return self.model_dir or self.adapter_dir
