@@ -72,3 +72,24 @@ def test_the_reward_model_ranks_held_out_pairs_and_registers_with_role_reward(ti
     tags = client.get_model_version("tinylm-reward", registered.version).tags
     assert tags["kubeforge.role"] == "reward" and tags["kubeforge.method"] == "reward-full"
     assert tags["kubeforge.format"] == "hf"
+
+
+def test_a_lora_reward_model_trains_its_head_and_adapters_and_merges(tiny_lm) -> None:
+    """The default method: adapters and the new scalar head train, and the output folder is a plain merged
+    one-label classifier (no adapter files needed to load it)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from kubeforge.reward.stage import run
+
+    section = {**SECTION, "method": "lora", "train": {**SECTION["train"], "max_steps": 12},
+               "eval": {"every_steps": 12, "max_batches": 16}, "checkpoint": {"every_steps": 12, "keep": 1}}
+    ctx = tiny_lm.context("reward", section, "lora")
+    result = run(RewardSpec.model_validate(section), ctx)
+    assert result.method == "lora" and result.final_step == 12
+    assert result.val_loss < result.initial_val_loss, result
+    folder = ctx.out_dir / result.model_dir
+    assert not (folder / "adapter_config.json").exists()
+    model = AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
+    with torch.no_grad():
+        assert model(input_ids=torch.tensor([[5, 6, 7]])).logits.shape == (1, 1)
