@@ -15,6 +15,7 @@ import requests
 import yaml
 
 from kubeforge.runtime import LOCAL_RUNTIME_ENV
+from kubeforge.stages import all_stages
 from kubeforge.workdir import Workdir
 from kubeforge_operator.rayjob import StageRun, report_tag
 from kubeforge_operator.stage_runs import find_stage_runs
@@ -164,5 +165,5 @@ def test_the_job_entrypoint_names_the_stages_it_runs(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2
-    assert "invalid choice: 'pretrian' (choose from 'data', 'tune', 'pretrain', 'finetune', 'evaluate', 'quantize', " \
-           "'promote')" in result.stderr
+    names = ", ".join(repr(stage.name) for stage in all_stages())  # the registry's, in its order
+    assert f"invalid choice: 'pretrian' (choose from {names})" in result.stderr
