@@ -222,12 +222,12 @@ def test_jsonl_instruction_task(data: StageOutput, tmp_path: Path) -> None:
          r"tasks\.jsonl:3: field 'output' is missing"),
         ("sft", ['{"instruction": "a", "output": 3}'], r"tasks\.jsonl:1: field 'output' must be a string, got int"),
         ("sft", ['{"instruction": "a", "output": "b", "notes": "x"}'], r"tasks\.jsonl:1: unknown field 'notes'"),
-        ("sft", ['{"instruction": "a", "output": "  "}'], r"tasks\.jsonl:1: 'output' is empty"),
+        ("sft", ['{"instruction": "a", "output": "  "}'], r"tasks\.jsonl:1: field 'output' is empty"),
         ("dpo", ['{"prompt": "p", "chosen": "c", "rejected": "r"}', '{"prompt": "p", "chosen": "c", "rejected": ""}'],
-         r"tasks\.jsonl:2: 'rejected' is empty"),
-        ("dpo", ['{"prompt": "p", "chosen": "c", "rejected": "c"}'], r"tasks\.jsonl:1: 'chosen' and 'rejected' are identical"),
+         r"tasks\.jsonl:2: field 'rejected' is empty"),
+        ("dpo", ['{"prompt": "p", "chosen": "c", "rejected": "c"}'], r"tasks\.jsonl:1: fields 'chosen' and 'rejected' are identical"),
         ("dpo", ['{"instruction": "a", "output": "b"}'], r"tasks\.jsonl:1: unknown field 'instruction'"),
-        ("sft", [""], r"tasks\.jsonl: the file holds no records"),
+        ("sft", [""], r"spec\.finetune\.task\.path: tasks\.jsonl holds no records"),
     ],
 )
 def test_jsonl_errors_name_file_and_line(

@@ -6,7 +6,6 @@ The record kinds and the files the splits are written to are in `kubeforge.forma
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -14,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from kubeforge.errors import StageError
 from kubeforge.formats.chat import user_message
 from kubeforge.formats.functions import corpus_functions
+from kubeforge.formats.jsonl import read_records
 from kubeforge.formats.splits import TaskSplits
 from kubeforge.formats.task_split import normalise, record_content, split_by_prompt
 
@@ -26,8 +26,8 @@ STAGE = "finetune"
 
 _FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # kind: (required, optional)
-    "instruction": (("instruction", "output"), ("id", "input")),
-    "preference": (("prompt", "chosen", "rejected"), ("id",)),
+    "instruction": (("instruction", "output"), ("input",)),
+    "preference": (("prompt", "chosen", "rejected"), ()),
 }
 
 
@@ -76,54 +76,15 @@ def load_task(spec: FinetuneSpec, base_dir: Path, data: StageOutput[DataResult])
 
 def _read_jsonl_task(path_text: str, base_dir: Path, kind: str) -> list[dict[str, Any]]:
     """Validated records of a user's JSONL task; every error names the file (as written) and the line."""
-    path = Path(path_text)
-    if not path.is_absolute():
-        path = base_dir / path
-    if not path.is_file():
-        raise StageError(STAGE, f"spec.finetune.task.path: {path_text} does not exist (looked for {path})")
     required, optional = _FIELDS[kind]
-    allowed = required + optional
-    records: list[dict[str, Any]] = []
-    ids: dict[str, int] = {}
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            where = f"{path_text}:{number}"
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise StageError(STAGE, f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(value, dict):
-                raise StageError(STAGE, f"{where}: a record must be a JSON object, got {type(value).__name__}")
-            for name in value:
-                if name not in allowed:
-                    raise StageError(
-                        STAGE, f"{where}: unknown field '{name}' (a {kind} record has {', '.join(allowed)})"
-                    )
-            for name in allowed:
-                if name not in value:
-                    if name in required:
-                        raise StageError(STAGE, f"{where}: field '{name}' is missing")
-                    continue
-                if not isinstance(value[name], str):
-                    raise StageError(
-                        STAGE, f"{where}: field '{name}' must be a string, got {type(value[name]).__name__}"
-                    )
-            for name in required:
-                if not value[name].strip():
-                    raise StageError(STAGE, f"{where}: '{name}' is empty")
-            if kind == "preference" and value["chosen"] == value["rejected"]:
-                raise StageError(STAGE, f"{where}: 'chosen' and 'rejected' are identical")
-            record_id = value.get("id", f"{path.name}:{number}")
-            if record_id in ids:
-                raise StageError(STAGE, f"{where}: id '{record_id}' already used on line {ids[record_id]}")
-            ids[record_id] = number
-            record = {"id": record_id, **{name: value[name] for name in required}}
-            if kind == "instruction":
-                record["input"] = value.get("input", "")
-                record = {name: record[name] for name in ("id", "instruction", "input", "output")}
-            records.append(record)
-    if not records:
-        raise StageError(STAGE, f"{path_text}: the file holds no records")
+    records = []
+    for where, value in read_records(path_text, base_dir, stage=STAGE, field="spec.finetune.task.path",
+                                     required=required, optional=optional):
+        if kind == "preference" and value["chosen"] == value["rejected"]:
+            raise StageError(STAGE, f"{where}: fields 'chosen' and 'rejected' are identical")
+        if kind == "instruction":
+            records.append({"id": value["id"], "instruction": value["instruction"], "input": value.get("input", ""),
+                            "output": value["output"]})
+        else:
+            records.append({name: value[name] for name in ("id", *required)})
     return records

@@ -7,7 +7,6 @@ no prompt is on both sides, and the same pairs are held out whatever the seed.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 from kubeforge.errors import StageError
 from kubeforge.formats.chat import prompt_text, user_message
 from kubeforge.formats.functions import corpus_functions
+from kubeforge.formats.jsonl import read_records
 from kubeforge.formats.splits import TaskSplits
 from kubeforge.formats.task_split import normalise, record_content, split_by_prompt
 from kubeforge.spec.reward import RewardSpec
@@ -27,46 +27,12 @@ FIELDS = ("prompt", "chosen", "rejected")
 
 def read_pairs_jsonl(path_text: str, base_dir: Path) -> list[dict[str, Any]]:
     """Validated pairs of a JSONL file; every error names the field and the file and line."""
-    path = Path(path_text)
-    if not path.is_absolute():
-        path = base_dir / path
-    if not path.is_file():
-        raise StageError(STAGE, f"spec.reward.pairs.path: {path_text} does not exist (looked for {path})")
-    records: list[dict[str, Any]] = []
-    ids: dict[str, int] = {}
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            where = f"spec.reward.pairs.path: {path_text}:{number}"
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise StageError(STAGE, f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(value, dict):
-                raise StageError(STAGE, f"{where}: a pair must be a JSON object, got {type(value).__name__}")
-            for name in value:
-                if name not in (*FIELDS, "id"):
-                    raise StageError(
-                        STAGE, f"{where}: unknown field '{name}' (a pair has prompt, chosen, rejected, id)"
-                    )
-            for name in FIELDS:
-                if name not in value:
-                    raise StageError(STAGE, f"{where}: field '{name}' is missing")
-                if not isinstance(value[name], str):
-                    kind = type(value[name]).__name__
-                    raise StageError(STAGE, f"{where}: field '{name}' must be a string, got {kind}")
-                if not value[name].strip():
-                    raise StageError(STAGE, f"{where}: field '{name}' is empty")
-            if value["chosen"] == value["rejected"]:
-                raise StageError(STAGE, f"{where}: fields 'chosen' and 'rejected' are identical")
-            record_id = str(value.get("id", f"{path.name}:{number}"))
-            if record_id in ids:
-                raise StageError(STAGE, f"{where}: field 'id' ('{record_id}') already used on line {ids[record_id]}")
-            ids[record_id] = number
-            records.append({"id": record_id, **{name: value[name] for name in FIELDS}})
-    if not records:
-        raise StageError(STAGE, f"spec.reward.pairs.path: {path_text} holds no pairs")
+    records = []
+    for where, value in read_records(path_text, base_dir, stage=STAGE, field="spec.reward.pairs.path",
+                                     required=FIELDS, what="pair"):
+        if value["chosen"] == value["rejected"]:
+            raise StageError(STAGE, f"{where}: fields 'chosen' and 'rejected' are identical")
+        records.append({name: value[name] for name in ("id", *FIELDS)})
     return records
 
 
