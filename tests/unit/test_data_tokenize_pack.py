@@ -14,6 +14,7 @@ from kubeforge.data.packing import (
     assign_splits,
     plan_shards,
     shard_pieces,
+    split_of,
     split_position,
     tokenize_part,
     write_shard,
@@ -88,6 +89,19 @@ def test_tiny_corpus_still_fills_requested_splits() -> None:
     splits = assign_splits(["a", "b", "c"], PackingSpec(validation_fraction=0.01, test_fraction=0.01))
     assert sorted(splits) == ["test", "train", "validation"]
     assert assign_splits(["a", "b", "c"], PackingSpec(validation_fraction=0.0, test_fraction=0.0)) == ["train"] * 3
+
+
+def test_tiny_corpus_the_hash_puts_out_of_training_still_trains() -> None:
+    # At 99 % test, all four documents hash into test: training and validation each take the test
+    # document nearest them, the one of largest position, and test keeps the other two.
+    ids = ["a", "b", "c", "d"]
+    spec = PackingSpec(validation_fraction=0.005, test_fraction=0.99)
+    assert [split_of(i, spec) for i in ids] == ["test"] * 4
+    splits = assign_splits(ids, spec)
+    by_position = sorted(ids, key=lambda i: split_position(i, spec.seed))
+    assert [splits[ids.index(i)] for i in by_position] == ["test", "test", "validation", "train"]
+    # Two documents cannot fill three splits: training comes first.
+    assert sorted(assign_splits(["a", "b"], spec)) == ["test", "train"]
 
 
 def test_token_streams_are_cut_into_shards_across_parts_and_the_last_row_padded(tmp_path: Path) -> None:

@@ -44,29 +44,46 @@ def split_of(doc_id: str, spec: PackingSpec) -> str:
     return "train"
 
 
-def overrides(documents: Counter[str], first_train: Sequence[Sequence[Any]], spec: PackingSpec) -> dict[Any, str]:
-    """Documents moved out of training so that every split asked for has one.
+# Candidates to move, per split: the documents nearest the other splits' ranges. Training lies above
+# [0, test + validation), so its candidates are its smallest positions and the others' their largest.
+# Two per split suffice: a split gives at most one document to each of the other two.
+EDGE_SIZE = 2
 
-    A split asked for (fraction > 0) that the hash leaves empty takes the training document whose
-    position is closest to that split's range, which is the training document of smallest position,
-    while at least two are left in training; this only happens for tiny corpora. `first_train` holds
-    the two training documents of smallest position, as sorted (position, key).
+
+def edge_order(split: str, position: float) -> float:
+    """Sort key that puts a split's documents nearest the other splits first."""
+    return position if split == "train" else -position
+
+
+def overrides(documents: Counter[str], edges: dict[str, Sequence[Sequence[Any]]], spec: PackingSpec) -> dict[Any, str]:
+    """Documents moved so that every split asked for has one, as long as the corpus has enough.
+
+    The hash can leave a split empty only in a tiny corpus. Each empty split asked for (training
+    always, test and validation with a fraction > 0) takes a document from the split that has the
+    most, while that split keeps at least one: the donor's document nearest the empty split.
+    `edges[split]` holds that split's first `EDGE_SIZE` documents as sorted (edge_order, key).
     """
+    counts = Counter(documents)
+    pools = {name: [entry[1] for entry in edges.get(name, ())] for name in SPLITS}
+    wanted = [name for name, fraction in
+              (("train", 1.0), ("test", spec.test_fraction), ("validation", spec.validation_fraction)) if fraction > 0]
     moved: dict[Any, str] = {}
-    train = documents["train"]
-    candidates = list(first_train)
-    for name, fraction in (("test", spec.test_fraction), ("validation", spec.validation_fraction)):
-        if fraction > 0 and documents[name] == 0 and train >= 2 and candidates:
-            moved[candidates.pop(0)[1]] = name
-            train -= 1
+    for name in wanted:
+        donor = max(SPLITS, key=lambda split: counts[split])
+        if counts[name] == 0 and counts[donor] >= 2 and pools[donor]:
+            moved[pools[donor].pop(0)] = name
+            counts[donor] -= 1
+            counts[name] += 1
     return moved
 
 
 def assign_splits(doc_ids: Sequence[str], spec: PackingSpec) -> list[str]:
     """The split of each document of a corpus at hand (the stage's workers use `split_of` and `overrides`)."""
+    positions = [split_position(i, spec.seed) for i in doc_ids]
     splits = [split_of(i, spec) for i in doc_ids]
-    first_train = sorted((split_position(i, spec.seed), n) for n, i in enumerate(doc_ids) if splits[n] == "train")
-    for n, split in overrides(Counter(splits), first_train[:2], spec).items():
+    edges = {name: sorted((edge_order(name, positions[n]), n) for n, split in enumerate(splits) if split == name)
+             [:EDGE_SIZE] for name in SPLITS}
+    for n, split in overrides(Counter(splits), edges, spec).items():
         splits[n] = split
     return splits
 
@@ -85,19 +102,20 @@ def _splits_of(frame: Any, spec: PackingSpec, moved: dict[str, str]) -> list[str
 
 
 def count_splits(item: dict[str, Any], spec: PackingSpec) -> dict[str, Any]:
-    """A part's documents per split, its training characters, and its two training documents of
-    smallest position (for `overrides`)."""
+    """A part's documents per split, its training characters, and per split its original documents
+    nearest the other splits (`edges`, for `overrides`)."""
     frame = tasks.read_part(item["part"], ["idx", "id", "text", "augmented_from"])
     split_ids = _split_ids(frame)
     splits = [split_of(i, spec) for i in split_ids]
     train = [n for n, split in enumerate(splits) if split == "train"]
-    first = sorted(
-        (split_position(split_ids[n], spec.seed), int(frame["idx"].iat[n])) for n in train
-        if frame["idx"].iat[n] == frame["idx"].iat[n] & tasks.ORIGINAL
-    )[:2]
+    originals = [n for n, idx in enumerate(frame["idx"]) if idx == idx & tasks.ORIGINAL]
+    edges = {name: sorted(
+        (edge_order(name, split_position(split_ids[n], spec.seed)), int(frame["idx"].iat[n]))
+        for n in originals if splits[n] == name
+    )[:EDGE_SIZE] for name in SPLITS}
     return {
         "documents_in": len(frame), "documents": dict(Counter(splits)),
-        "train_characters": int(frame["text"].iloc[train].str.len().sum()) if train else 0, "first_train": first,
+        "train_characters": int(frame["text"].iloc[train].str.len().sum()) if train else 0, "edges": edges,
     }
 
 

@@ -145,8 +145,9 @@ def _run(spec: DataSpec, ctx: StageContext, work: dict[str, tasks.NodeWork]) -> 
     per_split: Counter[str] = Counter()
     for counts in counted:
         per_split.update(counts["documents"])
-    first_train = sorted(tuple(entry) for counts in counted for entry in counts["first_train"])[:2]
-    moved = {str(idx): split for idx, split in packing.overrides(per_split, first_train, spec.packing).items()}
+    edges = {name: sorted(tuple(entry) for counts in counted for entry in counts["edges"][name])[:packing.EDGE_SIZE]
+             for name in packing.SPLITS}
+    moved = {str(idx): split for idx, split in packing.overrides(per_split, edges, spec.packing).items()}
     [fitted] = tasks.run([{}], tokenizer.fit, {
         "parts": [item["part"] for item in parts], "packing": spec.packing, "moved": moved,
         "train_characters": sum(counts["train_characters"] for counts in counted), "spec": spec.tokenizer,
