@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -55,7 +55,9 @@ def edge_order(split: str, position: float) -> float:
     return position if split == "train" else -position
 
 
-def overrides(documents: Counter[str], edges: dict[str, Sequence[Sequence[Any]]], spec: PackingSpec) -> dict[Any, str]:
+def overrides(
+    documents: Counter[str], edges: Mapping[str, Sequence[Sequence[Any]]], spec: PackingSpec
+) -> dict[Any, str]:
     """Documents moved so that every split asked for has one, as long as the corpus has enough.
 
     The hash can leave a split empty only in a tiny corpus. Each empty split asked for (training
