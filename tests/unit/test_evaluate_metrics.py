@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from kubeforge.evaluate.compare import comparison_rows, write_plots, write_table
-from kubeforge.evaluate.doctests import DoctestCase, isolation, run_doctests
-from kubeforge.evaluate.generation import corpus_bleu, exact_match, parse_rate, parses, rouge_l, text_metrics
+from kubeforge.evaluate.generation import corpus_bleu, exact_match, parse_rate, rouge_l, text_metrics
 from kubeforge.evaluate.sources import find_model_folder
-from kubeforge.evaluate.stage import _function_header
+from kubeforge.formats.functions import function_header, parses
+from kubeforge.sandbox import DoctestCase, isolation, run_doctests
 
 pytestmark = pytest.mark.unit
 
@@ -65,8 +65,8 @@ def test_parse_rate_counts_sources_that_parse() -> None:
 
 def test_function_header_of_instruction_and_preference_records() -> None:
     header = 'def f():\n    """Doc."""\n'
-    assert _function_header({"instruction": "Write it.", "input": header, "output": "    return 1\n"}) == header
-    assert _function_header({"prompt": f"Write the body of this Python function.\n\n{header}"}) == header
+    assert function_header({"instruction": "Write it.", "input": header, "output": "    return 1\n"}) == header
+    assert function_header({"prompt": f"Write the body of this Python function.\n\n{header}"}) == header
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,8 +260,8 @@ def test_generated_code_cannot_write_outside_its_scratch_folder(tmp_path: Path) 
 
 def test_on_kubernetes_unconfined_doctests_are_refused_unless_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
     from kubeforge.errors import StageError
-    from kubeforge.evaluate.doctests import Isolation
     from kubeforge.evaluate.stage import _check_confinement
+    from kubeforge.sandbox import Isolation
     from kubeforge.spec.evaluate import EvaluateSpec
 
     unconfined, complete = Isolation("namespace (unshare -rn)", None), Isolation("namespace", "landlock")

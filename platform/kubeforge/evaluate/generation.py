@@ -11,9 +11,10 @@ Conventions, so numbers compare across runs and with published ones:
 
 from __future__ import annotations
 
-import ast
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from kubeforge.formats.functions import body_parses
 
 
 def _check_lengths(predictions: Sequence[str], references: Sequence[str]) -> None:
@@ -46,20 +47,6 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float | No
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     scores = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)]
     return float(sum(scores) / len(scores))
-
-
-def parses(source: str) -> bool:
-    try:
-        ast.parse(source)
-    except (SyntaxError, ValueError):  # ValueError: source with NUL bytes
-        return False
-    return True
-
-
-def body_parses(header: str, body: str) -> bool:
-    """A generated body counts only when it adds code: the header alone (signature and docstring)
-    already parses, so an empty or blank generation would otherwise score as valid Python."""
-    return bool(body.strip()) and parses(header + body)
 
 
 def parse_rate(headers: Sequence[str], bodies: Sequence[str]) -> float | None:

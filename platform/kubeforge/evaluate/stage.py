@@ -23,7 +23,7 @@ Every model is loaded, scored and released in turn (one in memory at a time):
   tokenizer makes the shards meaningless to it, so it is compared on generation only;
 * generation metrics on the first `max_examples` records of the fine-tuning task's test split, with
   greedy decoding (see `kubeforge.evaluate.generation`), plus parse and doctest pass rates for the
-  built-in `python-docstrings` task (see `kubeforge.evaluate.doctests`). Without a fine-tuning stage
+  built-in `python-docstrings` task (see `kubeforge.sandbox`). Without a fine-tuning stage
   there is no task and so perplexity only;
 * with `spec.harness`, lm-evaluation-harness tasks on local files (see `kubeforge.evaluate.harness`), run
   on the model already loaded, reported as `harness_<task>_<metric>` next to the metrics above.
@@ -42,10 +42,11 @@ from typing import Any
 from kubeforge.context import StageContext, StageOutput
 from kubeforge.errors import StageError
 from kubeforge.evaluate.compare import METRICS, comparison_rows, write_plots, write_table
-from kubeforge.evaluate.doctests import DoctestCase, Isolation, isolation, run_doctests
-from kubeforge.evaluate.generation import body_parses, generate_texts, parse_rate, text_metrics
+from kubeforge.evaluate.generation import generate_texts, parse_rate, text_metrics
 from kubeforge.evaluate.harness import Prepared, prepare, run_tasks
 from kubeforge.evaluate.sources import ModelSource, champion_source, finetune_sources, hf_loader
+from kubeforge.formats.functions import body_parses, function_header
+from kubeforge.sandbox import DoctestCase, Isolation, isolation, run_doctests
 from kubeforge.spec.evaluate import EvaluateSpec
 from kubeforge.spec.pretrain import PretrainSpec
 from kubeforge.stages.data import DATA, DataResult
@@ -111,23 +112,6 @@ def _task(ctx: StageContext, finetune: StageOutput[FinetuneResult] | None, spec:
 
 def _reference(record: dict[str, Any]) -> str:
     return str(record["chosen"] if "chosen" in record else record["output"])
-
-
-def _function_header(record: dict[str, Any]) -> str:
-    """Signature and docstring the generated body continues: `input`, or a preference record's prompt
-    after the instruction (the built-in task's prompt is the instruction, a blank line, the header)."""
-    if record.get("input"):
-        return str(record["input"])
-    return str(record.get("prompt", "")).split("\n\n", 1)[-1]
-
-
-def _doctest_case(record: dict[str, Any], body: str) -> DoctestCase:
-    return DoctestCase(
-        source=_function_header(record) + body,
-        entry_point=str(record["entry_point"]),
-        module=record.get("module"),
-        qualname=record.get("qualname"),
-    )
 
 
 def _shares_vocabulary(model: Any, tokenizer: Any, data_vocab: dict[str, int]) -> bool:
@@ -227,7 +211,7 @@ def _score(
             )
             metrics.update(text_metrics(scored.generations, [_reference(r) for r in task.records]))
             if task.is_code:
-                headers = [_function_header(r) for r in task.records]
+                headers = [function_header(r) for r in task.records]
                 metrics["parse_rate"] = parse_rate(headers, scored.generations)
                 scored.parses = [body_parses(h, g) for h, g in zip(headers, scored.generations, strict=True)]
                 scored.doctest_passed, metrics["doctest_pass_rate"] = _doctest_pass(
@@ -265,8 +249,8 @@ def _reference_doctests(task: Task | None, spec: EvaluateSpec) -> list[bool | No
     if task is None or not task.is_code:
         return []
     eligible = [i for i, r in enumerate(task.records) if r.get("has_doctests")]
-    outcomes = run_doctests([_doctest_case(task.records[i], _reference(task.records[i])) for i in eligible],
-                            spec.doctest_timeout_s)
+    cases = [DoctestCase.of_record(r, function_header(r) + _reference(r)) for r in (task.records[i] for i in eligible)]
+    outcomes = run_doctests(cases, spec.doctest_timeout_s)
     passes: list[bool | None] = [None] * len(task.records)
     for index, outcome in zip(eligible, outcomes, strict=True):
         passes[index] = outcome.passed
@@ -280,7 +264,9 @@ def _doctest_pass(
     results: list[bool | None] = [None] * len(task.records)
     if not eligible:
         return results, None
-    outcomes = run_doctests([_doctest_case(task.records[i], generations[i]) for i in eligible], spec.doctest_timeout_s)
+    cases = [DoctestCase.of_record(r, function_header(r) + generations[i]) for i, r in
+             ((i, task.records[i]) for i in eligible)]
+    outcomes = run_doctests(cases, spec.doctest_timeout_s)
     for index, outcome in zip(eligible, outcomes, strict=True):
         results[index] = outcome.passed
     return results, sum(o.passed for o in outcomes) / len(outcomes)

@@ -178,3 +178,25 @@ def _cut_function(node: ast.FunctionDef | ast.AsyncFunctionDef, lines: list[str]
     if len(parsed.body) != 1 or not isinstance(parsed.body[0], ast.FunctionDef | ast.AsyncFunctionDef):
         return None
     return header, body
+
+
+def parses(source: str) -> bool:
+    try:
+        ast.parse(source)
+    except (SyntaxError, ValueError):  # ValueError: source with NUL bytes
+        return False
+    return True
+
+
+def body_parses(header: str, body: str) -> bool:
+    """A generated body counts only when it adds code: the header alone (signature and docstring)
+    already parses, so an empty or blank generation would otherwise score as valid Python."""
+    return bool(body.strip()) and parses(header + body)
+
+
+def function_header(record: dict[str, Any]) -> str:
+    """Signature and docstring a generated body continues: `input`, or a preference record's prompt
+    after the instruction (the built-in task's prompt is the instruction, a blank line, the header)."""
+    if record.get("input"):
+        return str(record["input"])
+    return str(record.get("prompt", "")).split("\n\n", 1)[-1]

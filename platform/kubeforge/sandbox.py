@@ -38,8 +38,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 # Time the child may take to start, read its cases and say it is ready (a loaded machine is slow).
 _STARTUP_GRACE_S = 15.0
@@ -164,6 +165,15 @@ class DoctestCase:
     """`Class.method` for a method: it is set on the module's class while its doctests run. It is
     compiled outside the class body, so a method that needs name mangling or zero-argument `super()`
     fails; its reference fails the same way, which leaves it out of the pass rate."""
+
+    @classmethod
+    def of_record(cls, record: Mapping[str, Any], source: str) -> DoctestCase:
+        """A function's whole source checked as a record of the built-in task says (`entry_point`,
+        `module`, `qualname`: see `kubeforge.formats.functions`)."""
+        return cls(
+            source=source, entry_point=str(record["entry_point"]), module=record.get("module"),
+            qualname=record.get("qualname"),
+        )
 
 
 @dataclass(frozen=True)
