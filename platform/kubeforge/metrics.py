@@ -87,6 +87,14 @@ TRAIN_EVAL_METRIC = Gauge(
     registry=REGISTRY,
 )
 
+TRAIN_STEP_METRIC = Gauge(
+    "kubeforge_train_step_metric",
+    "A training loop's own figures per optimizer step, averaged over the workers: the rl stage's "
+    "rollout_reward, kl, entropy and rollout_response_length.",
+    ["pipeline", "stage", "metric"],
+    registry=REGISTRY,
+)
+
 
 TUNE_TRIALS = Gauge(
     "kubeforge_tune_trials",

@@ -242,6 +242,17 @@ def isolation() -> Isolation:
                      f"only in the scratch folder (landlock ABI {landlock_abi()})" if landlock_abi() else None)
 
 
+def unconfined_refusal(confinement: Isolation, allowed: bool, field: str) -> str | None:
+    """Why generated code must not run here, or None. On Kubernetes, next to the work volume and the
+    cluster network, it runs only fully confined unless the manifest's `field` allows otherwise."""
+    if confinement.complete or allowed or "KUBERNETES_SERVICE_HOST" not in os.environ:
+        return None
+    return (
+        f"{field}: this pod cannot confine the generated code's doctests ({confinement}); allow the stage pods "
+        f"user namespaces (unshare) and Landlock, or set {field.rsplit('.', 1)[-1]}: true to run them anyway"
+    )
+
+
 def _environment(scratch: str) -> dict[str, str]:
     # Built from nothing rather than filtered, so no proxy, token or cloud credential is passed on.
     return {"PATH": os.defpath, "HOME": scratch, "TMPDIR": scratch, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}

@@ -140,5 +140,5 @@ def test_a_second_stage_with_the_same_name_or_section_is_refused() -> None:
         stages.register(Stage(name="other", section="pretrain", spec_type=SmokeSpec, result_type=SmokeResult,
                               run=f"{__name__}:run_smoke"))
     assert [s.name for s in stages.all_stages()] == [
-        "data", "tune", "pretrain", "finetune", "reward", "evaluate", "quantize", "promote",
+        "data", "tune", "pretrain", "finetune", "reward", "rl", "evaluate", "quantize", "promote",
     ]

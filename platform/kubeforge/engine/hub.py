@@ -19,6 +19,9 @@ from kubeforge import metrics
 from kubeforge.context import ProgressTask
 from kubeforge.tracking import Tracker
 
+STEP_FIELDS = ("event", "rank", "step", "train_loss", "lr", "tokens_per_second", "tokens")
+"""What every step message carries; the rest are the recipe's own figures."""
+
 
 @ray.remote(num_cpus=0)
 class ProgressHub:
@@ -119,18 +122,22 @@ class HubPoller:
         self.last_step = max(self.last_step, step)
         self.task.update(self.last_step, total=self.max_steps)
         logged = {"train_loss": any_rank["train_loss"], "lr": any_rank["lr"], "tokens_per_second": sum(rates)}
-        mfus = [m["mfu"] for m in by_rank.values() if "mfu" in m]
-        if mfus:
-            logged["mfu"] = sum(mfus) / len(mfus)
+        # A recipe's own figures (`Recipe._step_extras`: MFU, the rl stage's reward, KL, entropy and response
+        # length), averaged over the workers.
+        for name in sorted({key for m in by_rank.values() for key in m} - set(STEP_FIELDS)):
+            values = [float(m[name]) for m in by_rank.values() if name in m]
+            logged[name] = sum(values) / len(values)
+            if name != "mfu":  # MFU has its per-worker gauge
+                metrics.TRAIN_STEP_METRIC.labels(metric=name, **self.labels).set(logged[name])
         self.tracker.log_metrics(logged, step=step)
 
     def _on_eval(self, message: dict[str, Any]) -> None:
-        """`val_loss` always; `val_perplexity` from language-modelling objectives; other metrics (DPO's
-        reward accuracy and margin, the reward model's accuracy and margin) go to MLflow as they come and to
-        the `kubeforge_train_eval_metric` gauge."""
+        """`val_loss` and `val_perplexity` where the objective has them; other metrics (DPO's reward accuracy
+        and margin, the reward model's accuracy and margin, the rl stage's rewards) go to MLflow as they come
+        and to the `kubeforge_train_eval_metric` gauge."""
         step = int(message["step"])
         values = {k: float(v) for k, v in message.items() if k not in ("event", "step")}
-        loss, perplexity = values["val_loss"], values.get("val_perplexity", math.nan)
+        loss, perplexity = values.get("val_loss", math.nan), values.get("val_perplexity", math.nan)
         self.evaluations[step] = (loss, perplexity)
         if math.isfinite(loss):
             metrics.TRAIN_LOSS.labels(split="validation", **self.labels).set(loss)

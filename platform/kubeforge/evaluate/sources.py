@@ -1,5 +1,5 @@
-"""The models the evaluate stage scores, and how each is loaded: the candidate (the fine-tuned model, or
-the pretrained one), its base, and the registered champion downloaded from MLflow."""
+"""The models the evaluate stage scores, and how each is loaded: the candidate (the aligned model, else the
+fine-tuned one, else the pretrained one), its base, and the registered champion downloaded from MLflow."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from kubeforge.spec.evaluate import EvaluateSpec
 from kubeforge.stages.evaluate import EVALUATE
 from kubeforge.stages.finetune import FinetuneResult
 from kubeforge.stages.quantize import QUANTIZE
+from kubeforge.stages.rl import RlResult
 
 STAGE = EVALUATE.name
 
@@ -70,6 +71,23 @@ def finetune_sources(spec: EvaluateSpec, finetune: StageOutput[FinetuneResult]) 
                 "spec.evaluate.compare_base: false",
             )
         sources.append(ModelSource("base", str(base), hf_loader(Path(base), "causal")))
+    return sources
+
+
+def rl_sources(spec: EvaluateSpec, rl: StageOutput[RlResult]) -> list[ModelSource]:
+    """The aligned policy, and the policy it started from as its base (the fine-tuned model)."""
+    location = rl.directory / rl.result.model_dir
+    if not (location / "config.json").is_file():
+        raise StageError(STAGE, f"the rl stage's model folder {location} holds no model; rerun the rl stage")
+    sources = [ModelSource("candidate", str(location), hf_loader(location, "causal"))]
+    if spec.compare_base:
+        base = Path(rl.result.base_model_dir)
+        if not (base / "config.json").is_file():
+            raise StageError(
+                STAGE, f"the rl stage's starting policy {base} does not exist; restore it, or set "
+                "spec.evaluate.compare_base: false",
+            )
+        sources.append(ModelSource("base", str(base), hf_loader(base, "causal")))
     return sources
 
 

@@ -1,9 +1,9 @@
 """`run(spec, ctx)`: score the candidate model against its base and the registered champion.
 
-* **candidate**: the fine-tuning stage's model (`kubeforge.engine.model.load_for_inference`) when the
-  pipeline fine-tunes, else the pretraining stage's model;
-* **base**: the model the fine-tuning started from (`base_model_dir` of its result), with
-  `spec.compare_base` and a fine-tuning stage;
+* **candidate**: the rl stage's aligned model when the pipeline has one, else the fine-tuning stage's
+  model (`kubeforge.engine.model.load_for_inference`), else the pretraining stage's model;
+* **base**: the model the candidate started from (`base_model_dir` of the rl or fine-tuning result: for
+  an aligned model, the fine-tuned one), with `spec.compare_base`;
 * **champion**: the version behind the alias `champion` of the registered MLflow model
   `spec.champion` (the pipeline's name by default). Its `source` is downloaded with
   `mlflow.artifacts.download_artifacts` (a `runs:/`, `models:/`, `file://` or remote artifact URI, or a
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,9 +43,9 @@ from kubeforge.errors import StageError
 from kubeforge.evaluate.compare import METRICS, comparison_rows, write_plots, write_table
 from kubeforge.evaluate.generation import generate_texts, parse_rate, text_metrics
 from kubeforge.evaluate.harness import Prepared, prepare, run_tasks
-from kubeforge.evaluate.sources import ModelSource, champion_source, finetune_sources, hf_loader
+from kubeforge.evaluate.sources import ModelSource, champion_source, finetune_sources, hf_loader, rl_sources
 from kubeforge.formats.functions import body_parses, function_header
-from kubeforge.sandbox import DoctestCase, Isolation, isolation, run_doctests
+from kubeforge.sandbox import DoctestCase, Isolation, isolation, run_doctests, unconfined_refusal
 from kubeforge.spec.evaluate import EvaluateSpec
 from kubeforge.spec.pretrain import PretrainSpec
 from kubeforge.stages.data import DATA, DataResult
@@ -54,6 +53,7 @@ from kubeforge.stages.evaluate import EVALUATE, EvaluateResult
 from kubeforge.stages.finetune import FINETUNE, FinetuneResult
 from kubeforge.stages.pretrain import PRETRAIN
 from kubeforge.stages.promote import PROMOTE
+from kubeforge.stages.rl import RL
 
 STAGE = EVALUATE.name
 _EVAL_SEED = 1234  # MLM masks of the perplexity batches: the same targets for every model
@@ -73,14 +73,10 @@ class Task:
 
 
 def _check_confinement(spec: EvaluateSpec, confinement: Isolation, log: Callable[[str], None]) -> None:
-    """Generated code runs in the doctests: on Kubernetes, next to the work volume and the cluster network,
-    only fully confined unless the manifest allows otherwise."""
     log(f"{STAGE}: doctests run in a subprocess; {confinement}")
-    if not confinement.complete and "KUBERNETES_SERVICE_HOST" in os.environ and not spec.allow_unconfined_doctests:
-        raise StageError(STAGE, (
-            f"spec.evaluate.allow_unconfined_doctests: this pod cannot confine the generated code's doctests "
-            f"({confinement}); allow the stage pods user namespaces (unshare) and Landlock, or set "
-            "allow_unconfined_doctests: true to run them anyway"))
+    refusal = unconfined_refusal(confinement, spec.allow_unconfined_doctests, "spec.evaluate.allow_unconfined_doctests")
+    if refusal is not None:
+        raise StageError(STAGE, refusal)
 
 
 def _task(ctx: StageContext, finetune: StageOutput[FinetuneResult] | None, spec: EvaluateSpec) -> Task | None:
@@ -303,8 +299,12 @@ def run(spec: EvaluateSpec, ctx: StageContext) -> EvaluateResult:
     pretrain = ctx.input(PRETRAIN)
     device = _device(spec)
 
+    rl = ctx.input(RL)
     sources: list[ModelSource]
-    if finetune is not None:
+    if rl is not None:
+        objective = "causal"
+        sources = rl_sources(spec, rl)
+    elif finetune is not None:
         objective = "causal"
         sources = finetune_sources(spec, finetune)
     elif pretrain is not None:

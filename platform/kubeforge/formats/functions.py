@@ -13,6 +13,7 @@ import ast
 import keyword
 import random
 import sysconfig
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -194,7 +195,7 @@ def body_parses(header: str, body: str) -> bool:
     return bool(body.strip()) and parses(header + body)
 
 
-def function_header(record: dict[str, Any]) -> str:
+def function_header(record: Mapping[str, Any]) -> str:
     """Signature and docstring a generated body continues: `input`, or a preference record's prompt
     after the instruction (the built-in task's prompt is the instruction, a blank line, the header)."""
     if record.get("input"):

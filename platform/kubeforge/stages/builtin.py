@@ -12,7 +12,8 @@ from kubeforge.stages.pretrain import PRETRAIN
 from kubeforge.stages.promote import PROMOTE
 from kubeforge.stages.quantize import QUANTIZE
 from kubeforge.stages.reward import REWARD
+from kubeforge.stages.rl import RL
 from kubeforge.stages.tune import TUNE
 
-for _stage in (DATA, TUNE, PRETRAIN, FINETUNE, REWARD, EVALUATE, QUANTIZE, PROMOTE):
+for _stage in (DATA, TUNE, PRETRAIN, FINETUNE, REWARD, RL, EVALUATE, QUANTIZE, PROMOTE):
     register(_stage)

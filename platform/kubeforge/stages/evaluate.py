@@ -58,7 +58,8 @@ EVALUATE: Stage[EvaluateSpec, EvaluateResult] = Stage(
     spec_type=EvaluateSpec,
     result_type=EvaluateResult,
     run="kubeforge.evaluate.stage:run",
-    reads=("data", "pretrain", "finetune"),
+    # The candidate is the latest of the pretrained, fine-tuned and aligned (rl) models; the task is finetune's.
+    reads=("data", "pretrain", "finetune", "rl"),
     pod_size=lambda spec: PodSize.of(use_gpu=spec.use_gpu),
     gpu_runs_in="driver",  # it scores the models in the stage function
     needs_model="score",

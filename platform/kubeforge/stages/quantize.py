@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubeforge.spec.quantize import QuantizeSpec
-from kubeforge.stages import Metric, PodSize, Stage
+from kubeforge.stages import Metric, PodSize, Stage, model_stages
 from kubeforge.stages.results import ModelLineage, ModelResult
 
 
@@ -44,7 +44,8 @@ QUANTIZE: Stage[QuantizeSpec, QuantizeResult] = Stage(
     spec_type=QuantizeSpec,
     result_type=QuantizeResult,
     run="kubeforge.quantize.stage:run",
-    reads=("data", "pretrain", "finetune"),
+    # The corpus (calibration, the perplexity check) and the pipeline's latest model, whichever stage made it.
+    reads=lambda: ("data", *(s.name for s in model_stages())),
     pod_size=lambda spec: PodSize.of(use_gpu=spec.use_gpu),
     # The perplexity gate and the vLLM check run in the stage function; llm-compressor's Ray task
     # (kubeforge.envs.run_in_env) asks for no GPU and sees the GPUs of the pod it lands on, the same one.

@@ -1,0 +1,277 @@
+"""The GRPO loop every Ray Train worker runs, on the shared engine.
+
+The engine's `Recipe` gives it the lifecycle it shares with the other training stages (DDP, gradient
+accumulation, schedule, clipping, checkpoints and resuming, progress to the driver). Its own:
+
+* each micro-batch is made when its step comes: `batch_size` prompts, `group_size` completions sampled
+  for each by the current policy (`transformers` generate; a prompt's group is one batch, so no
+  padding), their rewards (`kubeforge.rl.rules`, the reward model), group-relative advantages and the
+  reference policy's log-probabilities. Sampling is seeded by the step's position, so a resumed run
+  draws what the interrupted one would have;
+* the loss of `kubeforge.rl.grpo`; the step's mean rollout reward (and per source), KL, entropy and
+  rollout response length go to the driver with the step (`_step_extras`: MLflow and Prometheus);
+* an evaluation samples one completion per held-out prompt with fixed seeds (the same draws for every
+  evaluation, so the rewards before and after compare like with like) and measures perplexity on the
+  data stage's test split.
+
+The reference is the starting policy: a frozen copy for `full`, the same model with its adapters off
+for `lora`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+
+from kubeforge.engine.batches import Batcher, RankSampler, TokenShards, validation_batches
+from kubeforge.engine.recipe import Batch, Recipe
+from kubeforge.engine.steps import all_reduce_sum, evaluate_tokens, unwrap
+from kubeforge.rl.config import RlLoop
+from kubeforge.rl.grpo import group_advantages, grpo_loss, token_logprobs
+from kubeforge.rl.rules import Completion, rule_rewards
+from kubeforge.spec.pretrain import PretrainSpec
+from kubeforge.spec.rl import RlSpec
+
+MODEL_SUBDIR = "model"
+_EVAL_SEED = 20_240_601
+"""Seeds the held-out samples: every evaluation draws the same random numbers."""
+_PERPLEXITY_BATCH = 8
+
+
+def source_names(spec: RlSpec) -> list[str]:
+    """The reward sources an evaluation reports (`reward_<source>`): the rules, then the model."""
+    return [f"rule_{name}" for name in sorted(spec.rewards.rules)] + (["model"] if spec.rewards.model else [])
+
+
+def completion_length(row: Sequence[int], eos_ids: Sequence[int]) -> tuple[int, bool]:
+    """Tokens of a generated row up to and including its first end of sequence, and whether it had one."""
+    for index, token in enumerate(row):
+        if token in eos_ids:
+            return index + 1, True
+    return len(row), False
+
+
+def right_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, : len(row)] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def target_mask(prompt_lengths: Sequence[int], lengths: Sequence[int], width: int) -> torch.Tensor:
+    """(n, width - 1): which next-token targets are completion tokens (target j predicts token j + 1)."""
+    positions = torch.arange(width - 1).unsqueeze(0)
+    starts = torch.tensor(prompt_lengths).unsqueeze(1) - 1
+    ends = torch.tensor(lengths).unsqueeze(1) - 1
+    return (positions >= starts) & (positions < ends)
+
+
+class RlRecipe(Recipe[RlLoop]):
+    @property
+    def spec(self) -> RlSpec:
+        return self.config.spec
+
+    def _setup_model(self) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        spec, config = self.spec, self.config
+        model: Any = AutoModelForCausalLM.from_pretrained(config.base_model_dir)
+        self.reference: Any = None
+        if spec.method == "lora":
+            from peft import LoraConfig, TaskType, get_peft_model
+
+            lora = spec.lora_settings
+            model = get_peft_model(model, LoraConfig(
+                task_type=TaskType.CAUSAL_LM, r=lora.rank, lora_alpha=lora.alpha,  # type: ignore[arg-type]
+                lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
+            ))
+            self.trainable_only = True
+        else:
+            # From the folder, not a copy of `model`: a resumed run restores the policy, never the reference.
+            reference: Any = AutoModelForCausalLM.from_pretrained(config.base_model_dir)
+            self.reference = reference.to(self.device).eval().requires_grad_(False)
+        self.reward_model: Any = None
+        if config.reward_model_dir is not None:
+            scorer: Any = AutoModelForSequenceClassification.from_pretrained(config.reward_model_dir)
+            self.reward_model = scorer.to(self.device).eval().requires_grad_(False)
+        model.train()
+        if spec.train.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.trainable_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.total_parameters = sum(p.numel() for p in model.parameters())
+        return self.session.prepare_model(model, "ddp")
+
+    def _setup_data(self) -> None:
+        from transformers import AutoTokenizer
+
+        spec, config = self.spec, self.config
+        self.tokenizer = AutoTokenizer.from_pretrained(config.base_model_dir)
+        self.sampler = RankSampler(len(config.train_prompts), self.rank, self.world_size, spec.train.seed)
+        limit = spec.train.batch_size * spec.eval.max_batches
+        self.test_prompts = list(enumerate(config.test_prompts))[self.rank :: self.world_size][:limit]
+        self.perplexity_batches: list[Any] = []
+        if config.perplexity_shards:
+            shards = TokenShards(config.perplexity_shards)
+            self.perplexity_batches = validation_batches(
+                shards, self.rank, self.world_size, _PERPLEXITY_BATCH, spec.eval.max_batches
+            )
+            self.batcher = Batcher(PretrainSpec(), config.vocab_size, config.special_tokens)
+        self.step_stats: dict[str, list[float]] = {}
+
+    # --- rollouts ---------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _seeded(self, seed: int) -> Iterator[None]:
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            yield
+
+    def _sample(self, prompt_ids: list[int], count: int, seed: int) -> list[list[int]]:
+        """`count` completions of one prompt by the current policy, each cut after its end of sequence."""
+        spec, policy = self.spec.rollout, cast(Any, unwrap(self.model))
+        policy.eval()
+        input_ids = torch.tensor([prompt_ids] * count, dtype=torch.long, device=self.device)
+        with torch.no_grad(), self._seeded(seed), torch.autocast(
+            device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16
+        ):
+            generated = policy.generate(
+                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True,
+                temperature=spec.temperature, top_p=spec.top_p, top_k=0, max_new_tokens=spec.max_new_tokens,
+                eos_token_id=self.config.eos_ids, pad_token_id=self.config.pad_id, use_cache=True,
+            )
+        policy.train()
+        rows = generated[:, len(prompt_ids) :].tolist()
+        return [row[: completion_length(row, self.config.eos_ids)[0]] for row in rows]
+
+    def _score(
+        self, prompts: Sequence[Mapping[str, Any]], completions: Sequence[Sequence[int]]
+    ) -> dict[str, list[float]]:
+        """Every source's reward of each completion (`rule_<name>` unweighted, `model`) and their weighted
+        sum (`total`); `prompts[i]` is completion i's prompt."""
+        rewards = self.spec.rewards
+        eos = self.config.eos_ids
+        parsed = [
+            Completion(prompt["record"], str(self.tokenizer.decode(list(row), skip_special_tokens=True)), len(row),
+                       completion_length(row, eos)[1])
+            for prompt, row in zip(prompts, completions, strict=True)
+        ]
+        scores = {f"rule_{name}": values for name, values in rule_rewards(
+            parsed, sorted(rewards.rules), self.spec.rollout.max_new_tokens, rewards.doctest_timeout_s
+        ).items()}
+        total = [0.0] * len(parsed)
+        for name, weight in rewards.rules.items():
+            total = [t + weight * v for t, v in zip(total, scores[f"rule_{name}"], strict=True)]
+        if self.reward_model is not None and rewards.model is not None:
+            # The reward stage scores prompt and answer without an end of sequence.
+            rows = [list(p["input_ids"]) + [t for t in row if t not in eos]
+                    for p, row in zip(prompts, completions, strict=True)]
+            input_ids, attention_mask = right_pad(rows, self.config.pad_id, self.device)
+            with torch.no_grad():
+                model_scores = self.reward_model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1)
+            scores["model"] = [float(v) for v in model_scores.float()]
+            total = [t + rewards.model.weight * v for t, v in zip(total, scores["model"], strict=True)]
+        scores["total"] = total
+        return scores
+
+    def _rollout(self, prompts: Sequence[Mapping[str, Any]], seed: int) -> Batch:
+        group = self.spec.rollout.group_size
+        completions: list[list[int]] = []
+        for k, prompt in enumerate(prompts):
+            completions.extend(self._sample(list(prompt["input_ids"]), group, seed * 1009 + k))
+        owners = [prompt for prompt in prompts for _ in range(group)]
+        scores = self._score(owners, completions)
+        rows = [list(p["input_ids"]) + c for p, c in zip(owners, completions, strict=True)]
+        input_ids, attention_mask = right_pad(rows, self.config.pad_id, self.device)
+        prompt_lengths = [len(p["input_ids"]) for p in owners]
+        mask = target_mask(prompt_lengths, [len(r) for r in rows], input_ids.shape[1]).to(self.device)
+        with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            reference_logits = self._reference_logits(input_ids, attention_mask)
+        # `rollout_` keeps them apart from the evaluations' metrics of the same names in MLflow.
+        for name, values in scores.items():
+            key = "rollout_reward" if name == "total" else f"rollout_reward_{name}"
+            self.step_stats.setdefault(key, []).extend(values)
+        self.step_stats.setdefault("rollout_response_length", []).extend(len(c) for c in completions)
+        return {
+            "input_ids": input_ids, "attention_mask": attention_mask, "target_mask": mask,
+            "advantages": group_advantages(torch.tensor(scores["total"]), group).to(self.device),
+            "reference_logprobs": token_logprobs(reference_logits, input_ids),
+            "tokens": int(attention_mask.sum()),
+        }
+
+    def _reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.reference is not None:
+            return self.reference(input_ids=input_ids, attention_mask=attention_mask).logits
+        policy = cast(Any, unwrap(self.model))
+        with policy.disable_adapter():
+            return policy(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    # --- the engine's hooks -----------------------------------------------------------------------
+
+    def _micro_batches(self, step: int) -> list[Batch]:
+        accum, size = self.spec.train.grad_accum_steps, self.spec.train.batch_size
+        batches = []
+        for a in range(accum):
+            index = step * accum + a
+            prompts = [self.config.train_prompts[i] for i in self.sampler.batch(index, size)]
+            batches.append(self._rollout(prompts, seed=(self.spec.train.seed * 100_003 + index) * 64 + self.rank))
+        return batches
+
+    def _loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        terms = grpo_loss(
+            logits, batch["input_ids"], batch["target_mask"], batch["advantages"], batch["reference_logprobs"],
+            self.spec.kl_coef,
+        )
+        self.step_stats.setdefault("kl", []).append(terms.kl)
+        self.step_stats.setdefault("entropy", []).append(terms.entropy)
+        return terms.loss
+
+    def _step_extras(self, tokens_per_second: float) -> dict[str, float]:
+        extras = {name: sum(values) / len(values) for name, values in self.step_stats.items() if values}
+        self.step_stats = {}
+        return extras
+
+    def _tokens(self, micro_batches: Sequence[Batch]) -> int:
+        return sum(int(b["tokens"]) for b in micro_batches)
+
+    def _evaluate(self) -> dict[str, float]:
+        """Mean reward and length of one sampled completion per held-out prompt, and the perplexity on the
+        data stage's test split, over every worker's share."""
+        names = ["total", *source_names(self.spec)]
+        prompts = [prompt for _, prompt in self.test_prompts]
+        completions = [self._sample(list(p["input_ids"]), 1, _EVAL_SEED + index)[0] for index, p in self.test_prompts]
+        scores = self._score(prompts, completions) if prompts else {name: [] for name in names}
+        sums = [float(sum(scores[name])) for name in names] + [float(sum(len(c) for c in completions)), len(prompts)]
+        *totals, length, count = all_reduce_sum(sums, self.device)
+        evaluation = {("reward" if name == "total" else f"reward_{name}"): value / count
+                      for name, value in zip(names, totals, strict=True)}
+        evaluation["response_length"] = length / count
+        if self.perplexity_batches:
+            _, evaluation["perplexity"] = evaluate_tokens(
+                self.model, self.perplexity_batches, self.batcher, self.device, self.bf16, _EVAL_SEED
+            )
+        return evaluation
+
+    def _final_extras(self) -> dict[str, Any]:
+        return {"trainable_parameters": self.trainable_parameters, "total_parameters": self.total_parameters}
+
+    def _save_outputs(self, directory: Path) -> None:
+        """`model/`: a plain causal LM folder (LoRA merged) with the tokenizer and its chat template."""
+        from kubeforge.formats.chat import chat_template_of
+
+        model: Any = unwrap(self.model)
+        if self.spec.method == "lora":
+            model = model.merge_and_unload()  # the final checkpoint's state is saved: the last use of the model
+        model.config.use_cache = True
+        target = directory / MODEL_SUBDIR
+        model.save_pretrained(str(target), safe_serialization=True)
+        self.tokenizer.chat_template = chat_template_of(self.tokenizer)
+        self.tokenizer.save_pretrained(str(target))

@@ -1,0 +1,76 @@
+"""The rl stage on local Ray over the session's tiny language model, fine-tuned for a few steps on the
+built-in task: GRPO with verifiable rewards raises the held-out reward, every step's reward, KL, entropy
+and response length reach MLflow and Prometheus, the model it hands on loads as a causal LM, and evaluate
+then scores it against the fine-tuned model it started from."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from kubeforge.context import StageOutput
+from kubeforge.spec.finetune import FinetuneSpec
+from kubeforge.spec.rl import RlSpec
+
+pytestmark = pytest.mark.integration
+
+FINETUNE: dict[str, Any] = {
+    "method": "full",
+    "task": {"builtin": "python-docstrings", "max_examples": 160, "test_fraction": 0.2},
+    "max_length": 128,
+    "train": {"max_steps": 20, "batch_size": 8, "lr": 3e-3, "warmup_steps": 2},
+    "eval": {"every_steps": 20, "max_batches": 2},
+    "checkpoint": {"every_steps": 20, "keep": 1},
+    "resources": {"workers": 1},
+}
+RL: dict[str, Any] = {
+    "rewards": {"rules": {"parses": 1.0, "short": 0.3}},
+    "rollout": {"group_size": 8, "max_new_tokens": 32, "temperature": 0.5},
+    "max_prompt_length": 96,
+    "train": {"max_steps": 16, "batch_size": 4, "lr": 1e-4, "warmup_steps": 0},
+    "eval": {"every_steps": 8, "max_batches": 4},
+    "checkpoint": {"every_steps": 8, "keep": 1},
+    "resources": {"workers": 1},
+}
+
+
+def test_grpo_raises_the_held_out_reward_and_reports_every_step(tiny_lm) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kubeforge import metrics
+    from kubeforge.finetune.stage import run as run_finetune
+    from kubeforge.rl.stage import run
+
+    ctx = tiny_lm.context("finetune", FINETUNE, "rl-policy")
+    finetune = run_finetune(FinetuneSpec.model_validate(FINETUNE), ctx)
+    ctx = tiny_lm.context("rl", RL)
+    ctx.inputs["finetune"] = StageOutput("finetune", "fixture", tiny_lm.root / "rl-policy.partial", finetune, None)
+    started = time.monotonic()
+    result = run(RlSpec.model_validate(RL), ctx)
+    print(f"rl: {time.monotonic() - started:.1f}s {json.dumps(result.to_json())}")
+
+    assert result.final_step == 16 and result.algorithm == "grpo" and result.method == "full"
+    assert result.reward_gain >= 0.1 and result.reward == pytest.approx(result.initial_reward + result.reward_gain)
+    assert set(result.rewards) == {"rule_parses", "rule_short"}
+    assert result.perplexity is not None and result.perplexity_increase is not None
+    assert result.base_model_dir == str((tiny_lm.root / "rl-policy.partial" / finetune.model_dir).resolve())
+
+    client = MlflowClient(ctx.tracker.tracking_uri)
+    for name in ("rollout_reward", "rollout_reward_rule_parses", "kl", "entropy", "rollout_response_length"):
+        assert [m.step for m in client.get_metric_history(ctx.tracker.run_id, name)] == list(range(1, 17)), name
+    for name in ("reward", "reward_rule_parses", "reward_rule_short", "response_length", "perplexity"):
+        assert [m.step for m in client.get_metric_history(ctx.tracker.run_id, name)] == [0, 8, 16], name
+    labels = {"pipeline": "tinylm", "stage": "rl"}
+    assert metrics.REGISTRY.get_sample_value("kubeforge_train_step_metric", {**labels, "metric": "kl"}) is not None
+    assert metrics.REGISTRY.get_sample_value(
+        "kubeforge_train_eval_metric", {**labels, "metric": "reward"}
+    ) == pytest.approx(result.reward)
+
+    model = AutoModelForCausalLM.from_pretrained(str(ctx.out_dir / result.model_dir)).eval()
+    with torch.no_grad():
+        assert model(input_ids=torch.tensor([[5, 6, 7]])).logits.shape[:2] == (1, 3)
