@@ -13,6 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from kubeforge.context import StageOutput
+from kubeforge.spec.evaluate import EvaluateSpec
 from kubeforge.spec.finetune import FinetuneSpec
 from kubeforge.spec.rl import RlSpec
 
@@ -43,6 +44,7 @@ def test_grpo_raises_the_held_out_reward_and_reports_every_step(tiny_lm) -> None
     from transformers import AutoModelForCausalLM
 
     from kubeforge import metrics
+    from kubeforge.evaluate.stage import run as run_evaluate
     from kubeforge.finetune.stage import run as run_finetune
     from kubeforge.rl.stage import run
 
@@ -74,3 +76,11 @@ def test_grpo_raises_the_held_out_reward_and_reports_every_step(tiny_lm) -> None
     model = AutoModelForCausalLM.from_pretrained(str(ctx.out_dir / result.model_dir)).eval()
     with torch.no_grad():
         assert model(input_ids=torch.tensor([[5, 6, 7]])).logits.shape[:2] == (1, 3)
+
+    # Evaluate takes the aligned model as the candidate and the fine-tuned one it started from as the base.
+    section = {"max_examples": 4, "max_new_tokens": 16, "perplexity_batches": 2, "batch_size": 4}
+    evaluate_ctx = tiny_lm.context("evaluate", section, "rl-evaluate")
+    evaluate_ctx.inputs.update(finetune=ctx.inputs["finetune"], rl=StageOutput("rl", "fixture", ctx.out_dir, result, None))
+    evaluation = run_evaluate(EvaluateSpec.model_validate(section), evaluate_ctx)
+    assert evaluation.models == {"candidate": str(ctx.out_dir / result.model_dir), "base": result.base_model_dir}
+    assert evaluation.candidate["parse_rate"] is not None and evaluation.base is not None
