@@ -39,19 +39,27 @@ RL: dict[str, Any] = {
 }
 
 
-def test_grpo_raises_the_held_out_reward_and_reports_every_step(tiny_lm) -> None:
+@pytest.fixture(scope="module")
+def policy(tiny_lm) -> StageOutput:
+    """The tiny model fine-tuned for a few steps on the built-in task: the policy both tests start from."""
+    from kubeforge.finetune.stage import run as run_finetune
+
+    ctx = tiny_lm.context("finetune", FINETUNE, "rl-policy")
+    finetune = run_finetune(FinetuneSpec.model_validate(FINETUNE), ctx)
+    return StageOutput("finetune", "fixture", ctx.out_dir, finetune, None)
+
+
+def test_grpo_raises_the_held_out_reward_and_reports_every_step(tiny_lm, policy: StageOutput) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
     from kubeforge import metrics
     from kubeforge.evaluate.stage import run as run_evaluate
-    from kubeforge.finetune.stage import run as run_finetune
     from kubeforge.rl.stage import run
 
-    ctx = tiny_lm.context("finetune", FINETUNE, "rl-policy")
-    finetune = run_finetune(FinetuneSpec.model_validate(FINETUNE), ctx)
+    finetune = policy.result
     ctx = tiny_lm.context("rl", RL)
-    ctx.inputs["finetune"] = StageOutput("finetune", "fixture", tiny_lm.root / "rl-policy.partial", finetune, None)
+    ctx.inputs["finetune"] = policy
     started = time.monotonic()
     result = run(RlSpec.model_validate(RL), ctx)
     print(f"rl: {time.monotonic() - started:.1f}s {json.dumps(result.to_json())}")
@@ -84,3 +92,29 @@ def test_grpo_raises_the_held_out_reward_and_reports_every_step(tiny_lm) -> None
     evaluation = run_evaluate(EvaluateSpec.model_validate(section), evaluate_ctx)
     assert evaluation.models == {"candidate": str(ctx.out_dir / result.model_dir), "base": result.base_model_dir}
     assert evaluation.candidate["parse_rate"] is not None and evaluation.base is not None
+
+
+def test_ppo_with_lora_trains_a_value_head_and_hands_on_the_policy_alone(tiny_lm, policy: StageOutput, tmp_path) -> None:
+    """In this process (LocalSession): PPO's value head trains beside the adapters, the reference is the
+    policy with its adapters off (no second copy), the held-out reward rises, and the saved model is a
+    plain causal LM without the value head."""
+    from transformers import AutoModelForCausalLM
+
+    from kubeforge.engine.session import LocalSession
+    from kubeforge.rl.recipe import MODEL_SUBDIR, RlRecipe
+    from kubeforge.rl.stage import loop_config
+
+    section = {**RL, "algorithm": "ppo", "method": "lora", "lora": {"rank": 8, "target_modules": ["q_proj", "v_proj"]},
+               "updates_per_rollout": 2, "train": {**RL["train"], "lr": 1e-3}}
+    ctx = tiny_lm.context("rl", section, "rl-ppo")
+    ctx.inputs["finetune"] = policy
+    config, _ = loop_config(RlSpec.model_validate(section), ctx)
+    session = LocalSession(keep_checkpoints=tmp_path)
+    recipe = RlRecipe(config, session)
+    recipe.run()
+    print(f"ppo: {session.evaluations[0]} -> {session.evaluations[-1]}")
+    assert recipe.reference is None and recipe.trainable_parameters < recipe.total_parameters
+    assert session.evaluations[-1]["reward"] >= session.evaluations[0]["reward"] + 0.02, session.evaluations
+    model_dir = next(tmp_path.glob("*final*")) / MODEL_SUBDIR
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    assert not any("value_head" in name or "lora" in name for name, _ in model.named_parameters())

@@ -56,10 +56,10 @@ def test_parse_rate_counts_sources_that_parse() -> None:
     truncated = "def f(x):\n    return (x +\n"
     assert parses(good) and not parses(truncated) and not parses("x = 1\x00")
     header = 'def f(x):\n    """Add one."""\n'
-    bodies = ["    return x + 1\n", "    return (x +\n", "    \n", ""]
-    # The header alone parses: a blank generation must not count as valid Python.
-    assert parses(header)
-    assert parse_rate([header] * 4, bodies) == pytest.approx(0.25)
+    bodies = ["    return x + 1\n", "    return (x +\n", "    \n", "", "    # x plus one\n    # done\n", "    pass\n"]
+    # The header alone parses: a blank or comment-only generation must not count as valid Python.
+    assert parses(header) and parses(header + bodies[4])
+    assert parse_rate([header] * 6, bodies) == pytest.approx(2 / 6)
     assert parse_rate([], []) is None
 
 

@@ -12,6 +12,7 @@ import torch
 
 from kubeforge.errors import SpecError, StageError
 from kubeforge.rl.grpo import group_advantages, grpo_loss, token_logprobs
+from kubeforge.rl.ppo import gae, ppo_loss, token_rewards, whiten
 from kubeforge.rl.recipe import completion_length, target_mask
 from kubeforge.rl.rules import Completion, rule_rewards
 from kubeforge.spec.rl import RlSpec
@@ -65,6 +66,59 @@ def test_the_kl_penalty_pulls_towards_the_reference() -> None:
     assert logits.grad is not None and logits.grad[0, 0, 1] < 0 and logits.grad[0, 1, 2] < 0
 
 
+def test_grpo_clips_the_ratio_on_a_later_update() -> None:
+    logits = torch.zeros(1, 2, 3, requires_grad=True)
+    input_ids, mask = torch.tensor([[0, 1]]), torch.tensor([[True]])
+    reference = token_logprobs(logits.detach(), input_ids)
+    # The sampling policy gave the token 1/6 (now 1/3: ratio 2): a positive advantage no longer pushes it up.
+    old = torch.tensor([[math.log(1 / 6)]])
+    grpo_loss(logits, input_ids, mask, torch.tensor([1.0]), reference, 0.0, old, clip_range=0.2).loss.backward()
+    assert logits.grad is not None and logits.grad.abs().sum() == 0
+    # Within the clip range it does.
+    logits.grad = None
+    old = torch.tensor([[math.log(0.3)]])
+    grpo_loss(logits, input_ids, mask, torch.tensor([1.0]), reference, 0.0, old, clip_range=0.2).loss.backward()
+    assert logits.grad[0, 0, 1] < 0
+
+
+def test_ppo_rewards_put_the_score_on_the_last_token_and_the_kl_on_every_one() -> None:
+    mask = torch.tensor([[False, True, True, False], [True, True, True, True]])
+    old = torch.tensor([[0.0, -1.0, -1.0, 0.0], [-1.0] * 4])
+    reference = torch.tensor([[0.0, -2.0, -1.5, 0.0], [-1.0] * 4])
+    rewards = token_rewards(torch.tensor([3.0, -1.0]), old, reference, mask, kl_coef=0.1)
+    assert rewards.flatten().tolist() == pytest.approx([0.0, -0.1, 3.0 - 0.05, 0.0, 0.0, 0.0, 0.0, -1.0])
+
+
+def test_gae_sums_rewards_to_go_at_lambda_one_and_bootstraps_at_zero() -> None:
+    rewards = torch.tensor([[0.0, 1.0, 2.0, 0.0]])
+    values = torch.tensor([[9.0, 0.5, 1.0, 9.0]])
+    mask = torch.tensor([[False, True, True, False]])
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    # Rewards to go (3, 2) minus the values; nothing outside the completion.
+    assert advantages[0].tolist() == pytest.approx([0.0, 2.5, 1.0, 0.0])
+    assert returns[0].tolist() == pytest.approx([0.0, 3.0, 2.0, 0.0])
+    advantages, _ = gae(rewards, values, mask, gamma=1.0, lam=0.0)
+    # One-step: r_t + V(t+1) - V(t), with no value after the last token.
+    assert advantages[0].tolist() == pytest.approx([0.0, 1.0 + 1.0 - 0.5, 2.0 - 1.0, 0.0])
+    assert whiten(torch.tensor([[5.0, 1.0, 3.0, 7.0]]), mask)[0].tolist() == pytest.approx([0.0, -1.0, 1.0, 0.0])
+
+
+def test_the_ppo_loss_clips_the_policy_and_fits_the_values() -> None:
+    logits = torch.zeros(1, 3, 4, requires_grad=True)
+    values = torch.tensor([[0.0, 1.0]], requires_grad=True)
+    input_ids, mask = torch.tensor([[0, 1, 2]]), torch.tensor([[True, True]])
+    # The first token's ratio is 0.25 / 0.1 = 2.5 (clipped at 1.2 for a positive advantage), the second's 1.
+    old = torch.tensor([[math.log(0.1), math.log(0.25)]])
+    terms = ppo_loss(logits, values, input_ids, mask, old, torch.tensor([[1.0, 1.0]]), torch.tensor([[2.0, 1.0]]),
+                     clip_range=0.2, value_coef=0.5)
+    terms.loss.backward()
+    assert terms.clipped == pytest.approx(0.5)
+    assert logits.grad is not None and logits.grad[0, 0].abs().sum() == 0 and logits.grad[0, 1, 2] < 0
+    # 0.5 x mean((0 - 2)^2, (1 - 1)^2) = 1; the value with the error moves towards its return.
+    assert terms.value_loss == pytest.approx(1.0)
+    assert values.grad is not None and values.grad[0, 0] < 0 and values.grad[0, 1] == 0
+
+
 def test_completion_tokens_end_at_the_first_end_of_sequence_and_only_they_train() -> None:
     assert completion_length([5, 6, 2, 7, 2], [2]) == (3, True)
     assert completion_length([5, 6, 7], [2]) == (3, False)
@@ -79,18 +133,22 @@ def test_rule_rewards_check_the_generated_function() -> None:
         Completion(ADD, "    return a - b\n", 6, True),
         Completion(ADD, "    return (a +\n", 20, False),
         Completion(ADD, "", 1, True),
+        Completion(ADD, "    # the sum\n", 4, True),
     ]
     scored = rule_rewards(completions, ["doctests", "parses", "short"], max_new_tokens=20, doctest_timeout_s=5)
-    assert scored["parses"] == [1.0, 1.0, 0.0, 0.0]  # an empty body adds no code
-    assert scored["doctests"] == [1.0, 0.0, 0.0, 0.0]
-    assert scored["short"] == pytest.approx([0.7, 0.7, 0.0, 0.95])  # cut off at the limit: nothing
+    assert scored["parses"] == [1.0, 1.0, 0.0, 0.0, 0.0]  # an empty or comment-only body adds no code
+    assert scored["doctests"] == [1.0, 0.0, 0.0, 0.0, 0.0]
+    assert scored["short"] == pytest.approx([0.7, 0.7, 0.0, 0.95, 0.8])  # cut off at the limit: nothing
 
 
 @pytest.mark.parametrize(("section", "message"), [
     ({"rewards": {}}, r"spec\.rl\.rewards: no reward source"),
     ({"rewards": {"rules": {"passes": 1.0}}}, r"spec\.rl\.rewards\.rules: unknown rule 'passes' \(known: doctests, "),
     ({"rewards": {"rules": {"short": 1.0}}, "lora": {"rank": 4}}, r"spec\.rl\.lora: only used with method lora"),
-    ({"rewards": {"rules": {"short": 1.0}}, "algorithm": "ppo"}, r"spec\.rl\.algorithm"),
+    ({"rewards": {"rules": {"short": 1.0}}, "ppo": {"lam": 0.9}}, r"spec\.rl\.ppo: only used with algorithm ppo"),
+    ({"rewards": {"rules": {"short": 1.0}}, "rollout": {"group_size": 1}},
+     r"spec\.rl\.rollout\.group_size: GRPO compares completions of the same prompt"),
+    ({"rewards": {"rules": {"short": 1.0}}, "algorithm": "reinforce"}, r"spec\.rl\.algorithm: must be one of"),
 ])
 def test_bad_sections_name_the_field(section: dict[str, Any], message: str) -> None:
     from kubeforge.spec.load import parse_manifest

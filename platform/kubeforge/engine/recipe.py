@@ -60,6 +60,9 @@ Batch = Mapping[str, Any]
 class Recipe(ABC, Generic[ConfigT]):
     trainable_only = False
     """Checkpoints hold only the parameters that train (adapters); the frozen rest reloads from its folder."""
+    updates_per_step = 1
+    """Optimizer steps taken on each step's micro-batches (the rl stage's updates per batch of rollouts); the
+    learning-rate schedule counts optimizer steps, so a recipe that sets this builds its scheduler to match."""
 
     def __init__(self, config: ConfigT, session: Session) -> None:
         self.config = config
@@ -154,10 +157,13 @@ class Recipe(ABC, Generic[ConfigT]):
             started = time.perf_counter()
             micro_batches = self._micro_batches(self.step)
             lr = self.scheduler.get_last_lr()[0]
-            local_loss = train_step(
-                self.model, self.optimizer, self.scheduler, micro_batches, train.grad_clip, self.bf16, self.device,
-                self._loss,
-            )
+            local_loss = sum(
+                train_step(
+                    self.model, self.optimizer, self.scheduler, micro_batches, train.grad_clip, self.bf16,
+                    self.device, self._loss,
+                )
+                for _ in range(self.updates_per_step)
+            ) / self.updates_per_step
             step_tokens = self._tokens(micro_batches)
             # One small all-reduce per step gives the global training loss and tokens (and syncs the timing).
             loss_sum, all_tokens = all_reduce_sum([local_loss, step_tokens], self.device)

@@ -181,18 +181,32 @@ def _cut_function(node: ast.FunctionDef | ast.AsyncFunctionDef, lines: list[str]
     return header, body
 
 
-def parses(source: str) -> bool:
+def _parse(source: str) -> ast.Module | None:
     try:
-        ast.parse(source)
+        return ast.parse(source)
     except (SyntaxError, ValueError):  # ValueError: source with NUL bytes
-        return False
-    return True
+        return None
+
+
+def parses(source: str) -> bool:
+    return _parse(source) is not None
 
 
 def body_parses(header: str, body: str) -> bool:
-    """A generated body counts only when it adds code: the header alone (signature and docstring)
-    already parses, so an empty or blank generation would otherwise score as valid Python."""
-    return bool(body.strip()) and parses(header + body)
+    """A generated body counts only when it adds a statement to the function: the header alone (signature
+    and docstring) already parses, so an empty, blank or comment-only generation would otherwise score as
+    valid Python (and a policy rewarded for parsing learns to write comments)."""
+    tree = _parse(header + body)
+    if tree is None:
+        return False
+    function = next((n for n in tree.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)), None)
+    if function is None:  # a header that is not a function: the body must at least say something
+        return bool(body.strip())
+    statements = function.body
+    if statements and isinstance(statements[0], ast.Expr) and isinstance(statements[0].value, ast.Constant) \
+            and isinstance(statements[0].value.value, str):
+        statements = statements[1:]  # the docstring is the header's
+    return bool(statements)
 
 
 def function_header(record: Mapping[str, Any]) -> str:

@@ -3,9 +3,10 @@
 GRPO (Shao et al. 2024, "DeepSeekMath") samples a group of completions per prompt and scores each one's
 reward against its group: no value model. The loss is the policy gradient of those advantages plus a
 KL penalty to the reference policy, estimated per token with k3 = exp(d) - d - 1, d = log p_ref - log p
-(unbiased and never negative). One optimizer step is taken per batch of rollouts, so the importance
-ratio p / p_old is 1 in value; it is kept in the expression (exp(logp - logp.detach())) for its
-gradient, as TRL's GRPOTrainer does with one iteration per generation. Token losses are averaged over
+(unbiased and never negative). The policy term is PPO's clipped surrogate of the ratio p / p_old to the
+sampling policy: on the first update of a batch of rollouts the ratio is 1 in value (kept in the
+expression for its gradient, as TRL's GRPOTrainer with one iteration per generation), on later ones
+(`updates_per_rollout`) the clipping bounds each token's step. Token losses are averaged over
 all completion tokens of the micro-batch (TRL's `dapo` normalisation): a long completion is not
 down-weighted per token, as the per-sequence mean of the original GRPO would.
 """
@@ -51,11 +52,18 @@ def grpo_loss(
     advantages: torch.Tensor,
     reference_logprobs: torch.Tensor,
     kl_coef: float,
+    old_logprobs: torch.Tensor | None = None,
+    clip_range: float = 0.2,
 ) -> GrpoTerms:
-    """`target_mask` (n, length - 1) marks the completion tokens among the next-token targets."""
+    """`target_mask` (n, length - 1) marks the completion tokens among the next-token targets.
+    `old_logprobs` are the sampling policy's, for a second update on the same rollouts (None: this is the
+    first, so the policy is the sampling one)."""
     logprobs = token_logprobs(logits, input_ids)
     mask = target_mask.to(logprobs.dtype)
-    policy = -torch.exp(logprobs - logprobs.detach()) * advantages.unsqueeze(1)
+    ratio = torch.exp(logprobs - (logprobs.detach() if old_logprobs is None else old_logprobs))
+    advantage = advantages.unsqueeze(1)
+    clipped = torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    policy = torch.maximum(-ratio * advantage, -clipped * advantage)
     delta = reference_logprobs - logprobs
     kl = torch.exp(delta) - delta - 1
     tokens = mask.sum().clamp(min=1)

@@ -1,4 +1,4 @@
-"""The GRPO loop every Ray Train worker runs, on the shared engine.
+"""The GRPO and PPO loop every Ray Train worker runs, on the shared engine.
 
 The engine's `Recipe` gives it the lifecycle it shares with the other training stages (DDP, gradient
 accumulation, schedule, clipping, checkpoints and resuming, progress to the driver). Its own:
@@ -6,10 +6,13 @@ accumulation, schedule, clipping, checkpoints and resuming, progress to the driv
 * each micro-batch is made when its step comes: `batch_size` prompts, `group_size` completions sampled
   for each by the current policy (`transformers` generate; a prompt's group is one batch, so no
   padding), their rewards (`kubeforge.rl.rules`, the reward model), group-relative advantages and the
-  reference policy's log-probabilities. Sampling is seeded by the step's position, so a resumed run
-  draws what the interrupted one would have;
-* the loss of `kubeforge.rl.grpo`; the step's mean rollout reward (and per source), KL, entropy and
-  rollout response length go to the driver with the step (`_step_extras`: MLflow and Prometheus);
+  reference policy's log-probabilities; for PPO (and for more than one update per rollout) also the
+  sampling policy's log-probabilities, and for PPO the value head's estimates, the per-token rewards and
+  GAE's advantages and returns. Sampling is seeded by the step's position, so a resumed run draws what
+  the interrupted one would have;
+* the loss of `kubeforge.rl.grpo` or `kubeforge.rl.ppo`, `updates_per_rollout` optimizer steps per batch;
+  the step's mean rollout reward (and per source), KL, entropy and rollout response length go to the
+  driver with the step (`_step_extras`: MLflow and Prometheus);
 * an evaluation samples one completion per held-out prompt with fixed seeds (the same draws for every
   evaluation, so the rewards before and after compare like with like) and measures perplexity on the
   data stage's test split.
@@ -23,15 +26,17 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 
 from kubeforge.engine.batches import Batcher, RankSampler, TokenShards, validation_batches
+from kubeforge.engine.optim import build_optimizer, build_scheduler
 from kubeforge.engine.recipe import Batch, Recipe
 from kubeforge.engine.steps import all_reduce_sum, evaluate_tokens, unwrap
 from kubeforge.rl.config import RlLoop
 from kubeforge.rl.grpo import group_advantages, grpo_loss, token_logprobs
+from kubeforge.rl.ppo import gae, ppo_loss, token_rewards, whiten
 from kubeforge.rl.rules import Completion, rule_rewards
 from kubeforge.spec.pretrain import PretrainSpec
 from kubeforge.spec.rl import RlSpec
@@ -73,6 +78,24 @@ def target_mask(prompt_lengths: Sequence[int], lengths: Sequence[int], width: in
     return (positions >= starts) & (positions < ends)
 
 
+class ActorCritic(torch.nn.Module):
+    """PPO's model: the policy and a value head on its last hidden states, trained together (one DDP
+    module, one optimizer, one checkpoint); only the policy is saved at the end."""
+
+    def __init__(self, policy: Any) -> None:
+        super().__init__()
+        self.policy = policy
+        hidden = int(policy.config.hidden_size)
+        self.value_head = torch.nn.Linear(hidden, 1)
+        torch.nn.init.normal_(self.value_head.weight, std=1 / (hidden + 1) ** 0.5)
+        torch.nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the value of every position."""
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        return out.logits, self.value_head(out.hidden_states[-1]).squeeze(-1)
+
+
 class RlRecipe(Recipe[RlLoop]):
     @property
     def spec(self) -> RlSpec:
@@ -101,12 +124,28 @@ class RlRecipe(Recipe[RlLoop]):
         if config.reward_model_dir is not None:
             scorer: Any = AutoModelForSequenceClassification.from_pretrained(config.reward_model_dir)
             self.reward_model = scorer.to(self.device).eval().requires_grad_(False)
-        model.train()
         if spec.train.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if spec.algorithm == "ppo":
+            model = ActorCritic(model)
+        model.train()
+        self.updates_per_step = spec.updates_per_rollout
         self.trainable_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.total_parameters = sum(p.numel() for p in model.parameters())
         return self.session.prepare_model(model, "ddp")
+
+    def _setup_optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        # The schedule counts optimizer steps: updates_per_rollout of them per step.
+        train, updates = self.spec.train, self.spec.updates_per_rollout
+        optimizer = build_optimizer(self.model, train)
+        return optimizer, build_scheduler(optimizer, train.model_copy(update={
+            "max_steps": train.max_steps * updates, "warmup_steps": train.warmup_steps * updates,
+        }))
+
+    def _policy(self) -> Any:
+        """The causal LM being trained (under DDP and, for PPO, beside its value head)."""
+        model: Any = unwrap(self.model)
+        return model.policy if isinstance(model, ActorCritic) else model
 
     def _setup_data(self) -> None:
         from transformers import AutoTokenizer
@@ -136,7 +175,7 @@ class RlRecipe(Recipe[RlLoop]):
 
     def _sample(self, prompt_ids: list[int], count: int, seed: int) -> list[list[int]]:
         """`count` completions of one prompt by the current policy, each cut after its end of sequence."""
-        spec, policy = self.spec.rollout, cast(Any, unwrap(self.model))
+        spec, policy = self.spec.rollout, self._policy()
         policy.eval()
         input_ids = torch.tensor([prompt_ids] * count, dtype=torch.long, device=self.device)
         with torch.no_grad(), self._seeded(seed), torch.autocast(
@@ -192,24 +231,47 @@ class RlRecipe(Recipe[RlLoop]):
         input_ids, attention_mask = right_pad(rows, self.config.pad_id, self.device)
         prompt_lengths = [len(p["input_ids"]) for p in owners]
         mask = target_mask(prompt_lengths, [len(r) for r in rows], input_ids.shape[1]).to(self.device)
-        with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            reference_logits = self._reference_logits(input_ids, attention_mask)
-        # `rollout_` keeps them apart from the evaluations' metrics of the same names in MLflow.
-        for name, values in scores.items():
-            key = "rollout_reward" if name == "total" else f"rollout_reward_{name}"
-            self.step_stats.setdefault(key, []).extend(values)
-        self.step_stats.setdefault("rollout_response_length", []).extend(len(c) for c in completions)
-        return {
+        batch: dict[str, Any] = {
             "input_ids": input_ids, "attention_mask": attention_mask, "target_mask": mask,
-            "advantages": group_advantages(torch.tensor(scores["total"]), group).to(self.device),
-            "reference_logprobs": token_logprobs(reference_logits, input_ids),
             "tokens": int(attention_mask.sum()),
         }
+        with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            batch["reference_logprobs"] = token_logprobs(self._reference_logits(input_ids, attention_mask), input_ids)
+            if self.spec.algorithm == "ppo" or self.spec.updates_per_rollout > 1:
+                # The sampling policy's log-probabilities (and values): what later updates' ratios start from.
+                logits, values = self._forward(self.model, input_ids, attention_mask)
+                batch["old_logprobs"] = token_logprobs(logits, input_ids)
+        total = torch.tensor(scores["total"], device=self.device)
+        if self.spec.algorithm == "ppo":
+            assert values is not None  # the model is an ActorCritic
+            ppo = self.spec.ppo_settings
+            rewards = token_rewards(total, batch["old_logprobs"], batch["reference_logprobs"], mask, self.spec.kl_coef)
+            advantages, batch["returns"] = gae(rewards.cpu(), values[:, :-1].float().cpu(), mask.cpu(), ppo.gamma,
+                                               ppo.lam)
+            batch["returns"] = batch["returns"].to(self.device)
+            batch["advantages"] = whiten(advantages, mask.cpu()).to(self.device)
+        else:
+            batch["advantages"] = group_advantages(total, group)
+        # `rollout_` keeps them apart from the evaluations' metrics of the same names in MLflow.
+        for name, values_ in scores.items():
+            key = "rollout_reward" if name == "total" else f"rollout_reward_{name}"
+            self.step_stats.setdefault(key, []).extend(values_)
+        self.step_stats.setdefault("rollout_response_length", []).extend(len(c) for c in completions)
+        return batch
+
+    def _forward(
+        self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits, and values where the model has a value head (PPO)."""
+        out = model(input_ids=input_ids, attention_mask=attention_mask)
+        if isinstance(out, tuple):
+            return out[0], out[1]
+        return out.logits, None
 
     def _reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.reference is not None:
             return self.reference(input_ids=input_ids, attention_mask=attention_mask).logits
-        policy = cast(Any, unwrap(self.model))
+        policy = self._policy()
         with policy.disable_adapter():
             return policy(input_ids=input_ids, attention_mask=attention_mask).logits
 
@@ -225,14 +287,29 @@ class RlRecipe(Recipe[RlLoop]):
         return batches
 
     def _loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        terms = grpo_loss(
-            logits, batch["input_ids"], batch["target_mask"], batch["advantages"], batch["reference_logprobs"],
-            self.spec.kl_coef,
-        )
-        self.step_stats.setdefault("kl", []).append(terms.kl)
-        self.step_stats.setdefault("entropy", []).append(terms.entropy)
-        return terms.loss
+        spec = self.spec
+        logits, values = self._forward(model, batch["input_ids"], batch["attention_mask"])
+        mask = batch["target_mask"]
+        if values is not None:
+            ppo = spec.ppo_settings
+            terms = ppo_loss(
+                logits, values[:, :-1], batch["input_ids"], mask, batch["old_logprobs"], batch["advantages"],
+                batch["returns"], spec.clip_range, ppo.value_coef,
+            )
+            # k1 on the sampled tokens, as PPO's reward penalises it.
+            maskf = mask.to(torch.float32)
+            kl = float(((batch["old_logprobs"] - batch["reference_logprobs"]) * maskf).sum() / maskf.sum().clamp(min=1))
+            loss = terms.loss
+            stats = {"kl": kl, "entropy": terms.entropy, "value_loss": terms.value_loss, "clipped": terms.clipped}
+        else:
+            grpo = grpo_loss(
+                logits, batch["input_ids"], mask, batch["advantages"], batch["reference_logprobs"], spec.kl_coef,
+                batch.get("old_logprobs"), spec.clip_range,
+            )
+            loss, stats = grpo.loss, {"kl": grpo.kl, "entropy": grpo.entropy}
+        for name, value in stats.items():
+            self.step_stats.setdefault(name, []).append(value)
+        return loss
 
     def _step_extras(self, tokens_per_second: float) -> dict[str, float]:
         extras = {name: sum(values) / len(values) for name, values in self.step_stats.items() if values}
@@ -254,9 +331,9 @@ class RlRecipe(Recipe[RlLoop]):
         evaluation = {("reward" if name == "total" else f"reward_{name}"): value / count
                       for name, value in zip(names, totals, strict=True)}
         evaluation["response_length"] = length / count
-        if self.perplexity_batches:
+        if self.config.perplexity_shards:  # every rank, even one without batches: the mean is a collective
             _, evaluation["perplexity"] = evaluate_tokens(
-                self.model, self.perplexity_batches, self.batcher, self.device, self.bf16, _EVAL_SEED
+                self._policy(), self.perplexity_batches, self.batcher, self.device, self.bf16, _EVAL_SEED
             )
         return evaluation
 
@@ -267,7 +344,7 @@ class RlRecipe(Recipe[RlLoop]):
         """`model/`: a plain causal LM folder (LoRA merged) with the tokenizer and its chat template."""
         from kubeforge.formats.chat import chat_template_of
 
-        model: Any = unwrap(self.model)
+        model = self._policy()  # without PPO's value head
         if self.spec.method == "lora":
             model = model.merge_and_unload()  # the final checkpoint's state is saved: the last use of the model
         model.config.use_cache = True

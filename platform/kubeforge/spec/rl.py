@@ -1,4 +1,4 @@
-"""`spec.rl`: optimise the fine-tuned policy against rewards with GRPO, under a KL penalty to where it started."""
+"""`spec.rl`: optimise the fine-tuned policy against rewards (GRPO or PPO), under a KL penalty to where it started."""
 
 from __future__ import annotations
 
@@ -58,21 +58,37 @@ class RewardsSpec(StrictModel):
 class RolloutSettings(StrictModel):
     """How completions are sampled, for training and for the evaluations on held-out prompts."""
 
-    group_size: Annotated[int, Field(ge=2)] = 8
-    """Completions per prompt; each one's advantage is its reward against its group's mean and spread."""
+    group_size: PositiveInt = 8
+    """Completions per prompt. GRPO (at least 2) scores each one's reward against its group's mean and
+    spread; PPO against its value head's estimates."""
     max_new_tokens: PositiveInt = 64
     temperature: PositiveFloat = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+
+
+class PpoSettings(StrictModel):
+    """PPO's own settings."""
+
+    gamma: Annotated[float, Field(gt=0, le=1)] = 1.0
+    """Discount over the completion's tokens."""
+    lam: Annotated[float, Field(ge=0, le=1)] = 1.0
+    """GAE's lambda: 1 sums the rewards to go, 0 trusts the value head's next estimate. TRL's default is
+    0.95 with a value model started from the reward model; our value head starts untrained, and lower
+    values let its noise drive the early updates (on the built-in task at 0.95 the reward fell to 0)."""
+    value_coef: PositiveFloat = 0.1
+    """Weight of the value head's squared error in the loss."""
 
 
 RL_TRAIN_DEFAULTS = TrainSettings(lr=1e-5, max_steps=100, warmup_steps=0, weight_decay=0.0, batch_size=4)
 
 
 class RlSpec(StrictModel):
-    """The rl stage: GRPO in Ray Train workers over the fine-tuning task's prompts."""
+    """The rl stage: GRPO or PPO in Ray Train workers over the fine-tuning task's prompts."""
 
-    algorithm: Literal["grpo"] = "grpo"
-    """`grpo`: group-relative advantages, no value model (DeepSeekMath's GRPO, as TRL's GRPOTrainer)."""
+    algorithm: Literal["grpo", "ppo"] = "grpo"
+    """`grpo`: group-relative advantages, no value model, the KL penalty in the loss (DeepSeekMath's GRPO, as
+    TRL's GRPOTrainer). `ppo`: a value head on the policy, GAE, the KL penalty in the per-token reward (as
+    TRL's PPO trainer)."""
     base_model: str | None = None
     """The policy to start from, a Hugging Face causal LM folder (relative to the manifest); null means the
     finetune stage's merged model. The KL penalty holds the policy near it."""
@@ -82,7 +98,15 @@ class RlSpec(StrictModel):
     rewards: RewardsSpec
     rollout: RolloutSettings = RolloutSettings()
     kl_coef: Annotated[float, Field(ge=0)] = 0.04
-    """Weight of the per-token KL estimate to the starting policy (k3: exp(d) - d - 1, d = ref - policy)."""
+    """Weight of the KL to the starting policy: GRPO adds its k3 estimate (exp(d) - d - 1, d = ref - policy)
+    per token to the loss, PPO subtracts kl_coef x (policy - ref) per token from the reward."""
+    updates_per_rollout: PositiveInt = 1
+    """Optimizer steps on each batch of rollouts (TRL's `num_iterations` for GRPO, `num_ppo_epochs` for PPO);
+    from the second one on, the clipped ratio to the sampling policy limits each token's update."""
+    clip_range: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    """PPO's clipping of the ratio to the sampling policy, for both algorithms."""
+    ppo: PpoSettings | None = None
+    """With `algorithm: ppo` (defaults when omitted)."""
     max_prompt_length: PositiveInt = 192
     """Prompts of more tokens are left out; a prompt plus max_new_tokens must fit the model's positions."""
     train: TrainSettings = RL_TRAIN_DEFAULTS
@@ -99,7 +123,15 @@ class RlSpec(StrictModel):
     def _consistent(self) -> RlSpec:
         if self.lora is not None and self.method != "lora":
             raise ValueError(f"lora: only used with method lora (got method '{self.method}')")
+        if self.ppo is not None and self.algorithm != "ppo":
+            raise ValueError(f"ppo: only used with algorithm ppo (got algorithm '{self.algorithm}')")
+        if self.algorithm == "grpo" and self.rollout.group_size < 2:
+            raise ValueError("rollout.group_size: GRPO compares completions of the same prompt; it needs at least 2")
         return self
+
+    @property
+    def ppo_settings(self) -> PpoSettings:
+        return self.ppo or PpoSettings()
 
     @property
     def lora_settings(self) -> LoraSettings:
