@@ -125,6 +125,35 @@ def test_streaming_sends_chunks_then_done(client, served):
     assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
 
 
+def test_the_harness_scores_the_served_model_as_it_scores_the_loaded_one(served, tiny_lm, monkeypatch, tmp_path):
+    """`kubeforge harness` through the router (vLLM's completions with echo and logprobs) agrees with the
+    evaluate stage's harness run on the same model loaded in this process."""
+    from click.testing import CliRunner
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kubeforge.cli import main
+    from kubeforge.evaluate.harness import loaded_model, prepare, run_tasks
+    from kubeforge.spec.evaluate import HarnessSpec
+
+    folder = tiny_lm.pretrain.directory / "model"
+    monkeypatch.setenv("SERVE_TOKEN", TOKEN)
+    args = ["harness", served[0], "--model", MODEL, "--tokenizer", str(folder), "--task", "stdlib_funcname",
+            "--limit", "12", "--api-key-env", "SERVE_TOKEN", "-o", "json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    remote, _ = json.JSONDecoder().raw_decode(text[text.index("{"):])
+    prepared = prepare(HarnessSpec(tasks=["stdlib_funcname"], limit=12), tmp_path, tmp_path, [])
+    model = AutoModelForCausalLM.from_pretrained(str(folder), torch_dtype="float32")
+    local = run_tasks(loaded_model(model, AutoTokenizer.from_pretrained(str(folder)), 4), prepared, log=print)
+    print(f"served {remote} loaded {local}")
+    assert set(remote) == set(local) and "harness_stdlib_funcname_acc" in remote
+    assert remote["harness_stdlib_funcname_acc"] == pytest.approx(local["harness_stdlib_funcname_acc"])
+    # Refused before any question: a model the server does not serve.
+    refused = CliRunner().invoke(main, [*args[:3], "nope", *args[4:]])
+    assert refused.exit_code != 0 and f"--model: {served[0]} serves no model 'nope'" in refused.output
+
+
 @pytest.fixture(scope="module")
 def direct(served, tiny_lm, tmp_path_factory) -> Iterator[str]:
     """`vllm serve` of the same folder with the same engine arguments and KV cache (vLLM's own server)."""

@@ -249,6 +249,6 @@ _add_bench_commands()
 # -- rollout -----------------------------------------------------------------------------------
 
 
-from kubeforge.cli import models, rollout  # noqa: E402  (their groups join `main`)
+from kubeforge.cli import harness, models, rollout  # noqa: E402, F401  (their commands join `main`)
 
 __all__ = ["friendly_errors", "main", "models", "rollout"]

@@ -3,6 +3,8 @@
 Called by `kubeforge.evaluate.stage`: `prepare` once per run (it writes the shipped tasks' data, reads and
 checks the user's task folder, and checks promotion gates that name harness metrics), then `run_tasks` on
 each loaded model (the harness's `HFLM` wraps the model object, so no model is loaded twice).
+`kubeforge harness` runs the same tasks against a served endpoint (`served_model`: the harness's
+`local-completions`), so a deployed model is scored in place.
 
 * Shipped tasks (`harness_tasks/*.yaml`): their data is built here from the Python standard library's own
   source (seeded, so the same Python gives the same questions) into the stage folder.
@@ -423,16 +425,36 @@ def _harness_config(task: HarnessTask) -> dict[str, Any]:
     return config
 
 
-def run_tasks(
-    model: Any, tokenizer: Any, prepared: Prepared, *, batch_size: int, log: Callable[[str], None]
-) -> dict[str, float | None]:
-    """The harness's metrics of one loaded causal model on the prepared tasks."""
+def loaded_model(model: Any, tokenizer: Any, batch_size: int) -> Any:
+    """The harness's model for a causal LM already loaded here (`HFLM` wraps the object, no second load)."""
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+def served_model(
+    base_url: str, model: str, tokenizer: str, *, max_length: int, api_key: str | None, concurrency: int
+) -> Any:
+    """The harness's `local-completions` model: an OpenAI-compatible server (vLLM's, or `kubeforge serve`'s
+    router) at `base_url`, scored through /v1/completions. Log-likelihoods come from `echo` with `logprobs`,
+    so the requests carry token ids from the model's own tokenizer (a local folder), and contexts longer
+    than the server's `max_length` are cut from the left, as the harness does for a local model."""
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    with _offline():
+        return LocalCompletionsAPI(
+            base_url=base_url.rstrip("/") + "/v1/completions", model=model, tokenizer=tokenizer,
+            tokenizer_backend="huggingface", max_length=max_length, num_concurrent=concurrency,
+            header={"Authorization": f"Bearer {api_key}"} if api_key else None,
+        )
+
+
+def run_tasks(lm: Any, prepared: Prepared, *, log: Callable[[str], None]) -> dict[str, float | None]:
+    """The harness's metrics of one model (`loaded_model`, `served_model`) on the prepared tasks."""
     with _offline():
         import lm_eval
-        from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
 
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         configs = [_harness_config(t) for t in prepared.tasks]
         output = lm_eval.simple_evaluate(
             model=lm, tasks=configs, num_fewshot=prepared.spec.num_fewshot, limit=prepared.spec.limit,

@@ -42,7 +42,7 @@ from kubeforge.context import StageContext, StageOutput
 from kubeforge.errors import StageError
 from kubeforge.evaluate.compare import METRICS, comparison_rows, write_plots, write_table
 from kubeforge.evaluate.generation import generate_texts, parse_rate, text_metrics
-from kubeforge.evaluate.harness import Prepared, prepare, run_tasks
+from kubeforge.evaluate.harness import Prepared, loaded_model, prepare, run_tasks
 from kubeforge.evaluate.sources import ModelSource, champion_source, finetune_sources, hf_loader, rl_sources
 from kubeforge.formats.functions import body_parses, function_header
 from kubeforge.sandbox import DoctestCase, Isolation, isolation, run_doctests, unconfined_refusal
@@ -215,7 +215,7 @@ def _score(
                 )
     if harness is not None:
         log(f"{STAGE}: {source.name}: lm-evaluation-harness tasks {', '.join(t.name for t in harness.tasks)}")
-        metrics.update(run_tasks(model, tokenizer, harness, batch_size=spec.batch_size, log=log))
+        metrics.update(run_tasks(loaded_model(model, tokenizer, spec.batch_size), harness, log=log))
     del model
     gc.collect()
     return scored
