@@ -30,7 +30,8 @@ FINETUNE: dict[str, Any] = {
 }
 RL: dict[str, Any] = {
     "rewards": {"rules": {"parses": 1.0, "short": 0.3}},
-    "rollout": {"group_size": 8, "max_new_tokens": 32, "temperature": 0.5},
+    # transformers: the same draws on every machine (the vLLM engine's own test is below).
+    "rollout": {"group_size": 8, "max_new_tokens": 32, "temperature": 0.5, "engine": "transformers"},
     "max_prompt_length": 96,
     "train": {"max_steps": 16, "batch_size": 4, "lr": 1e-4, "warmup_steps": 0},
     "eval": {"every_steps": 8, "max_batches": 4},
@@ -118,3 +119,58 @@ def test_ppo_with_lora_trains_a_value_head_and_hands_on_the_policy_alone(tiny_lm
     model_dir = next(tmp_path.glob("*final*")) / MODEL_SUBDIR
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
     assert not any("value_head" in name or "lora" in name for name, _ in model.named_parameters())
+
+
+def test_vllm_rollouts_follow_the_policy_as_it_trains(tiny_lm, policy: StageOutput) -> None:
+    """With `rollout.engine: vllm` (in this process), the engine's weights are the policy's after every step:
+    after three large updates of LoRA adapters that change its greedy completion, vLLM's greedy completion is the policy's own, and its
+    samples are as likely under the policy as the policy's own samples (stale weights would make them less
+    likely)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kubeforge.engine.session import LocalSession
+    from kubeforge.rl.grpo import token_logprobs
+    from kubeforge.rl.recipe import RlRecipe
+    from kubeforge.rl.stage import loop_config
+
+    section = {**RL, "method": "lora", "rollout": {**RL["rollout"], "engine": "vllm", "group_size": 4},
+               "train": {**RL["train"], "max_steps": 3, "lr": 5e-2}, "eval": {"every_steps": 3, "max_batches": 1}}
+    ctx = tiny_lm.context("rl", section, "rl-vllm")
+    ctx.inputs["finetune"] = policy
+    config, _ = loop_config(RlSpec.model_validate(section), ctx)
+    recipe = RlRecipe(config, LocalSession())
+    recipe.run()
+    assert recipe.vllm is not None and recipe._synced_step == 3
+    prompt = list(config.test_prompts[0]["input_ids"])
+    model = recipe._policy().eval()
+    with torch.no_grad():
+        greedy = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    # The updates changed the policy: the base model's greedy completion is another one.
+    base = AutoModelForCausalLM.from_pretrained(config.base_model_dir).eval()
+    with torch.no_grad():
+        before = base.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                               max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
+    assert before != greedy
+    [served] = recipe.vllm.llm.generate([TokensPrompt(prompt_token_ids=prompt)],
+                                        SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    assert list(served.outputs[0].token_ids)[: len(greedy)] == greedy
+
+    def mean_logprob(rows: list[list[int]]) -> float:
+        total = count = 0.0
+        for row in (r for r in rows if r):
+            ids = torch.tensor([prompt + row])
+            with torch.no_grad():
+                logprobs = token_logprobs(model(input_ids=ids).logits / RL["rollout"]["temperature"], ids)
+            total += float(logprobs[0, len(prompt) - 1 :].sum())
+            count += len(row)
+        return total / count
+
+    from_vllm = recipe.vllm.sample(prompt, 32, 5, config.eos_ids)
+    recipe.vllm = None
+    from_policy = recipe._sample(prompt, 32, 5)
+    assert mean_logprob(from_vllm) == pytest.approx(mean_logprob(from_policy), abs=0.15)

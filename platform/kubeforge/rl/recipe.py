@@ -4,8 +4,9 @@ The engine's `Recipe` gives it the lifecycle it shares with the other training s
 accumulation, schedule, clipping, checkpoints and resuming, progress to the driver). Its own:
 
 * each micro-batch is made when its step comes: `batch_size` prompts, `group_size` completions sampled
-  for each by the current policy (`transformers` generate; a prompt's group is one batch, so no
-  padding), their rewards (`kubeforge.rl.rules`, the reward model), group-relative advantages and the
+  for each by the current policy (vLLM in this process, or `transformers` generate; see
+  `kubeforge.rl.sampling`; a prompt's group is one request, so no padding), their rewards
+  (`kubeforge.rl.rules`, the reward model), group-relative advantages and the
   reference policy's log-probabilities; for PPO (and for more than one update per rollout) also the
   sampling policy's log-probabilities, and for PPO the value head's estimates, the per-token rewards and
   GAE's advantages and returns. Sampling is seeded by the step's position, so a resumed run draws what
@@ -38,6 +39,7 @@ from kubeforge.rl.config import RlLoop
 from kubeforge.rl.grpo import group_advantages, grpo_loss, token_logprobs
 from kubeforge.rl.ppo import gae, ppo_loss, token_rewards, whiten
 from kubeforge.rl.rules import Completion, rule_rewards
+from kubeforge.rl.sampling import VllmSampler, resolve_engine
 from kubeforge.spec.pretrain import PretrainSpec
 from kubeforge.spec.rl import RlSpec
 
@@ -163,6 +165,11 @@ class RlRecipe(Recipe[RlLoop]):
             )
             self.batcher = Batcher(PretrainSpec(), config.vocab_size, config.special_tokens)
         self.step_stats: dict[str, list[float]] = {}
+        self.vllm: VllmSampler | None = None
+        if resolve_engine(spec.rollout) == "vllm":
+            self.vllm = VllmSampler(config.base_model_dir, spec.max_prompt_length + spec.rollout.max_new_tokens,
+                                    self.bf16, spec.rollout)
+        self._synced_step: int | None = None
 
     # --- rollouts ---------------------------------------------------------------------------------
 
@@ -173,8 +180,28 @@ class RlRecipe(Recipe[RlLoop]):
             torch.manual_seed(seed)
             yield
 
+    def _policy_weights(self) -> list[tuple[str, torch.Tensor]]:
+        """The policy's weights under their checkpoint names, LoRA merged (what vLLM's loader reads)."""
+        policy = self._policy()
+        if self.spec.method != "lora":
+            return [(name, tensor.detach()) for name, tensor in policy.state_dict().items()]
+        policy.merge_adapter()
+        try:  # copies: unmerging changes the base weights in place
+            return [
+                (name.removeprefix("base_model.model.").replace(".base_layer", ""), tensor.detach().clone())
+                for name, tensor in policy.state_dict().items() if "lora_" not in name
+            ]
+        finally:
+            policy.unmerge_adapter()
+
     def _sample(self, prompt_ids: list[int], count: int, seed: int) -> list[list[int]]:
         """`count` completions of one prompt by the current policy, each cut after its end of sequence."""
+        if self.vllm is not None:
+            if self._synced_step != self.step:  # the policy has changed since vLLM last got its weights
+                self.vllm.load(self._policy_weights())
+                self._synced_step = self.step
+            rows = self.vllm.sample(prompt_ids, count, seed, self.config.eos_ids)
+            return [row[: completion_length(row, self.config.eos_ids)[0]] for row in rows]
         spec, policy = self.spec.rollout, self._policy()
         policy.eval()
         input_ids = torch.tensor([prompt_ids] * count, dtype=torch.long, device=self.device)

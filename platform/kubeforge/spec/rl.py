@@ -64,6 +64,13 @@ class RolloutSettings(StrictModel):
     max_new_tokens: PositiveInt = 64
     temperature: PositiveFloat = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    engine: Literal["auto", "vllm", "transformers"] = "auto"
+    """What samples them: vLLM in each worker's process (its weights reloaded from the policy before every
+    step), or `transformers` generate. `auto`: vLLM where it is installed."""
+    vllm_gpu_memory_utilization: Annotated[float, Field(gt=0, lt=1)] = 0.3
+    """On a GPU, the share vLLM's engine may take (weights and KV cache); the rest is the training's."""
+    vllm_kv_cache_gib: PositiveInt = 1
+    """On a CPU, vLLM's KV cache per worker (`VLLM_CPU_KVCACHE_SPACE`)."""
 
 
 class PpoSettings(StrictModel):
