@@ -188,3 +188,16 @@ def test_a_model_reward_without_a_reward_stage_or_path_is_refused(tmp_path: Path
     with pytest.raises(StageError, match=r"spec\.rl\.rewards\.model\.path: .*nowhere is not a Hugging Face model "
                                          r"folder"):
         resolve_reward_model(spec, ctx)  # type: ignore[arg-type]
+
+
+def test_lora_targets_the_policy_lacks_are_refused_before_any_worker_starts(tmp_path: Path) -> None:
+    from transformers import LlamaConfig
+
+    from kubeforge.engine.model import check_lora_targets
+
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                vocab_size=100).save_pretrained(str(tmp_path))
+    check_lora_targets(tmp_path, ("q_proj", "down_proj"), "rl", "spec.rl.lora.target_modules")
+    with pytest.raises(StageError, match=r"spec\.rl\.lora\.target_modules: w_proj not among the base model's linear "
+                                         r"layers \(down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, "):
+        check_lora_targets(tmp_path, ("q_proj", "w_proj"), "rl", "spec.rl.lora.target_modules")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 import ray
@@ -49,6 +50,18 @@ def check_resources(spec: TrainingSection, cluster: dict[str, float], stage: str
             f"spec.{stage}.resources.workers: {res.workers} workers with use_gpu need {res.workers} GPUs "
             f"but the Ray cluster has {gpus:g}",
         )
+
+
+def run_figures(final: Mapping[str, Any], poller: HubPoller) -> dict[str, Any]:
+    """What every training stage's result reports of its run, from the final checkpoint's metrics."""
+    return {
+        "final_step": int(final["step"]),
+        "train_loss": float(final["train_loss"]),
+        "tokens_per_second": float(final["tokens_per_second"]),
+        "tokens_seen": int(final["tokens_seen"]),
+        "resumed_from_step": int(final["resumed_from_step"]),
+        "restored_from_steps": poller.restored_steps,
+    }
 
 
 def fit_with_progress(

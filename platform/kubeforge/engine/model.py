@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kubeforge.errors import StageError
+from kubeforge.spec.finetune import LoraSettings
 from kubeforge.spec.pretrain import PretrainSpec
 from kubeforge.stages.finetune import FINETUNE, FinetuneResult
 
@@ -120,3 +121,27 @@ def load_for_inference(stage_dir: Path, result: FinetuneResult, device: str = "c
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def with_lora(model: Any, lora: LoraSettings, task_type: str) -> Any:
+    """`model` with peft LoRA adapters on `lora.target_modules` (`task_type`: peft's CAUSAL_LM, SEQ_CLS...)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    return get_peft_model(model, LoraConfig(
+        task_type=TaskType[task_type], r=lora.rank, lora_alpha=lora.alpha,  # type: ignore[arg-type]
+        lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
+    ))
+
+
+def check_lora_targets(model_dir: Path, target_modules: tuple[str, ...], stage: str, field: str) -> None:
+    """LoRA target modules the model folder lacks, found without loading its weights (on a stage's driver)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model_dir)))
+    available = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    missing = [m for m in target_modules if m not in available]
+    if missing:
+        raise StageError(stage, f"{field}: {', '.join(missing)} not among the base model's linear layers "
+                                f"({', '.join(available)})")

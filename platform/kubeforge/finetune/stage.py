@@ -190,7 +190,7 @@ def _copy_outputs(checkpoint: Path, out_dir: Path) -> tuple[str | None, str | No
 def run(spec: FinetuneSpec, ctx: StageContext) -> FinetuneResult:
     import ray
 
-    from kubeforge.engine.fit import check_resources, fit_with_progress
+    from kubeforge.engine.fit import check_resources, fit_with_progress, run_figures
     from kubeforge.finetune.methods import qlora_without_cuda
     from kubeforge.finetune.recipe import FinetuneRecipe
 
@@ -207,8 +207,8 @@ def run(spec: FinetuneSpec, ctx: StageContext) -> FinetuneResult:
 
     final: dict[str, Any] = dict(fit.metrics or {})
     trainable, total = int(final["trainable_parameters"]), int(final["total_parameters"])
-    evaluated = {name: float(final[name]) for name in EVAL_METRICS[spec.objective]}
-    initial = {name: float(value) for name, value in final.items() if name.startswith("initial_")}
+    evaluated: dict[str, Any] = {name: float(final[name]) for name in EVAL_METRICS[spec.objective]}
+    initial: dict[str, Any] = {name: float(value) for name, value in final.items() if name.startswith("initial_")}
     summary = FinetuneResult(
         model_dir=model_dir,
         adapter_dir=adapter_dir,
@@ -221,12 +221,7 @@ def run(spec: FinetuneSpec, ctx: StageContext) -> FinetuneResult:
         trainable_parameters=trainable,
         total_parameters=total,
         trainable_share=trainable / total,
-        final_step=int(final["step"]),
-        train_loss=float(final["train_loss"]),
-        tokens_per_second=float(final["tokens_per_second"]),
-        tokens_seen=int(final["tokens_seen"]),
-        resumed_from_step=int(final["resumed_from_step"]),
-        restored_from_steps=poller.restored_steps,
+        **run_figures(final, poller),
         num_train_examples=len(config.train_examples),
         num_validation_examples=len(config.validation_examples),
         num_test_examples=config.num_test_examples,

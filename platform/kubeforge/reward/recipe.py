@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from kubeforge.engine.batches import RankSampler
+from kubeforge.engine.model import with_lora
 from kubeforge.engine.recipe import Batch, Recipe
 from kubeforge.engine.steps import all_reduce_sum, unwrap
 from kubeforge.reward.config import RewardLoop
@@ -65,14 +66,8 @@ class RewardRecipe(Recipe[RewardLoop]):
         model = load_reward_model(self.config.base_model_dir, self.config.pad_id)
         model.config.use_cache = False
         if spec.method == "lora":
-            from peft import LoraConfig, TaskType, get_peft_model
-
-            lora = spec.lora_settings
             # SEQ_CLS makes peft train (and save) the new head `score` in full beside the adapters.
-            model = get_peft_model(model, LoraConfig(
-                task_type=TaskType.SEQ_CLS, r=lora.rank, lora_alpha=lora.alpha,  # type: ignore[arg-type]
-                lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
-            ))
+            model = with_lora(model, spec.lora_settings, "SEQ_CLS")
             # Checkpoints hold adapters and head only; the frozen body reloads from the base model folder.
             self.trainable_only = True
         model.train()

@@ -82,26 +82,11 @@ def ensure_pairs(spec: RewardSpec, ctx: StageContext) -> Path:
     return pairs_dir
 
 
-def _check_target_modules(spec: RewardSpec, base_model: Path) -> None:
-    """LoRA target modules the base lacks, found on the driver (without loading weights)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(base_model)))
-    available = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-    missing = [m for m in spec.lora_settings.target_modules if m not in available]
-    if missing:
-        raise StageError(
-            STAGE, f"spec.reward.lora.target_modules: {', '.join(missing)} not among the base model's linear "
-            f"layers ({', '.join(available)})",
-        )
-
-
 def loop_config(spec: RewardSpec, ctx: StageContext) -> tuple[RewardLoop, int]:
     """The recipe's configuration, and how many pairs were dropped while encoding."""
     from transformers import AutoConfig, AutoTokenizer
 
+    from kubeforge.engine.model import check_lora_targets
     from kubeforge.formats.splits import read_split
     from kubeforge.reward.pairs import encode_pairs
 
@@ -113,7 +98,7 @@ def loop_config(spec: RewardSpec, ctx: StageContext) -> tuple[RewardLoop, int]:
             "lower max_length",
         )
     if spec.method == "lora":
-        _check_target_modules(spec, base_model)
+        check_lora_targets(base_model, spec.lora_settings.target_modules, STAGE, "spec.reward.lora.target_modules")
     pairs_dir = ensure_pairs(spec, ctx)
     tokenizer = AutoTokenizer.from_pretrained(str(base_model))
     train, dropped_train = encode_pairs(read_split(pairs_dir, "train"), tokenizer, spec.max_length)
@@ -137,7 +122,7 @@ def loop_config(spec: RewardSpec, ctx: StageContext) -> tuple[RewardLoop, int]:
 def run(spec: RewardSpec, ctx: StageContext) -> RewardResult:
     import ray
 
-    from kubeforge.engine.fit import check_resources, fit_with_progress
+    from kubeforge.engine.fit import check_resources, fit_with_progress, run_figures
     from kubeforge.reward.recipe import MODEL_SUBDIR, RewardRecipe
 
     if not ray.is_initialized():
@@ -151,19 +136,17 @@ def run(spec: RewardSpec, ctx: StageContext) -> RewardResult:
         shutil.copytree(Path(directory) / MODEL_SUBDIR, target)
 
     final: dict[str, Any] = dict(fit.metrics or {})
+    evaluated: dict[str, Any] = {
+        **{name: float(final[name]) for name in EVAL_METRICS},
+        **{f"initial_{name}": float(final[f"initial_{name}"]) for name in EVAL_METRICS},
+        **run_figures(final, poller),
+    }
     result = RewardResult(
         model_dir=MODEL_SUBDIR,
         pairs_dir=PAIRS_SUBDIR,
         base_model_dir=config.base_model_dir,
         method=spec.method,
-        **{name: float(final[name]) for name in EVAL_METRICS},
-        **{f"initial_{name}": float(final[f"initial_{name}"]) for name in EVAL_METRICS},
-        final_step=int(final["step"]),
-        train_loss=float(final["train_loss"]),
-        tokens_per_second=float(final["tokens_per_second"]),
-        tokens_seen=int(final["tokens_seen"]),
-        resumed_from_step=int(final["resumed_from_step"]),
-        restored_from_steps=poller.restored_steps,
+        **evaluated,
         trainable_parameters=int(final["trainable_parameters"]),
         total_parameters=int(final["total_parameters"]),
         num_train_pairs=len(config.train_pairs),

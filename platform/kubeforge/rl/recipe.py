@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from kubeforge.engine.batches import Batcher, RankSampler, TokenShards, validation_batches
+from kubeforge.engine.model import with_lora
 from kubeforge.engine.optim import build_optimizer, build_scheduler
 from kubeforge.engine.recipe import Batch, Recipe
 from kubeforge.engine.steps import all_reduce_sum, evaluate_tokens, unwrap
@@ -110,13 +111,7 @@ class RlRecipe(Recipe[RlLoop]):
         model: Any = AutoModelForCausalLM.from_pretrained(config.base_model_dir)
         self.reference: Any = None
         if spec.method == "lora":
-            from peft import LoraConfig, TaskType, get_peft_model
-
-            lora = spec.lora_settings
-            model = get_peft_model(model, LoraConfig(
-                task_type=TaskType.CAUSAL_LM, r=lora.rank, lora_alpha=lora.alpha,  # type: ignore[arg-type]
-                lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
-            ))
+            model = with_lora(model, spec.lora_settings, "CAUSAL_LM")
             self.trainable_only = True
         else:
             # From the folder, not a copy of `model`: a resumed run restores the policy, never the reference.

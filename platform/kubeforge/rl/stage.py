@@ -125,6 +125,7 @@ def loop_config(spec: RlSpec, ctx: StageContext) -> tuple[RlLoop, int]:
     """The recipe's configuration, and how many prompts were left out for their length."""
     from transformers import AutoConfig, AutoTokenizer
 
+    from kubeforge.engine.model import check_lora_targets
     from kubeforge.formats.splits import read_split
 
     policy = resolve_policy(spec, ctx)
@@ -134,6 +135,8 @@ def loop_config(spec: RlSpec, ctx: StageContext) -> tuple[RlLoop, int]:
             STAGE, f"spec.rl.max_prompt_length: {spec.max_prompt_length} plus rollout.max_new_tokens "
             f"({spec.rollout.max_new_tokens}) exceeds the policy's {positions} positions; lower one of them",
         )
+    if spec.method == "lora":
+        check_lora_targets(policy, spec.lora_settings.target_modules, STAGE, "spec.rl.lora.target_modules")
     finetune = ctx.require(FINETUNE, "needs the fine-tuning task's prompts (spec.finetune)")
     task_dir = finetune.directory / finetune.result.task_dir
     train_records, test_records = read_split(task_dir, "train"), read_split(task_dir, "test")
@@ -172,7 +175,7 @@ def loop_config(spec: RlSpec, ctx: StageContext) -> tuple[RlLoop, int]:
 def run(spec: RlSpec, ctx: StageContext) -> RlResult:
     import ray
 
-    from kubeforge.engine.fit import check_resources, fit_with_progress
+    from kubeforge.engine.fit import check_resources, fit_with_progress, run_figures
     from kubeforge.rl.recipe import MODEL_SUBDIR, RlRecipe, source_names
 
     if not ray.is_initialized():
@@ -204,12 +207,7 @@ def run(spec: RlSpec, ctx: StageContext) -> RlResult:
         perplexity=float(perplexity) if measured else None,
         initial_perplexity=float(initial_perplexity) if measured else None,
         perplexity_increase=float(perplexity) / float(initial_perplexity) - 1 if measured else None,
-        final_step=int(final["step"]),
-        train_loss=float(final["train_loss"]),
-        tokens_per_second=float(final["tokens_per_second"]),
-        tokens_seen=int(final["tokens_seen"]),
-        resumed_from_step=int(final["resumed_from_step"]),
-        restored_from_steps=poller.restored_steps,
+        **run_figures(final, poller),
         trainable_parameters=int(final["trainable_parameters"]),
         total_parameters=int(final["total_parameters"]),
         num_train_prompts=len(config.train_prompts),
