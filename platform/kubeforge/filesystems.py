@@ -130,6 +130,25 @@ def open_input(path: str) -> BinaryIO:
         raise input_error(path, exc) from None
 
 
+def write_bytes(path: str, data: bytes) -> None:
+    """Write a whole file, locally (parent folders made) or to an object store; `KubeForgeError` naming the
+    path when it cannot be written."""
+    if not is_uri(path):
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_bytes(data)
+        except OSError as exc:
+            raise KubeForgeError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        return
+    _check(path)
+    _, bucket, key = _split(path)
+    try:
+        with _s3().open_output_stream(f"{bucket}/{key}") as stream:
+            stream.write(data)
+    except OSError as exc:
+        raise _store_error(path, exc) from None
+
+
 def input_error(path: str, exc: OSError) -> KubeForgeError:
     """The one-line error for `exc`, raised while opening or reading `path` (a local path or a URI)."""
     if not is_uri(path):

@@ -7,6 +7,7 @@ Layout (default root `.kubeforge/`)::
     pipelines/<name>/stages/<stage>-<key>/     a finished stage (has result.json)
     pipelines/<name>/stages/<stage>-<key>.partial/   a stage in progress, or killed mid-way
     pipelines/<name>/runs/<run-id>.json        one `kubeforge run`: stage states and MLflow run ids
+    traffic/<deployment>/traffic-*.parquet     the sample `kubeforge serve` captures (spec.capture)
     logs/<run|serve>-<name>-<time>.log         what Ray printed outside any stage (kubeforge.logs);
                                                a stage's own share is in its folder's logs/ray.log
 
@@ -93,6 +94,10 @@ class Workdir:
     @property
     def artifacts(self) -> Path:
         return self.root / "mlartifacts"
+
+    def traffic(self, deployment: str) -> Path:
+        """Where `kubeforge serve` writes a deployment's captured traffic (`spec.capture` without a path)."""
+        return self.root / "traffic" / deployment
 
     @property
     def logs(self) -> Path:

@@ -67,11 +67,14 @@ def served(ray_local, tiny_lm, tmp_path_factory):
         "auth": {"token_file": str(token_file)},
         "rollout": {"strategy": "ab", "candidate": f"models:/{MODEL}/2", "sticky_header": "x-user",
                     "prometheus": "http://127.0.0.1:9"},
+        # Every answered request is captured (files by test_captured_traffic...).
+        "capture": {"sample_rate": 1.0, "max_rows_per_file": 1000},
     })
     variants = [VariantModel("stable", MODEL, "1", folder), VariantModel("candidate", MODEL, "2", folder)]
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    handle = serve.run(build_app(variants, spec, weight=0), name=APP, route_prefix="/")
+    capture_dir = str(tmp_path_factory.mktemp("traffic"))
+    handle = serve.run(build_app(variants, spec, weight=0, capture_dir=capture_dir), name=APP, route_prefix="/")
     yield f"http://127.0.0.1:{port}", handle
     serve.delete(APP)
     serve.shutdown()
@@ -152,6 +155,32 @@ def test_the_harness_scores_the_served_model_as_it_scores_the_loaded_one(served,
     # Refused before any question: a model the server does not serve.
     refused = CliRunner().invoke(main, [*args[:3], "nope", *args[4:]])
     assert refused.exit_code != 0 and f"--model: {served[0]} serves no model 'nope'" in refused.output
+
+
+def test_captured_traffic_is_redacted_and_holds_whole_and_streamed_answers(client, served):
+    import pyarrow.parquet as pq
+
+    url, handle = served
+    handle.flush_capture.remote().result()  # what earlier tests sent
+    whole = client.completions.create(model=MODEL, prompt="# mail ada@example.com\ndef", max_tokens=4, temperature=0)
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "call +44 20 7946 0958"}], max_tokens=4, temperature=0,
+        stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    path = handle.flush_capture.remote().result()
+    assert path is not None
+    rows = pq.read_table(path).to_pylist()
+    by_endpoint = {row["endpoint"]: row for row in rows}
+    assert set(by_endpoint) == {"/v1/completions", "/v1/chat/completions"}
+    completion, chat = by_endpoint["/v1/completions"], by_endpoint["/v1/chat/completions"]
+    assert completion["prompt"] == "# mail <EMAIL>\ndef" and completion["completion"] == whole.choices[0].text
+    assert chat["prompt"] == "user: call <PHONE>" and chat["completion"] == streamed
+    assert {completion["status"], chat["status"]} == {200} and completion["model"] == MODEL
+    assert completion["variant"] == "stable" and completion["latency_s"] > 0
+    with _http(url) as http:
+        metrics = http.get("/metrics").text
+    assert 'kubeforge_traffic_captured_rows_total{variant="stable"}' in metrics
+    assert 'kubeforge_traffic_redactions_total{kind="phone_numbers"} 1.0' in metrics
 
 
 @pytest.fixture(scope="module")

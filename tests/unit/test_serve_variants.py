@@ -32,7 +32,7 @@ def document(**spec: Any) -> dict[str, Any]:
 
 
 def router_args(app: Any) -> tuple[Any, ...]:
-    """What the Router deployment is bound with: (stable, candidate, labels, weight, sticky, auth)."""
+    """What the Router deployment is bound with: (stable, candidate, labels, weight, sticky, auth, lora, capture)."""
     return tuple(app._bound_deployment.init_args)
 
 
@@ -83,7 +83,7 @@ def test_a_lora_application_serves_its_base_and_takes_the_adapters_from_user_con
                 {"variant": "candidate", "model": "quickstart", "version": "3"}]
     config = serve_config("quickstart", document(lora=lora), variants, 20, base={"model": "quickstart", "version": "1"})
     app = app_builder(config["applications"][0]["args"])
-    stable, candidate, labels, weight, _, _, is_lora = router_args(app)
+    stable, candidate, labels, weight, _, _, is_lora, _ = router_args(app)
     assert is_lora and candidate is None and (labels, weight) == ({}, 0)  # both come with the user_config
     path, label, _, limits = stable._bound_deployment.init_args
     assert stable._bound_deployment.name == "model-lora" and path == "models:/quickstart/1"
@@ -125,3 +125,18 @@ def test_the_transformers_engine_is_not_told_of_gpus() -> None:
     spec = parse_deployment(document(engine={"name": "transformers"}, resources={"gpus_per_replica": 1})).spec
     stable = router_args(build_app([STABLE], spec, weight=0))[0]._bound_deployment
     assert (stable.ray_actor_options["num_gpus"], stable.init_kwargs) == (1, {})
+
+
+def test_capture_goes_to_the_manifests_path_or_the_local_folder_and_on_a_cluster_only_to_a_store() -> None:
+    spec = parse_deployment(document(capture={"sample_rate": 0.5})).spec
+    local = router_args(build_app([STABLE], spec, weight=0, capture_dir="/work/traffic/quickstart"))[7]
+    assert local["directory"] == "/work/traffic/quickstart" and local["spec"]["sample_rate"] == 0.5
+    assert router_args(build_app([STABLE], parse_deployment(document()).spec, weight=0, capture_dir="/x"))[7] is None
+    with pytest.raises(KubeForgeError, match=r"^spec\.capture\.path: no folder"):
+        build_app([STABLE], spec, weight=0)
+    args = {"deployment": document(capture={"path": "/data/traffic"}),
+            "variants": [{"variant": "stable", "model": "quickstart", "version": "1"}]}
+    with pytest.raises(KubeForgeError, match=r"^spec\.capture\.path: on a cluster the router's pod keeps no files"):
+        app_builder(args)
+    args["deployment"] = document(capture={"path": "s3://bucket/traffic"})
+    assert router_args(app_builder(args))[7]["directory"] == "s3://bucket/traffic"

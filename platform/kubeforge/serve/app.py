@@ -99,6 +99,7 @@ def build_app(
     weight: int | None = None,
     hand_over_token: bool = True,
     base: VariantModel | None = None,
+    capture_dir: str | None = None,
 ) -> Application:
     """The application serving `variants` with the engine, resources, replicas, autoscaling and auth of
     `spec`; `weight` overrides `initial_weight(spec)`. With `spec.lora`, `variants` are LoRA adapters
@@ -107,7 +108,10 @@ def build_app(
 
     `hand_over_token` copies the value of auth.token_env into the router's runtime_env, for a local Ray
     runtime started before the variable was set. Off on Kubernetes, where every pod has the variable and the
-    copy would only put the token into Serve's deployment config."""
+    copy would only put the token into Serve's deployment config.
+
+    With `spec.capture` the router writes its sample under `spec.capture.path`, else under `capture_dir`
+    (`kubeforge serve` passes the work directory's traffic folder)."""
     from kubeforge.serve import router
 
     # `@serve.deployment` turns the classes into Deployments, which their static types do not say.
@@ -185,7 +189,15 @@ def build_app(
     labels = {v.variant: {"model": v.model, "version": v.version} for v in by_name.values()}
     sticky = spec.rollout.sticky_header if isinstance(spec.rollout, ABRollout) else None
     auth = spec.auth.model_dump() if spec.auth is not None else None
-    return front.bind(bound[STABLE], bound.get(CANDIDATE), labels, start_weight, sticky, auth, base is not None)
+    capture = None
+    if spec.capture is not None:
+        directory = spec.capture.path or capture_dir
+        if directory is None:
+            raise KubeForgeError("spec.capture.path: no folder to write the captured traffic to; set an "
+                                 "object-store URI (s3://bucket/prefix) the router's pod can write to")
+        capture = {"spec": spec.capture.model_dump(mode="json"), "directory": directory}
+    return front.bind(bound[STABLE], bound.get(CANDIDATE), labels, start_weight, sticky, auth, base is not None,
+                      capture)
 
 
 def engine_deployment(name: str) -> Any:

@@ -52,6 +52,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from kubeforge.errors import KubeForgeError
+from kubeforge.filesystems import is_uri
 from kubeforge.serve.app import LORA_BASE, LORA_DEPLOYMENT, VARIANTS, VariantModel, build_app
 from kubeforge.spec.deployment import LoraServing
 from kubeforge.spec.load import parse_deployment
@@ -79,6 +80,10 @@ def app_builder(args: Mapping[str, Any]) -> Application:
                                  f"version: <number>}} (got {item!r})")
         model, version = str(item["model"]), str(item["version"])
         variants.append(VariantModel(str(item["variant"]), model, version, f"models:/{model}/{version}"))
+    capture = document.spec.capture
+    if capture is not None and not (capture.path and is_uri(capture.path)):
+        raise KubeForgeError("spec.capture.path: on a cluster the router's pod keeps no files; set an object-store "
+                             f"URI (s3://bucket/prefix) it can write to (got {capture.path!r})")
     # The weight is the router's user_config, applied when its replica starts (and on every change).
     # The operator sets auth.token_env to a variable every pod of the RayService has (from a Secret).
     if document.spec.lora is not None:

@@ -109,7 +109,11 @@ def serve_deployment(document: ModelDeployment, options: ServeOptions, say: Call
         store = rollout_store(options.workdir, name)
         controller = RolloutController(policy, subject, ServeRouter(name), options.registry, store)
         weight = begin(policy, subject, store.load(), time.time()).weight  # resume at the recorded weight
-    app = build_app(variants, spec, weight=weight, base=base)  # checks the engine settings before Ray starts
+    # Checks the engine settings before Ray starts.
+    app = build_app(variants, spec, weight=weight, base=base, capture_dir=str(options.workdir.traffic(name).resolve()))
+    if spec.capture is not None:
+        say(f"capturing {spec.capture.sample_rate:.0%} of the traffic (redacted) to "
+            f"{spec.capture.path or options.workdir.traffic(name)}")
 
     def reap() -> None:
         for process in reap_orphans():

@@ -6,13 +6,14 @@ Exactly one replica: the metrics and the candidate weight live in its process.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -22,10 +23,11 @@ from ray.exceptions import RayActorError
 
 from kubeforge.rollout.queries import CANDIDATE, STABLE
 from kubeforge.serve.auth import read_token
+from kubeforge.serve.capture import TrafficLog, answer_text, prompt_text
 from kubeforge.serve.faults import Faults
 from kubeforge.serve.protocol import Metrics, Outcome, RequestError, check_weight, error_body, pick_variant
 from kubeforge.serve.relay import ForwardedRequest
-from kubeforge.spec.deployment import AuthSpec
+from kubeforge.spec.deployment import AuthSpec, CaptureSpec
 
 logger = logging.getLogger("kubeforge.serve")
 
@@ -61,7 +63,8 @@ def json_error(status: int, message: str, field: str | None, request_id: str | N
 @serve.ingress(api)
 class Router:
     def __init__(self, stable: Any, candidate: Any, labels: dict[str, dict[str, str]], weight: int,
-                 sticky_header: str | None, auth: dict[str, Any] | None, lora: bool = False) -> None:
+                 sticky_header: str | None, auth: dict[str, Any] | None, lora: bool = False,
+                 capture: dict[str, Any] | None = None) -> None:
         # Under LoRA one deployment (`stable`) serves every variant in `labels`, each as its own adapter; on a
         # cluster the variants come with the user_config (`reconfigure`).
         self.lora, self.base = lora, stable
@@ -74,6 +77,11 @@ class Router:
         self.token = read_token(AuthSpec(**auth)) if auth is not None else None
         self.metrics = Metrics()
         self.faults = {variant: Faults() for variant in self.handles}
+        # `capture`: {"spec": CaptureSpec fields, "directory": where the files go} (`app.build_app`).
+        self.capture: TrafficLog | None = None
+        if capture is not None:
+            self.capture = TrafficLog(CaptureSpec(**capture["spec"]), capture["directory"], self.metrics.registry)
+        self.flusher: asyncio.Task[None] | None = None
 
     # -- live control (handle calls, not HTTP) --
 
@@ -109,6 +117,43 @@ class Router:
             self.sticky_header = str(config["sticky_header"]).lower() if config["sticky_header"] else None
         if "weight" in config:
             self.set_weight(config["weight"])
+
+    async def flush_capture(self) -> str | None:
+        """Write the captured rows waiting now (the router also does when a file is full or old, and when it
+        stops); the file's path, or None."""
+        return await asyncio.to_thread(self.capture.flush) if self.capture is not None else None
+
+    def __del__(self) -> None:
+        # Serve deletes the replica on shutdown: what the sample holds still goes out.
+        capture = getattr(self, "capture", None)
+        if capture is not None:
+            capture.flush()
+
+    async def _flush_when_due(self) -> None:
+        assert self.capture is not None
+        period = min(self.capture.spec.max_file_age_s / 4, 5.0)
+        while True:
+            await asyncio.sleep(period)
+            if self.capture.due():
+                await asyncio.to_thread(self.capture.flush)
+
+    def _capture(self, request_id: str, path: str, document: Any, variant: str, status: int, started: float,
+                 answer: bytes, streamed: bool) -> None:
+        """Add a drawn request's row; a full file is written off the event loop."""
+        assert self.capture is not None
+        prompt = prompt_text(path, document)
+        if prompt is None:
+            return
+        label = self.labels[variant]
+        full = self.capture.record({
+            "time": time.time(), "request_id": request_id, "endpoint": path, "model": label["model"],
+            "variant": variant, "version": label["version"], "status": status,
+            "latency_s": time.monotonic() - started, "prompt": prompt, "completion": answer_text(answer, streamed),
+        })
+        if self.flusher is None:
+            self.flusher = asyncio.get_running_loop().create_task(self._flush_when_due())
+        if full:
+            asyncio.get_running_loop().run_in_executor(None, self.capture.flush)
 
     def set_faults(self, variant: str, fail_rate: float = 0.0, delay_s: float = 0.0) -> None:
         """TEST-ONLY (see kubeforge.serve.faults): make `variant` fail or slow down from now on."""
@@ -235,6 +280,7 @@ class Router:
         return status, headers, b"".join([event["body"] async for event in events])
 
     async def _serve(self, request: Request, path: str) -> Response:
+        started = time.monotonic()
         request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
         if (denied := self._deny(request)) is not None:
             return denied
@@ -263,15 +309,21 @@ class Router:
                 self._count(outcome, event)
             response_headers = {**{k: v for k, v in relayed}, **headers}
             media_type = response_headers.pop("content-type", None)
+            # Drawn for the capture now, written once the answer is complete (only what reached a variant).
+            captured = None
+            if self.capture is not None and variant is not None and self.capture.sampled():
+                captured = functools.partial(self._capture, request_id, path, document, variant, started=started)
             if media_type is not None and media_type.startswith("text/event-stream"):
-                return StreamingResponse(self._relay(events, outcome, status, request_id), status_code=status,
-                                         media_type=media_type, headers=response_headers)
+                return StreamingResponse(self._relay(events, outcome, status, request_id, captured),
+                                         status_code=status, media_type=media_type, headers=response_headers)
             parts = []
             async for event in events:
                 self._count(outcome, event)
                 parts.append(event["body"])
             if outcome is not None:
                 outcome.finish(status)
+            if captured is not None:
+                captured(status=status, answer=b"".join(parts), streamed=False)
             return Response(b"".join(parts), status_code=status, media_type=media_type, headers=response_headers)
         except RequestError as exc:
             if outcome is not None:
@@ -324,12 +376,16 @@ class Router:
             outcome.prompt(int(event.get("prompt_tokens", 0)))
             outcome.tokens(int(event.get("tokens", 0)))
 
-    async def _relay(self, events: Any, outcome: Outcome | None, status: int, request_id: str) -> AsyncIterator[bytes]:
+    async def _relay(self, events: Any, outcome: Outcome | None, status: int, request_id: str,
+                     captured: Callable[..., None] | None = None) -> AsyncIterator[bytes]:
         """The rest of a streamed response, byte for byte as the variant wrote it."""
+        sent: list[bytes] = []
         try:
             async for event in events:
                 self._count(outcome, event)
                 if event["body"]:
+                    if captured is not None:
+                        sent.append(event["body"])
                     yield event["body"]
         except (GeneratorExit, asyncio.CancelledError):
             status = 499  # the client went away (nginx's code): neither a success nor the server's fault
@@ -344,3 +400,5 @@ class Router:
             # Also reached when the client disconnects (the generator is closed): count it then too.
             if outcome is not None:
                 outcome.finish(status)
+            if captured is not None:
+                captured(status=status, answer=b"".join(sent), streamed=True)

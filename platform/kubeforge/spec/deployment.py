@@ -11,6 +11,7 @@ from pydantic import Field, model_validator
 from kubeforge.errors import KubeForgeError
 from kubeforge.spec.base import StrictModel
 from kubeforge.spec.cluster import DNS1123_SUBDOMAIN
+from kubeforge.spec.data import RedactStep
 from kubeforge.spec.pipeline import Metadata
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -277,6 +278,28 @@ class LoraServing(StrictModel):
         return self
 
 
+class CaptureSpec(StrictModel):
+    """Opt-in logging of a sample of the served requests and responses, for monitoring and retraining."""
+
+    sample_rate: Annotated[float, Field(gt=0, le=1)] = 0.1
+    """Share of completed requests whose prompt and answer are written (each request drawn independently)."""
+    path: str | None = None
+    """Folder (or `s3://` / `gs://`-style URI) the Parquet files go to. Locally the default is
+    `<workdir>/traffic/<deployment>`; on a cluster the router has no work volume, so set an object-store URI."""
+    max_rows_per_file: PositiveInt = 10_000
+    """A file is closed after this many rows..."""
+    max_file_age_s: Annotated[float, Field(gt=0)] = 300.0
+    """...or this long after its first row, whichever comes first."""
+    redact: RedactStep = Field(default_factory=RedactStep)
+    """The data stage's redactor, applied to prompt and answer before anything is written."""
+
+    @model_validator(mode="after")
+    def _always_redacted(self) -> CaptureSpec:
+        if not self.redact.enabled:
+            raise ValueError("redact.enabled: captured traffic is always redacted; switch off single kinds instead")
+        return self
+
+
 class DeploymentSpec(StrictModel):
     model: ModelUri
     """What the stable variant serves: `models:/quickstart@champion` or `models:/quickstart/3`."""
@@ -292,6 +315,8 @@ class DeploymentSpec(StrictModel):
     (a fixed split, then a statistical comparison); null serves `model` alone."""
     lora: LoraServing | None = None
     """Serve the versions as LoRA adapters over their common base; null serves each version's own weights."""
+    capture: CaptureSpec | None = None
+    """Log a sample of the traffic (redacted) to Parquet files; null logs nothing."""
 
     @model_validator(mode="after")
     def _candidate_differs(self) -> DeploymentSpec:
