@@ -198,6 +198,35 @@ def test_emptying_filter_names_the_step(ray_local: Any, tmp_path: Path) -> None:
         run(pipeline.spec.data, ctx)
 
 
+def test_captured_traffic_becomes_training_documents(ray_local: Any, tmp_path: Path) -> None:
+    """A served-traffic source next to the standard library: the capture's answered requests, prompt and
+    answer, are documents of the corpus like any other (cleaned, deduplicated, split and packed)."""
+    from prometheus_client import CollectorRegistry
+
+    from kubeforge.serve.capture import TrafficLog
+    from kubeforge.spec.deployment import CaptureSpec
+
+    log = TrafficLog(CaptureSpec(), str(tmp_path / "traffic"), CollectorRegistry())
+    for n, name in enumerate(["textwrap.py", "bisect.py", "glob.py", "string.py"]):
+        text = (stdlib_dir() / name).read_text(encoding="utf-8")
+        log.record({"time": float(n), "request_id": str(n), "endpoint": "/v1/completions", "model": "m",
+                    "variant": "stable", "version": "1", "status": 200 if n < 3 else 500, "latency_s": 0.1,
+                    "prompt": text[: len(text) // 2], "completion": text[len(text) // 2 :]})
+    log.flush()
+    pipeline = pipeline_with({
+        "sources": [{"type": "python-stdlib", "max_files": 20}, {"type": "served-traffic", "paths": ["traffic"]}],
+        "tokenizer": {"vocab_size": 400},
+        "packing": {"seq_len": 64},
+    })
+    ctx, _ = data_context(tmp_path, pipeline)
+    run(pipeline.spec.data, ctx)
+    sources = set(_documents(ctx.out_dir)["source"])
+    captured = {s for s in sources if "/traffic/traffic-" in s}
+    assert len(captured) == 1
+    kept = _documents(ctx.out_dir)
+    assert len(kept[kept["source"].isin(captured)]) == 3  # the failed request is not a document
+
+
 def test_perplexity_filter_and_unigram_on_files(ray_local: Any, tmp_path: Path) -> None:
     rng = random.Random(0)
     modules = ["textwrap.py", "json/decoder.py", "json/encoder.py", "string.py", "bisect.py", "glob.py"]

@@ -182,3 +182,43 @@ def test_fingerprint_of_an_object_store_source_reads_no_contents(
     assert source_fingerprint(spec, tmp_path) == before
     s3_env.upload(bucket, {"corpus/a.jsonl": json.dumps({"text": "one, longer"}) + "\n"})
     assert source_fingerprint(spec, tmp_path) != before
+
+
+def test_served_traffic_reads_what_the_capture_wrote_answered_requests_only(tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from kubeforge.serve.capture import TrafficLog
+    from kubeforge.spec.data import ServedTrafficSource
+    from kubeforge.spec.deployment import CaptureSpec
+
+    log = TrafficLog(CaptureSpec(), str(tmp_path / "traffic" / "quickstart"), CollectorRegistry())
+    for prompt, answer, status in (("def add(a, b):", "    return a + b", 200), ("boom", "", 503),
+                                   ("mail ada@example.com", "ok", 200)):
+        log.record({"time": 1.0, "request_id": "r", "endpoint": "/v1/completions", "model": "m", "variant": "stable",
+                    "version": "1", "status": status, "latency_s": 0.1, "prompt": prompt, "completion": answer})
+    log.flush()
+    folder = ServedTrafficSource(type="served-traffic", paths=("traffic/quickstart",))
+    docs = read_documents([folder], tmp_path)
+    assert [d["text"] for d in docs] == ["def add(a, b):\n    return a + b", "mail <EMAIL>\nok"]
+    assert docs[1]["id"].endswith("#2")  # the failed request's row is skipped, not renumbered
+    answers = ServedTrafficSource(type="served-traffic", paths=("traffic/quickstart",), text="completion")
+    assert [d["text"] for d in read_documents([answers], tmp_path)] == ["    return a + b", "ok"]
+    # Another Parquet file is refused, naming it.
+    pq.write_table(pa.table({"text": ["x"]}), tmp_path / "traffic" / "quickstart" / "traffic-other.parquet")
+    with pytest.raises(KubeForgeError, match=r"traffic-other\.parquet: not a traffic capture file \(no column status, "
+                                             r"prompt, completion\)"):
+        read_documents([folder], tmp_path)
+
+
+def test_a_served_traffic_folder_without_captures_is_refused_when_the_manifest_loads(tmp_path: Path) -> None:
+    from kubeforge.errors import SpecError
+    from kubeforge.spec.load import load_manifest
+
+    (tmp_path / "traffic").mkdir()
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(json.dumps({
+        "apiVersion": "kubeforge.io/v1alpha1", "kind": "ModelPipeline", "metadata": {"name": "p"},
+        "spec": {"data": {"sources": [{"type": "served-traffic", "paths": ["traffic"]}]}},
+    }))
+    with pytest.raises(SpecError, match=r"spec\.data\.sources\[0\]\.paths\[0\]: no file matches 'traffic/traffic-\*"):
+        load_manifest(manifest)

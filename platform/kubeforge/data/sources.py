@@ -20,7 +20,7 @@ from pathlib import Path
 
 from kubeforge.errors import KubeForgeError
 from kubeforge.filesystems import input_error, is_uri, open_input
-from kubeforge.spec.data import DataSpec, FilesSource, Source, StdlibSource, stdlib_dir
+from kubeforge.spec.data import DataSpec, FilesSource, ServedTrafficSource, Source, StdlibSource, stdlib_dir
 from kubeforge.spec.load import resolve_source_paths
 
 Document = dict[str, str]
@@ -99,8 +99,10 @@ def input_files(sources: Sequence[Source], base_dir: Path, field: str = "spec.da
                 raise KubeForgeError(
                     f"{field}[{index}].paths: no file matches {', '.join(map(repr, source.paths))}{looked}"
                 )
-            listed = [(f.path, f.size, _format_of(f.path, source.format), "") for f in matched]
-        text_field = source.text_field if isinstance(source, FilesSource) else "text"
+            listed = [(f.path, f.size, "traffic" if isinstance(source, ServedTrafficSource) else
+                       _format_of(f.path, source.format), "") for f in matched]
+        text_field = source.text_field if isinstance(source, FilesSource) else source.text if isinstance(
+            source, ServedTrafficSource) else "text"
         for path, size, fmt, name in listed:
             if path in seen:
                 continue
@@ -213,6 +215,39 @@ def _parquet_documents(path: str, text_field: str) -> Iterator[tuple[int, Docume
             raise KubeForgeError(f"{path}: not a readable Parquet file (row {row}: {exc})") from None
 
 
+TRAFFIC_COLUMNS = ("status", "prompt", "completion")
+
+
+def _traffic_documents(path: str, text: str) -> Iterator[tuple[int, Document]]:
+    """The answered requests of a capture file (`kubeforge.serve.capture`) as documents."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with open_input(path) as handle:
+        try:
+            reader = pq.ParquetFile(handle)
+        except OSError as exc:
+            raise input_error(path, exc) from None
+        except pa.ArrowException as exc:
+            raise KubeForgeError(f"{path}: not a readable Parquet file ({exc})") from None
+        missing = [c for c in TRAFFIC_COLUMNS if c not in reader.schema_arrow.names]
+        if missing:
+            raise KubeForgeError(f"{path}: not a traffic capture file (no column {', '.join(missing)}); served-traffic "
+                                 "sources read what a ModelDeployment's spec.capture writes")
+        row = 0
+        try:
+            for batch in reader.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=list(TRAFFIC_COLUMNS)):
+                for status, prompt, completion in zip(*(batch.column(i).to_pylist() for i in range(3)), strict=True):
+                    if status == 200:
+                        value = {"prompt": prompt, "completion": completion}.get(text, f"{prompt}\n{completion}")
+                        yield row, {"id": f"{path}#{row}", "source": path, "text": value or ""}
+                    row += 1
+        except OSError as exc:  # an object store failing mid-read
+            raise input_error(path, exc) from None
+        except pa.ArrowException as exc:
+            raise KubeForgeError(f"{path}: not a readable Parquet file (row {row}: {exc})") from None
+
+
 def split_into_pieces(size: int, piece_bytes: int) -> list[tuple[int, int]]:
     """The byte ranges of a file's pieces, and, for each, the range whose newlines `pieces` needs."""
     ranges = [(start, min(start + piece_bytes, size)) for start in range(0, size, piece_bytes)]
@@ -257,6 +292,8 @@ def documents_of(file: InputFile, piece: Piece | None = None) -> Iterator[tuple[
         yield 0, {"id": f"stdlib/{file.name}", "source": file.path, "text": _read_whole(file.path)}
     elif file.format == "jsonl":
         yield from _jsonl_documents(file.path, file.text_field, piece or Piece(0, file.size, 1))
+    elif file.format == "traffic":
+        yield from _traffic_documents(file.path, file.text_field)
     elif file.format == "parquet":
         yield from _parquet_documents(file.path, file.text_field)
     else:
@@ -285,7 +322,7 @@ def source_fingerprint(spec: DataSpec, base_dir: Path) -> str:
             digest.update(f"stdlib {stdlib_dir()} {sys.version}\n".encode())
             for rel, path in stdlib_files(source):
                 digest.update(f"{rel} {path.stat().st_size}\n".encode())
-        elif isinstance(source, FilesSource):
+        else:
             for found in resolve_source_paths(source, base_dir):
                 digest.update(f"{found.path} {found.size} {found.mtime_ns}\n".encode())
     return digest.hexdigest()

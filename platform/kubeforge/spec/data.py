@@ -62,11 +62,28 @@ class FilesSource(StrictModel):
     """Field holding the document text in `.jsonl` records and `.parquet` columns."""
 
 
-Source = Annotated[StdlibSource | FilesSource, Field(discriminator="type")]
+class ServedTrafficSource(StrictModel):
+    """The sample a deployment captured (`spec.capture` of a ModelDeployment): its answered requests."""
+
+    type: Literal["served-traffic"]
+    paths: Annotated[tuple[Annotated[str, AfterValidator(_source_path)], ...], Field(min_length=1)]
+    """Capture folders (their `traffic-*.parquet` files), or capture files and globs; local (relative to the
+    manifest's directory) or in an object store, like `files` sources."""
+    text: Literal["prompt", "completion", "both"] = "both"
+    """What becomes a document: the prompt, the answer, or the prompt, a newline and the answer. Requests
+    that did not succeed (status other than 200) are left out."""
+
+    def patterns(self) -> tuple[str, ...]:
+        """The file patterns `paths` stands for: a folder means its capture files."""
+        return tuple(p if p.endswith(".parquet") or any(c in p for c in "*?[") else f"{p.rstrip('/')}/traffic-*.parquet"
+                     for p in self.paths)
+
+
+Source = Annotated[StdlibSource | FilesSource | ServedTrafficSource, Field(discriminator="type")]
 
 # Discriminator values appear in pydantic's error locations; the error formatter drops them so
 # that paths read `spec.data.sources[0].paths`, not `spec.data.sources[0].files.paths`.
-SOURCE_TAGS = ("python-stdlib", "files")
+SOURCE_TAGS = ("python-stdlib", "files", "served-traffic")
 
 
 class NormalizeStep(Toggle):

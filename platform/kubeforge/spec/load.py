@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from kubeforge.errors import Problem, SpecError
 from kubeforge.filesystems import SourceFile, is_uri, list_files
-from kubeforge.spec.data import SOURCE_TAGS, FilesSource
+from kubeforge.spec.data import SOURCE_TAGS, FilesSource, ServedTrafficSource
 from kubeforge.spec.deployment import ROLLOUT_STRATEGIES, ModelDeployment
 from kubeforge.spec.pipeline import DNS1123_LABEL, ModelPipeline, pipeline_model
 from kubeforge.stages.data import DATA
@@ -137,18 +137,19 @@ def _parse(model: type[M], document: Any, source: str) -> M:
         raise SpecError(format_validation_error(exc, model), source=source) from None
 
 
-def resolve_source_paths(source: FilesSource, base_dir: Path) -> list[SourceFile]:
-    """Files matched by a `files` source, sorted, in the order the data stage reads them."""
-    return list_files(source.paths, base_dir)
+def resolve_source_paths(source: FilesSource | ServedTrafficSource, base_dir: Path) -> list[SourceFile]:
+    """Files matched by a `files` or `served-traffic` source, sorted, in the order the data stage reads them."""
+    return list_files(source.paths if isinstance(source, FilesSource) else source.patterns(), base_dir)
 
 
 def check_source_files(pipeline: ModelPipeline, base_dir: Path) -> None:
     problems: list[Problem] = []
     data = DATA.section_of(pipeline.spec)
     for index, source in enumerate(data.sources if data is not None else []):
-        if not isinstance(source, FilesSource):
+        if not isinstance(source, FilesSource | ServedTrafficSource):
             continue
-        for j, pattern in enumerate(source.paths):
+        patterns = source.paths if isinstance(source, FilesSource) else source.patterns()
+        for j, pattern in enumerate(patterns):
             if is_uri(pattern):
                 # Validation stays offline (the operator has no credentials for the store; its form is checked
                 # by the model): the data stage reports a URI that matches nothing when it lists the source.
