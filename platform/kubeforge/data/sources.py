@@ -17,6 +17,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kubeforge.errors import KubeForgeError
 from kubeforge.filesystems import input_error, is_uri, open_input
@@ -182,17 +183,24 @@ def _jsonl_documents(path: str, text_field: str, piece: Piece) -> Iterator[tuple
 _PARQUET_BATCH_ROWS = 4096
 
 
-def _parquet_documents(path: str, text_field: str) -> Iterator[tuple[int, Document]]:
+def _parquet_file(handle: Any, path: str) -> Any:
+    """The Parquet file open on `handle`, or one line naming `path` when it is not one."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    try:
+        return pq.ParquetFile(handle)
+    except OSError as exc:
+        raise input_error(path, exc) from None
+    except pa.ArrowException as exc:
+        raise KubeForgeError(f"{path}: not a readable Parquet file ({exc})") from None
+
+
+def _parquet_documents(path: str, text_field: str) -> Iterator[tuple[int, Document]]:
+    import pyarrow as pa
+
     with open_input(path) as handle:
-        try:
-            reader = pq.ParquetFile(handle)
-        except OSError as exc:
-            raise input_error(path, exc) from None
-        except pa.ArrowException as exc:
-            raise KubeForgeError(f"{path}: not a readable Parquet file ({exc})") from None
+        reader = _parquet_file(handle, path)
         names = reader.schema_arrow.names
         if text_field not in names:
             raise KubeForgeError(
@@ -221,15 +229,9 @@ TRAFFIC_COLUMNS = ("status", "prompt", "completion")
 def _traffic_documents(path: str, text: str) -> Iterator[tuple[int, Document]]:
     """The answered requests of a capture file (`kubeforge.serve.capture`) as documents."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     with open_input(path) as handle:
-        try:
-            reader = pq.ParquetFile(handle)
-        except OSError as exc:
-            raise input_error(path, exc) from None
-        except pa.ArrowException as exc:
-            raise KubeForgeError(f"{path}: not a readable Parquet file ({exc})") from None
+        reader = _parquet_file(handle, path)
         missing = [c for c in TRAFFIC_COLUMNS if c not in reader.schema_arrow.names]
         if missing:
             raise KubeForgeError(f"{path}: not a traffic capture file (no column {', '.join(missing)}); served-traffic "

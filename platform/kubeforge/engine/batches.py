@@ -151,3 +151,14 @@ class Batcher:
             "labels": labels.to(device),
             "count": count,
         }
+
+
+def right_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of different lengths as `input_ids` padded on the right with `pad_id`, and their mask."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, : len(row)] = 1
+    return input_ids.to(device), attention_mask.to(device)

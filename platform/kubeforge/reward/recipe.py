@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from kubeforge.engine.batches import RankSampler
+from kubeforge.engine.batches import RankSampler, right_pad
 from kubeforge.engine.model import with_lora
 from kubeforge.engine.recipe import Batch, Recipe
 from kubeforge.engine.steps import all_reduce_sum, unwrap
@@ -37,16 +37,9 @@ def load_reward_model(base_model: str, pad_id: int) -> Any:
 def collate(pairs: Sequence[Mapping[str, list[int]]], pad_id: int, device: torch.device) -> dict[str, Any]:
     """Chosen sides then rejected sides, right-padded: one forward pass per micro-batch, as DDP expects."""
     rows = [p["chosen_input_ids"] for p in pairs] + [p["rejected_input_ids"] for p in pairs]
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        attention_mask[i, : len(row)] = 1
-    return {
-        "input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
-        "pairs": len(pairs), "tokens": int(attention_mask.sum()),
-    }
+    input_ids, attention_mask = right_pad(rows, pad_id, device)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pairs": len(pairs),
+            "tokens": int(attention_mask.sum())}
 
 
 def rewards(model: torch.nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:

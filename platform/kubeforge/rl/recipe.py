@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from kubeforge.engine.batches import Batcher, RankSampler, TokenShards, validation_batches
+from kubeforge.engine.batches import Batcher, RankSampler, TokenShards, right_pad, validation_batches
 from kubeforge.engine.model import with_lora
 from kubeforge.engine.optim import build_optimizer, build_scheduler
 from kubeforge.engine.recipe import Batch, Recipe
@@ -61,16 +61,6 @@ def completion_length(row: Sequence[int], eos_ids: Sequence[int]) -> tuple[int, 
         if token in eos_ids:
             return index + 1, True
     return len(row), False
-
-
-def right_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        attention_mask[i, : len(row)] = 1
-    return input_ids.to(device), attention_mask.to(device)
 
 
 def target_mask(prompt_lengths: Sequence[int], lengths: Sequence[int], width: int) -> torch.Tensor:
