@@ -48,6 +48,9 @@ def ray_local():
         # worker and HAProxy take longer than that to start. The controller reads this when it starts, from
         # the environment the runtime started here passes on.
         os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "120")
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        # No worker output on this process's stdout: Ray Train's PlacementGroupCleaner actor keeps printing
+        # "Failed to query Ray Train Controller actor state" after a run, which would land in the middle of
+        # whatever a CliRunner test captures. The stage logs' own tests run `kubeforge run` as a process.
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     yield ray
     ray.shutdown()
