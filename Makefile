@@ -18,7 +18,7 @@ test: install-test
 	$(BIN)/ruff check platform operators jobs tests benchmarks
 	$(BIN)/mypy
 	PYTHONPATH=platform:operators $(BIN)/lint-imports
-	$(BIN)/python -m pytest --timeout=1200 -ra $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --timeout=1200 -ra $(PYTEST_ARGS) || { bash infra/local/ray-failure-tail.sh; exit 1; }
 
 lint: install-test
 	$(BIN)/ruff check platform operators jobs tests benchmarks

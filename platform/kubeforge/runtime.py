@@ -43,7 +43,16 @@ SERVE_INGRESS_ENV = {
 # takes nearly all the CPU from them (two busy loops on 2 cores made a 28 s pretraining run take more than
 # 15 minutes). They keep the niceness of the process that starts Ray instead: `nice kubeforge run` still
 # lowers the whole run.
-LOCAL_RUNTIME_ENV = {"RAY_worker_niceness": "0"}
+#
+# With the workers at the daemons' priority, a raylet starved on a loaded machine can miss the GCS's health
+# checks (by default 5 misses of 10 s), and the GCS then marks the node dead: every driver on it ends at
+# once with exit status 1 and nothing printed (the reason is only in Ray's session logs). A local runtime
+# has one node and no other to move work to, so its GCS waits several minutes instead.
+LOCAL_RUNTIME_ENV = {
+    "RAY_worker_niceness": "0",
+    "RAY_health_check_timeout_ms": "30000",
+    "RAY_health_check_failure_threshold": "10",
+}
 
 
 def use_local_runtime_settings() -> None:
