@@ -115,6 +115,10 @@ def validate(document: Mapping[str, Any], prometheus: str | None = None) -> Mode
         pod_token_secret(model.spec.auth)
     except FieldError as exc:
         raise SpecError([exc.problem]) from None
+    if model.spec.monitor is not None:
+        # Refused rather than ignored: nothing on the cluster would compute the signals yet.
+        raise SpecError([Problem("spec.monitor", "runs in `kubeforge serve` only so far; the operator does not run "
+                                 "monitors, so remove it from the cluster's manifest")])
     rollout = model.spec.rollout
     if rollout is None or prometheus_field(rollout)[1] is not None:
         return model

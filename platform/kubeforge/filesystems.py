@@ -134,9 +134,14 @@ def write_bytes(path: str, data: bytes) -> None:
     """Write a whole file, locally (parent folders made) or to an object store; `KubeForgeError` naming the
     path when it cannot be written."""
     if not is_uri(path):
+        target = Path(path)
+        # Written aside and renamed: a reader listing the folder (the monitor following a capture) never
+        # sees half a file. The hidden name matches no pattern of a source.
+        partial = target.with_name(f".{target.name}.partial")
         try:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_bytes(data)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_bytes(data)
+            os.replace(partial, target)
         except OSError as exc:
             raise KubeForgeError(f"{path}: cannot write ({exc.strerror or exc})") from None
         return

@@ -185,6 +185,40 @@ ROLLOUT_METRICS = (ROLLOUT_WEIGHT, ROLLOUT_STEP, ROLLOUT_PHASE, ROLLOUT_ANALYSES
                    ROLLOUT_CHECK_VALUE)
 """What the rollout controller sets, in `kubeforge serve` and in the operator (which serves these too)."""
 
+# The monitor of a deployment (`kubeforge serve` with spec.monitor). A signal that could not be
+# computed at the last check has no series (no alert on stale or missing data); `blind` says why Prometheus's
+# signals are missing.
+MONITOR_SIGNAL = Gauge(
+    "kubeforge_monitor_signal",
+    "Value of each drift or SLO signal at the monitor's last check that could compute it.",
+    ["deployment", "signal"],
+    registry=REGISTRY,
+)
+MONITOR_THRESHOLD = Gauge(
+    "kubeforge_monitor_threshold",
+    "Threshold of each signal (spec.monitor.thresholds): above it the signal has crossed.",
+    ["deployment", "signal"],
+    registry=REGISTRY,
+)
+MONITOR_WINDOW = Gauge(
+    "kubeforge_monitor_window_prompts",
+    "Answered prompts of the served version in the reference and current windows.",
+    ["deployment", "window"],
+    registry=REGISTRY,
+)
+MONITOR_BLIND = Gauge(
+    "kubeforge_monitor_blind",
+    "1 when the last check could not ask Prometheus (its error-rate and latency signals are missing).",
+    ["deployment"],
+    registry=REGISTRY,
+)
+MONITOR_LAST_CHECK = Gauge(
+    "kubeforge_monitor_last_check_timestamp_seconds",
+    "When the monitor last completed a check (UNIX seconds).",
+    ["deployment"],
+    registry=REGISTRY,
+)
+
 
 def serve(port: int, addr: str = "127.0.0.1") -> None:
     """Expose REGISTRY on http://addr:port/metrics from a daemon thread."""

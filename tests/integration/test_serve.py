@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -181,6 +182,39 @@ def test_captured_traffic_is_redacted_and_holds_whole_and_streamed_answers(clien
         metrics = http.get("/metrics").text
     assert 'kubeforge_traffic_captured_rows_total{variant="stable"}' in metrics
     assert 'kubeforge_traffic_redactions_total{kind="phone_numbers"} 1.0' in metrics
+
+
+def test_the_monitor_sees_a_shift_in_the_captured_traffic_under_the_served_model(client, served, tiny_lm,
+                                                                                  tmp_path):
+    """Prompts like the model's training code, then prose it never saw, through the router: the monitor over
+    what the router captured finds the second window less familiar to the model, and longer."""
+    import shutil
+
+    from kubeforge.monitor.check import Monitor
+    from kubeforge.spec.monitor import MonitorSpec
+
+    _, handle = served
+    handle.flush_capture.remote().result()  # earlier tests' requests stay out of the monitored folder
+    rng = random.Random(0)
+    code = ["def main(", "import os\n", "return self.", "for i in range(", "class Base(object):", "if x is None:"]
+    prose = ["the weather in the valley was mild", "she walked slowly along the quiet river", "once upon a time",
+             "my grandmother baked bread every morning", "birds sang loudly over green meadows"]
+    files = []
+    for pool, picks in ((code, 1), (prose, 4)):
+        for _ in range(24):
+            prompt = " ".join(rng.sample(pool, picks))
+            client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0)
+        files.append(handle.flush_capture.remote().result())
+    folder = tmp_path / "monitored"
+    folder.mkdir()
+    for number, path in enumerate(files):
+        shutil.copy(path, folder / f"traffic-{number}.parquet")  # two files of one second sort by their random id
+    spec = MonitorSpec.model_validate({"window_requests": 24, "min_requests": 20, "thresholds": {
+        "prompt_length_psi": 0.25, "token_js": 0.3, "loglik_shift": 0.05}})
+    reading = Monitor(spec, MODEL, str(folder), None).check("1", tiny_lm.pretrain.directory / "model")
+    assert (reading.reference_size, reading.current_size) == (24, 24)
+    # The model of 60 steps on standard-library code finds prose less likely than code, per token.
+    assert {s.name for s in reading.crossed} == {"prompt_length_psi", "token_js", "loglik_shift"}, reading.to_dict()
 
 
 @pytest.fixture(scope="module")

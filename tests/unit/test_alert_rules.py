@@ -24,6 +24,8 @@ RUNBOOK_ANCHORS = {
     "training-stalled",
     "stage-failed",
     "canary-rolled-back",
+    "traffic-drift",
+    "monitor-blind",
 }
 """Sections docs/operations.md must have (GitHub's anchors of its headings, e.g. `## Serving error rate
 high`): the alerts' runbook_url links point at them."""
@@ -33,6 +35,8 @@ ALERTS = {
     "KubeForgeTrainingStalled",
     "KubeForgeStageFailed",
     "KubeForgeCanaryRolledBack",
+    "KubeForgeTrafficDrift",
+    "KubeForgeMonitorBlind",
 }
 SEVERITIES = {"critical", "warning"}
 """critical pages someone now, warning opens a ticket."""

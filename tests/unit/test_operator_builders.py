@@ -780,3 +780,13 @@ def test_a_lora_rayservice_serves_every_adapter_from_one_deployment_configured_i
     # One deployment serves all variants: one replica's pod, not one per variant.
     assert first["spec"]["rayClusterConfig"] == second["spec"]["rayClusterConfig"]
     assert first["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] == 1
+
+
+def test_the_operator_refuses_a_monitor_it_would_not_run() -> None:
+    from kubeforge_operator.deployment import validate as validate_deployment
+
+    with pytest.raises(SpecError) as info:
+        validate_deployment(deployment_document(capture={"sample_rate": 1.0, "path": "s3://bucket/traffic"},
+                                                monitor={"thresholds": {"token_js": 0.2}}))
+    (problem,) = info.value.problems
+    assert problem.where == "spec.monitor" and "kubeforge serve" in problem.message

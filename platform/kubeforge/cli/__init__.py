@@ -200,9 +200,9 @@ def print_stages(record: Any) -> None:
     default=DEFAULT_METRICS_PORT + 1,
     show_default=True,
     envvar="KUBEFORGE_SERVE_METRICS_PORT",
-    help="Serve the rollout's Prometheus metrics on this port (the application's own are at /metrics).",
+    help="Serve the rollout's and the monitor's Prometheus metrics on this port (the application's are at /metrics).",
 )
-@click.option("--no-metrics", is_flag=True, help="Do not serve the rollout's Prometheus metrics.")
+@click.option("--no-metrics", is_flag=True, help="Do not serve the rollout's and the monitor's Prometheus metrics.")
 @click.option("--exit-when-done", is_flag=True,
               help="Stop serving once the rollout has ended (for scripts); without a rollout, stop at once.")
 @verbose_option
@@ -219,7 +219,7 @@ def serve(manifest: Path, workdir: Path, tracking_uri: str | None, ray_address: 
     from kubeforge.spec.load import load_deployment
 
     document = load_deployment(manifest)
-    if document.spec.rollout is not None and not no_metrics:
+    if (document.spec.rollout is not None or document.spec.monitor is not None) and not no_metrics:
         start_metrics_server(metrics_port, host)
     options = ServeOptions(workdir=Workdir(workdir), registry=open_registry(workdir, tracking_uri),
                            ray_address=ray_address, num_cpus=num_cpus, host=host, exit_when_done=exit_when_done)

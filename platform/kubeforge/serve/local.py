@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kubeforge.errors import KubeForgeError
+from kubeforge.monitor.check import Monitor
+from kubeforge.monitor.runner import MonitorRunner
 from kubeforge.registry.client import Registry
 from kubeforge.rollout.controller import RolloutController, RolloutRecord, RolloutStore, Subject, begin
 from kubeforge.rollout.prometheus import PrometheusError, query_value
@@ -22,7 +24,15 @@ from kubeforge.rollout.queries import CANDIDATE, STABLE
 from kubeforge.serve.app import LORA_BASE, VariantModel, build_app
 from kubeforge.serve.auth import require_local_source
 from kubeforge.serve.resolve import ResolvedAdapter, ResolvedModel, resolve_adapter, resolve_model
-from kubeforge.spec.deployment import ABRollout, CanaryRollout, ModelDeployment, prometheus_field, prometheus_url
+from kubeforge.spec.deployment import (
+    ABRollout,
+    CanaryRollout,
+    ModelDeployment,
+    parse_model_uri,
+    prometheus_field,
+    prometheus_url,
+)
+from kubeforge.spec.monitor import SLO_SIGNALS
 from kubeforge.workdir import Workdir
 
 POLL_S = 1.0
@@ -77,6 +87,7 @@ def serve_deployment(document: ModelDeployment, options: ServeOptions, say: Call
             return resolve_model(uri, options.registry, cache, spec.engine.name, device, spec.engine.dtype)
         return resolve_adapter(uri, options.registry, cache, lora.max_rank)
 
+    monitor = make_monitor(document, options) if spec.monitor is not None else None
     stable = resolve(spec.model)
     say(f"stable: {spec.model} -> version {stable.version} ({stable.path})")
     variants = [VariantModel(STABLE, stable.model, stable.version, stable.path)]
@@ -137,10 +148,19 @@ def serve_deployment(document: ModelDeployment, options: ServeOptions, say: Call
             say(f"serving '{name}' at http://{options.host}:{spec.port}/v1 (Ctrl-C stops it)")
             try:
                 record = None if controller is None else run_rollout(controller, say)
-                if not options.exit_when_done:
-                    while True:
-                        time.sleep(3600)
-                return record
+                if options.exit_when_done:
+                    return record
+                if monitor is not None:
+                    # After a promotion the candidate variant serves everything.
+                    served = candidate if record is not None and record.phase == "promoted" else stable
+                    assert served is not None
+                    runner = MonitorRunner(name, monitor, lambda: (served.version, served.path))
+                    say(f"monitoring: every {monitor.spec.interval_s:g} s (kubeforge_monitor_* metrics)")
+                    with runner.running():
+                        while True:
+                            time.sleep(3600)
+                while True:
+                    time.sleep(3600)
             finally:
                 serve.delete(name)
         finally:
@@ -148,6 +168,23 @@ def serve_deployment(document: ModelDeployment, options: ServeOptions, say: Call
                 # Serve's proxy (HAProxy, a child of an actor) is stopped by Serve, not by Ray's shutdown.
                 serve.shutdown()
                 ray.shutdown()
+
+
+def make_monitor(document: ModelDeployment, options: ServeOptions) -> Monitor:
+    """The deployment's monitor, or one error naming the field it lacks."""
+    spec, monitor = document.spec, document.spec.monitor
+    assert monitor is not None
+    prometheus = monitor.prometheus
+    if prometheus is None and spec.rollout is not None:
+        prometheus = prometheus_field(spec.rollout)[1]
+    slo = [name for name, _ in monitor.thresholds.items() if name in SLO_SIGNALS]
+    if slo and prometheus is None:
+        raise KubeForgeError(f"spec.monitor.prometheus: required for {', '.join(slo)} (the address of the Prometheus "
+                             "that scrapes this deployment, e.g. http://localhost:9090)")
+    capture = spec.capture.path if spec.capture is not None and spec.capture.path else str(
+        options.workdir.traffic(document.metadata.name).resolve())
+    model, _ = parse_model_uri(spec.model)
+    return Monitor(monitor, model, capture, prometheus)
 
 
 def run_rollout(controller: RolloutController, say: Callable[[str], None]) -> RolloutRecord:

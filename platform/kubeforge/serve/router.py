@@ -380,15 +380,20 @@ class Router:
                      captured: Callable[..., None] | None = None) -> AsyncIterator[bytes]:
         """The rest of a streamed response, byte for byte as the variant wrote it."""
         sent: list[bytes] = []
+        done = False
         try:
             async for event in events:
                 self._count(outcome, event)
                 if event["body"]:
                     if captured is not None:
                         sent.append(event["body"])
+                    # Once the terminator is handed over the answer is whole, even when the client, having read
+                    # it, hangs up before this generator is resumed (which closes it at this yield).
+                    done = done or event["body"].rstrip().endswith(b"data: [DONE]")
                     yield event["body"]
         except (GeneratorExit, asyncio.CancelledError):
-            status = 499  # the client went away (nginx's code): neither a success nor the server's fault
+            if not done:
+                status = 499  # the client went away (nginx's code): neither a success nor the server's fault
             raise
         except Exception:
             # The status line is already sent: report the failure in the stream, as vLLM's server does.

@@ -12,6 +12,7 @@ from kubeforge.errors import KubeForgeError
 from kubeforge.spec.base import StrictModel
 from kubeforge.spec.cluster import DNS1123_SUBDOMAIN
 from kubeforge.spec.data import RedactStep
+from kubeforge.spec.monitor import TRAFFIC_SIGNALS, MonitorSpec
 from kubeforge.spec.pipeline import Metadata
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -317,6 +318,22 @@ class DeploymentSpec(StrictModel):
     """Serve the versions as LoRA adapters over their common base; null serves each version's own weights."""
     capture: CaptureSpec | None = None
     """Log a sample of the traffic (redacted) to Parquet files; null logs nothing."""
+    monitor: MonitorSpec | None = None
+    """Compute drift and SLO signals of the served traffic on a schedule, as Prometheus metrics; null: none."""
+
+    @model_validator(mode="after")
+    def _monitor_has_its_inputs(self) -> DeploymentSpec:
+        monitor = self.monitor
+        if monitor is None:
+            return self
+        traffic = [name for name, _ in monitor.thresholds.items() if name in TRAFFIC_SIGNALS]
+        if traffic and self.capture is None:
+            raise ValueError(f"monitor.thresholds: {', '.join(traffic)} are computed from the captured traffic; "
+                             "set capture (sample_rate, path) or drop them")
+        if self.lora is not None:
+            raise ValueError("monitor: the versions of a deployment with lora are adapters, which the monitor does "
+                             "not score; drop monitor or lora")
+        return self
 
     @model_validator(mode="after")
     def _candidate_differs(self) -> DeploymentSpec:

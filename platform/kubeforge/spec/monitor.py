@@ -1,0 +1,79 @@
+"""`spec.monitor` of a ModelDeployment: drift and SLO signals of the served traffic, computed on a schedule
+and exported to Prometheus.
+
+A section of the deployment rather than a kind of its own: a monitor reads one deployment's capture and asks
+the Prometheus its rollouts ask, and the retraining it is to trigger ends in a canary on that same deployment.
+One object keeps them in one place, validated together.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, model_validator
+
+from kubeforge.spec.base import StrictModel
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Share = Annotated[float, Field(gt=0, lt=1)]
+
+TRAFFIC_SIGNALS = ("prompt_length_psi", "prompt_length_ks", "token_js", "loglik_shift")
+"""Computed from the captured prompts: the reference window against the current one."""
+SLO_SIGNALS = ("error_rate", "p95_latency_s")
+"""Asked of Prometheus: the stable variant's share of 5xx answers and its 95th percentile latency."""
+
+
+class Thresholds(StrictModel):
+    """The signals the monitor computes, each with the value above which it counts as crossed. A signal
+    without a threshold is not computed."""
+
+    prompt_length_psi: PositiveFloat | None = None
+    """Population stability index of prompt lengths in tokens (above 0.25 is usually read as a major shift)."""
+    prompt_length_ks: Share | None = None
+    """Two-sample Kolmogorov-Smirnov statistic of prompt lengths."""
+    token_js: Share | None = None
+    """Jensen-Shannon divergence (base 2) of the prompts' token frequencies under the served model's tokenizer."""
+    loglik_shift: PositiveFloat | None = None
+    """How much higher the current prompts' mean negative log-likelihood per token is under the served model
+    than the reference's (nats per token)."""
+    error_rate: Share | None = None
+    """Share of the stable variant's requests answered with a 5xx status, from Prometheus."""
+    p95_latency_s: PositiveFloat | None = None
+    """The stable variant's 95th percentile request latency, from Prometheus."""
+
+    def items(self) -> list[tuple[str, float]]:
+        return [(name, value) for name in (*TRAFFIC_SIGNALS, *SLO_SIGNALS)
+                if (value := getattr(self, name)) is not None]
+
+    @model_validator(mode="after")
+    def _one_at_least(self) -> Thresholds:
+        if not self.items():
+            raise ValueError(f"set a threshold for at least one signal ({', '.join((*TRAFFIC_SIGNALS, *SLO_SIGNALS))})")
+        return self
+
+
+class MonitorSpec(StrictModel):
+    """Drift of the served traffic, on a schedule, as Prometheus metrics."""
+
+    interval_s: PositiveFloat = 300.0
+    """How often the signals are computed."""
+    window_requests: PositiveInt = 500
+    """Size of each window of answered prompts: the reference is the first this many the served version
+    answered, the current window the latest this many after those."""
+    min_requests: PositiveInt = 100
+    """Fewer answered prompts than this in either window: the traffic signals are not computed (no decision on
+    too little data)."""
+    thresholds: Thresholds
+    prometheus: Annotated[str, Field(pattern=r"^https?://")] | None = None
+    """The Prometheus asked for error_rate and p95_latency_s; null: the rollout analysis's (or, on Kubernetes,
+    the operator's)."""
+    slo_window: Annotated[str, Field(pattern=r"^[0-9]+[smh]$")] = "5m"
+    """PromQL range of the error-rate and latency signals."""
+
+    @model_validator(mode="after")
+    def _windows(self) -> MonitorSpec:
+        if self.min_requests > self.window_requests:
+            raise ValueError(f"min_requests ({self.min_requests}) is above window_requests ({self.window_requests}), "
+                             "so no window could ever be full enough")
+        return self

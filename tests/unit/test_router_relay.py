@@ -1,0 +1,39 @@
+"""The status the router records for a streamed answer whose client hangs up."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from kubeforge.serve.router import Router
+
+pytestmark = pytest.mark.unit
+
+
+async def events(bodies: list[bytes]) -> AsyncIterator[dict[str, Any]]:
+    for body in bodies:
+        yield {"body": body}
+
+
+def status_after_reading(bodies: list[bytes], read: int) -> int:
+    """The status captured when the client reads `read` chunks and then closes the connection."""
+    recorded: dict[str, Any] = {}
+
+    async def scenario() -> None:
+        router = Router.func_or_class
+        relay = router._relay(router, events(bodies), None, 200, "r1", lambda **row: recorded.update(row))
+        for _ in range(read):
+            await relay.__anext__()
+        await relay.aclose()  # what the HTTP server does when the client has gone
+
+    asyncio.run(scenario())
+    return int(recorded["status"])
+
+
+def test_a_client_that_hangs_up_after_the_terminator_got_the_whole_answer() -> None:
+    bodies = [b'data: {"choices": [{"delta": {"content": "x"}}]}\n\n', b"data: [DONE]\n\n"]
+    assert status_after_reading(bodies, read=2) == 200
+    assert status_after_reading(bodies, read=1) == 499  # gone before the end
