@@ -185,7 +185,7 @@ ROLLOUT_METRICS = (ROLLOUT_WEIGHT, ROLLOUT_STEP, ROLLOUT_PHASE, ROLLOUT_ANALYSES
                    ROLLOUT_CHECK_VALUE)
 """What the rollout controller sets, in `kubeforge serve` and in the operator (which serves these too)."""
 
-# The monitor of a deployment (`kubeforge serve` with spec.monitor). A signal that could not be
+# The monitor and the retraining loop of a deployment (`kubeforge serve` with spec.monitor). A signal that could not be
 # computed at the last check has no series (no alert on stale or missing data); `blind` says why Prometheus's
 # signals are missing.
 MONITOR_SIGNAL = Gauge(
@@ -216,6 +216,26 @@ MONITOR_LAST_CHECK = Gauge(
     "kubeforge_monitor_last_check_timestamp_seconds",
     "When the monitor last completed a check (UNIX seconds).",
     ["deployment"],
+    registry=REGISTRY,
+)
+
+LOOP_TURNS = Counter(
+    "kubeforge_loop_turns",
+    "Turns of the retraining loop by outcome (promoted, rolled_back, gates_failed, retrain_failed, rollout_failed, "
+    "interrupted).",
+    ["deployment", "outcome"],
+    registry=REGISTRY,
+)
+LOOP_TURN_RUNNING = Gauge(
+    "kubeforge_loop_turn_running",
+    "1 while a turn of the retraining loop runs.",
+    ["deployment"],
+    registry=REGISTRY,
+)
+LOOP_REFUSED = Counter(
+    "kubeforge_loop_refused_triggers",
+    "Triggers the guard rails refused (disabled, paused, cooldown, turns per day), by trigger kind.",
+    ["deployment", "trigger"],
     registry=REGISTRY,
 )
 

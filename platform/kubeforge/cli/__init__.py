@@ -222,7 +222,8 @@ def serve(manifest: Path, workdir: Path, tracking_uri: str | None, ray_address: 
     if (document.spec.rollout is not None or document.spec.monitor is not None) and not no_metrics:
         start_metrics_server(metrics_port, host)
     options = ServeOptions(workdir=Workdir(workdir), registry=open_registry(workdir, tracking_uri),
-                           ray_address=ray_address, num_cpus=num_cpus, host=host, exit_when_done=exit_when_done)
+                           ray_address=ray_address, num_cpus=num_cpus, host=host, exit_when_done=exit_when_done,
+                           base_dir=manifest.parent.absolute())
     log_file = logs.session_log(options.workdir.logs, f"serve-{document.metadata.name}")
     with ray_output_to(log_file, verbose):
         out.print(escape(where_logs_go(log_file, verbose, stages=False)))
@@ -249,6 +250,6 @@ _add_bench_commands()
 # -- rollout -----------------------------------------------------------------------------------
 
 
-from kubeforge.cli import harness, models, rollout  # noqa: E402, F401  (their commands join `main`)
+from kubeforge.cli import harness, loop, models, rollout  # noqa: E402, F401  (their commands join `main`)
 
-__all__ = ["friendly_errors", "main", "models", "rollout"]
+__all__ = ["friendly_errors", "loop", "main", "models", "rollout"]

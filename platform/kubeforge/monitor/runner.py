@@ -1,5 +1,9 @@
 """The monitor of a served deployment, in a thread of the serving process: a check every `interval_s`,
-its signals exported to Prometheus (`kubeforge.metrics`: MONITOR_*).
+its signals exported to Prometheus (`kubeforge.metrics`: MONITOR_*), and with `spec.monitor.retrain` a
+turn of the loop when one is due and the guard rails allow it (`kubeforge.monitor.loop`).
+
+Turns run in this same thread, so two never run at once: a trigger during a turn (a crossed signal, the
+schedule, a person's request) is looked at again after it, where the cooldown meets it.
 
 Nothing here may interrupt serving: a check that fails is logged, and the thread goes on to the next
 interval. A signal not computed at a check loses its series, so neither a dashboard nor an alert reads a
@@ -11,33 +15,79 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from kubeforge import metrics
 from kubeforge.errors import KubeForgeError
 from kubeforge.monitor.check import Monitor, Reading
+from kubeforge.monitor.loop import LoopStore, Trigger, Turn, due_trigger, refusal
 
 logger = logging.getLogger("kubeforge.monitor")
+
+POLL_S = 1.0
+"""How often the thread looks for a person's request for a turn between checks."""
 
 
 class MonitorRunner:
     """`served()` says which version the stable variant serves now, and where its files are."""
 
-    def __init__(self, deployment: str, monitor: Monitor, served: Callable[[], tuple[str, Path]]) -> None:
+    def __init__(self, deployment: str, monitor: Monitor, served: Callable[[], tuple[str, Path]],
+                 loop: tuple[LoopStore, Turn] | None = None, say: Callable[[str], None] = logger.info) -> None:
         self.deployment = deployment
         self.monitor = monitor
         self.served = served
-        self.stop = threading.Event()
+        self.loop = loop
+        self.say = say
+        self.stop = loop[1].stop if loop is not None else threading.Event()
+        self.started = time.time()
         self.last: Reading | None = None
         for name, threshold in monitor.spec.thresholds.items():
             metrics.MONITOR_THRESHOLD.labels(deployment, name).set(threshold)
 
     def run(self) -> None:
-        """Check every `interval_s` until `stop` is set."""
+        """Check every `interval_s`, and look for a person's request for a turn every second, until `stop`."""
+        next_check = time.time()
         while not self.stop.is_set():
-            self.check_once()
-            self.stop.wait(self.monitor.spec.interval_s)
+            if time.time() >= next_check:
+                self.check_once()
+                next_check = time.time() + self.monitor.spec.interval_s
+                self.consider(None)
+            if self.loop is not None:
+                request = self.loop[0].take_request()
+                if request is not None:
+                    self.consider(request)
+            self.stop.wait(POLL_S)
+
+    def consider(self, request: Trigger | None, now: float | None = None) -> None:
+        """Run a turn when one is due (a request, a crossed signal, the schedule) and the guard rails allow."""
+        if self.loop is None:
+            return
+        store, turn = self.loop
+        now = time.time() if now is None else now
+        turns = store.turns()
+        crossed = {} if self.last is None else {s.name: s.value for s in self.last.crossed}
+        since = (turns[-1].ended or self.started) if turns else self.started
+        trigger = request or due_trigger(turn.retrain, crossed, since, now)
+        if trigger is None:
+            return
+        refused = refusal(turn.retrain, turns, store.state(), now)
+        if refused is not None:
+            metrics.LOOP_REFUSED.labels(self.deployment, trigger.kind).inc()
+            (self.say if request is not None else logger.info)(f"loop: {trigger.kind} trigger refused: {refused}")
+            return
+        number = len(turns) + 1
+        self.say(f"loop: turn {number} starts ({trigger.kind}: {trigger.detail})")
+        metrics.LOOP_TURN_RUNNING.labels(self.deployment).set(1)
+        try:
+            record = turn.run(trigger, number)
+        finally:
+            metrics.LOOP_TURN_RUNNING.labels(self.deployment).set(0)
+        metrics.LOOP_TURNS.labels(self.deployment, record.outcome or "interrupted").inc()
+        self.say(f"loop: turn {number} ended: {record.outcome} ({record.reason})")
+        # The next check reads the served version's traffic afresh (a promotion starts a new reference).
+        self.last = None
 
     @contextlib.contextmanager
     def running(self) -> Iterator[MonitorRunner]:

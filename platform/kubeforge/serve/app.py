@@ -135,6 +135,47 @@ def build_app(
     if CANDIDATE not in by_name and start_weight:
         raise KubeForgeError(f"weight: {start_weight}% for a candidate, but no candidate variant is served")
 
+    options, on_gpus = server_options(spec)
+    bound: dict[str, Any] = {}
+    if base is not None and spec.lora is not None:
+        # One deployment serves every variant: the base, with each variant's adapter as its user_config.
+        adapters = {f"{v.model}:{v.variant}": str(v.path) for v in by_name.values()}
+        lora = {"max_rank": spec.lora.max_rank, "max_loras": spec.lora.slots()}
+        label = {"model": base.model, "version": base.version, "variant": LORA_BASE}
+        deployment = model_server.options(name=LORA_DEPLOYMENT, user_config={"adapters": adapters}, **options)
+        bound[STABLE] = deployment.bind(str(base.path), label, spec.engine.model_dump(), lora, **on_gpus)
+    else:
+        for variant in by_name.values():
+            deployment = model_server.options(name=f"model-{variant.variant}", **options)
+            label = {"model": variant.model, "version": variant.version, "variant": variant.variant}
+            bound[variant.variant] = deployment.bind(str(variant.path), label, spec.engine.model_dump(), **on_gpus)
+
+    router_env: dict[str, str] = {}
+    if hand_over_token and spec.auth is not None and spec.auth.token_env and spec.auth.token_env in os.environ:
+        # A local Ray runtime started before the variable was set would not pass it on: hand it over.
+        router_env[spec.auth.token_env] = os.environ[spec.auth.token_env]
+    front = router_deployment.options(
+        num_replicas=1,  # metrics and weight live in this one process (see the module docstring)
+        ray_actor_options={"num_cpus": ROUTER_CPUS, "runtime_env": {"env_vars": router_env}},
+        max_ongoing_requests=max(1000, 4 * options["max_ongoing_requests"]),
+    )
+    labels = {v.variant: {"model": v.model, "version": v.version} for v in by_name.values()}
+    sticky = spec.rollout.sticky_header if isinstance(spec.rollout, ABRollout) else None
+    auth = spec.auth.model_dump() if spec.auth is not None else None
+    capture = None
+    if spec.capture is not None:
+        directory = spec.capture.path or capture_dir
+        if directory is None:
+            raise KubeForgeError("spec.capture.path: no folder to write the captured traffic to; set an "
+                                 "object-store URI (s3://bucket/prefix) the router's pod can write to")
+        capture = {"spec": spec.capture.model_dump(mode="json"), "directory": directory}
+    return front.bind(bound[STABLE], bound.get(CANDIDATE), labels, start_weight, sticky, auth, base is not None,
+                      capture)
+
+
+def server_options(spec: DeploymentSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The Serve options of each variant's model-server deployment, and the keyword arguments that hand it
+    its GPUs."""
     device = "cuda" if spec.resources.gpus_per_replica > 0 else "cpu"
     env_vars = engine_env(spec, device)
     max_ongoing = spec.engine.max_num_seqs or DEFAULT_MAX_ONGOING
@@ -163,41 +204,18 @@ def build_app(
         "health_check_period_s": HEALTH_CHECK_PERIOD_S,
         **scaling,
     }
-    bound: dict[str, Any] = {}
-    if base is not None and spec.lora is not None:
-        # One deployment serves every variant: the base, with each variant's adapter as its user_config.
-        adapters = {f"{v.model}:{v.variant}": str(v.path) for v in by_name.values()}
-        lora = {"max_rank": spec.lora.max_rank, "max_loras": spec.lora.slots()}
-        label = {"model": base.model, "version": base.version, "variant": LORA_BASE}
-        deployment = model_server.options(name=LORA_DEPLOYMENT, user_config={"adapters": adapters}, **options)
-        bound[STABLE] = deployment.bind(str(base.path), label, spec.engine.model_dump(), lora, **on_gpus)
-    else:
-        for variant in by_name.values():
-            deployment = model_server.options(name=f"model-{variant.variant}", **options)
-            label = {"model": variant.model, "version": variant.version, "variant": variant.variant}
-            bound[variant.variant] = deployment.bind(str(variant.path), label, spec.engine.model_dump(), **on_gpus)
+    return options, on_gpus
 
-    router_env: dict[str, str] = {}
-    if hand_over_token and spec.auth is not None and spec.auth.token_env and spec.auth.token_env in os.environ:
-        # A local Ray runtime started before the variable was set would not pass it on: hand it over.
-        router_env[spec.auth.token_env] = os.environ[spec.auth.token_env]
-    front = router_deployment.options(
-        num_replicas=1,  # metrics and weight live in this one process (see the module docstring)
-        ray_actor_options={"num_cpus": ROUTER_CPUS, "runtime_env": {"env_vars": router_env}},
-        max_ongoing_requests=max(1000, 4 * max_ongoing),
-    )
-    labels = {v.variant: {"model": v.model, "version": v.version} for v in by_name.values()}
-    sticky = spec.rollout.sticky_header if isinstance(spec.rollout, ABRollout) else None
-    auth = spec.auth.model_dump() if spec.auth is not None else None
-    capture = None
-    if spec.capture is not None:
-        directory = spec.capture.path or capture_dir
-        if directory is None:
-            raise KubeForgeError("spec.capture.path: no folder to write the captured traffic to; set an "
-                                 "object-store URI (s3://bucket/prefix) the router's pod can write to")
-        capture = {"spec": spec.capture.model_dump(mode="json"), "directory": directory}
-    return front.bind(bound[STABLE], bound.get(CANDIDATE), labels, start_weight, sticky, auth, base is not None,
-                      capture)
+
+def build_variant_app(variant: VariantModel, spec: DeploymentSpec) -> Application:
+    """One variant's model server as an application of its own (`model-<variant>`, no HTTP route): the
+    retraining loop serves a new version this way beside the running application, which the router then
+    reaches by handle (`Router.attach_candidate`)."""
+    options, on_gpus = server_options(spec)
+    label = {"model": variant.model, "version": variant.version, "variant": variant.variant}
+    deployment = engine_deployment(spec.engine.name).options(name=f"model-{variant.variant}", **options)
+    application: Application = deployment.bind(str(variant.path), label, spec.engine.model_dump(), **on_gpus)
+    return application
 
 
 def engine_deployment(name: str) -> Any:

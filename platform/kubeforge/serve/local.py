@@ -9,6 +9,7 @@ restarts at the recorded weight); a finished rollout is not run twice.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from kubeforge.errors import KubeForgeError
 from kubeforge.monitor.check import Monitor
+from kubeforge.monitor.loop import LoopStore, Turn
 from kubeforge.monitor.runner import MonitorRunner
 from kubeforge.registry.client import Registry
 from kubeforge.rollout.controller import RolloutController, RolloutRecord, RolloutStore, Subject, begin
@@ -23,6 +25,7 @@ from kubeforge.rollout.prometheus import PrometheusError, query_value
 from kubeforge.rollout.queries import CANDIDATE, STABLE
 from kubeforge.serve.app import LORA_BASE, VariantModel, build_app
 from kubeforge.serve.auth import require_local_source
+from kubeforge.serve.loop import LocalCanary, Served, prepare_loop
 from kubeforge.serve.resolve import ResolvedAdapter, ResolvedModel, resolve_adapter, resolve_model
 from kubeforge.spec.deployment import (
     ABRollout,
@@ -33,6 +36,7 @@ from kubeforge.spec.deployment import (
     prometheus_url,
 )
 from kubeforge.spec.monitor import SLO_SIGNALS
+from kubeforge.spec.pipeline import ModelPipeline
 from kubeforge.workdir import Workdir
 
 POLL_S = 1.0
@@ -49,6 +53,8 @@ class ServeOptions:
     host: str = "127.0.0.1"
     exit_when_done: bool = False
     """Stop serving once the rollout has ended (scripts, the demo); without a rollout, return at once."""
+    base_dir: Path = Path(".")
+    """The manifest's folder: `spec.monitor.retrain.pipeline` is relative to it."""
 
 
 class ServeRouter:
@@ -88,6 +94,8 @@ def serve_deployment(document: ModelDeployment, options: ServeOptions, say: Call
         return resolve_adapter(uri, options.registry, cache, lora.max_rank)
 
     monitor = make_monitor(document, options) if spec.monitor is not None else None
+    loop = (prepare_loop(document, options.workdir.root, options.base_dir)
+            if spec.monitor is not None and spec.monitor.retrain is not None else None)
     stable = resolve(spec.model)
     say(f"stable: {spec.model} -> version {stable.version} ({stable.path})")
     variants = [VariantModel(STABLE, stable.model, stable.version, stable.path)]
@@ -151,23 +159,69 @@ def serve_deployment(document: ModelDeployment, options: ServeOptions, say: Call
                 if options.exit_when_done:
                     return record
                 if monitor is not None:
-                    # After a promotion the candidate variant serves everything.
-                    served = candidate if record is not None and record.phase == "promoted" else stable
-                    assert served is not None
-                    runner = MonitorRunner(name, monitor, lambda: (served.version, served.path))
-                    say(f"monitoring: every {monitor.spec.interval_s:g} s (kubeforge_monitor_* metrics)")
+                    promoted = record is not None and record.phase == "promoted"
+                    runner = monitor_runner(document, options, monitor, loop, candidate if promoted else stable,
+                                            promoted, resolve, say)
                     with runner.running():
                         while True:
                             time.sleep(3600)
                 while True:
                     time.sleep(3600)
             finally:
+                for extra in loop_applications(name):
+                    serve.delete(extra)
                 serve.delete(name)
         finally:
             if started:
                 # Serve's proxy (HAProxy, a child of an actor) is stopped by Serve, not by Ray's shutdown.
                 serve.shutdown()
                 ray.shutdown()
+
+
+def monitor_runner(document: ModelDeployment, options: ServeOptions, monitor: Monitor,
+                   loop: tuple[Path, ModelPipeline, LoopStore] | None, served: ResolvedModel | ResolvedAdapter | None,
+                   promoted: bool, resolve: Callable[[str], ResolvedModel | ResolvedAdapter],
+                   say: Callable[[str], None]) -> MonitorRunner:
+    """The monitor of the running application, with the retraining loop when the manifest asks for it."""
+    from ray import serve
+
+    name, retrain = document.metadata.name, monitor.spec.retrain
+    # After a promotion the candidate variant serves everything (spec.monitor refuses lora: no adapters here).
+    assert isinstance(served, ResolvedModel)
+    state = Served(served)
+    turn = None
+    if loop is not None and retrain is not None:
+        if promoted:
+            # The loop's next version takes the candidate slot: the promoted one becomes stable first.
+            serve.get_app_handle(name).promote_candidate.remote().result()
+        manifest, pipeline, store = loop
+        stop = threading.Event()
+
+        def resolve_model_version(uri: str) -> ResolvedModel:
+            resolved = resolve(uri)
+            assert isinstance(resolved, ResolvedModel)
+            return resolved
+
+        canary = LocalCanary(document, state, ServeRouter(name), options.registry, rollout_store(options.workdir, name),
+                             resolve_model_version, stop, say,
+                             lambda policy, candidate: preflight(policy, candidate, options.registry))
+        turn = (store, Turn(manifest=manifest, pipeline=pipeline, retrain=retrain,
+                            capture_dir=monitor.windows.directory, workdir=options.workdir.root,
+                            registry=options.registry, store=store, roll_out=canary, stop=stop))
+        say(f"retraining loop: {manifest} on the captured traffic (kubeforge loop status {name})")
+    say(f"monitoring: every {monitor.spec.interval_s:g} s (kubeforge_monitor_* metrics)")
+    return MonitorRunner(name, monitor, lambda: (state.model.version, state.model.path), turn, say)
+
+
+def loop_applications(deployment: str) -> list[str]:
+    """The applications the retraining loop added beside `deployment`'s (`<deployment>-v<version>`)."""
+    from ray import serve
+
+    try:
+        applications = serve.status().applications
+    except Exception:  # Serve already gone: nothing of the loop's to delete
+        return []
+    return [app for app in applications if app.startswith(f"{deployment}-v") and app[len(deployment) + 2:].isdigit()]
 
 
 def make_monitor(document: ModelDeployment, options: ServeOptions) -> Monitor:

@@ -97,6 +97,37 @@ class Router:
     def get_weight(self) -> int:
         return self.weight
 
+    def attach_candidate(self, app: str, deployment: str, model: str, version: str) -> None:
+        """Serve the candidate variant from `deployment` of the Serve application `app`: the retraining loop
+        deploys each new version as an application of its own, so nothing of this one restarts. Its weight
+        stays 0 until the rollout moves it."""
+        from ray import serve as ray_serve
+
+        if self.lora:
+            raise ValueError("attach_candidate: under LoRA the variants are adapters of one deployment")
+        if self.weight:
+            raise ValueError(f"attach_candidate: the current candidate still takes {self.weight}% of the requests")
+        self.handles[CANDIDATE] = ray_serve.get_deployment_handle(deployment, app)
+        self.labels[CANDIDATE] = {"model": model, "version": version}
+        self.faults[CANDIDATE] = Faults()
+
+    def promote_candidate(self) -> None:
+        """The candidate becomes the stable variant, at once and for every new request (weight 0, no candidate):
+        what a promoted rollout leaves, made ready for the next one."""
+        if CANDIDATE not in self.handles:
+            raise ValueError("promote_candidate: no candidate variant is served")
+        self.handles[STABLE], self.labels[STABLE] = self.handles.pop(CANDIDATE), self.labels.pop(CANDIDATE)
+        self.faults[STABLE] = self.faults.pop(CANDIDATE)
+        self.weight = 0
+
+    def detach_candidate(self) -> None:
+        """Stop serving the candidate variant (a rolled-back rollout leaves it at weight 0)."""
+        if self.weight:
+            raise ValueError(f"detach_candidate: the candidate still takes {self.weight}% of the requests")
+        self.handles.pop(CANDIDATE, None)
+        self.labels.pop(CANDIDATE, None)
+        self.faults.pop(CANDIDATE, None)
+
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Ray Serve's in-place update: a RayService's `user_config` on this deployment reaches the running
         replica here, without a restart. `weight` is how the operator moves a canary; under LoRA the
@@ -137,14 +168,13 @@ class Router:
             if self.capture.due():
                 await asyncio.to_thread(self.capture.flush)
 
-    def _capture(self, request_id: str, path: str, document: Any, variant: str, status: int, started: float,
-                 answer: bytes, streamed: bool) -> None:
+    def _capture(self, request_id: str, path: str, document: Any, variant: str, label: dict[str, str], status: int,
+                 started: float, answer: bytes, streamed: bool) -> None:
         """Add a drawn request's row; a full file is written off the event loop."""
         assert self.capture is not None
         prompt = prompt_text(path, document)
         if prompt is None:
             return
-        label = self.labels[variant]
         full = self.capture.record({
             "time": time.time(), "request_id": request_id, "endpoint": path, "model": label["model"],
             "variant": variant, "version": label["version"], "status": status,
@@ -295,9 +325,12 @@ class Router:
             body = json.dumps({**document, "model": self._adapter(variant)}).encode()
         outcome = None
         headers = {REQUEST_ID_HEADER: request_id}
-        if variant is not None:
-            outcome = Outcome(self.metrics, {**self.labels[variant], "variant": variant})
-            headers |= {VARIANT_HEADER: variant, VERSION_HEADER: self.labels[variant]["version"]}
+        # The variant's labels as the request found them: the loop may promote or detach its variant before the
+        # answer is complete, and the request is counted and captured as what answered it.
+        label = self.labels[variant] if variant is not None else None
+        if variant is not None and label is not None:
+            outcome = Outcome(self.metrics, {**label, "variant": variant})
+            headers |= {VARIANT_HEADER: variant, VERSION_HEADER: label["version"]}
         try:
             faults = self.faults[variant] if variant is not None else None
             if faults is not None and faults.injects():
@@ -311,8 +344,9 @@ class Router:
             media_type = response_headers.pop("content-type", None)
             # Drawn for the capture now, written once the answer is complete (only what reached a variant).
             captured = None
-            if self.capture is not None and variant is not None and self.capture.sampled():
-                captured = functools.partial(self._capture, request_id, path, document, variant, started=started)
+            if self.capture is not None and variant is not None and label is not None and self.capture.sampled():
+                captured = functools.partial(self._capture, request_id, path, document, variant, label,
+                                             started=started)
             if media_type is not None and media_type.startswith("text/event-stream"):
                 return StreamingResponse(self._relay(events, outcome, status, request_id, captured),
                                          status_code=status, media_type=media_type, headers=response_headers)
@@ -353,8 +387,10 @@ class Router:
         nothing, so the request goes again (Serve routes it to another replica, or waits for the one
         replacing it) for up to RETRY_WINDOW_S: only requests already answering are lost."""
         deadline = time.monotonic() + RETRY_WINDOW_S
+        # Taken once: a retry must reach the same version even if the loop promoted or detached it meanwhile.
+        handle = self.handles[variant]
         while True:
-            events = self.handles[variant].options(stream=True).forward.remote(forwarded)
+            events = handle.options(stream=True).forward.remote(forwarded)
             early: list[dict[str, Any]] = []
             try:
                 async for event in events:

@@ -319,7 +319,8 @@ class DeploymentSpec(StrictModel):
     capture: CaptureSpec | None = None
     """Log a sample of the traffic (redacted) to Parquet files; null logs nothing."""
     monitor: MonitorSpec | None = None
-    """Compute drift and SLO signals of the served traffic on a schedule, as Prometheus metrics; null: none."""
+    """Compute drift and SLO signals of the served traffic on a schedule, as Prometheus metrics, and optionally
+    retrain on it; null: none."""
 
     @model_validator(mode="after")
     def _monitor_has_its_inputs(self) -> DeploymentSpec:
@@ -333,6 +334,14 @@ class DeploymentSpec(StrictModel):
         if self.lora is not None:
             raise ValueError("monitor: the versions of a deployment with lora are adapters, which the monitor does "
                              "not score; drop monitor or lora")
+        if monitor.retrain is not None:
+            if self.capture is None:
+                raise ValueError("monitor.retrain: retrains on the captured traffic; set capture")
+            name, _ = parse_model_uri(self.model)
+            expected = f"models:/{name}@challenger"
+            if not isinstance(self.rollout, CanaryRollout) or self.rollout.candidate != expected:
+                raise ValueError(f"monitor.retrain: a retrained model is rolled out by this deployment's canary, so "
+                                 f"set rollout.strategy: canary with candidate: {expected}")
         return self
 
     @model_validator(mode="after")

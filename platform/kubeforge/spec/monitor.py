@@ -1,5 +1,5 @@
 """`spec.monitor` of a ModelDeployment: drift and SLO signals of the served traffic, computed on a schedule
-and exported to Prometheus.
+and exported to Prometheus, and the retraining loop they may start (`spec.monitor.retrain`).
 
 A section of the deployment rather than a kind of its own: a monitor reads one deployment's capture and asks
 the Prometheus its rollouts ask, and the retraining it is to trigger ends in a canary on that same deployment.
@@ -8,7 +8,7 @@ One object keeps them in one place, validated together.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -53,8 +53,37 @@ class Thresholds(StrictModel):
         return self
 
 
+class RetrainSpec(StrictModel):
+    """Start a retraining run when a signal crosses its threshold (or on a schedule), and roll its new
+    `challenger` out by the deployment's canary (`spec.rollout`)."""
+
+    pipeline: Annotated[str, Field(min_length=1)]
+    """The pipeline to run again, with the captured traffic added to its data sources: a ModelPipeline manifest
+    file (relative to this manifest's folder) for `kubeforge serve`. It must register the model this deployment
+    serves and promote to `challenger`."""
+    on_drift: bool = True
+    """Start a turn when a signal crosses its threshold."""
+    schedule_s: PositiveFloat | None = None
+    """Also start a turn this long after the previous one ended (or after the monitor started), drift or not."""
+    traffic_text: Literal["prompt", "completion", "both"] = "both"
+    """What of each captured request becomes a document of the retraining corpus (`type: served-traffic`)."""
+    cooldown_s: Annotated[float, Field(ge=0)] = 3600.0
+    """No turn starts sooner than this after the previous one ended, whatever its outcome."""
+    max_turns_per_day: PositiveInt = 4
+    """At most this many turns start in any 24 hours."""
+    enabled: bool = True
+    """The kill switch in the manifest (`kubeforge loop pause` is the one at run time): false computes and
+    exports the signals but starts no turn."""
+
+    @model_validator(mode="after")
+    def _has_a_trigger(self) -> RetrainSpec:
+        if not self.on_drift and self.schedule_s is None:
+            raise ValueError("on_drift is false and schedule_s is unset, so no turn would ever start; set one")
+        return self
+
+
 class MonitorSpec(StrictModel):
-    """Drift of the served traffic, on a schedule, as Prometheus metrics."""
+    """Drift of the served traffic, on a schedule, as Prometheus metrics; optionally, retraining on it."""
 
     interval_s: PositiveFloat = 300.0
     """How often the signals are computed."""
@@ -70,6 +99,8 @@ class MonitorSpec(StrictModel):
     the operator's)."""
     slo_window: Annotated[str, Field(pattern=r"^[0-9]+[smh]$")] = "5m"
     """PromQL range of the error-rate and latency signals."""
+    retrain: RetrainSpec | None = None
+    """Null: the monitor only exports its signals."""
 
     @model_validator(mode="after")
     def _windows(self) -> MonitorSpec:
