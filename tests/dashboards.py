@@ -42,6 +42,9 @@ the two agree."""
 OPERATOR_ROW = "Operator"
 """Title of the rollout dashboard's row of operator panels: a live test of `kubeforge serve` has no
 operator, so it passes `exclude_rows={OPERATOR_ROW}` to `panel_queries`."""
+MONITOR_ROW = "Drift monitor and retraining loop"
+"""Title of the rollout dashboard's row of monitor and loop panels: tests/integration/test_loop_turn.py
+checks them against a deployment with spec.monitor.retrain; the other live tests exclude them."""
 
 BUILTIN_VARIABLES = {"__rate_interval": "1m", "__interval": "15s", "__range": "1h", "datasource": ""}
 """Grafana's own variables with the values a test substitutes: `1m` is Grafana's $__rate_interval for a

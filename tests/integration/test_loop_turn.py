@@ -28,6 +28,7 @@ from kubeforge.monitor.loop import TurnRecord, loop_store
 from kubeforge.registry.audit import CHALLENGER, CHAMPION
 from kubeforge.registry.client import Registry
 from kubeforge.serve.router import VERSION_HEADER
+from tests.dashboards import MONITOR_ROW, dashboard_files, load, panel_queries, panels, wait_for_panel_data
 from tests.helpers import TINY_PRETRAIN, free_port, running_prometheus, small_manifest, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
@@ -94,7 +95,8 @@ def test_drift_retrains_gates_and_promotes_by_canary_and_a_failed_gate_keeps_the
     url = f"http://127.0.0.1:{port}"
     store = loop_store(work, DEPLOYMENT)
     (tmp_path / "prometheus").mkdir()
-    with running_prometheus(tmp_path / "prometheus", port) as prometheus:
+    since = time.time()
+    with running_prometheus(tmp_path / "prometheus", port, metrics_port) as prometheus:
         deployment = tmp_path / "deployment.yaml"
         deployment.write_text(json.dumps({
             "apiVersion": "kubeforge.io/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": DEPLOYMENT},
@@ -154,9 +156,27 @@ def test_drift_retrains_gates_and_promotes_by_canary_and_a_failed_gate_keeps_the
             assert second.trigger.kind == "manual" and second.outcome == "gates_failed", second
             assert second.candidate_version == "3" and registry.alias(MODEL, CHAMPION).version == "2"
             assert registry.alias(MODEL, CHALLENGER).version == "2"
+            # The kill switch: a request while paused is refused, and no third turn starts.
+            for command in (["pause", DEPLOYMENT, "--reason", "incident 7", "--user", "ada"],
+                            ["trigger", DEPLOYMENT, "--reason", "one more"]):
+                done = CliRunner().invoke(main, ["loop", *command, "--workdir", str(work)])
+                assert done.exit_code == 0, done.output
+            wait_for(lambda: "loop: manual trigger refused: paused by ada: incident 7" in log.read_text(),
+                     "the paused loop to refuse the request", timeout_s=60)
             status = CliRunner().invoke(main, ["loop", "status", DEPLOYMENT, "--workdir", str(work)],
                                         terminal_width=250)
-            assert "promoted" in status.output and "gates_failed" in status.output, status.output
+            assert "PAUSED by ada" in status.output and "gates_failed" in status.output, status.output
+            assert len(store.turns()) == 2 and store.running() is None
+            # Every panel of the dashboard's monitor row shows this deployment's data.
+            rollout_dashboard = next(path for path in dashboard_files() if path.stem == "kubeforge-rollout")
+            rows = {row for row, panel in panels(load(rollout_dashboard)) if panel.get("type") == "row"}
+            queries = [(f"{rollout_dashboard.stem}: {title}", expr)
+                       for title, expr in panel_queries(rollout_dashboard, {"deployment": DEPLOYMENT},
+                                                         exclude_rows=rows - {MONITOR_ROW})
+                       if "kubeforge_monitor_" in expr or "kubeforge_loop_" in expr]
+            assert len(queries) >= 6
+            empty = wait_for_panel_data(prometheus, queries, since)
+            assert not empty, "panels without data:\n" + "\n".join(empty)
 
             sender.stop.set()
             sender.thread.join(timeout=120)

@@ -40,7 +40,7 @@ from kubeforge.serve.engine import vllm_args
 from kubeforge.serve.local import ServeRouter
 from kubeforge.serve.router import VARIANT_HEADER
 from kubeforge.spec.deployment import ABRollout, DeploymentSpec
-from tests.dashboards import OPERATOR_ROW, dashboard_files, panel_queries, wait_for_panel_data
+from tests.dashboards import MONITOR_ROW, OPERATOR_ROW, dashboard_files, panel_queries, wait_for_panel_data
 from tests.helpers import free_port, running_prometheus, two_version_registry, wait_for
 from tests.rollout_helpers import Traffic, canary, drive, wait_until_the_candidate_is_idle
 
@@ -538,7 +538,7 @@ def test_every_serving_and_rollout_panel_returns_data(served, prometheus):
         (f"{path.stem}: {title}", expr)
         for path in dashboard_files()
         if path.stem != "kubeforge-training"  # no pipeline runs here; tests/e2e/test_quickstart.py checks it
-        for title, expr in panel_queries(path, exclude_rows={OPERATOR_ROW})
+        for title, expr in panel_queries(path, exclude_rows={OPERATOR_ROW, MONITOR_ROW})
     ]
     # Those requests reach Prometheus at its next successful scrape of the application, which a busy
     # machine delays (a scrape that takes longer than the 1 s interval fails).
