@@ -17,6 +17,8 @@ bin=${VENV:-.venv}/bin
 workdir=${KUBEFORGE_WORKDIR:-.kubeforge-loop}
 export KUBEFORGE_WORKDIR=$workdir
 url=http://127.0.0.1:8000
+# Background jobs call "$bin/kubeforge" itself: `$!` of a backgrounded function is a subshell, and killing
+# it would leave the command running.
 kubeforge() { "$bin/kubeforge" "$@"; }
 started=$(date +%s)
 
@@ -31,7 +33,7 @@ trap cleanup EXIT
 mkdir -p "$workdir"
 bash infra/local/prometheus.sh >"$workdir/prometheus.log" 2>&1 &
 pids+=($!)
-kubeforge serve examples/loop/deployment.yaml --workdir "$workdir" > >(tee "$workdir/loop-serve.log") 2>&1 &
+"$bin/kubeforge" serve examples/loop/deployment.yaml --workdir "$workdir" > >(tee "$workdir/loop-serve.log") 2>&1 &
 serve=$!
 pids+=($serve)
 until grep -q "^monitoring: every" "$workdir/loop-serve.log" 2>/dev/null; do
@@ -45,7 +47,7 @@ echo "run.sh: reference traffic (code), then prose until turn $((before + 1)) en
 kubeforge bench load "$url" --model looped --clients 2 --duration 20 --max-tokens 4 --no-stream \
   --prompts-file examples/loop/code-prompts.txt >"$workdir/loop-load-code.log" 2>&1
 shifted=$(date +%s)
-kubeforge bench load "$url" --model looped --clients 2 --duration 3600 --max-tokens 4 --no-stream \
+"$bin/kubeforge" bench load "$url" --model looped --clients 1 --duration 3600 --max-tokens 4 --no-stream \
   --prompts-file examples/loop/prose-prompts.txt >"$workdir/loop-load-prose.log" 2>&1 &
 load=$!
 pids+=($load)
@@ -57,3 +59,6 @@ kill "$load" 2>/dev/null || true
 ended=$(date +%s)
 kubeforge loop status loop --workdir "$workdir"
 echo "run.sh: drift to the end of the turn: $((ended - shifted)) s; the whole script: $((ended - started)) s"
+outcome=$(kubeforge loop status loop --workdir "$workdir" --output json |
+  "$bin/python" -c 'import json, sys; print(json.load(sys.stdin)["turns"][-1]["outcome"])')
+[ "$outcome" = promoted ] || { echo "run.sh: the turn ended $outcome, not promoted (see above)" >&2; exit 1; }

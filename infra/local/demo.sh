@@ -14,6 +14,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 bin=${VENV:-.venv}/bin
 workdir=${KUBEFORGE_WORKDIR:-.kubeforge}
+# Background jobs call "$bin/kubeforge" itself: `$!` of a backgrounded function is a subshell, and killing
+# it would leave the command running.
 kubeforge() { "$bin/kubeforge" "$@"; }
 
 kubeforge run examples/quickstart.yaml
@@ -28,7 +30,7 @@ trap cleanup EXIT
 mkdir -p "$workdir"
 bash infra/local/prometheus.sh >"$workdir/prometheus.log" 2>&1 &
 pids+=($!)
-kubeforge serve examples/deployment.yaml --exit-when-done > >(tee "$workdir/demo-serve.log") 2>&1 &
+"$bin/kubeforge" serve examples/deployment.yaml --exit-when-done > >(tee "$workdir/demo-serve.log") 2>&1 &
 serve=$!
 pids+=($serve)
 # Load starts once the application answers; the canary's analyses need requests to judge.
@@ -37,7 +39,7 @@ for _ in $(seq 600); do
   kill -0 "$serve" 2>/dev/null || break
   sleep 1
 done
-kubeforge bench load http://127.0.0.1:8000 --model quickstart --clients 2 --duration 900 --max-tokens 16 \
+"$bin/kubeforge" bench load http://127.0.0.1:8000 --model quickstart --clients 2 --duration 900 --max-tokens 16 \
   >"$workdir/demo-load.log" 2>&1 &
 load=$!
 pids+=($load)

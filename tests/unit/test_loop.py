@@ -232,3 +232,36 @@ def test_loop_commands_pause_resume_request_and_show_the_turns(tmp_path: Path) -
     assert listed["paused"] is False and [t["outcome"] for t in listed["turns"]] == ["gates_failed"]
     request = store.take_request()
     assert request is not None and request.detail == "requested by ada: new data"
+
+
+def test_alertmanager_alone_is_a_trigger_and_its_alert_names_are_checked() -> None:
+    spec = retrain(on_drift=False, alertmanager={"alerts": ["KubeForgeServingErrorRateHigh"]})
+    assert spec.alertmanager is not None and spec.alertmanager.port == 9110
+    with pytest.raises(ValueError, match="alerts"):
+        retrain(alertmanager={"alerts": []})
+    with pytest.raises(ValueError, match="alerts"):
+        retrain(alertmanager={"alerts": ["not a name"]})
+
+
+def test_serve_refuses_a_loop_whose_pipeline_is_missing_or_serves_another_model(tmp_path: Path) -> None:
+    import yaml
+
+    from kubeforge.serve.loop import prepare_loop
+
+    document = parse_deployment(deployment(capture={}, rollout=CANARY, monitor={
+        "thresholds": {"token_js": 0.2}, "retrain": {"pipeline": "retrain.yaml"}}))
+    with pytest.raises(KubeForgeError, match=r"spec\.monitor\.retrain\.pipeline: no pipeline manifest at .*retrain\.yaml"):
+        prepare_loop(document, tmp_path / "work", tmp_path)
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("text\n")
+    manifest = {"apiVersion": "kubeforge.io/v1alpha1", "kind": "ModelPipeline", "metadata": {"name": "other"},
+                "spec": {"data": {"sources": [{"type": "files", "paths": ["corpus/*.txt"]}]},
+                         "pretrain": {"train": {"max_steps": 2}}, "promotion": {"gates": []}}}
+    (tmp_path / "retrain.yaml").write_text(yaml.safe_dump(manifest))
+    with pytest.raises(KubeForgeError, match="registers model 'other', but this deployment serves 'm'"):
+        prepare_loop(document, tmp_path / "work", tmp_path)
+    manifest["metadata"]["name"] = "m"
+    (tmp_path / "retrain.yaml").write_text(yaml.safe_dump(manifest))
+    path, pipeline, store = prepare_loop(document, tmp_path / "work", tmp_path)
+    assert path == (tmp_path / "retrain.yaml").resolve() and pipeline.metadata.name == "m"
+    assert store.folder == tmp_path / "work" / "deployments" / "d" / "loop"

@@ -2,7 +2,8 @@
 each turn one audit record.
 
 A turn runs the deployment's retraining pipeline as its own `kubeforge run` process (its own Ray runtime,
-at a lower CPU priority than serving), with the captured traffic added to its data sources. The pipeline's
+at the priority of serving: a niced runtime's daemons starved behind busy replicas, and Ray gives its node
+30 s to start), with the captured traffic added to its data sources. The pipeline's
 promotion gates decide: a new `challenger` version is handed to the deployment's canary (`roll_out`), whose
 end (promoted or rolled back) ends the turn. A run that fails, or a candidate that fails its gates, ends the
 turn with the reason; the deployment keeps serving its champion throughout.
@@ -18,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -256,8 +256,6 @@ class Turn:
         sources = retrain_sources(self.pipeline, self.capture_dir, self.retrain.traffic_text)
         command = [sys.executable, "-m", "kubeforge.cli", "run", str(self.manifest), "--workdir", str(self.workdir),
                    "--tracking-uri", self.registry.tracking_uri, "--set", f"data.sources={json.dumps(sources)}"]
-        if shutil.which("nice"):
-            command = ["nice", "-n", "10", *command]  # serving keeps its CPU share while the run trains
         (folder / "command.yaml").write_text(yaml.safe_dump({"command": command}))
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a runtime of its own, not serving's
         with log.open("w") as handle:

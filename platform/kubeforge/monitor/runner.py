@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -43,11 +44,12 @@ class MonitorRunner:
         self.stop = loop[1].stop if loop is not None else threading.Event()
         self.started = time.time()
         self.last: Reading | None = None
+        self.requests: queue.SimpleQueue[Trigger] = queue.SimpleQueue()
         for name, threshold in monitor.spec.thresholds.items():
             metrics.MONITOR_THRESHOLD.labels(deployment, name).set(threshold)
 
     def run(self) -> None:
-        """Check every `interval_s`, and look for a person's request for a turn every second, until `stop`."""
+        """Check every `interval_s`, and look for requests for a turn every second, until `stop`."""
         next_check = time.time()
         while not self.stop.is_set():
             if time.time() >= next_check:
@@ -55,10 +57,21 @@ class MonitorRunner:
                 next_check = time.time() + self.monitor.spec.interval_s
                 self.consider(None)
             if self.loop is not None:
-                request = self.loop[0].take_request()
-                if request is not None:
+                for request in self.pending():
                     self.consider(request)
             self.stop.wait(POLL_S)
+
+    def request(self, trigger: Trigger) -> None:
+        """Ask for a turn from another thread (Alertmanager's webhook); taken within a second."""
+        self.requests.put(trigger)
+
+    def pending(self) -> list[Trigger]:
+        """The requests waiting: a person's (`kubeforge loop trigger`) and the webhook's."""
+        assert self.loop is not None
+        waiting = [] if (request := self.loop[0].take_request()) is None else [request]
+        while not self.requests.empty():
+            waiting.append(self.requests.get())
+        return waiting
 
     def consider(self, request: Trigger | None, now: float | None = None) -> None:
         """Run a turn when one is due (a request, a crossed signal, the schedule) and the guard rails allow."""

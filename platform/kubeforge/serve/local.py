@@ -8,6 +8,7 @@ restarts at the recorded weight); a finished rollout is not run twice.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -19,6 +20,7 @@ from kubeforge.errors import KubeForgeError
 from kubeforge.monitor.check import Monitor
 from kubeforge.monitor.loop import LoopStore, Turn
 from kubeforge.monitor.runner import MonitorRunner
+from kubeforge.monitor.webhook import AlertWebhook
 from kubeforge.registry.client import Registry
 from kubeforge.rollout.controller import RolloutController, RolloutRecord, RolloutStore, Subject, begin
 from kubeforge.rollout.prometheus import PrometheusError, query_value
@@ -162,7 +164,7 @@ def serve_deployment(document: ModelDeployment, options: ServeOptions, say: Call
                     promoted = record is not None and record.phase == "promoted"
                     runner = monitor_runner(document, options, monitor, loop, candidate if promoted else stable,
                                             promoted, resolve, say)
-                    with runner.running():
+                    with runner.running(), alert_webhook(document, options, runner, say):
                         while True:
                             time.sleep(3600)
                 while True:
@@ -211,6 +213,19 @@ def monitor_runner(document: ModelDeployment, options: ServeOptions, monitor: Mo
         say(f"retraining loop: {manifest} on the captured traffic (kubeforge loop status {name})")
     say(f"monitoring: every {monitor.spec.interval_s:g} s (kubeforge_monitor_* metrics)")
     return MonitorRunner(name, monitor, lambda: (state.model.version, state.model.path), turn, say)
+
+
+def alert_webhook(document: ModelDeployment, options: ServeOptions, runner: MonitorRunner,
+                  say: Callable[[str], None]) -> contextlib.AbstractContextManager[object]:
+    """Alertmanager's webhook receiver while serving, when the loop listens for alerts."""
+    monitor = document.spec.monitor
+    trigger = monitor.retrain.alertmanager if monitor is not None and monitor.retrain is not None else None
+    if trigger is None:
+        return contextlib.nullcontext()
+    model, _ = parse_model_uri(document.spec.model)
+    webhook = AlertWebhook(document.metadata.name, model, trigger.alerts, runner.request, options.host, trigger.port)
+    say(f"retraining loop: Alertmanager's notifications of {', '.join(trigger.alerts)} at {webhook.url}")
+    return webhook
 
 
 def loop_applications(deployment: str) -> list[str]:

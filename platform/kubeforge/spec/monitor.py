@@ -53,6 +53,17 @@ class Thresholds(StrictModel):
         return self
 
 
+class AlertmanagerTrigger(StrictModel):
+    """Start a turn when Alertmanager notifies a firing alert (its `webhook_configs` pointed at
+    `http://<host>:<port>/alertmanager`, where `kubeforge serve` listens)."""
+
+    port: Annotated[int, Field(ge=1, le=65535)] = 9110
+    alerts: Annotated[list[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]], Field(min_length=1)] = (
+        Field(default_factory=lambda: ["KubeForgeTrafficDrift"]))
+    """Alert names that start a turn, when their `deployment` label is this deployment or their `model` label
+    the model it serves."""
+
+
 class RetrainSpec(StrictModel):
     """Start a retraining run when a signal crosses its threshold (or on a schedule), and roll its new
     `challenger` out by the deployment's canary (`spec.rollout`)."""
@@ -65,6 +76,8 @@ class RetrainSpec(StrictModel):
     """Start a turn when a signal crosses its threshold."""
     schedule_s: PositiveFloat | None = None
     """Also start a turn this long after the previous one ended (or after the monitor started), drift or not."""
+    alertmanager: AlertmanagerTrigger | None = None
+    """Also start a turn when Alertmanager posts one of these alerts, firing; null listens for none."""
     traffic_text: Literal["prompt", "completion", "both"] = "both"
     """What of each captured request becomes a document of the retraining corpus (`type: served-traffic`)."""
     cooldown_s: Annotated[float, Field(ge=0)] = 3600.0
@@ -77,8 +90,9 @@ class RetrainSpec(StrictModel):
 
     @model_validator(mode="after")
     def _has_a_trigger(self) -> RetrainSpec:
-        if not self.on_drift and self.schedule_s is None:
-            raise ValueError("on_drift is false and schedule_s is unset, so no turn would ever start; set one")
+        if not self.on_drift and self.schedule_s is None and self.alertmanager is None:
+            raise ValueError("on_drift is false and neither schedule_s nor alertmanager is set, so no turn would "
+                             "ever start (but by hand); set one")
         return self
 
 
