@@ -163,3 +163,13 @@ def wait_for(condition: Callable[[], Any], what: str, timeout_s: float = 600.0, 
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} did not happen within {timeout_s:.0f} s")
         time.sleep(poll_s)
+
+
+def alive(process: Any) -> bool:
+    """Whether a `psutil.Process` still runs (a zombie does not: it only waits to be reaped)."""
+    import psutil
+
+    try:
+        return bool(process.is_running() and process.status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False

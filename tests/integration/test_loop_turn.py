@@ -29,7 +29,7 @@ from kubeforge.registry.audit import CHALLENGER, CHAMPION
 from kubeforge.registry.client import Registry
 from kubeforge.serve.router import VERSION_HEADER
 from tests.dashboards import MONITOR_ROW, dashboard_files, load, panel_queries, panels, wait_for_panel_data
-from tests.helpers import TINY_PRETRAIN, free_port, running_prometheus, small_manifest, wait_for
+from tests.helpers import TINY_PRETRAIN, alive, free_port, running_prometheus, small_manifest, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
 
@@ -53,13 +53,6 @@ def run_pipeline(manifest: Path, work: Path, uri: str) -> None:
     done = subprocess.run([sys.executable, "-m", "kubeforge.cli", "run", str(manifest), "--workdir", str(work),
                            "--tracking-uri", uri, "--no-metrics"], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-
-
-def alive(process: psutil.Process) -> bool:
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 class Sender:

@@ -25,7 +25,7 @@ from kubeforge.registry.client import Registry
 from kubeforge.serve.local import ServeOptions, serve_deployment
 from kubeforge.spec.load import parse_deployment
 from kubeforge.workdir import Workdir
-from tests.helpers import free_port, running_prometheus, wait_for
+from tests.helpers import alive, free_port, running_prometheus, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -84,7 +84,7 @@ def test_serve_resolves_serves_and_promotes_a_canary(ray_local, tiny_lm, tmp_pat
             record = serve_deployment(document, options, lines.append)
     finally:
         stop.set()
-        if sender.is_alive():
+        if sender.isalive():
             sender.join(timeout=60)
         serve.shutdown()
     assert record is not None and record.phase == "promoted", lines
@@ -148,15 +148,15 @@ def test_serve_starts_after_a_crash_and_leaves_nothing_after_sigterm(tiny_lm, tm
         running.append(second)
         _wait_serving(url, second, log, 2)
         # The second start stopped what the crashed runtime left (HAProxy, Ray's agents), before it said it serves.
-        assert not [(p.pid, p.name()) for p in first if _alive(p)]
+        assert not [(p.pid, p.name()) for p in first if alive(p)]
         tree = _tree(second)
         assert any(p.name() == "haproxy" for p in tree)  # a runtime of its own, with its own proxy
         second.send_signal(signal.SIGTERM)
         second.wait(120)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and [p for p in tree if _alive(p)]:
+        while time.monotonic() < deadline and [p for p in tree if alive(p)]:
             time.sleep(1)
-        assert not [(p.pid, p.name()) for p in tree if _alive(p)]
+        assert not [(p.pid, p.name()) for p in tree if alive(p)]
         with pytest.raises(httpx.ConnectError):
             httpx.get(url + "/healthz", timeout=5)
     finally:
@@ -164,14 +164,6 @@ def test_serve_starts_after_a_crash_and_leaves_nothing_after_sigterm(tiny_lm, tm
             if popen.poll() is None:
                 tree += _tree(popen)
         for process in [*first, *tree]:  # whatever a failed assertion left running
-            if _alive(process):
+            if alive(process):
                 with contextlib.suppress(psutil.Error):
                     process.kill()
-
-
-def _alive(process: psutil.Process) -> bool:
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-

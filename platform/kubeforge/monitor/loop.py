@@ -183,22 +183,20 @@ def check_pipeline(pipeline: ModelPipeline, model: str, field_name: str) -> None
         raise KubeForgeError(f"{field_name}: pipeline '{model}' has no data stage to retrain on the captured traffic")
 
 
+@dataclass(kw_only=True)
 class Turn:
     """Runs one turn. `roll_out(version)` runs the deployment's canary of `version` to its end and returns
-    (promoted, reason)."""
+    (promoted, reason); `stop` set ends the turn early (the retraining run is stopped)."""
 
-    def __init__(self, *, manifest: Path, pipeline: ModelPipeline, retrain: RetrainSpec, capture_dir: str,
-                 workdir: Path, registry: Registry, store: LoopStore,
-                 roll_out: Callable[[str], tuple[bool, str]], stop: threading.Event) -> None:
-        self.manifest = manifest
-        self.pipeline = pipeline
-        self.retrain = retrain
-        self.capture_dir = capture_dir
-        self.workdir = workdir
-        self.registry = registry
-        self.store = store
-        self.roll_out = roll_out
-        self.stop = stop
+    manifest: Path
+    pipeline: ModelPipeline
+    retrain: RetrainSpec
+    capture_dir: str
+    workdir: Path
+    registry: Registry
+    store: LoopStore
+    roll_out: Callable[[str], tuple[bool, str]]
+    stop: threading.Event
 
     def run(self, trigger: Trigger, number: int) -> TurnRecord:
         model = self.pipeline.metadata.name

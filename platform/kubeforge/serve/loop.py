@@ -41,21 +41,19 @@ class Served:
     app: str | None = None
 
 
+@dataclass
 class LocalCanary:
     """`roll_out(version)` for `Turn`: the deployment's canary of `version` on the running application."""
 
-    def __init__(self, document: ModelDeployment, served: Served, router: Router, registry: Registry,
-                 store: RolloutStore, resolve: Callable[[str], ResolvedModel], stop: threading.Event,
-                 say: Callable[[str], None], preflight: Callable[[CanaryRollout, ResolvedModel], None]) -> None:
-        self.document = document
-        self.router = router
-        self.served = served
-        self.registry = registry
-        self.store = store
-        self.resolve = resolve
-        self.stop = stop
-        self.say = say
-        self.preflight = preflight
+    document: ModelDeployment
+    served: Served
+    router: Router
+    registry: Registry
+    store: RolloutStore
+    resolve: Callable[[str], ResolvedModel]
+    stop: threading.Event
+    say: Callable[[str], None]
+    preflight: Callable[[CanaryRollout, ResolvedModel], None]
 
     def __call__(self, version: str) -> tuple[bool, str]:
         from ray import serve
