@@ -4,6 +4,10 @@ its rollout (if any) with `kubeforge.rollout.controller` until it ends.
 Rollout records live in `<workdir>/deployments/<name>/rollout.json`. Starting `kubeforge serve` again
 with the same stable and candidate versions resumes the rollout where it stopped (the application
 restarts at the recorded weight); a finished rollout is not run twice.
+
+With `spec.monitor`, once that rollout has ended the monitor runs beside serving (`kubeforge.monitor.runner`),
+and with `spec.monitor.retrain` so does the retraining loop, whose canaries run here too
+(`kubeforge.serve.loop`), in `<workdir>/deployments/<name>/loop/`.
 """
 
 from __future__ import annotations
