@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One whole turn of the closed loop on this machine, started by nobody but the traffic:
 #
-#   bash examples/loop/run.sh        (after `make demo` or `make install`; about N minutes on a 2-core laptop)
+#   bash examples/loop/run.sh        (after `make demo` or `make install`; about 18 minutes on a 2-core laptop,
+#                                     16 of them the turn: retraining shares the two cores with vLLM serving)
 #
 #  1. the pipeline once, its model promoted by hand as the first champion;
 #  2. Prometheus and `kubeforge serve examples/loop/deployment.yaml` (capture, monitor, loop);
