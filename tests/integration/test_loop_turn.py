@@ -27,6 +27,7 @@ from kubeforge.cli import main
 from kubeforge.monitor.loop import TurnRecord, loop_store
 from kubeforge.registry.audit import CHALLENGER, CHAMPION
 from kubeforge.registry.client import Registry
+from kubeforge.runtime import SERVE_INGRESS_ENV
 from kubeforge.serve.router import VERSION_HEADER
 from tests.dashboards import MONITOR_ROW, dashboard_files, load, panel_queries, panels, wait_for_panel_data
 from tests.helpers import TINY_PRETRAIN, alive, free_port, running_prometheus, small_manifest, wait_for
@@ -107,7 +108,9 @@ def test_drift_retrains_gates_and_promotes_by_canary_and_a_failed_gate_keeps_the
             },
         }))
         log = tmp_path / "serve.log"
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONUNBUFFERED": "1"}
+        # Serve's settings in the environment, as a user who exported them has (and as this test session's runtime
+        # leaves them): Serve then reads them when `kubeforge serve` imports it, not only in its replicas.
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | SERVE_INGRESS_ENV | {"PYTHONUNBUFFERED": "1"}
         with open(log, "wb") as out:
             server = subprocess.Popen(
                 [sys.executable, "-m", "kubeforge.cli", "serve", str(deployment), "--workdir", str(work),

@@ -12,8 +12,8 @@
 * `Router` (`router.py`) authenticates, picks a variant from the body's `model` (weighted random, or
   sticky on a header), hands the request over unchanged and relays the response's bytes
   (`relay.py`), and records the metrics that `kubeforge.rollout.queries` reads from what it relays.
-  The candidate weight changes live through a handle call,
-  `serve.get_app_handle(app_name).set_weight.remote(30)`, without restarting any replica.
+  The candidate weight changes live through a handle call, `router_handle(app_name).set_weight.remote(30)`,
+  without restarting any replica.
 
 The router runs exactly one replica, on purpose: the metrics live in its process (its own
 `prometheus_client` registry, served at `/metrics`), and so does the weight; a second replica would
@@ -216,6 +216,20 @@ def build_variant_app(variant: VariantModel, spec: DeploymentSpec) -> Applicatio
     deployment = engine_deployment(spec.engine.name).options(name=f"model-{variant.variant}", **options)
     application: Application = deployment.bind(str(variant.path), label, spec.engine.model_dump(), **on_gpus)
     return application
+
+
+def router_handle(app: str) -> Any:
+    """A handle on the router of application `app` for a process that is not a replica (`kubeforge serve`'s
+    rollout controller and loop, which call it from plain threads): its requests leave from a loop of its own.
+    Serve decides that from RAY_SERVE_THROUGHPUT_OPTIMIZED when it is imported, and with that variable in
+    this process's environment (set by the shell, or inherited) it would bind the handle to the caller's
+    running event loop, which a plain thread does not have."""
+    from ray import serve
+
+    handle = serve.get_app_handle(app)  # cached by Serve: initialised once, here
+    if not handle.is_initialized:
+        handle._init(_run_router_in_separate_loop=True)
+    return handle
 
 
 def engine_deployment(name: str) -> Any:

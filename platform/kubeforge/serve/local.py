@@ -29,7 +29,7 @@ from kubeforge.registry.client import Registry
 from kubeforge.rollout.controller import RolloutController, RolloutRecord, RolloutStore, Subject, begin
 from kubeforge.rollout.prometheus import PrometheusError, query_value
 from kubeforge.rollout.queries import CANDIDATE, STABLE
-from kubeforge.serve.app import LORA_BASE, VariantModel, build_app
+from kubeforge.serve.app import LORA_BASE, VariantModel, build_app, router_handle
 from kubeforge.serve.auth import require_local_source
 from kubeforge.serve.loop import LocalCanary, Served, prepare_loop
 from kubeforge.serve.resolve import ResolvedAdapter, ResolvedModel, resolve_adapter, resolve_model
@@ -70,9 +70,8 @@ class ServeRouter:
         self.app_name = app_name
 
     def set_weight(self, weight: int) -> None:
-        from ray import serve
 
-        serve.get_app_handle(self.app_name).set_weight.remote(weight).result()
+        router_handle(self.app_name).set_weight.remote(weight).result()
 
 
 def rollout_store(workdir: Workdir, deployment: str) -> RolloutStore:
@@ -189,7 +188,6 @@ def monitor_runner(document: ModelDeployment, options: ServeOptions, monitor: Mo
                    promoted: bool, resolve: Callable[[str], ResolvedModel | ResolvedAdapter],
                    say: Callable[[str], None]) -> MonitorRunner:
     """The monitor of the running application, with the retraining loop when the manifest asks for it."""
-    from ray import serve
 
     name, retrain = document.metadata.name, monitor.spec.retrain
     # After a promotion the candidate variant serves everything (spec.monitor refuses lora: no adapters here).
@@ -199,7 +197,7 @@ def monitor_runner(document: ModelDeployment, options: ServeOptions, monitor: Mo
     if loop is not None and retrain is not None:
         if promoted:
             # The loop's next version takes the candidate slot: the promoted one becomes stable first.
-            serve.get_app_handle(name).promote_candidate.remote().result()
+            router_handle(name).promote_candidate.remote().result()
         manifest, pipeline, store = loop
         stop = threading.Event()
 

@@ -24,7 +24,7 @@ from kubeforge.monitor.loop import LoopStore, check_pipeline, loop_store
 from kubeforge.registry.client import Registry
 from kubeforge.rollout.controller import RolloutController, RolloutStore, Router, Subject
 from kubeforge.rollout.queries import CANDIDATE
-from kubeforge.serve.app import VariantModel, build_variant_app
+from kubeforge.serve.app import VariantModel, build_variant_app, router_handle
 from kubeforge.serve.resolve import ResolvedModel
 from kubeforge.spec.deployment import CanaryRollout, ModelDeployment, parse_model_uri, prometheus_url
 from kubeforge.spec.pipeline import ModelPipeline
@@ -68,7 +68,7 @@ class LocalCanary:
         self.say(f"loop: serving version {version} as application {app} beside '{name}'")
         serve.run(build_variant_app(VariantModel(CANDIDATE, candidate.model, candidate.version, candidate.path),
                                     spec), name=app, route_prefix=None)
-        router = serve.get_app_handle(name)
+        router = router_handle(name)
         router.attach_candidate.remote(app, f"model-{CANDIDATE}", candidate.model, candidate.version).result()
         stable = self.served.model
         subject = Subject(name, stable.model, stable.version, candidate.model, candidate.version)
