@@ -84,7 +84,7 @@ def test_serve_resolves_serves_and_promotes_a_canary(ray_local, tiny_lm, tmp_pat
             record = serve_deployment(document, options, lines.append)
     finally:
         stop.set()
-        if sender.isalive():
+        if sender.is_alive():
             sender.join(timeout=60)
         serve.shutdown()
     assert record is not None and record.phase == "promoted", lines
