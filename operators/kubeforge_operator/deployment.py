@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Final
 
 import kopf
 
 from kubeforge.errors import Problem, SpecError
+from kubeforge.filesystems import is_uri
 from kubeforge.registry.audit import RegistryError
 from kubeforge.registry.client import Registry, VersionInfo
 from kubeforge.rollout.controller import (
@@ -46,8 +47,9 @@ from kubeforge.rollout.controller import (
 from kubeforge.rollout.queries import CANDIDATE, STABLE
 from kubeforge.spec.deployment import ModelDeployment, parse_model_uri, prometheus_field, with_prometheus
 from kubeforge.spec.load import parse_deployment
+from kubeforge.spec.monitor import SLO_SIGNALS
 from kubeforge.spec.pipeline import API_VERSION
-from kubeforge_operator import kube, metrics
+from kubeforge_operator import kube, loop, metrics
 from kubeforge_operator.config import PREFIX, OperatorConfig
 from kubeforge_operator.errors import FieldError, retry_semantics
 from kubeforge_operator.owner import Owner
@@ -86,6 +88,8 @@ class Measurements:
 
     measure: Measure = measure_canary
     compare: Compare = measure_ab
+    signals: loop.Signals = loop.prometheus_signals
+    """The monitor's signals, which the retraining loop reads (`kubeforge_operator.loop`)."""
 
 
 def deployment_document(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -99,11 +103,15 @@ def deployment_document(body: Mapping[str, Any]) -> dict[str, Any]:
     return document
 
 
-def serving_document(document: Mapping[str, Any]) -> dict[str, Any]:
+def serving_document(document: Mapping[str, Any], model: ModelDeployment) -> dict[str, Any]:
     """The manifest the RayService's application receives: without annotations, whose edits must not
-    redeploy a running application (serveConfigV2's args change redeploys it)."""
+    redeploy a running application (serveConfigV2's args change redeploys it), and with the Prometheus its
+    monitor asks (`validate` defaults it)."""
     metadata = {k: v for k, v in document["metadata"].items() if k != "annotations"}
-    return {**document, "metadata": metadata}
+    spec = dict(document["spec"])
+    if model.spec.monitor is not None:
+        spec["monitor"] = {**spec["monitor"], "prometheus": model.spec.monitor.prometheus}
+    return {**document, "metadata": metadata, "spec": spec}
 
 
 def validate(document: Mapping[str, Any], prometheus: str | None = None) -> ModelDeployment:
@@ -115,19 +123,37 @@ def validate(document: Mapping[str, Any], prometheus: str | None = None) -> Mode
         pod_token_secret(model.spec.auth)
     except FieldError as exc:
         raise SpecError([exc.problem]) from None
-    if model.spec.monitor is not None:
-        # Refused rather than ignored: nothing on the cluster would compute the signals yet.
-        raise SpecError([Problem("spec.monitor", "runs in `kubeforge serve` only so far; the operator does not run "
-                                 "monitors, so remove it from the cluster's manifest")])
+    capture, monitor = model.spec.capture, model.spec.monitor
+    if capture is not None and not (capture.path and is_uri(capture.path)):
+        raise SpecError([Problem("spec.capture.path", "on a cluster the router's pod keeps no files; set an "
+                                 f"object-store URI (s3://bucket/prefix) it can write to (got {capture.path!r})")])
+    if monitor is not None and monitor.retrain is not None and monitor.retrain.alertmanager is not None:
+        # Refused rather than ignored: the operator listens for no webhook. It reads the monitor's signals from
+        # Prometheus itself (on_drift), the same series the KubeForgeTrafficDrift alert fires on.
+        raise SpecError([Problem("spec.monitor.retrain.alertmanager", "only `kubeforge serve` listens for "
+                                 "Alertmanager; on Kubernetes the operator reads the monitor's signals from "
+                                 "Prometheus (on_drift), so drop alertmanager")])
     rollout = model.spec.rollout
-    if rollout is None or prometheus_field(rollout)[1] is not None:
+    updates: dict[str, Any] = {}
+    if rollout is not None and prometheus_field(rollout)[1] is None:
+        if prometheus is None:
+            raise SpecError([Problem(prometheus_field(rollout)[0], (
+                "required: the operator has no Prometheus address to analyse rollouts with (the chart's "
+                f"monitoring.prometheusUrl, {PREFIX}PROMETHEUS_URL)"))])
+        updates["rollout"] = rollout = with_prometheus(rollout, prometheus)
+    if monitor is not None and monitor.prometheus is None:
+        # The monitor asks the rollout's Prometheus (as in `kubeforge serve`), else the operator's; the loop
+        # reads the signals back from it.
+        address = prometheus_field(rollout)[1] if rollout is not None else prometheus
+        if address is not None:
+            updates["monitor"] = monitor.model_copy(update={"prometheus": address})
+        elif monitor.retrain is not None or any(name in SLO_SIGNALS for name, _ in monitor.thresholds.items()):
+            raise SpecError([Problem("spec.monitor.prometheus", (
+                "required: the operator has no Prometheus address to read the monitor's signals from (the chart's "
+                f"monitoring.prometheusUrl, {PREFIX}PROMETHEUS_URL)"))])
+    if not updates:
         return model
-    if prometheus is None:
-        raise SpecError([Problem(prometheus_field(rollout)[0], (
-            "required: the operator has no Prometheus address to analyse rollouts with (the chart's "
-            f"monitoring.prometheusUrl, {PREFIX}PROMETHEUS_URL)"))])
-    spec = model.spec.model_copy(update={"rollout": with_prometheus(rollout, prometheus)})
-    return model.model_copy(update={"spec": spec})
+    return model.model_copy(update={"spec": model.spec.model_copy(update=updates)})
 
 
 class Unresolved(Exception):
@@ -160,7 +186,8 @@ def resolve(registry: Registry, model: ModelDeployment) -> Pinned:
     """The versions the spec names now."""
     spec = model.spec
     uris = {"spec.model": spec.model}
-    if spec.rollout is not None:
+    # Under a retraining loop the candidate is what a turn pins (`loop`), never whatever `@challenger` is now.
+    if spec.rollout is not None and (spec.monitor is None or spec.monitor.retrain is None):
         uris["spec.rollout.candidate"] = spec.rollout.candidate
     if spec.lora is not None:
         uris |= {f"spec.lora.adapters.{name}": uri for name, uri in spec.lora.adapters.items()}
@@ -235,6 +262,11 @@ def rollout_running(status: Mapping[str, Any], **_: Any) -> bool:
     return status.get("phase") == "RollingOut" and (status.get("rollout") or {}).get("phase") != "concluded"
 
 
+def loop_configured(spec: Mapping[str, Any], **_: Any) -> bool:
+    """The loop timer's filter: the deployment has a retraining loop to look at every `loop.POLL_S`."""
+    return bool((spec.get("monitor") or {}).get("retrain"))
+
+
 async def reconcile(
     namespace: str,
     name: str,
@@ -292,8 +324,22 @@ async def _reconcile(
     rayservice_url = kube.rayservices_url(namespace, rayservice_name(name))
     current: Mapping[str, Any] | None = await client.get(rayservice_url)
 
-    # The rollout: resume the stored record (same versions) or begin one, then step it.
+    # The retraining loop may start, advance or end a turn, and pin a turn's new challenger as the candidate.
     saved = stored_record(previous)
+    turn: loop.LoopStep | None = None
+    if model.spec.monitor is not None and model.spec.monitor.retrain is not None:
+        turn = await loop.step(client, namespace, model, meta.get("annotations") or {}, previous, saved, registry,
+                               measurements.signals, now.timestamp(), logger)
+        if turn.candidate is not None and versions.candidate != (stable[0], turn.candidate):
+            # The turn's canary (pinned once, and again should an edit of the spec have resolved the pins afresh):
+            # against the version answering requests now, a promoted candidate's after an earlier turn.
+            served = str(previous.get("servedVersion") or stable[1])
+            versions = replace(versions, stable=(stable[0], served), candidate=(stable[0], turn.candidate))
+            stable, candidate = versions.stable, versions.candidate
+        if turn.take_trigger:
+            await client.merge_patch(url, {"metadata": {"annotations": {loop.ANNOTATION_TRIGGER: None}}})
+
+    # The rollout: resume the stored record (same versions) or begin one, then step it.
     record: RolloutRecord | None = None
     policy = model.spec.rollout if candidate is not None else None
     abort = (meta.get("annotations") or {}).get(ANNOTATION_ABORT)
@@ -329,8 +375,10 @@ async def _reconcile(
         variants.append({"variant": CANDIDATE, "model": candidate[0], "version": candidate[1]})
     variants += [{"variant": name, "model": m, "version": v} for name, (m, v) in versions.adapters.items()]
     base = None if versions.base is None else {"model": versions.base[0], "version": versions.base[1]}
-    desired = rayservice(model, serving_document(document), variants, 0 if record is None else record.weight,
-                         owner, config, base)
+    promoted = record is not None and record.phase == "promoted" and candidate is not None
+    served_version = candidate[1] if promoted and candidate is not None else stable[1]
+    desired = rayservice(model, serving_document(document, model), variants, 0 if record is None else record.weight,
+                         owner, config, base, monitored=served_version)
     current = await _ensure_rayservice(client, desired, current, owner, logger)
     if record is not None and record.done:
         await asyncio.to_thread(settle_registry, record, registry)
@@ -341,6 +389,8 @@ async def _reconcile(
         adapter_versions={name: v for name, (_, v) in versions.adapters.items()} or None,
         previous=previous, now=now, generation=generation,
     )
+    if turn is not None:
+        status["loop"] = turn.status
     await write_status(client, status_url, previous, status)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import kopf
 
-from kubeforge_operator import GROUP, VERSION, deployment, pipeline
+from kubeforge_operator import GROUP, VERSION, deployment, loop, pipeline
 from kubeforge_operator.config import configure_kopf
 from kubeforge_operator.rayjob import LABEL_PIPELINE
 from kubeforge_operator.rayservice import LABEL_DEPLOYMENT
@@ -53,6 +53,12 @@ async def deployment_changed(*, namespace: str | None, name: str, memo: Any, log
 
 @kopf.timer(GROUP, VERSION, deployment.PLURAL, interval=deployment.POLL_S, when=deployment.rollout_running)
 async def rollout_tick(*, namespace: str | None, name: str, memo: Any, logger: kopf.Logger, **_: Any) -> None:
+    await deployment.reconcile(namespace or "", name, config=memo.config, settings=memo.settings, logger=logger,
+                               measurements=memo.get(deployment.MEMO_KEY))
+
+
+@kopf.timer(GROUP, VERSION, deployment.PLURAL, interval=loop.POLL_S, when=deployment.loop_configured)
+async def loop_tick(*, namespace: str | None, name: str, memo: Any, logger: kopf.Logger, **_: Any) -> None:
     await deployment.reconcile(namespace or "", name, config=memo.config, settings=memo.settings, logger=logger,
                                measurements=memo.get(deployment.MEMO_KEY))
 

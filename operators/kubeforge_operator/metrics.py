@@ -1,5 +1,6 @@
 """The operator's Prometheus metrics, on a registry of their own so /metrics shows only these: its
-reconciliations, and the rollout metrics its ModelDeployment reconciler sets (`kubeforge.metrics`).
+reconciliations, and the rollout and retraining-loop metrics its ModelDeployment reconciler sets
+(`kubeforge.metrics`).
 
 The names are a contract: the rollout dashboard (infra/grafana/dashboards/kubeforge-rollout.json)
 queries them.
@@ -15,20 +16,20 @@ import kopf
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.metrics_core import Metric
 
-from kubeforge.metrics import ROLLOUT_METRICS
+from kubeforge.metrics import LOOP_METRICS, ROLLOUT_METRICS
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 
-class _Rollouts:
-    """The rollout controller's metrics, which live in kubeforge.metrics' registry, on this one too."""
+class _Deployments:
+    """The rollout controller's and the loop's metrics, which live in kubeforge.metrics' registry, on this one too."""
 
     def collect(self) -> Iterator[Metric]:
-        for metric in ROLLOUT_METRICS:
+        for metric in (*ROLLOUT_METRICS, *LOOP_METRICS):
             yield from metric.collect()
 
 
-REGISTRY.register(_Rollouts())
+REGISTRY.register(_Deployments())
 
 RECONCILES = Counter(
     "kubeforge_operator_reconciles",

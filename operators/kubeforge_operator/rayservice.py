@@ -19,6 +19,7 @@ import yaml
 
 from kubeforge.rollout.controller import RolloutRecord
 from kubeforge.runtime import SERVE_INGRESS_ENV
+from kubeforge.serve.app import MONITOR_CPUS
 from kubeforge.serve.cluster import ROUTER_DEPLOYMENT, serve_config
 from kubeforge.spec.deployment import (
     ABRollout,
@@ -44,7 +45,7 @@ MAX_RAYSERVICE_NAME = 47
 SERVE_HEAD_CPUS = 1
 """The head runs Ray's GCS, the Serve controller, an HTTP proxy and the router (0.1 CPU): one CPU, and
 it advertises that CPU to Ray so the router is placed there rather than on a replica's pod."""
-SERVE_HEAD_MEMORY = "4Gi"
+SERVE_HEAD_MEMORY_GI = 4
 SERVE_TOKEN_ENV = "KUBEFORGE_SERVE_TOKEN"
 """The variable of every RayService pod that holds spec.auth.token_secret's token (a secretKeyRef)."""
 REPLICA_MEMORY_GI = 8
@@ -121,12 +122,14 @@ def rayservice(
     owner: Owner,
     config: OperatorConfig,
     base: Mapping[str, str] | None = None,
+    monitored: str | None = None,
 ) -> dict[str, Any]:
     """The KubeRay RayService serving `deployment`, parsed from `document` (the manifest as its application
     receives it): its variants (`[{variant, model, version}]`, versions already resolved) behind the
     router, the candidate at `weight` percent. Only serveConfigV2 depends on `weight`, so a new weight is
     applied in place. Under spec.lora the variants are adapters over `base` ({model, version}), all on the
-    same replicas, and only serveConfigV2's user_config depends on them (`kubeforge.serve.cluster`)."""
+    same replicas, and only serveConfigV2's user_config depends on them (`kubeforge.serve.cluster`). With
+    spec.monitor, `monitored` is the version whose traffic its replica reads, which runs on the head."""
     tracking_uri = config.serving_tracking_uri()
     spec = deployment.spec
     name = rayservice_name(owner.name)
@@ -145,15 +148,18 @@ def rayservice(
         document = {**document, "spec": {**document["spec"], "auth": {"token_env": SERVE_TOKEN_ENV}}}
     sticky = spec.rollout.sticky_header if isinstance(spec.rollout, ABRollout) else None
     config_v2 = serve_config(owner.name, document, [dict(v) for v in variants], weight,
-                             None if base is None else dict(base), sticky)
+                             None if base is None else dict(base), sticky, monitored)
     # Ray Serve's proxy listens on 127.0.0.1 unless told otherwise, and spec.port is the user's choice.
     config_v2 = {"http_options": {"host": "0.0.0.0", "port": spec.port}, **config_v2}
     labels = {LABEL_DEPLOYMENT: owner.name, **MANAGED_BY}
     # KubeRay's serve Service targets the container port named "serve".
     serve_port = {"name": "serve", "containerPort": spec.port, "protocol": "TCP"}
     # The router's /metrics is scraped through the head's proxy only (LABEL_METRICS).
+    # The monitor's replica scores prompts with the served model on CPU: the head gets its CPU and a replica's memory.
+    head_cpus = SERVE_HEAD_CPUS + (MONITOR_CPUS if spec.monitor is not None else 0)
+    head_memory = SERVE_HEAD_MEMORY_GI + (REPLICA_MEMORY_GI if spec.monitor is not None else 0)
     head = pod_template(
-        "ray-head", config.stage_image, {"cpu": cpu_quantity(SERVE_HEAD_CPUS), "memory": SERVE_HEAD_MEMORY}, {},
+        "ray-head", config.stage_image, {"cpu": cpu_quantity(head_cpus), "memory": f"{head_memory}Gi"}, {},
         {**labels, LABEL_METRICS: METRICS_ROUTER},
         volumes=[], mounts=[], ports=[serve_port], env=env, env_from=secret_env(config.stage_env_secret),
     )
@@ -165,7 +171,7 @@ def rayservice(
     cluster: dict[str, Any] = {
         "rayVersion": RAY_VERSION,
         "headGroupSpec": {
-            "rayStartParams": {"num-cpus": str(SERVE_HEAD_CPUS), "dashboard-host": "0.0.0.0"},
+            "rayStartParams": {"num-cpus": str(head_cpus), "dashboard-host": "0.0.0.0"},
             "template": head,
         },
         "workerGroupSpecs": [{

@@ -218,6 +218,8 @@ MONITOR_LAST_CHECK = Gauge(
     ["deployment"],
     registry=REGISTRY,
 )
+MONITOR_METRICS = (MONITOR_SIGNAL, MONITOR_THRESHOLD, MONITOR_WINDOW, MONITOR_BLIND, MONITOR_LAST_CHECK)
+"""What the monitor sets: on a cluster its replica's router serves exactly these (`kubeforge.serve.monitor_server`)."""
 
 LOOP_TURNS = Counter(
     "kubeforge_loop_turns",
@@ -238,6 +240,9 @@ LOOP_REFUSED = Counter(
     ["deployment", "trigger"],
     registry=REGISTRY,
 )
+
+LOOP_METRICS = (LOOP_TURNS, LOOP_TURN_RUNNING, LOOP_REFUSED)
+"""What the retraining loop sets, in `kubeforge serve` and in the operator (which serves these too)."""
 
 
 def serve(port: int, addr: str = "127.0.0.1") -> None:

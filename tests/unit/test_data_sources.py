@@ -192,9 +192,9 @@ def test_served_traffic_reads_what_the_capture_wrote_answered_requests_only(tmp_
     from kubeforge.spec.deployment import CaptureSpec
 
     log = TrafficLog(CaptureSpec(), str(tmp_path / "traffic" / "quickstart"), CollectorRegistry())
-    for prompt, answer, status in (("def add(a, b):", "    return a + b", 200), ("boom", "", 503),
-                                   ("mail ada@example.com", "ok", 200)):
-        log.record({"time": 1.0, "request_id": "r", "endpoint": "/v1/completions", "model": "m", "variant": "stable",
+    for answered, (prompt, answer, status) in enumerate((("def add(a, b):", "    return a + b", 200), ("boom", "", 503),
+                                                        ("mail ada@example.com", "ok", 200)), start=1):
+        log.record({"time": float(answered), "request_id": "r", "endpoint": "/v1/completions", "model": "m", "variant": "stable",
                     "version": "1", "status": status, "latency_s": 0.1, "prompt": prompt, "completion": answer})
     log.flush()
     folder = ServedTrafficSource(type="served-traffic", paths=("traffic/quickstart",))
@@ -203,10 +203,13 @@ def test_served_traffic_reads_what_the_capture_wrote_answered_requests_only(tmp_
     assert docs[1]["id"].endswith("#2")  # the failed request's row is skipped, not renumbered
     answers = ServedTrafficSource(type="served-traffic", paths=("traffic/quickstart",), text="completion")
     assert [d["text"] for d in read_documents([answers], tmp_path)] == ["    return a + b", "ok"]
+    # `until` leaves out what was answered after it: the loop's run reads the traffic up to its trigger.
+    before = ServedTrafficSource(type="served-traffic", paths=("traffic/quickstart",), text="prompt", until=2.5)
+    assert [d["text"] for d in read_documents([before], tmp_path)] == ["def add(a, b):"]
     # Another Parquet file is refused, naming it.
     pq.write_table(pa.table({"text": ["x"]}), tmp_path / "traffic" / "quickstart" / "traffic-other.parquet")
     with pytest.raises(KubeForgeError, match=r"traffic-other\.parquet: not a traffic capture file \(no column status, "
-                                             r"prompt, completion\)"):
+                                             r"prompt, completion, time\)"):
         read_documents([folder], tmp_path)
 
 

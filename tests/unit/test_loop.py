@@ -86,19 +86,26 @@ def test_the_store_keeps_turns_the_running_one_the_kill_switch_and_requests(tmp_
     assert store.state()["paused"] is True
 
 
-def pipeline(name: str = "m", alias: str = "challenger", data: bool = True) -> Any:
+def pipeline(name: str = "m", alias: str = "challenger", data: bool = True,
+             extra_sources: list[dict[str, Any]] = []) -> Any:  # noqa: B006 (never mutated)
     spec: dict[str, Any] = {"promotion": {"alias": alias, "gates": []}}
     if data:
-        spec["data"] = {"sources": [{"type": "files", "paths": ["corpus/*.txt"]}]}
+        spec["data"] = {"sources": [{"type": "files", "paths": ["corpus/*.txt"]}, *extra_sources]}
         spec["pretrain"] = {"train": {"max_steps": 2}}
     return parse_manifest({"apiVersion": "kubeforge.io/v1alpha1", "kind": "ModelPipeline", "metadata": {"name": name},
                            "spec": spec})
 
 
 def test_the_retraining_run_reads_its_own_sources_and_the_captured_traffic() -> None:
-    sources = retrain_sources(pipeline(), "/srv/traffic/d", "prompt")
+    sources = retrain_sources(pipeline(), "s3://b/traffic/d", "prompt", 1000.0)
     assert sources[0]["type"] == "files" and sources[0]["paths"] == ["corpus/*.txt"]
-    assert sources[1] == {"type": "served-traffic", "paths": ["/srv/traffic/d"], "text": "prompt"}
+    assert sources[1] == {"type": "served-traffic", "paths": ["s3://b/traffic/d"], "text": "prompt", "until": 1000.0}
+    # The next turn replaces the traffic source an earlier turn added (a new `until`, so a new cache key), and
+    # keeps one of another capture.
+    earlier = pipeline(extra_sources=[sources[1], {"type": "served-traffic", "paths": ["s3://b/traffic/other"]}])
+    again = retrain_sources(earlier, "s3://b/traffic/d", "prompt", 2000.0)
+    assert [(s["paths"], s.get("until")) for s in again] == [
+        (["corpus/*.txt"], None), (["s3://b/traffic/other"], None), (["s3://b/traffic/d"], 2000.0)]
     check_pipeline(pipeline(), "m", "f")
     with pytest.raises(KubeForgeError, match="f: pipeline 'other' registers model 'other', but this deployment serves"):
         check_pipeline(pipeline("other"), "m", "f")
@@ -134,7 +141,7 @@ def turn_with(tmp_path: Path, run_effect: Any, roll_out: Any) -> tuple[Turn, Loo
                 workdir=tmp_path, registry=registry, store=store, roll_out=roll_out,  # type: ignore[arg-type]
                 stop=threading.Event())
 
-    def retrain_run(number: int) -> tuple[int, Path]:
+    def retrain_run(number: int, until: float) -> tuple[int, Path]:
         log = tmp_path / f"run-{number}.log"
         log.write_text("data: ok\npretrain: ok\nthe last line\n")
         return run_effect(registry), log

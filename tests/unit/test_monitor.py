@@ -164,8 +164,8 @@ def metric_samples(deployment: str) -> dict[str, dict[tuple[str, ...], float]]:
     return found
 
 
-def test_scorer_nll_is_the_same_batched_with_padding_as_one_row_at_a_time(tmp_path: Path) -> None:
-    """Rows of different lengths share a padded batch: padding must change no row's loss."""
+def tiny_model(folder: Path) -> Any:
+    """A one-layer Llama over WORDS with a word-level tokenizer, saved to `folder`."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -173,12 +173,20 @@ def test_scorer_nll_is_the_same_batched_with_padding_as_one_row_at_a_time(tmp_pa
     vocab = {word: i for i, word in enumerate(["<unk>", *WORDS])}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>").save_pretrained(tmp_path)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>").save_pretrained(folder)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, max_position_embeddings=64)
     model = LlamaForCausalLM(config).eval()
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(folder)
+    return model
+
+
+def test_scorer_nll_is_the_same_batched_with_padding_as_one_row_at_a_time(tmp_path: Path) -> None:
+    """Rows of different lengths share a padded batch: padding must change no row's loss."""
+    import torch
+
+    model = tiny_model(tmp_path)
     scorer = Scorer(tmp_path)
     rows = scorer.tokens(["w1 w2 w3", "w4 w5 w6 w7 w8 w9 w10", "w11", "w12 w13"])
     assert rows[0] == [2, 3, 4]
@@ -189,6 +197,41 @@ def test_scorer_nll_is_the_same_batched_with_padding_as_one_row_at_a_time(tmp_pa
             logits = model(input_ids=torch.tensor([row])).logits[0, :-1]
             expected = torch.nn.functional.cross_entropy(logits, torch.tensor(row[1:])).item()
             assert value == pytest.approx(expected, rel=1e-4)
+
+
+def test_on_a_cluster_the_monitor_replica_scores_the_version_its_user_config_names(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubeforge.serve import resolve
+    from kubeforge.serve.monitor_server import MonitorServer
+
+    tiny_model(tmp_path / "model")
+    downloads: list[str] = []
+
+    def download(source: str, engine: str, device: str) -> Path:
+        downloads.append(source)
+        return tmp_path / "model"
+
+    monkeypatch.setattr(resolve, "replica_model_folder", download)
+    rng = random.Random(3)
+    write_capture(tmp_path / "t", "1", [("1", 200, p) for p in prompts(rng, 100, WORDS[:20], (4, 8))
+                                        + prompts(rng, 100, WORDS[20:], (20, 30))])
+    spec = {"interval_s": 3600, "window_requests": 100, "min_requests": 50, "thresholds": {"token_js": 0.2}}
+    server = MonitorServer.func_or_class("replica-test", spec, "m", str(tmp_path / "t"), None)
+    try:
+        # Until the operator's user_config names the served version, a check has nothing to score.
+        assert server.runner.check_once() is None and downloads == []
+        server.reconfigure({"version": "1"})
+        reading = server.runner.check_once()
+        assert reading is not None and [s.name for s in reading.crossed] == ["token_js"]
+        server.runner.check_once()
+        assert downloads == ["models:/m/1"]  # once per version
+        text = server.exposition().decode()
+        assert 'kubeforge_monitor_signal{deployment="replica-test",signal="token_js"}' in text
+        assert 'kubeforge_monitor_threshold{deployment="replica-test",signal="token_js"} 0.2' in text
+    finally:
+        server.__del__()
+    server.thread.join(timeout=10)
+    assert not server.thread.is_alive()
 
 
 def deployment(**spec: Any) -> dict[str, Any]:

@@ -782,11 +782,29 @@ def test_a_lora_rayservice_serves_every_adapter_from_one_deployment_configured_i
     assert first["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] == 1
 
 
-def test_the_operator_refuses_a_monitor_it_would_not_run() -> None:
+def test_the_operator_runs_monitors_with_a_store_for_the_capture_and_a_prometheus_to_ask() -> None:
     from kubeforge_operator.deployment import validate as validate_deployment
 
-    with pytest.raises(SpecError) as info:
-        validate_deployment(deployment_document(capture={"sample_rate": 1.0, "path": "s3://bucket/traffic"},
-                                                monitor={"thresholds": {"token_js": 0.2}}))
-    (problem,) = info.value.problems
-    assert problem.where == "spec.monitor" and "kubeforge serve" in problem.message
+    capture = {"sample_rate": 1.0, "path": "s3://bucket/traffic"}
+    retrain = {"pipeline": "quickstart"}
+
+    def problem(**spec: Any) -> Any:
+        with pytest.raises(SpecError) as info:
+            validate_deployment(deployment_document(**spec), prometheus=None)
+        (found,) = info.value.problems
+        return found
+
+    # The monitor asks the rollout's Prometheus, as `kubeforge serve` does; without any, the operator's.
+    model = validate_deployment(deployment_document(capture=capture, monitor={"thresholds": {"token_js": 0.2}}))
+    assert model.spec.monitor is not None and model.spec.monitor.prometheus == "http://127.0.0.1:9090"
+    document = deployment_document(capture=capture, monitor={"thresholds": {"error_rate": 0.1}}, rollout=None)
+    assert validate_deployment(document, "http://ops:9090").spec.monitor.prometheus == "http://ops:9090"
+    found = problem(capture=capture, monitor={"thresholds": {"error_rate": 0.1}}, rollout=None)
+    assert found.where == "spec.monitor.prometheus" and "monitoring.prometheusUrl" in found.message
+    # A capture the router's pod would keep on its own disk, and a webhook the operator does not serve, are refused.
+    found = problem(capture={"path": "/data/traffic"}, monitor={"thresholds": {"token_js": 0.2}})
+    assert found.where == "spec.capture.path" and "s3://bucket/prefix" in found.message
+    found = problem(capture=capture, monitor={"thresholds": {"token_js": 0.2},
+                                              "retrain": {**retrain, "alertmanager": {}}},
+                    rollout={**deployment_document()["spec"]["rollout"], "candidate": "models:/quickstart@challenger"})
+    assert found.where == "spec.monitor.retrain.alertmanager" and "on_drift" in found.message

@@ -37,3 +37,37 @@ def test_a_client_that_hangs_up_after_the_terminator_got_the_whole_answer() -> N
     bodies = [b'data: {"choices": [{"delta": {"content": "x"}}]}\n\n', b"data: [DONE]\n\n"]
     assert status_after_reading(bodies, read=2) == 200
     assert status_after_reading(bodies, read=1) == 499  # gone before the end
+
+
+class Exposition:
+    """A handle method's `.remote()`: the monitor replica's answer, or its failure."""
+
+    def __init__(self, answer: bytes | Exception) -> None:
+        self.answer = answer
+
+    def remote(self) -> Any:
+        async def call() -> bytes:
+            if isinstance(self.answer, Exception):
+                raise self.answer
+            return self.answer
+
+        return call()
+
+
+def test_on_a_cluster_the_routers_metrics_carry_the_monitors_and_survive_its_failure() -> None:
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry, Counter
+
+    registry = CollectorRegistry()
+    Counter("kubeforge_router_own", "The router's own.", registry=registry).inc()
+
+    def scraped(answer: bytes | Exception) -> bytes:
+        router = SimpleNamespace(metrics=SimpleNamespace(registry=registry), monitor=SimpleNamespace(
+            exposition=Exposition(answer)))
+        return bytes(asyncio.run(Router.func_or_class.metrics_text(router)).body)
+
+    text = scraped(b'kubeforge_monitor_blind{deployment="d"} 0.0\n')
+    assert b"kubeforge_router_own_total 1.0" in text and text.endswith(b'kubeforge_monitor_blind{deployment="d"} 0.0\n')
+    text = scraped(RuntimeError("the monitor replica is restarting"))
+    assert b"kubeforge_router_own_total 1.0" in text and b"kubeforge_monitor" not in text

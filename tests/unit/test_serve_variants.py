@@ -32,7 +32,8 @@ def document(**spec: Any) -> dict[str, Any]:
 
 
 def router_args(app: Any) -> tuple[Any, ...]:
-    """What the Router deployment is bound with: (stable, candidate, labels, weight, sticky, auth, lora, capture)."""
+    """What the Router deployment is bound with: (stable, candidate, labels, weight, sticky, auth, lora, capture,
+    monitor)."""
     return tuple(app._bound_deployment.init_args)
 
 
@@ -83,7 +84,8 @@ def test_a_lora_application_serves_its_base_and_takes_the_adapters_from_user_con
                 {"variant": "candidate", "model": "quickstart", "version": "3"}]
     config = serve_config("quickstart", document(lora=lora), variants, 20, base={"model": "quickstart", "version": "1"})
     app = app_builder(config["applications"][0]["args"])
-    stable, candidate, labels, weight, _, _, is_lora, _ = router_args(app)
+    stable, candidate, labels, weight, _, _, is_lora, _, monitor = router_args(app)
+    assert monitor is None
     assert is_lora and candidate is None and (labels, weight) == ({}, 0)  # both come with the user_config
     path, label, _, limits = stable._bound_deployment.init_args
     assert stable._bound_deployment.name == "model-lora" and path == "models:/quickstart/1"
@@ -140,3 +142,36 @@ def test_capture_goes_to_the_manifests_path_or_the_local_folder_and_on_a_cluster
         app_builder(args)
     args["deployment"] = document(capture={"path": "s3://bucket/traffic"})
     assert router_args(app_builder(args))[7]["directory"] == "s3://bucket/traffic"
+
+
+def test_on_a_cluster_the_monitor_runs_beside_the_router_which_serves_its_metrics() -> None:
+    monitor = {"thresholds": {"token_js": 0.2, "error_rate": 0.05}, "prometheus": "http://prometheus:9090"}
+    doc = document(capture={"path": "s3://bucket/traffic"}, monitor=monitor)
+    doc["metadata"]["name"] = "watched"
+    variants = [{"variant": "stable", "model": "quickstart", "version": "1"}]
+    config = serve_config("watched", doc, variants, 0, monitored="1")
+    (app,) = config["applications"]
+    assert {"name": "Monitor", "user_config": {"version": "1"}} in app["deployments"]
+    bound = router_args(app_builder(app["args"]))[8]._bound_deployment
+    assert bound.name == "Monitor" and bound.ray_actor_options["num_cpus"] == 1
+    name, spec, model, capture, prometheus = bound.init_args
+    assert (name, model, capture, prometheus) == ("watched", "quickstart", "s3://bucket/traffic",
+                                                  "http://prometheus:9090")
+    assert spec["thresholds"] == {**spec["thresholds"], "token_js": 0.2, "error_rate": 0.05}
+    # Without spec.monitor nothing of it is deployed; with one, the served version is required.
+    assert router_args(app_builder({"deployment": document(), "variants": variants}))[8] is None
+    with pytest.raises(KubeForgeError, match="monitored: the version the monitor reads"):
+        serve_config("watched", doc, variants, 0)
+
+
+def test_the_monitors_exposition_is_its_metrics_alone() -> None:
+    from prometheus_client import generate_latest
+
+    from kubeforge import metrics
+    from kubeforge.serve.monitor_server import MonitorMetrics
+
+    metrics.MONITOR_SIGNAL.labels("exposed", "token_js").set(0.31)
+    metrics.ROLLOUT_WEIGHT.labels("exposed").set(20)
+    text = generate_latest(MonitorMetrics()).decode()
+    assert 'kubeforge_monitor_signal{deployment="exposed",signal="token_js"} 0.31' in text
+    assert "kubeforge_rollout" not in text and "kubeforge_stage" not in text

@@ -61,6 +61,8 @@ class InputFile:
     size: int
     name: str = ""
     """For `stdlib`: the path relative to the standard library, which makes the id."""
+    until: float | None = None
+    """For `traffic`: the source's `until`, the last answer time read."""
 
 
 @dataclass(frozen=True)
@@ -104,11 +106,12 @@ def input_files(sources: Sequence[Source], base_dir: Path, field: str = "spec.da
                        _format_of(f.path, source.format), "") for f in matched]
         text_field = source.text_field if isinstance(source, FilesSource) else source.text if isinstance(
             source, ServedTrafficSource) else "text"
+        until = source.until if isinstance(source, ServedTrafficSource) else None
         for path, size, fmt, name in listed:
             if path in seen:
                 continue
             seen.add(path)
-            found.append(InputFile(len(found), path, fmt, text_field, size, name))
+            found.append(InputFile(len(found), path, fmt, text_field, size, name, until))
     return found
 
 
@@ -223,11 +226,12 @@ def _parquet_documents(path: str, text_field: str) -> Iterator[tuple[int, Docume
             raise KubeForgeError(f"{path}: not a readable Parquet file (row {row}: {exc})") from None
 
 
-TRAFFIC_COLUMNS = ("status", "prompt", "completion")
+TRAFFIC_COLUMNS = ("status", "prompt", "completion", "time")
 
 
-def _traffic_documents(path: str, text: str) -> Iterator[tuple[int, Document]]:
-    """The answered requests of a capture file (`kubeforge.serve.capture`) as documents."""
+def _traffic_documents(path: str, text: str, until: float | None) -> Iterator[tuple[int, Document]]:
+    """The requests of a capture file (`kubeforge.serve.capture`) answered with 200 (at or before `until`)
+    as documents."""
     import pyarrow as pa
 
     with open_input(path) as handle:
@@ -239,8 +243,9 @@ def _traffic_documents(path: str, text: str) -> Iterator[tuple[int, Document]]:
         row = 0
         try:
             for batch in reader.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=list(TRAFFIC_COLUMNS)):
-                for status, prompt, completion in zip(*(batch.column(i).to_pylist() for i in range(3)), strict=True):
-                    if status == 200:
+                columns = (batch.column(i).to_pylist() for i in range(len(TRAFFIC_COLUMNS)))
+                for status, prompt, completion, answered in zip(*columns, strict=True):
+                    if status == 200 and (until is None or answered <= until):
                         value = {"prompt": prompt, "completion": completion}.get(text, f"{prompt}\n{completion}")
                         yield row, {"id": f"{path}#{row}", "source": path, "text": value or ""}
                     row += 1
@@ -295,7 +300,7 @@ def documents_of(file: InputFile, piece: Piece | None = None) -> Iterator[tuple[
     elif file.format == "jsonl":
         yield from _jsonl_documents(file.path, file.text_field, piece or Piece(0, file.size, 1))
     elif file.format == "traffic":
-        yield from _traffic_documents(file.path, file.text_field)
+        yield from _traffic_documents(file.path, file.text_field, file.until)
     elif file.format == "parquet":
         yield from _parquet_documents(file.path, file.text_field)
     else:

@@ -111,12 +111,15 @@ class _Reference:
 class Monitor:
     """Computes the readings of one deployment's monitor."""
 
-    def __init__(self, spec: MonitorSpec, model: str, capture_dir: str, prometheus: str | None,
+    def __init__(self, spec: MonitorSpec, model: str, capture_dir: str | None, prometheus: str | None,
                  scorer: Callable[[Path], Scorer] = Scorer, base_dir: Path = Path(".")) -> None:
+        """`capture_dir` may be None when only SLO signals have thresholds (the spec requires a capture for
+        the others)."""
         self.spec = spec
         self.model = model
         self.prometheus = prometheus
-        self.windows = TrafficWindows(capture_dir, spec.window_requests, base_dir)
+        self.capture_dir = capture_dir
+        self.windows = None if capture_dir is None else TrafficWindows(capture_dir, spec.window_requests, base_dir)
         self.make_scorer = scorer
         self._scorer: tuple[Path, Scorer] | None = None
         self._reference: tuple[str, _Reference] | None = None
@@ -126,18 +129,22 @@ class Monitor:
         thresholds = dict(self.spec.thresholds.items())
         signals: list[drift.Signal] = []
         missing: dict[str, str] = {}
-        windows, problems = self.windows.update(version)
-        for problem in problems:
-            logger.warning("monitor: skipped %s", problem)
         traffic = {k: v for k, v in thresholds.items() if k not in SLO_SIGNALS}
-        low = min(len(windows.reference), len(windows.current))
-        if traffic and low < self.spec.min_requests:
-            why = (f"{len(windows.reference)} reference and {len(windows.current)} current prompts of version "
-                   f"{version}; each window needs {self.spec.min_requests}")
-            missing.update(dict.fromkeys(traffic, why))
-        elif traffic:
-            signals.extend(self._traffic_signals(traffic, version, model_dir, windows.reference, list(windows.current),
-                                                 missing))
+        sizes = (0, 0)
+        if traffic:
+            if self.windows is None:
+                raise ValueError("the monitor has traffic thresholds but no capture to read")
+            windows, problems = self.windows.update(version)
+            for problem in problems:
+                logger.warning("monitor: skipped %s", problem)
+            sizes = (len(windows.reference), len(windows.current))
+            if min(sizes) < self.spec.min_requests:
+                why = (f"{sizes[0]} reference and {sizes[1]} current prompts of version {version}; each window "
+                       f"needs {self.spec.min_requests}")
+                missing.update(dict.fromkeys(traffic, why))
+            else:
+                signals.extend(self._traffic_signals(traffic, version, model_dir, windows.reference,
+                                                     list(windows.current), missing))
         blind = False
         slo = {k: v for k, v in thresholds.items() if k in SLO_SIGNALS}
         if slo:
@@ -157,8 +164,7 @@ class Monitor:
                     missing[name] = f"Prometheus has no data for version {version} over {self.spec.slo_window}"
                 else:
                     signals.append(drift.Signal(name, value, threshold, 0, 0))
-        return Reading(time.time() if now is None else now, version, tuple(signals), missing, blind,
-                       len(windows.reference), len(windows.current))
+        return Reading(time.time() if now is None else now, version, tuple(signals), missing, blind, *sizes)
 
     def _scorer_for(self, model_dir: Path) -> Scorer:
         if self._scorer is None or self._scorer[0] != model_dir:

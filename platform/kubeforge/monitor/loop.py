@@ -34,6 +34,7 @@ import yaml
 from kubeforge.errors import KubeForgeError
 from kubeforge.registry.audit import CHALLENGER, CHAMPION
 from kubeforge.registry.client import Registry
+from kubeforge.spec.data import ServedTrafficSource
 from kubeforge.spec.monitor import RetrainSpec
 from kubeforge.spec.pipeline import ModelPipeline
 from kubeforge.stages.data import DATA
@@ -161,13 +162,48 @@ def refusal(spec: RetrainSpec, turns: list[TurnRecord], state: dict[str, Any], n
     return None
 
 
-def retrain_sources(pipeline: ModelPipeline, capture_dir: str, text: str) -> list[dict[str, Any]]:
-    """The pipeline's data sources with the captured traffic added (a `--set data.sources=` value)."""
+def retrain_sources(pipeline: ModelPipeline, capture_dir: str, text: str, until: float) -> list[dict[str, Any]]:
+    """The pipeline's data sources with the traffic captured in `capture_dir` up to `until` added (a
+    `--set data.sources=` value, or the loop's edit of a ModelPipeline on Kubernetes). A source of the same
+    capture that an earlier turn added is replaced, so turns do not pile up sources."""
     data = DATA.section_of(pipeline.spec)
     if data is None:
         raise KubeForgeError(f"pipeline '{pipeline.metadata.name}': has no data stage to add the captured traffic to")
-    existing = [source.model_dump(mode="json", exclude_none=True) for source in data.sources]
-    return [*existing, {"type": "served-traffic", "paths": [capture_dir], "text": text}]
+    existing = [source.model_dump(mode="json", exclude_unset=True) for source in data.sources
+                if not (isinstance(source, ServedTrafficSource) and source.paths == (capture_dir,))]
+    return [*existing, {"type": "served-traffic", "paths": [capture_dir], "text": text, "until": until}]
+
+
+@dataclass(frozen=True)
+class Retrained:
+    """What a finished retraining run left in the registry for the turn."""
+
+    candidate: str | None
+    """The version it registered and gated (passed or not)."""
+    outcome: str | None
+    """`gates_failed` or `retrain_failed`, which end the turn; None: roll `candidate` out."""
+    reason: str = ""
+
+
+def retrained(registry: Registry, model: str, last_before: int, challenger_before: str | None, succeeded: bool,
+              failure: str) -> Retrained:
+    """Judge a retraining run by the versions of `model` registered after `last_before` (the highest version
+    number when the turn started): a gated one that failed ends the turn; a run that failed, or did not move
+    `challenger` to a new version, ends it too (`failure` says why the run failed); otherwise the new
+    challenger is the candidate."""
+    new = [v for v in registry.versions(model) if int(v.version) > last_before and v.gates is not None]
+    gated = max(new, key=lambda v: int(v.version)) if new else None
+    if gated is not None and gated.gates == "failed":
+        return Retrained(gated.version, "gates_failed", f"version {gated.version} failed its promotion gates")
+    moved = registry.alias(model, CHALLENGER)
+    if not succeeded or moved is None or moved.version == challenger_before or int(moved.version) <= last_before:
+        return Retrained(gated.version if gated else None, "retrain_failed",
+                         f"the retraining run {failure if not succeeded else 'succeeded'} and moved no new challenger")
+    return Retrained(moved.version, None)
+
+
+def last_version(registry: Registry, model: str) -> int:
+    return max((int(v.version) for v in registry.versions(model)), default=0)
 
 
 def check_pipeline(pipeline: ModelPipeline, model: str, field_name: str) -> None:
@@ -218,40 +254,34 @@ class Turn:
         return record
 
     def _run(self, record: TurnRecord, model: str) -> None:
-        before = {v.version for v in self.registry.versions(model)}
+        last_before = last_version(self.registry, model)
         challenger = self.registry.alias(model, CHALLENGER)
-        code, log = self._retrain(record.turn)
+        code, log = self._retrain(record.turn, record.started)
         record.exit_code, record.run_log = code, str(log)
         if self.stop.is_set():
             return
-        new = [v for v in self.registry.versions(model) if v.version not in before and v.gates is not None]
-        gated = max(new, key=lambda v: int(v.version)) if new else None
-        record.candidate_version = gated.version if gated else None
-        if gated is not None and gated.gates == "failed":
-            record.outcome = "gates_failed"
-            record.reason = f"version {gated.version} failed its promotion gates (see {log})"
+        judged = retrained(self.registry, model, last_before, challenger.version if challenger else None, code == 0,
+                           f"ended with exit status {code} ({_tail(log)})")
+        record.candidate_version = judged.candidate
+        if judged.outcome is not None:
+            record.outcome, record.reason = judged.outcome, f"{judged.reason} (see {log})"
             return
-        moved = self.registry.alias(model, CHALLENGER)
-        if code != 0 or moved is None or (challenger is not None and moved.version == challenger.version):
-            record.outcome = "retrain_failed"
-            record.reason = f"the retraining run ended with exit status {code} and no new challenger ({_tail(log)})"
-            return
-        record.candidate_version = moved.version
+        assert judged.candidate is not None
         try:
-            promoted, reason = self.roll_out(moved.version)
+            promoted, reason = self.roll_out(judged.candidate)
         except KubeForgeError as exc:
-            record.outcome, record.reason = "rollout_failed", f"version {moved.version} was not rolled out: {exc}"
+            record.outcome, record.reason = "rollout_failed", f"version {judged.candidate} was not rolled out: {exc}"
             return
         if self.stop.is_set() and not promoted:
             return
         record.outcome = "promoted" if promoted else "rolled_back"
         record.reason = reason
 
-    def _retrain(self, number: int) -> tuple[int, Path]:
+    def _retrain(self, number: int, until: float) -> tuple[int, Path]:
         folder = self.store.folder / f"turn-{number}"
         folder.mkdir(parents=True, exist_ok=True)
         log = folder / "run.log"
-        sources = retrain_sources(self.pipeline, self.capture_dir, self.retrain.traffic_text)
+        sources = retrain_sources(self.pipeline, self.capture_dir, self.retrain.traffic_text, until)
         command = [sys.executable, "-m", "kubeforge.cli", "run", str(self.manifest), "--workdir", str(self.workdir),
                    "--tracking-uri", self.registry.tracking_uri, "--set", f"data.sources={json.dumps(sources)}"]
         (folder / "command.yaml").write_text(yaml.safe_dump({"command": command}))

@@ -55,6 +55,10 @@ if TYPE_CHECKING:
 VARIANTS = (STABLE, CANDIDATE)
 LORA_DEPLOYMENT = "model-lora"
 """The deployment serving the base and every variant's adapter, under `spec.lora`."""
+MONITOR_DEPLOYMENT = "Monitor"
+"""The deployment running `spec.monitor` on a cluster (`monitor_server`), whose user_config names the served version."""
+MONITOR_CPUS = 1
+"""The monitor's replica scores a window of prompts with the served model on CPU: one core, not an engine's."""
 LORA_BASE = "base"
 """The variant label of that base: it is served as `<name>:base`."""
 ROUTER_CPUS = 0.1
@@ -100,6 +104,7 @@ def build_app(
     hand_over_token: bool = True,
     base: VariantModel | None = None,
     capture_dir: str | None = None,
+    monitor: str | None = None,
 ) -> Application:
     """The application serving `variants` with the engine, resources, replicas, autoscaling and auth of
     `spec`; `weight` overrides `initial_weight(spec)`. With `spec.lora`, `variants` are LoRA adapters
@@ -111,7 +116,10 @@ def build_app(
     copy would only put the token into Serve's deployment config.
 
     With `spec.capture` the router writes its sample under `spec.capture.path`, else under `capture_dir`
-    (`kubeforge serve` passes the work directory's traffic folder)."""
+    (`kubeforge serve` passes the work directory's traffic folder).
+
+    `monitor`, the deployment's name, runs `spec.monitor` as a deployment of the application
+    (`monitor_server`, on a cluster); `kubeforge serve` runs it in its own process instead."""
     from kubeforge.serve import router
 
     # `@serve.deployment` turns the classes into Deployments, which their static types do not say.
@@ -169,8 +177,17 @@ def build_app(
             raise KubeForgeError("spec.capture.path: no folder to write the captured traffic to; set an "
                                  "object-store URI (s3://bucket/prefix) the router's pod can write to")
         capture = {"spec": spec.capture.model_dump(mode="json"), "directory": directory}
+    monitor_bound = None
+    if monitor is not None and spec.monitor is not None:
+        from kubeforge.serve.monitor_server import MonitorServer
+        from kubeforge.spec.deployment import parse_model_uri
+
+        monitor_server: Any = MonitorServer
+        monitor_bound = monitor_server.bind(monitor, spec.monitor.model_dump(mode="json"),
+                                            parse_model_uri(spec.model)[0], capture and capture["directory"],
+                                            spec.monitor.prometheus)
     return front.bind(bound[STABLE], bound.get(CANDIDATE), labels, start_weight, sticky, auth, base is not None,
-                      capture)
+                      capture, monitor_bound)
 
 
 def server_options(spec: DeploymentSpec) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 from kubeforge.errors import KubeForgeError
 from kubeforge.filesystems import is_uri
-from kubeforge.serve.app import LORA_BASE, LORA_DEPLOYMENT, VARIANTS, VariantModel, build_app
+from kubeforge.serve.app import LORA_BASE, LORA_DEPLOYMENT, MONITOR_DEPLOYMENT, VARIANTS, VariantModel, build_app
 from kubeforge.spec.deployment import LoraServing
 from kubeforge.spec.load import parse_deployment
 
@@ -90,15 +90,21 @@ def app_builder(args: Mapping[str, Any]) -> Application:
         if len(variants) != 1:
             raise KubeForgeError("args.variants: under spec.lora, only the base (the adapters are user_config)")
         return build_app([], document.spec, weight=0, hand_over_token=False, base=variants[0])
-    return build_app(variants, document.spec, weight=0, hand_over_token=False)
+    return build_app(variants, document.spec, weight=0, hand_over_token=False, monitor=document.metadata.name)
 
 
 def serve_config(name: str, document: Mapping[str, Any], variants: list[dict[str, str]], weight: int,
-                 base: dict[str, str] | None = None, sticky_header: str | None = None) -> dict[str, Any]:
+                 base: dict[str, str] | None = None, sticky_header: str | None = None,
+                 monitored: str | None = None) -> dict[str, Any]:
     """serveConfigV2 (as a dict) of one deployment: what the operator puts into its RayService. With a LoRA
-    `base`, `variants` are its adapters and only the base and the deployment's settings are `args`."""
+    `base`, `variants` are its adapters and only the base and the deployment's settings are `args`. With
+    `spec.monitor`, `monitored` is the version whose traffic the monitor reads (the one serving it all)."""
     router_config: dict[str, Any] = {"weight": weight}
     deployments = [{"name": ROUTER_DEPLOYMENT, "user_config": router_config}]
+    if (document.get("spec") or {}).get("monitor") is not None:
+        if monitored is None:
+            raise KubeForgeError("monitored: the version the monitor reads is required with spec.monitor")
+        deployments.append({"name": MONITOR_DEPLOYMENT, "user_config": {"version": monitored}})
     args: dict[str, Any]
     if base is None:
         args = {"deployment": dict(document), "variants": variants}

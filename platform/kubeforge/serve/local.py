@@ -199,6 +199,7 @@ def monitor_runner(document: ModelDeployment, options: ServeOptions, monitor: Mo
             # The loop's next version takes the candidate slot: the promoted one becomes stable first.
             router_handle(name).promote_candidate.remote().result()
         manifest, pipeline, store = loop
+        assert monitor.capture_dir is not None  # spec.monitor.retrain requires spec.capture
         stop = threading.Event()
 
         def resolve_model_version(uri: str) -> ResolvedModel:
@@ -210,7 +211,7 @@ def monitor_runner(document: ModelDeployment, options: ServeOptions, monitor: Mo
                              resolve_model_version, stop, say,
                              lambda policy, candidate: preflight(policy, candidate, options.registry))
         turn = (store, Turn(manifest=manifest, pipeline=pipeline, retrain=retrain,
-                            capture_dir=monitor.windows.directory, workdir=options.workdir.root,
+                            capture_dir=monitor.capture_dir, workdir=options.workdir.root,
                             registry=options.registry, store=store, roll_out=canary, stop=stop))
         say(f"retraining loop: {manifest} on the captured traffic (kubeforge loop status {name})")
     say(f"monitoring: every {monitor.spec.interval_s:g} s (kubeforge_monitor_* metrics)")

@@ -64,7 +64,7 @@ def json_error(status: int, message: str, field: str | None, request_id: str | N
 class Router:
     def __init__(self, stable: Any, candidate: Any, labels: dict[str, dict[str, str]], weight: int,
                  sticky_header: str | None, auth: dict[str, Any] | None, lora: bool = False,
-                 capture: dict[str, Any] | None = None) -> None:
+                 capture: dict[str, Any] | None = None, monitor: Any = None) -> None:
         # Under LoRA one deployment (`stable`) serves every variant in `labels`, each as its own adapter; on a
         # cluster the variants come with the user_config (`reconfigure`).
         self.lora, self.base = lora, stable
@@ -82,6 +82,8 @@ class Router:
         if capture is not None:
             self.capture = TrafficLog(CaptureSpec(**capture["spec"]), capture["directory"], self.metrics.registry)
         self.flusher: asyncio.Task[None] | None = None
+        # On a cluster the deployment's monitor runs beside the router (`monitor_server`); its metrics go out here.
+        self.monitor = monitor
 
     # -- live control (handle calls, not HTTP) --
 
@@ -219,7 +221,13 @@ class Router:
     async def metrics_text(self) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        text = generate_latest(self.metrics.registry)
+        if self.monitor is not None:
+            try:
+                text += await asyncio.wait_for(self.monitor.exposition.remote(), READY_TIMEOUT_S)
+            except Exception as exc:  # a monitor replica restarting must not cost the router's own metrics
+                logger.warning("metrics: the monitor's are left out: %s: %s", type(exc).__name__, exc)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     @api.get("/v1/models")
     async def list_models(self, request: Request) -> Response:

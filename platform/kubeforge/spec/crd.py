@@ -171,6 +171,14 @@ def _deployment_status() -> Schema:
                 PRESERVE_UNKNOWN: True,
             },
             "weight": _integer("Percent of requests the candidate receives now.", minimum=0, maximum=100),
+            "loop": {
+                "type": "object",
+                "description": ("With spec.monitor.retrain: the retraining loop's audit (kubeforge_operator.loop): "
+                                "turns (the latest turn records: trigger, ModelPipeline generation, candidate version, "
+                                "outcome, reason, champion before and after), running (the turn in progress), count "
+                                "(turns so far), refused (the last refused request), problem (why no turn can start)."),
+                PRESERVE_UNKNOWN: True,
+            },
             "url": _string("Base URL of the OpenAI-compatible endpoint inside the cluster."),
             "conditions": _conditions(
                 "Valid: the spec passed kubeforge.spec. Ready: the stable variant answers requests. "

@@ -72,6 +72,10 @@ class ServedTrafficSource(StrictModel):
     text: Literal["prompt", "completion", "both"] = "both"
     """What becomes a document: the prompt, the answer, or the prompt, a newline and the answer. Requests
     that did not succeed (status other than 200) are left out."""
+    until: Annotated[float, Field(gt=0)] | None = None
+    """Only requests answered at or before this instant (UNIX seconds): a run reads the same rows however
+    much traffic arrives later, and a new instant is a new cache key (the retraining loop sets the instant
+    of its trigger). Null reads every captured request."""
 
     def patterns(self) -> tuple[str, ...]:
         """The file patterns `paths` stands for: a folder means its capture files."""
