@@ -179,8 +179,7 @@ async def step(
         candidate = running.record.candidate_version
         if saved is None or saved.subject.candidate_version != candidate or not saved.done:
             return LoopStep(status(running), candidate=candidate)
-        outcome = {"promoted": "promoted"}.get(saved.phase, "rolled_back")
-        return await end(running, outcome, saved.reason)
+        return await end(running, "promoted" if saved.phase == "promoted" else "rolled_back", saved.reason)
 
     # No turn runs: is one due, and may it start?
     requested = annotations.get(ANNOTATION_TRIGGER)

@@ -272,3 +272,17 @@ def test_serve_refuses_a_loop_whose_pipeline_is_missing_or_serves_another_model(
     path, pipeline, store = prepare_loop(document, tmp_path / "work", tmp_path)
     assert path == (tmp_path / "retrain.yaml").resolve() and pipeline.metadata.name == "m"
     assert store.folder == tmp_path / "work" / "deployments" / "d" / "loop"
+
+
+def test_a_turn_in_the_operators_status_reads_back_without_the_nulls_a_merge_patch_drops() -> None:
+    from kubeforge_operator.loop import Running, loop_state
+    from kubeforge_operator.reconciling import _without_nulls
+
+    # No champion yet, no challenger before: the API server stores neither key.
+    record = TurnRecord(1, Trigger("drift", "crossed: token_js 0.4", {"token_js": 0.4}), NOW, "m", None,
+                        run_log="ModelPipeline team-a/m generation 2")
+    running = Running(record, "retraining", 2, 5, None)
+    stored = _without_nulls({"loop": {"running": running.to_dict(), "count": 0}})
+    assert "champion_before" not in stored["loop"]["running"]["record"]
+    turns, back, _ = loop_state(stored)
+    assert back == running and turns == []

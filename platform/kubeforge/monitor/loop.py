@@ -63,7 +63,7 @@ class TurnRecord:
     trigger: Trigger
     started: float
     pipeline: str
-    champion_before: str | None
+    champion_before: str | None = None
     ended: float | None = None
     outcome: str | None = None
     """One of OUTCOMES once ended."""
