@@ -127,6 +127,12 @@ def validate(document: Mapping[str, Any], prometheus: str | None = None) -> Mode
     if capture is not None and not (capture.path and is_uri(capture.path)):
         raise SpecError([Problem("spec.capture.path", "on a cluster the router's pod keeps no files; set an "
                                  f"object-store URI (s3://bucket/prefix) it can write to (got {capture.path!r})")])
+    for index, source in enumerate(monitor.training_data if monitor is not None else ()):
+        local = [path for path in getattr(source, "paths", ()) if not is_uri(path)]
+        if local:
+            raise SpecError([Problem(f"spec.monitor.training_data[{index}].paths", (
+                f"{', '.join(local)}: the monitor's pod on the cluster has no such files; name object-store URIs "
+                "(s3://bucket/prefix/*.jsonl)"))])
     if monitor is not None and monitor.retrain is not None and monitor.retrain.alertmanager is not None:
         # Refused rather than ignored: the operator listens for no webhook. It reads the monitor's signals from
         # Prometheus itself (on_drift), the same series the KubeForgeTrafficDrift alert fires on.

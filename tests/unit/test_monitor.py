@@ -103,6 +103,51 @@ def test_same_traffic_crosses_nothing_and_a_planted_shift_crosses_every_traffic_
     assert all(s.reference_size == 200 and s.current_size == 200 for s in reading.signals)
 
 
+def test_traffic_unlike_the_training_corpus_crosses_token_js_training(tmp_path: Path) -> None:
+    import json
+
+    rng = random.Random(4)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(30):  # more files than the sample takes documents from: one from each of evenly spaced files
+        (corpus / f"part-{i:02}.jsonl").write_text("".join(
+            json.dumps({"text": text}) + "\n" for text in prompts(rng, 5, WORDS[:20], (20, 40))))
+    # The reference window is unlike the corpus: what is compared with the corpus is the current window alone.
+    reference = prompts(rng, 200, WORDS[20:], (4, 12))
+
+    def reading(current: list[str], folder: str) -> Any:
+        spec = {"thresholds": {"token_js_training": 0.2}, "training_data": [{"type": "files", "paths": ["corpus/*"]}]}
+        monitor = monitor_over(tmp_path / folder, current, reference, **spec)
+        monitor.base_dir = tmp_path
+        return monitor.check("1", tmp_path)
+
+    # Prompts in the corpus's vocabulary stay below; prompts in a vocabulary it never had cross.
+    same = reading(prompts(rng, 200, WORDS[:20], (4, 12)), "same")
+    assert [s.name for s in same.signals] == ["token_js_training"] and same.crossed == [], same.to_dict()
+    shifted = reading(prompts(rng, 200, WORDS[20:], (4, 12)), "shifted")
+    assert [s.name for s in shifted.crossed] == ["token_js_training"], shifted.to_dict()
+    # A corpus that cannot be read loses this signal only, naming the field, and is tried again next check.
+    spec = {"thresholds": {"token_js_training": 0.2, "token_js": 0.2},
+            "training_data": [{"type": "files", "paths": ["gone/*.jsonl"]}]}
+    broken = monitor_over(tmp_path / "broken", prompts(rng, 200, WORDS[:20], (4, 12)), reference, **spec)
+    missed = broken.check("1", tmp_path)
+    assert [s.name for s in missed.signals] == ["token_js"]
+    assert missed.missing["token_js_training"].startswith("spec.monitor.training_data[0].paths: no file matches")
+
+
+def test_the_training_sample_is_bounded_and_spread_over_the_files(tmp_path: Path) -> None:
+    from kubeforge.monitor.window import training_sample
+    from kubeforge.spec.data import FilesSource
+
+    for i in range(10):
+        (tmp_path / f"f{i}.txt").write_text(f"file {i} " + "x" * 10_000)
+    source = FilesSource(type="files", paths=("f*.txt",))
+    sample = training_sample([source], 5, tmp_path)
+    assert [text.split()[1] for text in sample] == ["0", "2", "4", "6", "8"]
+    assert all(len(text) == 4096 for text in sample)
+    assert len(training_sample([source], 50, tmp_path)) == 10  # every file once, no more than there is
+
+
 def test_too_few_prompts_compute_no_traffic_signal(tmp_path: Path) -> None:
     rng = random.Random(1)
     monitor = monitor_over(tmp_path, prompts(rng, 49, WORDS[20:], (20, 40)), prompts(rng, 200, WORDS[:20], (4, 8)))
@@ -246,6 +291,9 @@ def deployment(**spec: Any) -> dict[str, Any]:
     ({"capture": {}, "monitor": {"thresholds": {"token_js": 1.5}}}, "spec.monitor.thresholds.token_js", ""),
     ({"capture": {}, "monitor": {"thresholds": {"token_js": 0.2}, "min_requests": 600, "window_requests": 500}},
      "spec.monitor", "min_requests (600) is above window_requests (500)"),
+    ({"capture": {}, "monitor": {"thresholds": {"token_js_training": 0.2}}}, "spec.monitor", "set both or neither"),
+    ({"capture": {}, "monitor": {"thresholds": {"token_js": 0.2}, "training_data": [{"type": "python-stdlib"}]}},
+     "spec.monitor", "set both or neither"),
 ])
 def test_a_monitor_without_what_it_needs_is_refused_naming_the_field(spec: dict[str, Any], where: str,
                                                                       words: str) -> None:
@@ -267,3 +315,20 @@ def test_slo_signals_without_a_prometheus_are_refused_before_serving(tmp_path: P
     named = parse_deployment(deployment(monitor={"thresholds": {"error_rate": 0.05},
                                                  "prometheus": "http://localhost:9090"}))
     assert make_monitor(named, options).prometheus == "http://localhost:9090"
+
+
+def test_a_training_corpus_with_no_file_is_refused_before_serving_and_found_from_the_manifests_folder(
+        tmp_path: Path) -> None:
+    from kubeforge.registry.client import Registry
+    from kubeforge.serve.local import ServeOptions, make_monitor
+    from kubeforge.workdir import Workdir
+
+    monitor = {"thresholds": {"token_js_training": 0.2}, "training_data": [{"type": "files", "paths": ["c/*.txt"]}]}
+    document = parse_deployment(deployment(capture={}, monitor=monitor))
+    options = ServeOptions(workdir=Workdir(tmp_path / "w"), registry=Registry(f"sqlite:///{tmp_path}/m.db"),
+                           base_dir=tmp_path)
+    with pytest.raises(KubeForgeError, match=r"^spec\.monitor\.training_data\[0\]\.paths: no file matches 'c/\*\.txt'"):
+        make_monitor(document, options)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_text("w1 w2")
+    assert make_monitor(document, options).base_dir == tmp_path

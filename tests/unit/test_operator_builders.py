@@ -804,6 +804,12 @@ def test_the_operator_runs_monitors_with_a_store_for_the_capture_and_a_prometheu
     # A capture the router's pod would keep on its own disk, and a webhook the operator does not serve, are refused.
     found = problem(capture={"path": "/data/traffic"}, monitor={"thresholds": {"token_js": 0.2}})
     assert found.where == "spec.capture.path" and "s3://bucket/prefix" in found.message
+    training = {"thresholds": {"token_js_training": 0.2},
+                "training_data": [{"type": "python-stdlib"}, {"type": "files", "paths": ["s3://b/c/*.jsonl"]}]}
+    assert validate_deployment(deployment_document(capture=capture, monitor=training)).spec.monitor is not None
+    training["training_data"].append({"type": "files", "paths": ["corpus/*.txt"]})
+    found = problem(capture=capture, monitor=training)
+    assert found.where == "spec.monitor.training_data[2].paths" and "corpus/*.txt" in found.message
     found = problem(capture=capture, monitor={"thresholds": {"token_js": 0.2},
                                               "retrain": {**retrain, "alertmanager": {}}},
                     rollout={**deployment_document()["spec"]["rollout"], "candidate": "models:/quickstart@challenger"})

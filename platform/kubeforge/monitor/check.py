@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kubeforge.errors import KubeForgeError
 from kubeforge.monitor import drift
-from kubeforge.monitor.window import TrafficWindows
+from kubeforge.monitor.window import TrafficWindows, training_sample
 from kubeforge.rollout.prometheus import PrometheusError, query_value
 from kubeforge.rollout.queries import STABLE, builtin_queries
 from kubeforge.spec.deployment import Analysis
@@ -106,6 +107,8 @@ class _Reference:
     lengths: list[int]
     counts: dict[int, int]
     nll: list[float] = field(default_factory=list)
+    training: dict[int, int] | None = None
+    """Token counts of the training sample, under this version's tokenizer (`token_js_training`)."""
 
 
 class Monitor:
@@ -121,6 +124,7 @@ class Monitor:
         self.capture_dir = capture_dir
         self.windows = None if capture_dir is None else TrafficWindows(capture_dir, spec.window_requests, base_dir)
         self.make_scorer = scorer
+        self.base_dir = base_dir
         self._scorer: tuple[Path, Scorer] | None = None
         self._reference: tuple[str, _Reference] | None = None
 
@@ -194,6 +198,18 @@ class Monitor:
             values["prompt_length_ks"] = drift.ks(reference.lengths, lengths)[0]
         if "token_js" in thresholds:
             values["token_js"] = drift.token_js(reference.counts, drift.token_counts(rows))
+        if "token_js_training" in thresholds:
+            try:
+                if reference.training is None:
+                    sample = training_sample(self.spec.training_data, self.spec.window_requests, self.base_dir)
+                    reference.training = dict(drift.token_counts(scorer.tokens(sample)))
+            except KubeForgeError as exc:  # read again at the next check; the other signals go on
+                missing["token_js_training"] = str(exc)
+            else:
+                if reference.training:
+                    values["token_js_training"] = drift.token_js(reference.training, drift.token_counts(rows))
+                else:
+                    missing["token_js_training"] = "spec.monitor.training_data: no document with a token"
         if wants_nll:
             current_nll = scorer.nll(rows)
             if reference.nll and current_nll:

@@ -12,12 +12,17 @@ time. Memory stays at two windows whatever the capture's size.
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kubeforge.errors import KubeForgeError
 from kubeforge.filesystems import input_error, list_files, open_input
+from kubeforge.spec.data import Source
+from kubeforge.spec.monitor import TRAINING_DOCUMENT_CHARS
 
 COLUMNS = ("version", "status", "prompt")
 BATCH_ROWS = 4096
@@ -97,3 +102,19 @@ def _answered_prompts(path: str, version: str) -> list[str]:
     except pa.ArrowException as exc:
         raise KubeForgeError(f"{path}: not a readable Parquet file ({exc})") from None
     return prompts
+
+
+def training_sample(sources: Sequence[Source], size: int, base_dir: Path) -> list[str]:
+    """About `size` documents of a training corpus, spread over its files (one from each of `size` evenly spaced
+    files, or the first few of every file when there are fewer), each cut to its beginning: the corpus is read
+    only that far, whatever its size."""
+    from kubeforge.data.sources import documents_of, input_files
+
+    files = input_files(sources, base_dir, "spec.monitor.training_data")
+    if not files:
+        return []
+    step = max(len(files) / size, 1.0)
+    chosen = [files[int(i * step)] for i in range(min(size, len(files)))]
+    per_file = math.ceil(size / len(chosen))
+    return [document["text"][:TRAINING_DOCUMENT_CHARS] for file in chosen
+            for _, document in itertools.islice(documents_of(file), per_file)][:size]

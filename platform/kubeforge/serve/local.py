@@ -255,8 +255,12 @@ def make_monitor(document: ModelDeployment, options: ServeOptions) -> Monitor:
                              "that scrapes this deployment, e.g. http://localhost:9090)")
     capture = spec.capture.path if spec.capture is not None and spec.capture.path else str(
         options.workdir.traffic(document.metadata.name).resolve())
+    if monitor.training_data:
+        from kubeforge.data.sources import input_files
+
+        input_files(monitor.training_data, options.base_dir, "spec.monitor.training_data")  # a corpus with no file
     model, _ = parse_model_uri(spec.model)
-    return Monitor(monitor, model, capture, prometheus)
+    return Monitor(monitor, model, capture, prometheus, base_dir=options.base_dir)
 
 
 def run_rollout(controller: RolloutController, say: Callable[[str], None]) -> RolloutRecord:

@@ -13,13 +13,17 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from kubeforge.spec.base import StrictModel
+from kubeforge.spec.data import Source
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Share = Annotated[float, Field(gt=0, lt=1)]
 
-TRAFFIC_SIGNALS = ("prompt_length_psi", "prompt_length_ks", "token_js", "loglik_shift")
-"""Computed from the captured prompts: the reference window against the current one."""
+TRAFFIC_SIGNALS = ("prompt_length_psi", "prompt_length_ks", "token_js", "loglik_shift", "token_js_training")
+"""Computed from the captured prompts: the reference window against the current one (`token_js_training`: the
+current window against the training corpus)."""
+TRAINING_DOCUMENT_CHARS = 4096
+"""Of each sampled training document, only its beginning is tokenized: the token frequencies need no more."""
 SLO_SIGNALS = ("error_rate", "p95_latency_s")
 """Asked of Prometheus: the stable variant's share of 5xx answers and its 95th percentile latency."""
 
@@ -37,6 +41,9 @@ class Thresholds(StrictModel):
     loglik_shift: PositiveFloat | None = None
     """How much higher the current prompts' mean negative log-likelihood per token is under the served model
     than the reference's (nats per token)."""
+    token_js_training: Share | None = None
+    """Jensen-Shannon divergence (base 2) of the current prompts' token frequencies against those of a sample of
+    the served model's training corpus (`training_data`), under its tokenizer."""
     error_rate: Share | None = None
     """Share of the stable variant's requests answered with a 5xx status, from Prometheus."""
     p95_latency_s: PositiveFloat | None = None
@@ -111,6 +118,11 @@ class MonitorSpec(StrictModel):
     prometheus: Annotated[str, Field(pattern=r"^https?://")] | None = None
     """The Prometheus asked for error_rate and p95_latency_s; null: the rollout analysis's (or, on Kubernetes,
     the operator's)."""
+    training_data: tuple[Source, ...] = ()
+    """The corpus the served model was trained on, as sources of a pipeline's `spec.data.sources` (relative
+    paths against this manifest's folder; object-store URIs or python-stdlib on Kubernetes), for
+    `token_js_training`: `window_requests` of its documents are sampled evenly across its files, each its first
+    4,096 characters, once per served version."""
     slo_window: Annotated[str, Field(pattern=r"^[0-9]+[smh]$")] = "5m"
     """PromQL range of the error-rate and latency signals."""
     retrain: RetrainSpec | None = None
@@ -121,4 +133,7 @@ class MonitorSpec(StrictModel):
         if self.min_requests > self.window_requests:
             raise ValueError(f"min_requests ({self.min_requests}) is above window_requests ({self.window_requests}), "
                              "so no window could ever be full enough")
+        if (self.thresholds.token_js_training is None) != (not self.training_data):
+            raise ValueError("thresholds.token_js_training compares the traffic with training_data: set both or "
+                             "neither")
         return self
