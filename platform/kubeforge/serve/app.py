@@ -183,9 +183,9 @@ def build_app(
         from kubeforge.spec.deployment import parse_model_uri
 
         monitor_server: Any = MonitorServer
-        directory = None if capture is None else capture["directory"]
+        folder = None if capture is None else str(capture["directory"])
         monitor_bound = monitor_server.bind(monitor, spec.monitor.model_dump(mode="json"),
-                                            parse_model_uri(spec.model)[0], directory, spec.monitor.prometheus)
+                                            parse_model_uri(spec.model)[0], folder, spec.monitor.prometheus)
     return front.bind(bound[STABLE], bound.get(CANDIDATE), labels, start_weight, sticky, auth, base is not None,
                       capture, monitor_bound)
 
