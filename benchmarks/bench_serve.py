@@ -27,7 +27,10 @@ sequences, `--max-tokens` new tokens each, streamed (SSE) unless `--no-stream`. 
    answers through `whole_completion`, a request function of this file plugged into the client (every
    backend of the client streams). With `--w8a8` both serve the model's W8A8 quantization (int8
    weights and activations, made as the quantize stage makes it). Targets: router / direct >= 0.9 in
-   request and output-token throughput, and p99 time to first token <= 1.5x.
+   request and output-token throughput, and p99 time to first token <= 1.5x. Each run also reports the
+   CPU time per request of each server's HTTP side (HAProxy, the router and variant replicas; vLLM's
+   API server process), which is what the serving layer costs and does not swing as throughput does
+   on a small shared machine.
 
 5. `--serve-llm`: the same client and settings against the router and against Ray Serve LLM
    (`ray.serve.llm.build_openai_app`, the other serving layer issue [8/11] named) on the same folder
@@ -65,6 +68,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 from common import REPO, pretrained_model
 
 from kubeforge.runtime import use_local_runtime_settings
@@ -86,6 +90,21 @@ class Target:
     label: str
     url: str
     model: str
+    front: tuple[str, ...] = ()
+    """What the command lines of its HTTP side's processes contain: their CPU time per request is what its
+    serving layer costs (part 4)."""
+
+
+def front_cpu_s(target: Target) -> float:
+    """CPU seconds used so far by the processes of `target`'s HTTP side: what relays and answers requests,
+    not the engine (whose processes poll while they wait, so their CPU time does not measure work)."""
+    total = 0.0
+    for process in psutil.process_iter(["cmdline", "cpu_times"]):
+        command = " ".join(process.info["cmdline"] or [])
+        # vLLM names its engine core and worker processes VLLM::...: they are the engine.
+        if any(part in command for part in target.front) and "VLLM::" not in command:
+            total += process.info["cpu_times"].user + process.info["cpu_times"].system
+    return total
 
 
 def free_port() -> int:
@@ -309,6 +328,7 @@ def vllm_client(target: Target, tokenizer: Path, concurrency: int, prompts: int,
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     ASYNC_REQUEST_FUNCS.setdefault(WHOLE_BACKEND, whole_completion)  # before the parser lists the backends
+    cpu_before = front_cpu_s(target)
     parser = FlexibleArgumentParser()
     add_cli_args(parser)
     args = parser.parse_args([
@@ -323,9 +343,11 @@ def vllm_client(target: Target, tokenizer: Path, concurrency: int, prompts: int,
     keep = ("completed", "failed", "duration", "request_throughput", "output_throughput", "total_token_throughput",
             "p50_ttft_ms", "p99_ttft_ms", "p50_itl_ms", "p99_itl_ms", "p99_e2el_ms")
     report = {k: result.get(k) for k in keep}
+    report["front_cpu_ms_per_request"] = 1000 * (front_cpu_s(target) - cpu_before) / max(1, int(result["completed"]))
     print(f"  {target.label} at {concurrency}: {report['request_throughput']:.1f} req/s, "
           f"{report['output_throughput']:.0f} tok/s, p99 TTFT {report['p99_ttft_ms']:.0f} ms, "
-          f"{report['failed']} failed", flush=True)
+          f"{report['front_cpu_ms_per_request']:.1f} ms of front-end CPU per request, {report['failed']} failed",
+          flush=True)
     return report
 
 
@@ -342,7 +364,8 @@ def vllm_client_part(router: Target, direct: Target, tokenizer: Path, args: argp
             for target in ((router, direct) if rnd % 2 == 0 else (direct, router)):
                 runs[target.label].append(vllm_client(target, tokenizer, concurrency, prompts,
                                                       args.random_input_len, args.random_output_len, args.stream))
-        median = {label: {k: statistics.median(r[k] for r in rs) for k in VLLM_CLIENT_TARGETS}
+        median = {label: {k: statistics.median(r[k] for r in rs)
+                          for k in (*VLLM_CLIENT_TARGETS, "front_cpu_ms_per_request")}
                   for label, rs in runs.items()}
         ratios = {k: median[router.label][k] / median[direct.label][k] for k in VLLM_CLIENT_TARGETS}
         out["by_concurrency"][str(concurrency)] = {"runs": runs, "median": median, "ratio": ratios,
@@ -410,15 +433,17 @@ def print_tables(results: dict[str, Any]) -> None:
         if key not in results:
             continue
         print(f"\n| vLLM's client, concurrency | router req/s | {other} req/s | ratio | router tok/s | {other} tok/s | "
-              f"ratio | router p99 TTFT ms | {other} p99 TTFT ms | ratio | met |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+              f"ratio | router p99 TTFT ms | {other} p99 TTFT ms | ratio | met | front-end CPU ms per request, "
+              f"router / {other} |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
         for concurrency, part in results[key]["by_concurrency"].items():
             ma, mb = part["median"].values()  # router first, as vllm_client_part builds it
             r = part["ratio"]
             print(f"| {concurrency} | {ma['request_throughput']:.1f} | {mb['request_throughput']:.1f} | "
                   f"{r['request_throughput']:.2f} | {ma['output_throughput']:.0f} | {mb['output_throughput']:.0f} | "
                   f"{r['output_throughput']:.2f} | {ma['p99_ttft_ms']:.0f} | {mb['p99_ttft_ms']:.0f} | "
-                  f"{r['p99_ttft_ms']:.2f} | {'yes' if part['met'] else 'no'} |")
+                  f"{r['p99_ttft_ms']:.2f} | {'yes' if part['met'] else 'no'} | "
+                  f"{ma['front_cpu_ms_per_request']:.1f} / {mb['front_cpu_ms_per_request']:.1f} |")
 
 
 def main() -> None:
@@ -510,11 +535,12 @@ def main() -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         # 0.9 CPU per engine and 0.1 per router: the two applications of part 2 fill the 2 CPUs exactly.
         deploy(model_dir, engine, "bench-vllm", "/vllm", 0.9)
-        router_vllm = Target("router (vllm)", f"http://127.0.0.1:{port}/vllm", MODEL)
+        router_vllm = Target("router (vllm)", f"http://127.0.0.1:{port}/vllm", MODEL,
+                             ("ServeReplica:bench-vllm:", "bin/haproxy"))
         bench.check(router_vllm)
         if direct is not None:
             direct.wait_ready()
-            target_direct = Target("vLLM server", direct.url, MODEL)
+            target_direct = Target("vLLM server", direct.url, MODEL, ("vllm.entrypoints.openai.api_server",))
             bench.check(target_direct)
             if args.router:
                 results["router_overhead"] = run_part(
@@ -529,7 +555,8 @@ def main() -> None:
             direct = None
         if args.serve_llm:
             deploy_serve_llm(model_dir, engine, "/llm", 0.9)
-            serve_llm = Target("Ray Serve LLM", f"http://127.0.0.1:{port}/llm", MODEL)
+            serve_llm = Target("Ray Serve LLM", f"http://127.0.0.1:{port}/llm", MODEL,
+                               ("ServeReplica:bench-serve-llm:", "bin/haproxy"))
             bench.check(serve_llm)
             results["serve_llm"] = run_part(
                 "5. vLLM's benchmark client: KubeForge router vs Ray Serve LLM",

@@ -87,11 +87,10 @@ def test_a_whole_response_comes_after_its_first_token_with_the_engine_counts() -
     steps = [[Choice(0, [7] * n)] for n in (1, 2, 3, 4)]  # FINAL_ONLY-style cumulative outputs
     events = relay(app(count_tokens(engine(steps, 0.01)), stream=False))
     assert events[0] == {"body": b"", "tokens": 1, "prompt_tokens": 3}  # the first token, at once
-    status = next(i for i, e in enumerate(events) if "status" in e)
-    assert events[status]["status"] == 201
-    assert ["content-length", "2"] not in events[status]["headers"]  # hop-by-hop headers are the router's
-    rest = events[status + 1:]
-    assert b"".join(e["body"] for e in rest) == b'{"tokens":4}'
+    # The status and the whole body then come in one event.
+    assert len(events) == 2 and events[1]["status"] == 201
+    assert ["content-length", "2"] not in events[1]["headers"]  # hop-by-hop headers are the router's
+    assert events[1]["body"] == b'{"tokens":4}'
     assert sum(e.get("tokens", 0) for e in events) == 4  # cumulative outputs counted once each
     assert sum(e.get("prompt_tokens", 0) for e in events) == 3
 
@@ -99,11 +98,12 @@ def test_a_whole_response_comes_after_its_first_token_with_the_engine_counts() -
 def test_a_stream_is_relayed_byte_for_byte_and_coalesced_after_the_first_token() -> None:
     steps = [[Choice(0, [7])] for _ in range(20)]
     events = relay(app(count_tokens(engine(steps, 0.01)), stream=True), interval=0.08)
-    assert events[0]["status"] == 200
-    bodies = [e for e in events[1:] if "body" in e]
+    # The status goes with the first token, at once, and nothing else does.
+    assert events[0]["status"] == 200 and events[0]["tokens"] == 1 and events[0]["body"] == b"data: 1\n\n"
+    assert all("status" not in e for e in events[1:])
+    bodies = [e for e in events if "body" in e]
     assert b"".join(e["body"] for e in bodies) == b"data: 1\n\n" * 20 + b"data: [DONE]\n\n"
     assert sum(e["tokens"] for e in bodies) == 20
-    assert bodies[0]["tokens"] == 1  # the first token goes alone
     # 20 tokens 10 ms apart, sent at most every 80 ms: far fewer messages than tokens.
     assert len(bodies) <= 8, [e["tokens"] for e in bodies]
 
@@ -187,3 +187,23 @@ def test_a_stream_is_held_longer_while_many_others_are_open(monkeypatch: pytest.
     assert sum(e["tokens"] for e in bodies) == 20 and bodies[0]["tokens"] == 1
     assert len(bodies) <= 4, [e["tokens"] for e in bodies]
     assert relay_module._open_streams == 159
+
+
+def test_a_streams_end_is_not_held_for_the_rest_of_the_interval() -> None:
+    # A closed-loop client sends its next request only when this one's last bytes arrive: once the app has
+    # written them, they go at once, even in the middle of a (here 30 s) interval.
+    steps = [[Choice(0, [7])] for _ in range(3)]
+
+    async def run() -> tuple[list[dict[str, Any]], float]:
+        request = ForwardedRequest("POST", "/v1/completions", [], b'{"prompt": "x"}')
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        events = [event async for event in call_asgi(app(count_tokens(engine(steps, 0.01)), stream=True), request,
+                                                      30.0)]
+        return events, loop.time() - started
+
+    events, took = asyncio.run(run())
+    bodies = [e for e in events if "body" in e]
+    assert [e["tokens"] for e in bodies] == [1, 2]  # the first token at once, the rest with the end
+    assert bodies[-1]["body"].endswith(b"data: [DONE]\n\n")
+    assert took < 30.0

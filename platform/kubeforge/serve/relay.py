@@ -4,22 +4,24 @@ A variant replica answers a request the router hands it (`ForwardedRequest`) by 
 in its own process (vLLM's OpenAI server app, `engine.ModelServer`) and streaming back what the app
 sends, as events:
 
-* `{"status": 200, "headers": [[name, value], ...]}` once, before any body;
 * `{"body": b"...", "tokens": n, "prompt_tokens": m}`: response bytes exactly as the app wrote
   them (possibly none), and the tokens the engine produced since the previous event (`tokens`) and
-  the prompt tokens it read (`prompt_tokens`), which the router's metrics count. A response that is
-  not streamed starts only when it is complete, so its first token's event comes before its status.
+  the prompt tokens it read (`prompt_tokens`), which the router's metrics count;
+* the first of them after the app starts its response also carries `"status": 200, "headers":
+  [[name, value], ...]` (a status alone would cost a crossing of its own). A response that is not
+  streamed starts only when it is complete, so its first token's event comes before its status.
 
 (A replica that cannot answer at all, its engine dead, sends `{"unavailable": reason}` alone instead,
 before any status: the router then sends the request again.)
 
 Events are coalesced: the first event that carries a token goes at once (the router's time to first
 token keeps its meaning), later ones at most every `STREAM_INTERVAL_S` for a streamed response and
-together at the end otherwise. Every event crosses two processes (replica -> router -> HAProxy), and
-sent per token that cost, not the engine, bounded throughput on a small machine
-(benchmarks/bench_serve.py). Beyond `STREAMS_PER_INTERVAL` streams open in a replica the interval
-grows in proportion, so the events a replica sends per second stay bounded however large the
-engine's batch grows (a fast engine at 32 streams spent its CPU on relaying otherwise).
+together at the end otherwise, and the response's last bytes as soon as the app writes them. Every
+event crosses two processes (replica -> router -> HAProxy), and sent per token that cost, not the
+engine, bounded throughput on a small machine (benchmarks/bench_serve.py). Beyond
+`STREAMS_PER_INTERVAL` streams open in a replica the interval grows in proportion, so the events a
+replica sends per second stay bounded however large the engine's batch grows (a fast engine at 32
+streams spent its CPU on relaying otherwise).
 
 Token counts come from the engine itself, not from parsing the bytes: `count_tokens` wraps the
 engine's `generate`, and reports to the request's `Progress` through a context variable, which the
@@ -130,6 +132,8 @@ async def call_asgi(app: Any, request: ForwardedRequest, stream_interval_s: floa
     # One event wakes this loop for everything (a message from the app, new tokens, the app's end):
     # waiting costs no task per token, which at dozens of streams was most of a replica's CPU.
     wake = asyncio.Event()
+    # What ends a hold early (see below): the response's last body, or the app's end.
+    complete = asyncio.Event()
     sent: list[dict[str, Any]] = []
     disconnected = asyncio.Event()
     body_given = False
@@ -145,6 +149,8 @@ async def call_asgi(app: Any, request: ForwardedRequest, stream_interval_s: floa
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
         wake.set()
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            complete.set()
 
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": request.method,
@@ -159,10 +165,16 @@ async def call_asgi(app: Any, request: ForwardedRequest, stream_interval_s: floa
         task = asyncio.create_task(app(scope, receive, send))  # copies the context: the engine sees `progress`
     finally:
         _PROGRESS.reset(token)
-    task.add_done_callback(lambda _: wake.set())
+
+    def ended(_: asyncio.Task[Any]) -> None:
+        wake.set()
+        complete.set()
+
+    task.add_done_callback(ended)
 
     global _open_streams
     streamed = finished = False
+    head: dict[str, Any] | None = None  # the status and headers, until the event they go with
     body: list[bytes] = []
     last_sent: float | None = None
     try:
@@ -176,7 +188,7 @@ async def call_asgi(app: Any, request: ForwardedRequest, stream_interval_s: floa
                     streamed = any(k.lower() == "content-type" and v.startswith("text/event-stream")
                                    for k, v in headers)
                     _open_streams += streamed
-                    yield {"status": int(message["status"]), "headers": headers}
+                    head = {"status": int(message["status"]), "headers": headers}
                 elif message["type"] == "http.response.body":
                     body.append(message.get("body", b""))
                     finished = finished or not message.get("more_body", False)
@@ -192,11 +204,21 @@ async def call_asgi(app: Any, request: ForwardedRequest, stream_interval_s: floa
                     due = finished or (streamed and now - (last_sent or 0.0) >= interval)
                 if due:
                     tokens, prompt_tokens = progress.take()
-                    yield {"body": b"".join(body), "tokens": tokens, "prompt_tokens": prompt_tokens}
+                    event = {"body": b"".join(body), "tokens": tokens, "prompt_tokens": prompt_tokens}
+                    if head is not None:
+                        event, head = head | event, None
+                    yield event
                     body, last_sent = [], now
                 elif streamed:
-                    # Hold what came for the rest of the interval, but not longer.
-                    await asyncio.sleep(max(0.0, interval - (now - (last_sent or now))))
+                    # Hold what came for the rest of the interval, but not longer, and not past the response's
+                    # end: the client's request is not over until its last bytes go (a closed-loop client sends
+                    # its next one only then). Tokens do not end a hold, so holding wakes this loop once.
+                    # (Nothing ran since `sent` was taken above: neither the end nor the app's end is missed.)
+                    complete.clear()
+                    timer = asyncio.get_running_loop().call_later(
+                        max(0.0, interval - (now - (last_sent or now))), complete.set)
+                    await complete.wait()
+                    timer.cancel()
                     continue
             if finished:
                 return

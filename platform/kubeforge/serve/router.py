@@ -311,11 +311,12 @@ class Router:
     async def _whole(self, variant: str, forwarded: ForwardedRequest) -> tuple[int, list[list[str]], bytes]:
         """A variant's whole answer to `forwarded`: status, headers and body; a 503 when none can answer."""
         try:
-            events, status, headers, _ = await self._start(variant, forwarded)
+            events, status, headers, early = await self._start(variant, forwarded)
         except (RayActorError, EngineUnavailable) as exc:
             reason = exc if isinstance(exc, EngineUnavailable) else "its replica stopped"
             return 503, [], json.dumps(error_body(503, f"variant {variant}: {reason}; retry", None)).encode()
-        return status, headers, b"".join([event["body"] async for event in events])
+        return status, headers, b"".join([event.get("body", b"") for event in early]
+                                         + [event["body"] async for event in events])
 
     async def _serve(self, request: Request, path: str) -> Response:
         started = time.monotonic()
@@ -355,10 +356,11 @@ class Router:
             if self.capture is not None and variant is not None and label is not None and self.capture.sampled():
                 captured = functools.partial(self._capture, request_id, path, document, variant, label,
                                              started=started)
+            head = b"".join(event.get("body", b"") for event in early)
             if media_type is not None and media_type.startswith("text/event-stream"):
-                return StreamingResponse(self._relay(events, outcome, status, request_id, captured),
+                return StreamingResponse(self._relay(head, events, outcome, status, request_id, captured),
                                          status_code=status, media_type=media_type, headers=response_headers)
-            parts = []
+            parts = [head]
             async for event in events:
                 self._count(outcome, event)
                 parts.append(event["body"])
@@ -388,8 +390,8 @@ class Router:
     async def _start(self, variant: str, forwarded: ForwardedRequest) -> tuple[Any, int, list[list[str]],
                                                                                 list[dict[str, Any]]]:
         """Hand `forwarded` to the variant until a replica answers with a status: the events still to
-        come, the status, its headers, and the events that came before it (tokens may: a response that
-        is not streamed starts when it is complete).
+        come, the status, its headers, and the events so far, the status's own included (it may carry the
+        first bytes; tokens may come before it: a response that is not streamed starts when it is complete).
 
         A replica whose engine died, or that died itself, before the status came has sent the client
         nothing, so the request goes again (Serve routes it to another replica, or waits for the one
@@ -404,9 +406,9 @@ class Router:
                 async for event in events:
                     if "unavailable" in event:
                         raise EngineUnavailable(event["unavailable"])
+                    early.append(event)
                     if "status" in event:
                         return events, int(event["status"]), event["headers"], early
-                    early.append(event)
             except (RayActorError, EngineUnavailable):
                 if time.monotonic() >= deadline:
                     raise
@@ -420,21 +422,30 @@ class Router:
             outcome.prompt(int(event.get("prompt_tokens", 0)))
             outcome.tokens(int(event.get("tokens", 0)))
 
-    async def _relay(self, events: Any, outcome: Outcome | None, status: int, request_id: str,
+    @classmethod
+    async def _bodies(cls, head: bytes, events: Any, outcome: Outcome | None) -> AsyncIterator[bytes]:
+        """`head`, then the bytes of each of `events`, counting the tokens they report."""
+        if head:
+            yield head
+        async for event in events:
+            cls._count(outcome, event)
+            if event["body"]:
+                yield event["body"]
+
+    async def _relay(self, head: bytes, events: Any, outcome: Outcome | None, status: int, request_id: str,
                      captured: Callable[..., None] | None = None) -> AsyncIterator[bytes]:
-        """The rest of a streamed response, byte for byte as the variant wrote it."""
+        """A streamed response from its first bytes (`head`, counted already) on, byte for byte as the
+        variant wrote it."""
         sent: list[bytes] = []
         done = False
         try:
-            async for event in events:
-                self._count(outcome, event)
-                if event["body"]:
-                    if captured is not None:
-                        sent.append(event["body"])
-                    # Once the terminator is handed over the answer is whole, even when the client, having read
-                    # it, hangs up before this generator is resumed (which closes it at this yield).
-                    done = done or event["body"].rstrip().endswith(b"data: [DONE]")
-                    yield event["body"]
+            async for body in self._bodies(head, events, outcome):
+                if captured is not None:
+                    sent.append(body)
+                # Once the terminator is handed over the answer is whole, even when the client, having read
+                # it, hangs up before this generator is resumed (which closes it at this yield).
+                done = done or body.rstrip().endswith(b"data: [DONE]")
+                yield body
         except (GeneratorExit, asyncio.CancelledError):
             if not done:
                 status = 499  # the client went away (nginx's code): neither a success nor the server's fault
