@@ -100,10 +100,10 @@ def front_cpu_s(target: Target) -> float:
     not the engine (whose processes poll while they wait, so their CPU time does not measure work)."""
     total = 0.0
     for process in psutil.process_iter(["cmdline", "cpu_times"]):
-        command = " ".join(process.info["cmdline"] or [])
+        command, times = " ".join(process.info["cmdline"] or []), process.info["cpu_times"]
         # vLLM names its engine core and worker processes VLLM::...: they are the engine.
-        if any(part in command for part in target.front) and "VLLM::" not in command:
-            total += process.info["cpu_times"].user + process.info["cpu_times"].system
+        if times is not None and any(part in command for part in target.front) and "VLLM::" not in command:
+            total += times.user + times.system
     return total
 
 
