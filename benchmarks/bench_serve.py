@@ -63,7 +63,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -90,21 +90,26 @@ class Target:
     label: str
     url: str
     model: str
-    front: tuple[str, ...] = ()
-    """What the command lines of its HTTP side's processes contain: their CPU time per request is what its
-    serving layer costs (part 4)."""
+    front: dict[str, str] = field(default_factory=dict)
+    """Its HTTP side's processes: a name for each, and what its command line contains. Their CPU time per
+    request is what its serving layer costs (part 4)."""
 
 
-def front_cpu_s(target: Target) -> float:
-    """CPU seconds used so far by the processes of `target`'s HTTP side: what relays and answers requests,
-    not the engine (whose processes poll while they wait, so their CPU time does not measure work)."""
-    total = 0.0
+def front_cpu_s(target: Target) -> dict[tuple[str, int], float]:
+    """CPU seconds used so far by each process of `target`'s HTTP side, under its name in `target.front`
+    and its pid (HAProxy restarts when Serve changes its configuration: a new process counts from 0): what
+    relays and answers requests, not the engine (whose processes poll while they wait, so their CPU time
+    does not measure work)."""
+    used: dict[tuple[str, int], float] = {}
     for process in psutil.process_iter(["cmdline", "cpu_times"]):
         command, times = " ".join(process.info["cmdline"] or []), process.info["cpu_times"]
         # vLLM names its engine core and worker processes VLLM::...: they are the engine.
-        if times is not None and any(part in command for part in target.front) and "VLLM::" not in command:
-            total += times.user + times.system
-    return total
+        if times is None or "VLLM::" in command:
+            continue
+        name = next((name for name, part in target.front.items() if part in command), None)
+        if name is not None:
+            used[name, process.pid] = times.user + times.system
+    return used
 
 
 def free_port() -> int:
@@ -343,11 +348,17 @@ def vllm_client(target: Target, tokenizer: Path, concurrency: int, prompts: int,
     keep = ("completed", "failed", "duration", "request_throughput", "output_throughput", "total_token_throughput",
             "p50_ttft_ms", "p99_ttft_ms", "p50_itl_ms", "p99_itl_ms", "p99_e2el_ms")
     report = {k: result.get(k) for k in keep}
-    report["front_cpu_ms_per_request"] = 1000 * (front_cpu_s(target) - cpu_before) / max(1, int(result["completed"]))
+    cpu_after = front_cpu_s(target)
+    by_process = dict.fromkeys(target.front, 0.0)
+    for (name, pid), seconds in cpu_after.items():
+        by_process[name] += 1000 * (seconds - cpu_before.get((name, pid), 0.0)) / max(1, int(result["completed"]))
+    report["front_cpu_ms_per_request"] = sum(by_process.values())
+    report["front_cpu_ms_per_request_by_process"] = by_process
+    split = ", ".join(f"{name} {ms:.1f}" for name, ms in by_process.items())
     print(f"  {target.label} at {concurrency}: {report['request_throughput']:.1f} req/s, "
           f"{report['output_throughput']:.0f} tok/s, p99 TTFT {report['p99_ttft_ms']:.0f} ms, "
-          f"{report['front_cpu_ms_per_request']:.1f} ms of front-end CPU per request, {report['failed']} failed",
-          flush=True)
+          f"{report['front_cpu_ms_per_request']:.1f} ms of front-end CPU per request ({split}), "
+          f"{report['failed']} failed", flush=True)
     return report
 
 
@@ -536,11 +547,13 @@ def main() -> None:
         # 0.9 CPU per engine and 0.1 per router: the two applications of part 2 fill the 2 CPUs exactly.
         deploy(model_dir, engine, "bench-vllm", "/vllm", 0.9)
         router_vllm = Target("router (vllm)", f"http://127.0.0.1:{port}/vllm", MODEL,
-                             ("ServeReplica:bench-vllm:", "bin/haproxy"))
+                             {"router replica": "ServeReplica:bench-vllm:Router",
+                              "variant replica": "ServeReplica:bench-vllm:model-", "HAProxy": "bin/haproxy"})
         bench.check(router_vllm)
         if direct is not None:
             direct.wait_ready()
-            target_direct = Target("vLLM server", direct.url, MODEL, ("vllm.entrypoints.openai.api_server",))
+            target_direct = Target("vLLM server", direct.url, MODEL,
+                                   {"API server": "vllm.entrypoints.openai.api_server"})
             bench.check(target_direct)
             if args.router:
                 results["router_overhead"] = run_part(
@@ -556,7 +569,7 @@ def main() -> None:
         if args.serve_llm:
             deploy_serve_llm(model_dir, engine, "/llm", 0.9)
             serve_llm = Target("Ray Serve LLM", f"http://127.0.0.1:{port}/llm", MODEL,
-                               ("ServeReplica:bench-serve-llm:", "bin/haproxy"))
+                               {"Serve LLM replicas": "ServeReplica:bench-serve-llm:", "HAProxy": "bin/haproxy"})
             bench.check(serve_llm)
             results["serve_llm"] = run_part(
                 "5. vLLM's benchmark client: KubeForge router vs Ray Serve LLM",

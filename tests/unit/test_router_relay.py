@@ -73,3 +73,25 @@ def test_on_a_cluster_the_routers_metrics_carry_the_monitors_and_survive_its_fai
     assert b"kubeforge_router_own_total 1.0" in text and text.endswith(b'kubeforge_monitor_blind{deployment="d"} 0.0\n')
     text = scraped(RuntimeError("the monitor replica is restarting"))
     assert b"kubeforge_router_own_total 1.0" in text and b"kubeforge_monitor" not in text
+
+
+class Handle:
+    """A deployment handle that remembers the options it was given."""
+
+    def __init__(self, given: dict[str, Any] | None = None) -> None:
+        self.given = given or {}
+
+    def options(self, **options: Any) -> Handle:
+        return Handle({**self.given, **options})
+
+
+def test_the_router_reaches_every_variant_over_serves_grpc_transport(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ray's actor calls, the other transport, cost the router up to twice the CPU per request.
+    import ray.serve
+
+    written = Router.func_or_class.__bases__[0]  # the class as written, without Serve's ingress wrapper
+    router = written(Handle(), None, {"stable": {"model": "m", "version": "1"}}, 0, None, None)
+    monkeypatch.setattr(ray.serve, "get_deployment_handle", lambda deployment, app: Handle())
+    router.attach_candidate("loop-app", "model-candidate", "m", "2")
+    assert {variant: handle.given for variant, handle in router.handles.items()} == {
+        "stable": {"_by_reference": False}, "candidate": {"_by_reference": False}}

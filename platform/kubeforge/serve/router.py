@@ -51,6 +51,17 @@ class EngineUnavailable(Exception):
     """A replica's engine is dead; Serve is replacing the replica."""
 
 
+def by_value(handle: Any) -> Any:
+    """`handle` calling its replicas over Serve's gRPC transport: each call and each streamed event goes
+    to the replica's own gRPC server instead of through Ray's actor calls and object store, which cost
+    the router up to twice the CPU per request, and the variant replica more too (docs/benchmarks.md).
+    Serve's throughput mode makes this the default only for handles created in a process that has the
+    mode's variable when it imports Serve; a handle handed to the router as an argument keeps the option
+    of the process that built the application (`kubeforge serve`'s, or the controller's on a cluster),
+    so it is set here."""
+    return handle.options(_by_reference=False)
+
+
 def json_error(status: int, message: str, field: str | None, request_id: str | None = None,
                headers: dict[str, str] | None = None) -> JSONResponse:
     all_headers = dict(headers or {})
@@ -67,6 +78,7 @@ class Router:
                  capture: dict[str, Any] | None = None, monitor: Any = None) -> None:
         # Under LoRA one deployment (`stable`) serves every variant in `labels`, each as its own adapter; on a
         # cluster the variants come with the user_config (`reconfigure`).
+        stable, candidate = by_value(stable), candidate if candidate is None else by_value(candidate)
         self.lora, self.base = lora, stable
         self.handles = ({variant: stable for variant in labels} if lora else
                         {STABLE: stable} if candidate is None else {STABLE: stable, CANDIDATE: candidate})
@@ -109,7 +121,7 @@ class Router:
             raise ValueError("attach_candidate: under LoRA the variants are adapters of one deployment")
         if self.weight:
             raise ValueError(f"attach_candidate: the current candidate still takes {self.weight}% of the requests")
-        self.handles[CANDIDATE] = ray_serve.get_deployment_handle(deployment, app)
+        self.handles[CANDIDATE] = by_value(ray_serve.get_deployment_handle(deployment, app))
         self.labels[CANDIDATE] = {"model": model, "version": version}
         self.faults[CANDIDATE] = Faults()
 
