@@ -92,6 +92,6 @@ def test_the_router_reaches_every_variant_over_serves_grpc_transport(monkeypatch
     written = Router.func_or_class.__bases__[0]  # the class as written, without Serve's ingress wrapper
     router = written(Handle(), None, {"stable": {"model": "m", "version": "1"}}, 0, None, None)
     monkeypatch.setattr(ray.serve, "get_deployment_handle", lambda deployment, app: Handle())
-    router.attach_candidate("loop-app", "model-candidate", "m", "2")
+    asyncio.run(router.attach_candidate("loop-app", "model-candidate", "m", "2"))
     assert {variant: handle.given for variant, handle in router.handles.items()} == {
         "stable": {"_by_reference": False}, "candidate": {"_by_reference": False}}

@@ -111,10 +111,11 @@ class Router:
     def get_weight(self) -> int:
         return self.weight
 
-    def attach_candidate(self, app: str, deployment: str, model: str, version: str) -> None:
+    async def attach_candidate(self, app: str, deployment: str, model: str, version: str) -> None:
         """Serve the candidate variant from `deployment` of the Serve application `app`: the retraining loop
         deploys each new version as an application of its own, so nothing of this one restarts. Its weight
-        stays 0 until the rollout moves it."""
+        stays 0 until the rollout moves it. (Async: setting a handle's options binds it to the running event
+        loop, which a sync method's thread does not have in Serve's throughput mode.)"""
         from ray import serve as ray_serve
 
         if self.lora:
