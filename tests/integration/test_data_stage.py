@@ -8,6 +8,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -372,3 +373,36 @@ def test_a_big_jsonl_file_is_read_in_pieces_and_a_bad_line_is_named_with_its_num
     ctx, _ = data_context(tmp_path, pipeline)
     with pytest.raises(StageError, match=rf"^stage data: {tmp_path / 'big.jsonl'}:{len(lines) - 4}: not valid JSON \("):
         run(pipeline.spec.data, ctx)
+
+
+def test_an_items_error_ends_the_step_after_the_items_in_flight_and_starts_no_other(
+    ray_local: Any, tmp_path: Path
+) -> None:
+    from kubeforge.data import tasks
+
+    marks = tmp_path / "marks"
+    marks.mkdir()
+
+    def work(item: dict[str, Any], marks: str) -> dict[str, Any]:  # pickled by value: workers run it
+        import pathlib
+        import time
+
+        from kubeforge.errors import KubeForgeError
+
+        pathlib.Path(marks, f"started-{item['n']}").touch()
+        if item["n"] == 0:
+            raise KubeForgeError("item 0 is bad")
+        time.sleep(0.3)
+        pathlib.Path(marks, f"ended-{item['n']}").touch()
+        return {}
+
+    ctx, _ = data_context(tmp_path, pipeline_with({"sources": [{"type": "python-stdlib"}]}))
+    with pytest.raises(StageError, match=r"^stage data: item 0 is bad$"):
+        tasks.run([{"n": n} for n in range(20)], work, {"marks": str(marks)}, ctx, "marks")
+    started = {path.name.removeprefix("started-") for path in marks.glob("started-*")}
+    ended = {path.name.removeprefix("ended-") for path in marks.glob("ended-*")}
+    assert ended == started - {"0"}, "every item in flight finished before the error went up"
+    assert len(started) <= 4, f"twice the 2 CPUs in flight, no more: {sorted(started)}"
+    time.sleep(2)
+    assert {path.name for path in marks.iterdir()} == {f"started-{n}" for n in started} | {
+        f"ended-{n}" for n in ended}, "no item started after the step ended"

@@ -7,8 +7,14 @@ copy number times 2^56), `id`, `source` and `text`, and after the augment step `
 `augmentation` (null for the documents read). A step is a
 function of one work item (a part, a bucket of keys, a shard to write) that a worker runs and that
 writes its own output next to the others'; it returns a small dict of counts, and all the driver
-ever holds are those dicts. Each item is a Ray task of one CPU, all submitted at once, so every core
-is busy and the driver sees each result as it finishes (why not Ray Data: `docs/decisions.md`).
+ever holds are those dicts. Each item is a Ray task of one CPU; twice as many are in flight as the
+cluster has CPUs, so every core is busy and the driver sees each result as it finishes (why not Ray
+Data: `docs/decisions.md`).
+
+An item's error ends the run after the items in flight finish; no task is cancelled. Ray 2.60's
+driver aborts (`Check failed: ... Tried to complete task that was not pending`) when `ray.cancel`
+meets a task whose reply is on its way (ray-project/ray#54846), and a stage that ends on bad input
+must end with the line naming it, not with a dead driver.
 
 A worker reports bad input (a `KubeForgeError`) as a value: Ray would otherwise wrap it in a
 `RayTaskError` whose message is a remote stack trace, where users need one line naming the file.
@@ -18,6 +24,7 @@ them up per node, so a stage on a Ray cluster can show how its work spread.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -116,12 +123,21 @@ def run(
         return []
     remote = ray.remote(num_cpus=1)(_run_item)
     shared = ray.put(kwargs)
-    pending = {remote.remote(item, work, shared): n for n, item in enumerate(items)}
+    waiting = iter(enumerate(items))
+    pending: dict[Any, int] = {}
     results: list[dict[str, Any] | None] = [None] * len(items)
     counted = _COUNTED.get()
     done = 0
+
+    def submit() -> None:
+        # Read again at each result: a cluster that grows (Ray's autoscaler) gets more in flight.
+        in_flight = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+        for n, item in itertools.islice(waiting, max(0, in_flight - len(pending))):
+            pending[remote.remote(item, work, shared)] = n
+
     try:
         with ctx.reporter.task(f"data: {label}", total=total if progress_key else len(items)) as task:
+            submit()
             while pending:
                 [ref], _ = ray.wait(list(pending), num_returns=1)
                 row = ray.get(ref)
@@ -134,7 +150,11 @@ def run(
                     node.seconds += float(row["seconds"])
                 done += int(result.get(progress_key, 0)) if progress_key else 1
                 task.update(done)
-    finally:
-        for ref in pending:  # a failed item, or Ctrl-C: the rest is not wanted
-            ray.cancel(ref)
+                submit()
+    except Exception:
+        # The items in flight finish (they are few) and none of the others starts; Ctrl-C and SIGTERM
+        # (KeyboardInterrupt) end the driver, and with it, its tasks.
+        if pending:
+            ray.wait(list(pending), num_returns=len(pending))
+        raise
     return [result for result in results if result is not None]
