@@ -56,7 +56,6 @@ import logging
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -71,7 +70,7 @@ import httpx
 import psutil
 from common import REPO, pretrained_model
 
-from kubeforge.runtime import use_local_runtime_settings
+from kubeforge.runtime import free_port, haproxy_ports_of_its_own, use_local_runtime_settings
 from kubeforge.serve.app import ROUTER_CPUS
 from kubeforge.serve.engine import vllm_args
 from kubeforge.serve.loadgen import LoadReport, run_load
@@ -110,12 +109,6 @@ def front_cpu_s(target: Target) -> dict[tuple[str, int], float]:
         if name is not None:
             used[name, process.pid] = times.user + times.system
     return used
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def validation_prompts(data: Any, model_dir: Path, count: int, tokens: int) -> list[str]:
@@ -516,7 +509,8 @@ def main() -> None:
     # reservations below are sized for exactly 2 CPUs.
     os.environ.pop("RAY_ADDRESS", None)
     use_local_runtime_settings()  # as `kubeforge serve` starts Ray: HAProxy in front of the router replica
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    with haproxy_ports_of_its_own():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     model_dir, data = pretrained_model(args.workdir, "bench_serve")
     logs = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     args.dtype = args.dtype or ("bfloat16" if args.w8a8 else "float32")

@@ -39,7 +39,7 @@ def ray_local():
     """One local Ray runtime for the integration tests of a session (starting Ray costs seconds)."""
     import ray
 
-    from kubeforge.runtime import use_local_runtime_settings
+    from kubeforge.runtime import haproxy_ports_of_its_own, use_local_runtime_settings
 
     if not ray.is_initialized():
         use_local_runtime_settings()  # the settings of `kubeforge run` and `kubeforge serve`
@@ -51,6 +51,7 @@ def ray_local():
         # No worker output on this process's stdout: Ray Train's PlacementGroupCleaner actor keeps printing
         # "Failed to query Ray Train Controller actor state" after a run, which would land in the middle of
         # whatever a CliRunner test captures. The stage logs' own tests run `kubeforge run` as a process.
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+        with haproxy_ports_of_its_own():
+            ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     yield ray
     ray.shutdown()

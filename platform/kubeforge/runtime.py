@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -62,6 +63,34 @@ def use_local_runtime_settings() -> None:
         os.environ.setdefault(name, value)
 
 
+HAPROXY_PORT_ENV = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+"""The two ports Serve's HAProxy binds on every interface besides the application's: 8404 and 9101 unless set."""
+
+
+@contextmanager
+def haproxy_ports_of_its_own() -> Iterator[None]:
+    """Around the start of a local Ray runtime: free ports for its Serve's HAProxy stats and metrics
+    listeners, unless the user set them. With the fixed defaults a second Serve on the machine (a second
+    `kubeforge serve`, a test session, a benchmark) could not start its HAProxy, and failed with
+    `HAProxyManager.ready()`. The runtime's processes read the ports when they start; they are taken out of
+    this process's environment again, so that a child process starting a runtime of its own (a retraining
+    run, a test's `kubeforge serve`) picks its own instead of inheriting ports in use."""
+    chosen = {name: str(free_port()) for name in HAPROXY_PORT_ENV if name not in os.environ}
+    os.environ.update(chosen)
+    try:
+        yield
+    finally:
+        for name in chosen:
+            os.environ.pop(name, None)
+
+
+def free_port() -> int:
+    """A TCP port no process listens on now, on any interface (as HAProxy binds them)."""
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return int(probe.getsockname()[1])
+
+
 def ensure_ray(address: str | None, num_cpus: int | None, *, join_running: bool = True) -> bool:
     """Connect to the Ray cluster at `address`/RAY_ADDRESS, or start a local one for this run; True when
     this call started a local runtime (which the caller then stops: `ray.shutdown()`).
@@ -88,8 +117,9 @@ def ensure_ray(address: str | None, num_cpus: int | None, *, join_running: bool 
     else:
         # Read by Ray's processes at start: a runtime started here may serve a model later.
         use_local_runtime_settings()
-        ray.init(address=None if join_running else "local", num_cpus=num_cpus or os.cpu_count(),
-                 include_dashboard=False, **common)
+        with haproxy_ports_of_its_own():
+            ray.init(address=None if join_running else "local", num_cpus=num_cpus or os.cpu_count(),
+                     include_dashboard=False, **common)
         started = True
     route_ray_output()
     return started
