@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kubeforge.runtime import free_port as free_port  # re-exported: the tests' servers take ports the same way
+
 if TYPE_CHECKING:
     from kubeforge.registry.client import Registry
 
@@ -81,14 +83,6 @@ def running_prometheus(tmp_path: Path, *target_ports: int, scrape_interval_s: in
     finally:
         server.terminate()
         server.wait(timeout=30)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def small_manifest(name: str = "small", pretrain: dict | None = None, **data: object) -> dict:

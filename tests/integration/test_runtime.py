@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from kubeforge.runtime import HAPROXY_PORT_ENV, free_port, haproxy_ports_of_its_own
-from tests.helpers import stop_process_group, wait_for
+from kubeforge.runtime import HAPROXY_PORT_ENV, haproxy_ports_of_its_own
+from tests.helpers import free_port, stop_process_group, wait_for
 
 pytestmark = pytest.mark.integration
 
